@@ -1,0 +1,178 @@
+"""`edge-agent`: run the agent, talk to one, or show the demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from agent import __version__
+from agent.config import AgentConfig, ConfigError, load_config
+
+EXIT_CONFIG = 2
+log = logging.getLogger("agent")
+
+
+def setup_logging(level: str) -> None:
+    # Under systemd, journald adds timestamps and the unit name: print level and logger only.
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else (
+        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
+    logging.getLogger("aiomqtt").setLevel(max(logging.getLevelName(level), logging.INFO))
+
+
+def _config_from_args(args: argparse.Namespace) -> AgentConfig:
+    overrides: dict[str, Any] = {
+        "device_id": getattr(args, "device_id", None),
+        "state_dir": getattr(args, "state_dir", None),
+        "models_dir": getattr(args, "models", None),
+        "log_level": getattr(args, "log_level", None),
+    }
+    return load_config(args.config, overrides=overrides, broker_url=getattr(args, "broker", None))
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from agent.service import Agent
+
+    config = _config_from_args(args)
+    setup_logging(config.log_level)
+    log.info("edge-agent %s starting as device %s (broker %s:%d)", __version__, config.device_id,
+             config.broker.host, config.broker.port)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await Agent(config).run(stop)
+
+    asyncio.run(main())
+    return 0
+
+
+def _device_args(args: argparse.Namespace) -> tuple[str, str]:
+    config = _config_from_args(args)
+    scheme = "mqtts" if config.broker.tls.enabled else "mqtt"
+    return f"{scheme}://{config.broker.host}:{config.broker.port}", config.device_id
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    from agent.client import InferClient
+
+    url, device_id = _device_args(args)
+    images = [Path(p) for p in args.images]
+    for path in images:
+        if not path.is_file():
+            print(f"error: {path} is not a file", file=sys.stderr)
+            return EXIT_CONFIG
+
+    async def run() -> int:
+        failures = 0
+        async with InferClient(url, device_id) as client:
+            for path in images:
+                try:
+                    reply = await client.infer(path.read_bytes(), args.model, timeout_s=args.timeout)
+                except TimeoutError:
+                    print(f"{path.name}: no answer within {args.timeout}s (is the agent running?)")
+                    failures += 1
+                    continue
+                if args.json:
+                    print(json.dumps(reply.payload))
+                elif reply.ok:
+                    best = reply.payload["top"][0]
+                    print(f"{path.name:24s} {best['label']:24s} {best['score']:6.3f}  "
+                          f"{reply.latency_ms:7.1f} ms  ({reply.payload['model']})")
+                else:
+                    err = reply.payload["error"]
+                    print(f"{path.name:24s} error {err['code']}: {err['message']}")
+                    failures += 1
+        return 1 if failures else 0
+
+    return asyncio.run(run())
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from agent.client import read_retained
+    from agent.topics import Topics
+
+    url, device_id = _device_args(args)
+    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout))
+    if status is None:
+        print(f"no status from device {device_id!r} on {url}", file=sys.stderr)
+        return 1
+    print(json.dumps(status, indent=2))
+    return 0 if status.get("online") else 1
+
+
+def cmd_backends(args: argparse.Namespace) -> int:
+    from backends import registry
+
+    for name, (ok, devices, reason) in registry.capabilities().items():
+        state = "available" if ok else "unavailable"
+        detail = ", ".join(devices) if ok else reason
+        print(f"{name:14s} {state:12s} {detail}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from agent.demo import run_demo
+
+    return run_demo(keep_running=args.keep_running, instances=args.instances)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
+    parser.add_argument("--version", action="version", version=__version__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, help="TOML config (default /etc/edge-agent/agent.toml if present)")
+        p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
+        p.add_argument("--device-id", help="device id (default: the hostname)")
+
+    run = sub.add_parser("run", help="run the agent")
+    common(run)
+    run.add_argument("--state-dir", type=Path, help="where metrics.db and the saved placement live")
+    run.add_argument("--models", type=Path, help="model repository folder")
+    run.add_argument("--log-level", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    run.set_defaults(func=cmd_run)
+
+    infer = sub.add_parser("infer", help="send images to an agent and print its answers")
+    common(infer)
+    infer.add_argument("images", nargs="+")
+    infer.add_argument("--model", help="model name (default: the agent's default model)")
+    infer.add_argument("--timeout", type=float, default=30.0)
+    infer.add_argument("--json", action="store_true", help="print the raw result JSON")
+    infer.set_defaults(func=cmd_infer)
+
+    status = sub.add_parser("status", help="print an agent's retained status")
+    common(status)
+    status.add_argument("--timeout", type=float, default=5.0)
+    status.set_defaults(func=cmd_status)
+
+    backends = sub.add_parser("backends", help="list inference runtimes and devices on this machine")
+    backends.set_defaults(func=cmd_backends)
+
+    demo = sub.add_parser("demo", help="private broker + agent + sample photos, results shown")
+    demo.add_argument("--keep-running", action="store_true", help="leave broker and agent up until Ctrl-C")
+    demo.add_argument("--instances", type=int, default=2)
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as exc:
+        print(f"edge-agent: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        return 130

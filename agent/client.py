@@ -1,0 +1,113 @@
+"""A small MQTT 5 request client: send frames to an agent, collect its answers.
+
+Used by `edge-agent infer`, the demo and the benchmark. Each request carries correlation data and a
+private response topic, the MQTT 5 request/response pattern (what `mosquitto_rr` does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import parse_broker_url
+from agent.topics import Topics
+
+
+@dataclass
+class Reply:
+    request_id: str
+    payload: dict[str, Any]
+    latency_ms: float
+    source: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return "error" not in self.payload
+
+
+@dataclass
+class InferClient:
+    broker_url: str
+    device_id: str
+    prefix: str = "edge"
+    username: str | None = None
+    password: str | None = None
+    _client: aiomqtt.Client | None = field(default=None, init=False)
+    _pending: dict[str, tuple[float, asyncio.Future[Reply]]] = field(default_factory=dict, init=False)
+    _reader: asyncio.Task[None] | None = field(default=None, init=False)
+
+    async def __aenter__(self) -> InferClient:
+        broker = parse_broker_url(self.broker_url)
+        self.topics = Topics(self.device_id, self.prefix)
+        self.reply_topic = f"{self.prefix}-client/{uuid.uuid4().hex}/reply"
+        self._client = aiomqtt.Client(
+            broker["host"], broker["port"], protocol=aiomqtt.ProtocolVersion.V5,
+            username=self.username or broker.get("username"), password=self.password or broker.get("password"),
+            max_queued_incoming_messages=100_000,
+        )
+        await self._client.__aenter__()
+        await self._client.subscribe(self.reply_topic, qos=1)
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._reader:
+            self._reader.cancel()
+        if self._client:
+            await self._client.__aexit__(None, None, None)
+
+    async def _read(self) -> None:
+        assert self._client is not None
+        async for message in self._client.messages:
+            corr = getattr(message.properties, "CorrelationData", None) if message.properties else None
+            key = corr.decode() if corr else None
+            if key is None or key not in self._pending:
+                continue
+            started, fut = self._pending.pop(key)
+            try:
+                payload = json.loads(message.payload)  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                payload = {"error": {"code": "client", "message": "unparseable reply"}}
+            if not fut.done():
+                fut.set_result(Reply(key, payload, (time.perf_counter() - started) * 1000.0))
+
+    async def send(self, image: bytes, model: str | None = None, request_id: str | None = None,
+                   qos: int = 1) -> asyncio.Future[Reply]:
+        """Publish one frame; returns a future of its reply."""
+        assert self._client is not None
+        request_id = request_id or uuid.uuid4().hex
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = self.reply_topic
+        props.CorrelationData = request_id.encode()
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (time.perf_counter(), fut)
+        topic = self.topics.infer_model(model) if model else self.topics.infer
+        await self._client.publish(topic, image, qos=qos, properties=props)
+        return fut
+
+    async def infer(self, image: bytes, model: str | None = None, timeout_s: float = 30.0) -> Reply:
+        fut = await self.send(image, model)
+        return await asyncio.wait_for(fut, timeout_s)
+
+
+async def read_retained(broker_url: str, topic: str, timeout_s: float = 5.0) -> dict[str, Any] | None:
+    """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
+    broker = parse_broker_url(broker_url)
+    async with aiomqtt.Client(broker["host"], broker["port"], protocol=aiomqtt.ProtocolVersion.V5,
+                              username=broker.get("username"), password=broker.get("password")) as client:
+        await client.subscribe(topic, qos=1)
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    return json.loads(message.payload)  # type: ignore[arg-type, no-any-return]
+        except TimeoutError:
+            return None
+    return None

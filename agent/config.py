@@ -1,0 +1,204 @@
+"""Agent configuration: TOML file, then `EDGE_AGENT_*` environment, then command-line flags.
+
+Validated once at start (`extra="forbid"`, no I/O in validators); a bad config is one clear
+`ConfigError` that the CLI turns into exit code 2.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from agent.schemas import Placement, TenantSpec
+from agent.topics import DEVICE_ID_RE, valid_device_id
+
+DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
+DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
+# In a checkout (or /opt/edge-agent) the model repository sits beside the package.
+BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+_toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_path", default=None)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message says what to fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TlsConfig(Section):
+    enabled: bool = False
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    # Skip hostname verification (self-signed lab brokers). Never the default.
+    insecure: bool = False
+
+
+class BrokerConfig(Section):
+    host: str = "localhost"
+    port: int = Field(default=1883, ge=1, le=65535)
+    username: str | None = None
+    password: str | None = None
+    tls: TlsConfig = Field(default_factory=TlsConfig)
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    topic_prefix: str = Field(default="edge", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    client_id: str | None = None
+    # Persistent MQTT 5 session: frames published at QoS 1 while the agent is away wait at the broker.
+    session_expiry_s: int = Field(default=3600, ge=0)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+
+
+class IngestConfig(Section):
+    max_payload_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Decoded pixel budget per frame; anything above is refused before decoding (image bombs).
+    max_pixels: int = Field(default=40_000_000, ge=1024)
+    default_model: str = "efficientnet-lite0"
+    top_k: int = Field(default=5, ge=1, le=100)
+
+
+class SchedulerConfig(Section):
+    queue_depth: int = Field(default=64, ge=1, le=100_000)
+    overload_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
+    drain_timeout_s: float = Field(default=10.0, ge=0)
+
+
+class MetricsConfig(Section):
+    retention_hours: float = Field(default=72.0, gt=0)
+    flush_interval_s: float = Field(default=1.0, gt=0)
+    telemetry_interval_s: float = Field(default=5.0, gt=0)
+
+
+def _default_placement() -> Placement:
+    return Placement(generation=0, tenants=[TenantSpec(model="efficientnet-lite0")])
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    device_id: str = Field(default_factory=lambda: _hostname_device_id())
+    state_dir: Path = DEFAULT_STATE_DIR
+    models_dir: Path = BUNDLED_MODELS_DIR
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    broker: BrokerConfig = Field(default_factory=BrokerConfig)
+    ingest: IngestConfig = Field(default_factory=IngestConfig)
+    scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    # What to serve before (or without) a placement from the console.
+    placement: Placement = Field(default_factory=_default_placement)
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, value: str) -> str:
+        if not valid_device_id(value):
+            raise ValueError(f"must match {DEVICE_ID_RE.pattern}")
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _toml_path.get()
+        if path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+    @property
+    def metrics_db(self) -> Path:
+        return self.state_dir / "metrics.db"
+
+
+def _hostname_device_id() -> str:
+    """The hostname, made into a valid device id (dots and other characters become '-')."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "edge-device"
+
+
+def parse_broker_url(url: str) -> dict[str, Any]:
+    """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> broker settings."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConfigError(f"--broker {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConfigError(f"--broker {url!r}: no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConfigError(f"--broker {url!r}: {exc}") from exc
+    out: dict[str, Any] = {"host": parts.hostname, "port": port}
+    if tls:
+        out["tls"] = {"enabled": True}
+    if parts.username:
+        out["username"] = parts.username
+    if parts.password:
+        out["password"] = parts.password
+    return out
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    overrides: dict[str, Any] | None = None,
+    broker_url: str | None = None,
+) -> AgentConfig:
+    """Build the config: flags (`overrides`, `broker_url`) > environment > TOML file > defaults."""
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            tomllib.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {path}: {exc}") from exc
+    init: dict[str, Any] = {k: v for k, v in (overrides or {}).items() if v is not None}
+    if broker_url:
+        # Flags win over the file, but keep the file's other broker settings (credentials, TLS files).
+        file_broker = tomllib.loads(path.read_text()).get("broker", {}) if path else {}
+        init["broker"] = _merge(file_broker, parse_broker_url(broker_url))
+    token = _toml_path.set(path)
+    try:
+        return AgentConfig(**init)
+    except ValidationError as exc:
+        where = f" in {path}" if path else ""
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration{where}: {problems}") from exc
+    finally:
+        _toml_path.reset(token)

@@ -1,0 +1,114 @@
+"""`edge-agent demo`: a private Mosquitto, the agent, the sample photos, the answers in a table."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from agent.client import InferClient, read_retained
+from agent.local_broker import LocalBroker
+from agent.topics import Topics
+
+SAMPLES = Path(__file__).resolve().parent / "samples"
+DEVICE_ID = "demo-device"
+
+
+def start_agent(broker_url: str, state_dir: Path, device_id: str, config_text: str = "",
+                log_path: Path | None = None) -> subprocess.Popen[bytes]:
+    config = state_dir / "agent.toml"
+    config.write_text(config_text)
+    out = (log_path or state_dir / "agent.log").open("ab")
+    return subprocess.Popen(
+        [sys.executable, "-m", "agent", "run", "--config", str(config), "--broker", broker_url,
+         "--device-id", device_id, "--state-dir", str(state_dir)],
+        stdout=out, stderr=subprocess.STDOUT,
+    )
+
+
+async def wait_ready(broker_url: str, device_id: str, timeout_s: float = 60.0) -> dict[str, object]:
+    """Poll the retained status until the agent is online with every tenant ready."""
+    deadline = time.monotonic() + timeout_s
+    topic = Topics(device_id).status
+    while time.monotonic() < deadline:
+        status = await read_retained(broker_url, topic, timeout_s=1.0)
+        tenants = (status or {}).get("placement", {}).get("tenants", []) if status else []
+        if status and status.get("online") and tenants and all(t["state"] == "ready" for t in tenants):
+            return status
+        await asyncio.sleep(0.3)
+    raise TimeoutError(f"agent {device_id} not ready after {timeout_s}s")
+
+
+def run_demo(keep_running: bool = False, instances: int = 2) -> int:
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
+        state = Path(tmp)
+        print(f"* private Mosquitto on {broker.url}")
+        config = (
+            "[placement]\ngeneration = 0\n"
+            f'[[placement.tenants]]\nmodel = "efficientnet-lite0"\nbackend = "onnxruntime"\n'
+            f'device = "cpu"\ninstances = {instances}\n'
+        )
+        agent = start_agent(broker.url, state, DEVICE_ID, config)
+        print(f"* agent started as device {DEVICE_ID!r} (pid {agent.pid}, log {state / 'agent.log'})")
+        try:
+            status = asyncio.run(wait_ready(broker.url, DEVICE_ID))
+            tenants = status["placement"]["tenants"]  # type: ignore[index]
+            for t in tenants:
+                print(f"* tenant {t['model']} on {t['backend']}:{t['device']} x{t['instances']}: {t['state']}")
+            print(f"* publishing {len(photos)} sample photos to {Topics(DEVICE_ID).infer}\n")
+            rc = asyncio.run(_show(broker.url, photos))
+            print(f"\n* metrics: {state / 'metrics.db'} (one row per frame)")
+            if keep_running:
+                print(f"* running; try: mosquitto_pub -h 127.0.0.1 -p {broker.port} "
+                      f"-t {Topics(DEVICE_ID).infer} -f {photos[0]}\n"
+                      f"  and: mosquitto_sub -h 127.0.0.1 -p {broker.port} -t 'edge/#' -v   (Ctrl-C stops)")
+                try:
+                    agent.wait()
+                except KeyboardInterrupt:
+                    pass
+            return rc
+        finally:
+            if agent.poll() is None:
+                agent.send_signal(signal.SIGTERM)
+                try:
+                    agent.wait(30)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
+            print("* agent stopped, broker stopped")
+
+
+async def _show(broker_url: str, photos: list[Path]) -> int:
+    async with InferClient(broker_url, DEVICE_ID) as client:
+        print(f"{'photo':16s} {'top-1 label':22s} {'score':>6s} {'latency':>9s}  {'served by':22s} runner-up")
+        print("-" * 100)
+        failures = 0
+        for path in photos:
+            reply = await client.infer(path.read_bytes(), timeout_s=30.0)
+            if not reply.ok:
+                failures += 1
+                print(f"{path.name:16s} error: {reply.payload['error']}")
+                continue
+            top = reply.payload["top"]
+            tenant = reply.payload["tenant"]
+            served = f"{tenant['backend']}:{tenant['device']}#{tenant['instance']}"
+            print(f"{path.name:16s} {top[0]['label']:22s} {top[0]['score']:6.3f} {reply.latency_ms:7.1f}ms  "
+                  f"{served:22s} {top[1]['label']} ({top[1]['score']:.3f})")
+        # Then a burst, to show concurrency across instances.
+        futures = [await client.send(p.read_bytes()) for p in photos * 20]
+        start = time.perf_counter()
+        replies = await asyncio.gather(*(asyncio.wait_for(f, 60) for f in futures))
+        elapsed = time.perf_counter() - start
+        used = sorted({r.payload["tenant"]["instance"] for r in replies if r.ok})
+        print(f"\nburst: {len(replies)} frames answered in {elapsed:.2f}s "
+              f"({len(replies) / elapsed:.0f} frames/s), instances used: {used}")
+        return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_demo(keep_running=os.environ.get("KEEP") == "1"))

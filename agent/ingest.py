@@ -1,0 +1,116 @@
+"""Turn one MQTT message on an infer topic into a `Frame`, or an `IngestError` with its code.
+
+Pure and cheap (no decoding): it runs on the event loop for every message. Model choice, in order:
+topic suffix, MQTT 5 user property, JSON envelope, the configured default. Request id: MQTT 5
+correlation data, user property, envelope, else a generated one.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from pydantic import ValidationError
+
+from agent.schemas import Envelope, ErrorCode
+from agent.topics import valid_model_name
+
+
+class IngestError(Exception):
+    def __init__(self, code: ErrorCode, message: str, request_id: str, model: str | None = None) -> None:
+        super().__init__(message)
+        self.code: ErrorCode = code
+        self.message = message
+        self.request_id = request_id
+        self.model = model
+
+
+@dataclass(frozen=True)
+class FrameMeta:
+    """What MQTT 5 says about a message (all optional; MQTT 3.1.1 messages have none)."""
+
+    correlation_data: bytes | None = None
+    response_topic: str | None = None
+    user_properties: dict[str, str] = field(default_factory=dict)
+    expiry_s: int | None = None
+
+
+@dataclass(eq=False)
+class Frame:
+    request_id: str
+    model: str
+    image: bytes
+    received: float  # time.monotonic() at arrival
+    response_topic: str | None = None
+    correlation_data: bytes | None = None
+    expires_at: float | None = None  # monotonic deadline from MQTT 5 message expiry
+
+
+def request_id_from_correlation(data: bytes) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.hex()
+    return text if text.isprintable() and len(text) <= 256 else data.hex()
+
+
+def parse_frame(
+    payload: bytes,
+    meta: FrameMeta,
+    *,
+    topic_model: str | None,
+    default_model: str,
+    max_bytes: int,
+    now: float | None = None,
+) -> Frame:
+    received = time.monotonic() if now is None else now
+    request_id = None
+    if meta.correlation_data:
+        request_id = request_id_from_correlation(meta.correlation_data)
+    elif meta.user_properties.get("request_id"):
+        request_id = meta.user_properties["request_id"][:256]
+    model = topic_model or meta.user_properties.get("model") or None
+    provisional_id = request_id or uuid.uuid4().hex
+
+    if len(payload) == 0:
+        raise IngestError("bad_image", "empty payload", provisional_id, model)
+    if payload[:1] == b"{":
+        # JSON envelope: base64 is 4/3 the size, so allow for it before decoding anything.
+        if len(payload) > max_bytes * 4 // 3 + 4096:
+            raise IngestError("too_large", f"payload is {len(payload)} bytes, limit {max_bytes}", provisional_id)
+        try:
+            envelope = Envelope.model_validate_json(payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            detail = f"{where}: {first['msg']}" if where else first["msg"]
+            raise IngestError("bad_request", f"bad JSON envelope: {detail}", provisional_id, model) from exc
+        request_id = request_id or envelope.request_id
+        provisional_id = request_id or provisional_id
+        model = model or envelope.model
+        try:
+            image = base64.b64decode(envelope.image_b64, validate=True)
+        except (binascii.Error, ValueError) as exc:
+            raise IngestError("bad_request", f"image_b64 is not valid base64: {exc}", provisional_id, model) from exc
+        if not image:
+            raise IngestError("bad_image", "image_b64 is empty", provisional_id, model)
+    else:
+        image = payload
+    if len(image) > max_bytes:
+        raise IngestError("too_large", f"image is {len(image)} bytes, limit {max_bytes}", provisional_id, model)
+    model = model or default_model
+    if not valid_model_name(model):
+        raise IngestError("unknown_model", f"{model[:80]!r} is not a valid model name", provisional_id)
+    expires_at = received + meta.expiry_s if meta.expiry_s is not None else None
+    return Frame(
+        request_id=provisional_id,
+        model=model,
+        image=image,
+        received=received,
+        response_topic=meta.response_topic,
+        correlation_data=meta.correlation_data,
+        expires_at=expires_at,
+    )

@@ -1,0 +1,175 @@
+"""The model repository: one folder per model with `model.toml`, labels and artifacts.
+
+Every path is resolved inside the repository (no `..`, no absolute paths, no symlinks that lead
+out), and every artifact's sha256 is checked against the manifest before a backend sees it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from agent.topics import MODEL_NAME_RE, valid_model_name
+from backends.base import ModelArtifacts
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(Exception):
+    """A model that cannot be served: unknown, malformed manifest, unsafe path or bad checksum."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InputSpec(_Strict):
+    layout: Literal["NCHW", "NHWC"] = "NCHW"
+    size: tuple[int, int] = Field(description="(height, width)")
+    dtype: Literal["float32", "uint8", "int8"] = "float32"
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    # Fraction of the shorter side kept by the centre crop (ImageNet-style eval: 0.875).
+    crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
+
+
+class ArtifactSpec(_Strict):
+    file: str
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class Manifest(_Strict):
+    name: str
+    version: str = "0"
+    task: Literal["classification"] = "classification"
+    labels: str
+    source: str = ""
+    input: InputSpec
+    artifacts: dict[str, ArtifactSpec]
+    checks: dict[str, float] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Model:
+    """A verified model, ready to hand to a backend."""
+
+    manifest: Manifest
+    root: Path
+    labels: tuple[str, ...]
+    artifacts: ModelArtifacts
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def input(self) -> InputSpec:
+        return self.manifest.input
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class ModelRepository:
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        self._lock = threading.Lock()
+        # (path, size, mtime_ns) -> sha256, so a model is hashed once per change, not per load.
+        self._hashes: dict[tuple[str, int, int], str] = {}
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.root.iterdir()
+            if valid_model_name(p.name) and ((p / "model.toml").is_file() or (p / "model.json").is_file())
+        )
+
+    def _inside(self, path: Path, what: str) -> Path:
+        resolved = path.resolve()
+        if not resolved.is_relative_to(self.root):
+            raise ModelError(f"{what} {path} leads outside the model repository")
+        return resolved
+
+    def _model_file(self, folder: Path, relative: str, what: str) -> Path:
+        rel = Path(relative)
+        if rel.is_absolute() or ".." in rel.parts:
+            raise ModelError(f"{what} path {relative!r} must be relative and inside the model folder")
+        path = self._inside(folder / rel, what)
+        if not path.is_relative_to(folder):
+            raise ModelError(f"{what} path {relative!r} leads outside its model folder")
+        if not path.is_file():
+            raise ModelError(f"{what} {relative!r} is missing")
+        return path
+
+    def manifest(self, name: str) -> tuple[Path, Manifest]:
+        """Parse a model's manifest without touching artifacts (cheap; for validation)."""
+        if not valid_model_name(name):
+            raise ModelError(f"model name {name!r} is not valid (must match {MODEL_NAME_RE.pattern})")
+        folder = self._inside(self.root / name, "model folder")
+        toml_path, json_path = folder / "model.toml", folder / "model.json"
+        try:
+            if toml_path.is_file():
+                raw = tomllib.loads(self._inside(toml_path, "manifest").read_text())
+            elif json_path.is_file():
+                raw = json.loads(self._inside(json_path, "manifest").read_text())
+            else:
+                raise ModelError(f"unknown model {name!r} (available: {', '.join(self.names()) or 'none'})")
+            manifest = Manifest.model_validate(raw)
+        except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError, ValidationError) as exc:
+            raise ModelError(f"model {name!r}: bad manifest: {exc}") from exc
+        if manifest.name != name:
+            raise ModelError(f"model folder {name!r} holds a manifest named {manifest.name!r}")
+        return folder, manifest
+
+    def load(self, name: str, verify: bool = True) -> Model:
+        """The verified model `name`. Blocking file I/O: call it from a worker thread."""
+        folder, manifest = self.manifest(name)
+        labels_path = self._model_file(folder, manifest.labels, "labels file")
+        labels = tuple(line.strip() for line in labels_path.read_text().splitlines() if line.strip())
+        files: dict[str, Path] = {}
+        for fmt, spec in manifest.artifacts.items():
+            path = self._model_file(folder, spec.file, f"{fmt} artifact")
+            if verify:
+                actual = self._sha256(path)
+                if actual != spec.sha256:
+                    raise ModelError(
+                        f"model {name!r}: {spec.file} sha256 {actual[:12]}... does not match the manifest "
+                        f"({spec.sha256[:12]}...); refusing to load it"
+                    )
+            files[fmt] = path
+        artifacts = ModelArtifacts(
+            name=name,
+            files=files,
+            input_size=manifest.input.size,
+            layout=manifest.input.layout,
+            dtype=manifest.input.dtype,
+            num_classes=len(labels),
+            sha256={fmt: spec.sha256 for fmt, spec in manifest.artifacts.items()},
+        )
+        return Model(manifest=manifest, root=folder, labels=labels, artifacts=artifacts)
+
+    def _sha256(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)
+        with self._lock:
+            cached = self._hashes.get(key)
+        if cached is None:
+            cached = sha256_file(path)
+            with self._lock:
+                self._hashes[key] = cached
+        return cached

@@ -1,0 +1,163 @@
+"""The agent's MQTT session: the only owner of the client.
+
+aiomqtt does not reconnect by itself; this is the one place that does, with exponential backoff and
+jitter. Subscriptions are data, replayed on every connect (also when the broker lost the session).
+A handler that raises is logged and counted; it never stops message dispatch. The last will is a
+retained `{"online": false}` on the status topic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.config import BrokerConfig
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[aiomqtt.Message], Awaitable[None] | None]
+
+
+class NotConnected(Exception):
+    """A publish was attempted while the session is down; the caller keeps the message."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    filter: str
+    qos: int
+    handler: Handler
+
+
+def build_tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
+    """Reads certificate files: blocking, so it runs in a thread, not on the event loop."""
+    if not cfg.tls.enabled:
+        return None
+    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None)
+    if cfg.tls.cert_file:
+        ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file) if cfg.tls.key_file else None)
+    if cfg.tls.insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+class MqttSession:
+    def __init__(
+        self,
+        cfg: BrokerConfig,
+        client_id: str,
+        will_topic: str,
+        will_payload: bytes,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.client_id = client_id
+        self.will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
+        self.subscriptions: list[Subscription] = []
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.handler_errors = 0
+        self._on_connect = on_connect
+        self._client: aiomqtt.Client | None = None
+        self._stopping = False
+
+    def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
+        self.subscriptions.append(Subscription(filter_, qos, handler))
+
+    async def run(self) -> None:
+        """Connect, subscribe, dispatch; on any MQTT error back off and do it again. Until stop()."""
+        tls = await asyncio.to_thread(build_tls_context, self.cfg)
+        backoff = self.cfg.reconnect_min_s
+        while not self._stopping:
+            connect_props = Properties(PacketTypes.CONNECT)
+            connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
+            client = aiomqtt.Client(
+                hostname=self.cfg.host,
+                port=self.cfg.port,
+                identifier=self.client_id,
+                username=self.cfg.username,
+                password=self.cfg.password,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                will=self.will,
+                keepalive=self.cfg.keepalive_s,
+                clean_start=False,
+                properties=connect_props,
+                tls_context=tls,
+                timeout=10.0,
+                max_queued_incoming_messages=10_000,
+            )
+            try:
+                async with client:
+                    self._client = client
+                    for sub in self.subscriptions:
+                        await client.subscribe(sub.filter, qos=sub.qos)
+                    self.connects += 1
+                    self.connected.set()
+                    backoff = self.cfg.reconnect_min_s
+                    log.info("connected to mqtt %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+                    if self._on_connect is not None:
+                        await self._on_connect()
+                    async for message in client.messages:
+                        await self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    break
+                delay = backoff * (0.5 + random.random())  # jitter spreads a fleet's reconnects
+                log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
+                self._down()
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, self.cfg.reconnect_max_s)
+            finally:
+                self._down()
+
+    def _down(self) -> None:
+        self.connected.clear()
+        self._client = None
+
+    async def _dispatch(self, message: aiomqtt.Message) -> None:
+        for sub in self.subscriptions:
+            if message.topic.matches(sub.filter):
+                try:
+                    outcome = sub.handler(message)
+                    if outcome is not None:
+                        await outcome
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("handler for %s failed on %s", sub.filter, message.topic)
+                return
+
+    async def publish(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int = 1,
+        retain: bool = False,
+        properties: Properties | None = None,
+        timeout: float = 30.0,
+    ) -> None:
+        """Publish and, for QoS 1, wait for the broker's ack. Raises NotConnected when down."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise NotConnected(topic)
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, properties=properties, timeout=timeout)
+        except aiomqtt.MqttError as exc:
+            raise NotConnected(f"{topic}: {exc}") from exc
+
+    async def stop(self, final: tuple[str, bytes] | None = None) -> None:
+        """Publish `final` (topic, payload; retained) if connected. The owner then cancels `run()`,
+        whose `async with` sends a clean DISCONNECT (so the broker does not send the will)."""
+        self._stopping = True
+        client = self._client
+        if client is not None and final is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError, TimeoutError):
+                await client.publish(final[0], final[1], qos=1, retain=True, timeout=5.0)

@@ -1,0 +1,193 @@
+"""Wire payloads of DESIGN.md as pydantic models: the one thing agent and console share."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from agent.topics import MODEL_NAME_RE, valid_model_name
+
+ErrorCode = Literal[
+    "bad_request",  # a JSON envelope that does not parse or validate
+    "bad_image",  # not a decodable JPEG/PNG, truncated, or over the pixel limit
+    "too_large",  # payload over the configured byte limit
+    "unknown_model",  # no tenant serves that model
+    "overloaded",  # dropped by the overload policy
+    "expired",  # MQTT 5 message expiry passed before inference
+    "unavailable",  # the tenant for this model failed to load
+    "shutting_down",  # the agent is stopping and could not serve it in time
+    "internal",  # a bug or runtime failure; the agent keeps serving
+]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Envelope(Strict):
+    """JSON envelope for MQTT 3.1.1 clients that cannot set properties."""
+
+    request_id: str | None = Field(default=None, max_length=256)
+    model: str | None = None
+    image_b64: str
+
+
+class TopK(BaseModel):
+    index: int
+    label: str
+    score: float
+
+
+class TenantRef(BaseModel):
+    backend: str
+    device: str
+    instance: int
+
+
+class Timing(BaseModel):
+    queue: float
+    preprocess: float
+    infer: float
+    total: float
+
+
+class InferResult(BaseModel):
+    request_id: str
+    model: str
+    tenant: TenantRef
+    top: list[TopK]
+    timing_ms: Timing
+    batch_size: int = 1
+    ts: float = Field(default_factory=time.time)
+
+
+class ErrorInfo(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class ErrorResult(BaseModel):
+    request_id: str
+    model: str | None = None
+    error: ErrorInfo
+    ts: float = Field(default_factory=time.time)
+
+
+class BatchSpec(Strict):
+    max_size: int = Field(default=1, ge=1, le=256)
+    max_delay_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
+
+
+class TenantSpec(Strict):
+    """One tenant of a placement: a model on a backend/device with N instances."""
+
+    model: str
+    backend: str = Field(default="onnxruntime", pattern=r"^[a-z0-9_-]{1,32}$")
+    device: str = Field(default="cpu", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+    instances: int = Field(default=1, ge=1, le=32)
+    threads: int | None = Field(default=None, ge=1, le=256)
+    batch: BatchSpec = Field(default_factory=BatchSpec)
+
+    @field_validator("model")
+    @classmethod
+    def _model_name(cls, value: str) -> str:
+        if not valid_model_name(value):
+            raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}")
+        return value
+
+    def key(self) -> tuple[str, str, str, int, int | None, int, float]:
+        """Identity of a running tenant: any change means a new tenant (make-before-break)."""
+        return (
+            self.model,
+            self.backend,
+            self.device.lower(),
+            self.instances,
+            self.threads,
+            self.batch.max_size,
+            self.batch.max_delay_ms,
+        )
+
+
+class Placement(Strict):
+    generation: int = Field(default=0, ge=0)
+    tenants: list[TenantSpec] = Field(default_factory=list, max_length=64)
+
+    @field_validator("tenants")
+    @classmethod
+    def _one_tenant_per_model(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        seen: set[str] = set()
+        for tenant in tenants:
+            if tenant.model in seen:
+                raise ValueError(f"model {tenant.model!r} appears twice; one tenant per model")
+            seen.add(tenant.model)
+        return tenants
+
+
+TenantState = Literal["loading", "ready", "draining", "failed"]
+
+
+class TenantStatus(TenantSpec):
+    state: TenantState
+    error: str | None = None
+
+
+class BackendCapability(BaseModel):
+    available: bool
+    devices: list[str] = Field(default_factory=list)
+    reason: str = ""
+
+
+class Capabilities(BaseModel):
+    backends: dict[str, BackendCapability] = Field(default_factory=dict)
+    models: list[str] = Field(default_factory=list)
+
+
+class PlacementStatus(BaseModel):
+    generation: int | None = None
+    applied_generation: int | None = None
+    tenants: list[TenantStatus] = Field(default_factory=list)
+
+
+class Status(BaseModel):
+    online: bool
+    device_id: str | None = None
+    agent_version: str | None = None
+    started_at: float | None = None
+    capabilities: Capabilities | None = None
+    placement: PlacementStatus | None = None
+    errors: list[str] = Field(default_factory=list)
+    ts: float = Field(default_factory=time.time)
+
+
+class TenantTelemetry(BaseModel):
+    model: str
+    backend: str
+    device: str
+    instances: int
+    state: TenantState
+    frames_in: int
+    frames_out: int
+    errors: int
+    drops: int
+    fps: float
+    latency_ms: dict[str, float]
+    queue_depth: int
+    batch_size_mean: float
+
+
+class DeviceTelemetry(BaseModel):
+    cpu_percent: float
+    rss_mb: float
+    temperature_c: float | None = None
+    load_1m: float | None = None
+
+
+class Telemetry(BaseModel):
+    device_id: str
+    ts: float = Field(default_factory=time.time)
+    interval_s: float
+    tenants: list[TenantTelemetry]
+    device: DeviceTelemetry
+    rejected: dict[str, int] = Field(default_factory=dict)

@@ -1,0 +1,427 @@
+"""The agent: wires the MQTT session, ingest, tenants, placement, outbox, metrics and telemetry.
+
+Event loop: receives messages, validates them cheaply, routes frames to tenant queues, publishes.
+Worker threads: decode, preprocess and infer (tenants), write SQLite (metrics), load models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections import Counter, deque
+from pathlib import Path
+from typing import Any
+
+import aiomqtt
+from pydantic import ValidationError
+
+from agent import __version__
+from agent.config import AgentConfig
+from agent.device_stats import DeviceStats
+from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
+from agent.metrics import MetricsStore
+from agent.model_repo import ModelError, ModelRepository
+from agent.mqtt_session import MqttSession
+from agent.outbox import Outbox, Outgoing
+from agent.schemas import (
+    BackendCapability,
+    Capabilities,
+    DeviceTelemetry,
+    ErrorCode,
+    ErrorInfo,
+    ErrorResult,
+    InferResult,
+    Placement,
+    PlacementStatus,
+    Status,
+    TenantSpec,
+    TenantStatus,
+    TenantTelemetry,
+    Telemetry,
+)
+from agent.tenant import Tenant
+from agent.topics import Topics
+from backends import registry
+from backends.base import BackendError
+
+log = logging.getLogger(__name__)
+
+
+class PlacementRefused(Exception):
+    """A placement document that cannot be applied; the current placement keeps serving."""
+
+
+def frame_meta(message: aiomqtt.Message) -> FrameMeta:
+    props = message.properties
+    if props is None:
+        return FrameMeta()
+    user = {str(k): str(v) for k, v in (getattr(props, "UserProperty", None) or [])}
+    response_topic = getattr(props, "ResponseTopic", None)
+    if response_topic and ("+" in response_topic or "#" in response_topic):
+        response_topic = None  # a wildcard topic cannot be published to
+    return FrameMeta(
+        correlation_data=getattr(props, "CorrelationData", None),
+        response_topic=response_topic or None,
+        user_properties=user,
+        expiry_s=getattr(props, "MessageExpiryInterval", None),
+    )
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend_options: dict[str, dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.device_id, config.broker.topic_prefix)
+        self.repo = ModelRepository(config.models_dir)
+        # Extra options per backend name (tests give the fake backend its delay here).
+        self.backend_options = backend_options or {}
+        self.tenants: dict[str, Tenant] = {}  # model -> the tenant serving it now
+        self.failed: dict[str, TenantStatus] = {}  # model -> why its tenant could not start
+        self.draining: list[Tenant] = []
+        self.started_at = time.time()
+        self.errors: deque[str] = deque(maxlen=20)
+        self.rejected: Counter[str] = Counter()
+        self.capabilities = Capabilities()
+        self.desired_generation: int | None = None
+        self.applied_generation: int | None = None
+        self.device_stats = DeviceStats()
+        self.accepting = True
+        self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
+        self._placement_lock = asyncio.Lock()
+        self._status_dirty = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.metrics = MetricsStore(
+            config.metrics_db, config.metrics.retention_hours * 3600.0, config.metrics.flush_interval_s
+        )
+        client_id = config.broker.client_id or f"edge-agent-{config.device_id}"
+        self.session = MqttSession(
+            config.broker,
+            client_id,
+            will_topic=self.topics.status,
+            will_payload=self._offline_payload(),
+            on_connect=self._on_connect,
+        )
+        self.session.subscribe(self.topics.infer, self._on_frame, qos=1)
+        self.session.subscribe(self.topics.infer_any_model, self._on_frame, qos=1)
+        self.session.subscribe(self.topics.placement, self._on_placement, qos=1)
+        self.outbox: Outbox | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Everything up to serving: state dir, metrics, capabilities, initial placement, MQTT."""
+        self._loop = asyncio.get_running_loop()
+        self.outbox = Outbox(self.session, self._loop)
+        await asyncio.to_thread(self.config.state_dir.mkdir, parents=True, exist_ok=True)
+        await asyncio.to_thread(self.metrics.start)
+        self.capabilities = await asyncio.to_thread(self._probe_capabilities)
+        initial = await asyncio.to_thread(self._saved_placement) or self.config.placement
+        try:
+            await self.apply_placement(initial, source="saved" if initial is not self.config.placement else "config")
+        except PlacementRefused as exc:
+            self._note_error(f"initial placement refused: {exc}")
+        self.ready.set()
+        self._tasks = [
+            asyncio.create_task(self.session.run(), name="mqtt"),
+            asyncio.create_task(self.outbox.run(), name="outbox"),
+            asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+            asyncio.create_task(self._status_loop(), name="status"),
+        ]
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        stop_task = asyncio.create_task(stop.wait())
+        # A crashed internal task is a bug: stop (non-zero exit) rather than limp on.
+        done, _ = await asyncio.wait([stop_task, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stop_task and t.exception() is not None]
+        stop_task.cancel()
+        await self.shutdown()
+        if crashed:
+            raise RuntimeError(f"internal task {crashed[0].get_name()} failed") from crashed[0].exception()
+
+    async def shutdown(self) -> None:
+        """Stop taking frames, answer what is queued, publish the final status, flush SQLite."""
+        self.accepting = False
+        timeout = self.config.scheduler.drain_timeout_s
+        tenants = list(self.tenants.values()) + self.draining
+        await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in tenants))
+        if self.outbox is not None and self.session.connected.is_set():
+            await self.outbox.flush(timeout_s=5.0)
+        await self.session.stop(final=(self.topics.status, self._offline_payload()))
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.metrics.stop)
+        log.info("stopped")
+
+    # -- ingest ---------------------------------------------------------------------------------
+    def _on_frame(self, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        meta = frame_meta(message)
+        try:
+            frame = parse_frame(
+                bytes(payload),
+                meta,
+                topic_model=self.topics.model_from_topic(message.topic.value),
+                default_model=self.config.ingest.default_model,
+                max_bytes=self.config.ingest.max_payload_bytes,
+            )
+        except IngestError as exc:
+            self.rejected[exc.code] += 1
+            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message)
+            return
+        if not self.accepting:
+            self._refuse(frame, "shutting_down", "the agent is stopping")
+            return
+        tenant = self.tenants.get(frame.model)
+        if tenant is None:
+            if frame.model in self.failed:
+                self._refuse(frame, "unavailable", f"model {frame.model!r} failed to load: "
+                             f"{self.failed[frame.model].error}")
+            else:
+                served = ", ".join(sorted(self.tenants)) or "none"
+                self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
+            return
+        tenant.submit(frame)
+
+    def _refuse(self, frame: Frame, code: ErrorCode, message: str) -> None:
+        self.rejected[code] += 1
+        self.emit(frame, ErrorResult(request_id=frame.request_id, model=frame.model,
+                                     error=ErrorInfo(code=code, message=message)))
+
+    def _answer_unqueued(
+        self, request_id: str, model: str | None, meta: FrameMeta, code: ErrorCode, message: str
+    ) -> None:
+        frame = Frame(request_id=request_id, model=model or "", image=b"", received=time.monotonic(),
+                      response_topic=meta.response_topic, correlation_data=meta.correlation_data)
+        self.emit(frame, ErrorResult(request_id=request_id, model=model,
+                                     error=ErrorInfo(code=code, message=message)))
+
+    def emit(self, frame: Frame, outcome: InferResult | ErrorResult) -> None:
+        """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
+        if self.outbox is None:
+            return
+        payload = outcome.model_dump_json(exclude_none=True).encode()
+        self.outbox.put(Outgoing(self.topics.result, payload))
+        if frame.response_topic:
+            self.outbox.put(Outgoing(frame.response_topic, payload, correlation_data=frame.correlation_data))
+
+    # -- placement ------------------------------------------------------------------------------
+    async def _on_placement(self, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        if not payload:
+            return  # retained placement cleared: keep serving what runs
+        # Applying loads models (seconds): run it beside dispatch so frames keep flowing.
+        task = asyncio.create_task(self._apply_document(bytes(payload)))
+        self._tasks.append(task)
+
+    async def _apply_document(self, payload: bytes) -> None:
+        try:
+            placement = Placement.model_validate_json(payload)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            self._note_error(f"placement refused: {problems}")
+            return
+        try:
+            await self.apply_placement(placement, source="mqtt")
+        except PlacementRefused as exc:
+            self._note_error(f"placement generation {placement.generation} refused: {exc}")
+
+    def _check(self, placement: Placement) -> None:
+        if self.applied_generation is not None and placement.generation < self.applied_generation:
+            raise PlacementRefused(
+                f"generation {placement.generation} is older than the applied {self.applied_generation}"
+            )
+        for spec in placement.tenants:
+            try:
+                self.repo.manifest(spec.model)
+            except ModelError as exc:
+                raise PlacementRefused(str(exc)) from exc
+            if spec.backend not in registry.names():
+                raise PlacementRefused(f"unknown backend {spec.backend!r} (known: {', '.join(registry.names())})")
+
+    async def apply_placement(self, placement: Placement, source: str) -> None:
+        """Reconcile running tenants to `placement`, make-before-break: start new, then drain old."""
+        async with self._placement_lock:
+            self._check(placement)
+            self.desired_generation = placement.generation
+            self._mark_dirty()
+            wanted = {spec.model: spec for spec in placement.tenants}
+            for spec in placement.tenants:
+                current = self.tenants.get(spec.model)
+                if current is not None and current.spec.key() == spec.key():
+                    continue
+                tenant = await self._start_tenant(spec)
+                if tenant is None:
+                    continue  # failed: the old tenant (if any) keeps serving
+                self.tenants[spec.model] = tenant  # new frames go to the new tenant from here on
+                self.failed.pop(spec.model, None)
+                if current is not None:
+                    self._retire(current)
+                self._mark_dirty()
+            for model in list(self.tenants):
+                if model not in wanted:
+                    self._retire(self.tenants.pop(model))
+            for model in list(self.failed):
+                if model not in wanted:
+                    del self.failed[model]
+            self.applied_generation = placement.generation
+            await asyncio.to_thread(self._save_placement, placement)
+            log.info("placement generation %d applied (%s): %s", placement.generation, source,
+                     ", ".join(t.name for t in self.tenants.values()) or "no tenants")
+            self._mark_dirty()
+
+    async def _start_tenant(self, spec: TenantSpec) -> Tenant | None:
+        self.failed[spec.model] = TenantStatus(**spec.model_dump(), state="loading")
+        self._mark_dirty()
+        try:
+            backend = registry.get(spec.backend)
+            ok, reason = await asyncio.to_thread(backend.available)
+            if not ok:
+                raise BackendError(f"backend {spec.backend} unavailable: {reason}")
+            model = await asyncio.to_thread(self.repo.load, spec.model)
+            tenant = Tenant(
+                spec, model, backend, self.emit,
+                queue_depth=self.config.scheduler.queue_depth,
+                overload_policy=self.config.scheduler.overload_policy,
+                max_pixels=self.config.ingest.max_pixels,
+                top_k=self.config.ingest.top_k,
+                record=self.metrics.record,
+                backend_options=self.backend_options.get(spec.backend),
+            )
+            await asyncio.to_thread(tenant.load)
+        except (BackendError, ModelError, OSError) as exc:
+            message = str(exc)
+            log.error("tenant %s on %s:%s failed: %s", spec.model, spec.backend, spec.device, message)
+            self.failed[spec.model] = TenantStatus(**spec.model_dump(), state="failed", error=message)
+            self._note_error(f"{spec.model} on {spec.backend}:{spec.device}: {message}")
+            return None
+        tenant.start()
+        self.failed.pop(spec.model, None)
+        log.info("tenant %s ready", tenant.name)
+        return tenant
+
+    def _retire(self, tenant: Tenant) -> None:
+        """Drain an old tenant in the background: its queued frames are still answered."""
+        self.draining.append(tenant)
+        self._mark_dirty()
+
+        async def drain() -> None:
+            await asyncio.to_thread(tenant.drain, self.config.scheduler.drain_timeout_s)
+            self.draining.remove(tenant)
+            self._mark_dirty()
+
+        self._tasks.append(asyncio.create_task(drain(), name=f"drain-{tenant.name}"))
+
+    def _placement_file(self) -> Path:
+        return self.config.state_dir / "placement.json"
+
+    def _save_placement(self, placement: Placement) -> None:
+        """Atomic write, so a crash mid-save leaves the previous placement intact."""
+        path = self._placement_file()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(placement.model_dump_json(indent=2))
+        os.replace(tmp, path)
+
+    def _saved_placement(self) -> Placement | None:
+        path = self._placement_file()
+        if not path.is_file():
+            return None
+        try:
+            return Placement.model_validate_json(path.read_text())
+        except (OSError, ValidationError) as exc:
+            log.warning("ignoring unreadable saved placement %s: %s", path, exc)
+            return None
+
+    # -- status and telemetry -------------------------------------------------------------------
+    def _probe_capabilities(self) -> Capabilities:
+        caps = {
+            name: BackendCapability(available=ok, devices=devices, reason=reason)
+            for name, (ok, devices, reason) in registry.capabilities().items()
+        }
+        return Capabilities(backends=caps, models=self.repo.names())
+
+    def _note_error(self, message: str) -> None:
+        log.warning("%s", message)
+        self.errors.append(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())} {message}")
+        self._mark_dirty()
+
+    def _mark_dirty(self) -> None:
+        self._status_dirty.set()
+
+    def tenant_statuses(self) -> list[TenantStatus]:
+        out = [TenantStatus(**t.spec.model_dump(), state=t.state, error=t.error) for t in self.tenants.values()]
+        out += [TenantStatus(**t.spec.model_dump(), state="draining") for t in self.draining]
+        out += [s for m, s in self.failed.items()]
+        return out
+
+    def status(self) -> Status:
+        return Status(
+            online=True,
+            device_id=self.config.device_id,
+            agent_version=__version__,
+            started_at=self.started_at,
+            capabilities=self.capabilities,
+            placement=PlacementStatus(
+                generation=self.desired_generation,
+                applied_generation=self.applied_generation,
+                tenants=self.tenant_statuses(),
+            ),
+            errors=list(self.errors),
+        )
+
+    def _offline_payload(self) -> bytes:
+        return json.dumps({"online": False, "device_id": self.config.device_id}).encode()
+
+    async def _on_connect(self) -> None:
+        self._mark_dirty()
+
+    async def _status_loop(self) -> None:
+        while True:
+            await self._status_dirty.wait()
+            await self.session.connected.wait()
+            self._status_dirty.clear()
+            with contextlib.suppress(Exception):
+                await self.session.publish(
+                    self.topics.status, self.status().model_dump_json().encode(), qos=1, retain=True
+                )
+            await asyncio.sleep(0.2)  # coalesce bursts of changes
+
+    def telemetry(self) -> Telemetry:
+        window = self.config.metrics.telemetry_interval_s
+        tenants = []
+        for t in list(self.tenants.values()):
+            snap = t.stats.snapshot(window)
+            tenants.append(TenantTelemetry(
+                model=t.spec.model, backend=t.spec.backend, device=t.device, instances=t.spec.instances,
+                state=t.state, queue_depth=len(t.queue), **snap,  # type: ignore[arg-type]
+            ))
+        return Telemetry(
+            device_id=self.config.device_id,
+            interval_s=window,
+            tenants=tenants,
+            device=DeviceTelemetry(
+                cpu_percent=self.device_stats.cpu_percent(),
+                rss_mb=self.device_stats.rss_mb(),
+                temperature_c=self.device_stats.temperature_c(),
+                load_1m=self.device_stats.load_1m(),
+            ),
+            rejected=dict(self.rejected),
+        )
+
+    async def _telemetry_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.metrics.telemetry_interval_s)
+            if not self.session.connected.is_set():
+                continue
+            with contextlib.suppress(Exception):
+                await self.session.publish(
+                    self.topics.telemetry, self.telemetry().model_dump_json().encode(), qos=0
+                )

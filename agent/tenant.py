@@ -1,0 +1,251 @@
+"""A tenant: one model on one backend/device, with N instances each on its own worker thread.
+
+Each instance is its own runtime session (the runtime may share weights between them). Worker
+threads take batches from the tenant's queue, decode and preprocess the frames, run the batch,
+and hand every frame exactly one outcome through `emit`. The event loop never runs any of this.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from agent.ingest import Frame
+from agent.model_repo import Model
+from agent.preprocess import BadImage, Preprocessor
+from agent.scheduler import BatchQueue, QueueClosed, QueueFull
+from agent.schemas import (
+    ErrorCode,
+    ErrorInfo,
+    ErrorResult,
+    InferResult,
+    TenantRef,
+    TenantSpec,
+    TenantState,
+    Timing,
+    TopK,
+)
+from agent.stats import TenantStats
+from backends.base import Backend, BackendError, Session
+
+log = logging.getLogger(__name__)
+
+Outcome = InferResult | ErrorResult
+EmitFn = Callable[[Frame, Outcome], None]
+
+
+def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[TopK]:
+    """Softmax scores of the k best classes, best first."""
+    logits = logits.astype(np.float64, copy=False)
+    exp = np.exp(logits - logits.max())
+    probs = exp / exp.sum()
+    k = min(k, probs.size)
+    best = np.argpartition(-probs, k - 1)[:k]
+    best = best[np.argsort(-probs[best])]
+    return [
+        TopK(index=int(i), label=labels[i] if i < len(labels) else str(i), score=round(float(probs[i]), 6))
+        for i in best
+    ]
+
+
+class Tenant:
+    def __init__(
+        self,
+        spec: TenantSpec,
+        model: Model,
+        backend: Backend,
+        emit: EmitFn,
+        *,
+        queue_depth: int,
+        overload_policy: Any,
+        max_pixels: int,
+        top_k: int = 5,
+        record: Callable[[dict[str, Any]], None] | None = None,
+        backend_options: dict[str, Any] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.model = model
+        self.backend = backend
+        self.device = spec.device
+        self._emit = emit
+        self._record = record
+        self._top_k = top_k
+        self.queue: BatchQueue[Frame] = BatchQueue(queue_depth, overload_policy)
+        self.preprocessor = Preprocessor(model.input, max_pixels)
+        self.stats = TenantStats()
+        self.state: TenantState = "loading"
+        self.error: str | None = None
+        self._sessions: list[Session] = []
+        self._threads: list[threading.Thread] = []
+        self._options = dict(backend_options or {})
+        self._options.setdefault("threads", spec.threads)
+        self._options.setdefault("instances", spec.instances)
+
+    @property
+    def name(self) -> str:
+        return f"{self.spec.model}@{self.spec.backend}:{self.device}x{self.spec.instances}"
+
+    # -- lifecycle (blocking: call from a worker thread) --------------------------------------
+    def load(self) -> None:
+        """Load and warm up every instance; on failure close what loaded and set state failed."""
+        try:
+            self.device = self.backend.canonical_device(self.spec.device)
+            h, w = self.model.input.size
+            shape = (1, 3, h, w) if self.model.input.layout == "NCHW" else (1, h, w, 3)
+            warm = np.zeros(shape, np.dtype(self.model.input.dtype))
+            for _ in range(self.spec.instances):
+                session = self.backend.load(self.model.artifacts, self.device, self._options)
+                self._sessions.append(session)
+                session.infer(warm)  # first run compiles kernels / allocates: keep it off frames
+        except BackendError as exc:
+            self._fail(str(exc))
+            raise
+        except Exception as exc:
+            self._fail(f"{type(exc).__name__}: {exc}")
+            raise BackendError(self.error) from exc
+
+    def _fail(self, message: str) -> None:
+        self.state, self.error = "failed", message
+        for session in self._sessions:
+            session.close()
+        self._sessions.clear()
+
+    def start(self) -> None:
+        for index, session in enumerate(self._sessions):
+            thread = threading.Thread(
+                target=self._worker, args=(index, session), name=f"{self.spec.model}-{index}", daemon=True
+            )
+            thread.start()
+            self._threads.append(thread)
+        self.state = "ready"
+
+    def drain(self, timeout_s: float) -> None:
+        """Stop taking frames, finish the queued ones within `timeout_s`, then close the sessions.
+
+        Frames still queued at the deadline are answered `shutting_down`: nothing is left unanswered.
+        """
+        if self.state != "failed":
+            self.state = "draining"
+        self.queue.close()
+        deadline = time.monotonic() + timeout_s
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        for frame in self.queue.take_all():
+            self._error(frame, "shutting_down", "the tenant stopped before this frame was served")
+        for thread in self._threads:
+            thread.join(5.0)  # the batch in flight finishes; runtimes cannot be interrupted
+        for session in self._sessions:
+            session.close()
+        self._sessions.clear()
+
+    # -- frames -------------------------------------------------------------------------------
+    def submit(self, frame: Frame) -> None:
+        """Queue a frame; every frame gets exactly one outcome, now or later."""
+        self.stats.frame_in()
+        try:
+            dropped = self.queue.put(frame)
+        except QueueFull:
+            self.stats.dropped()
+            self._error(frame, "overloaded", f"queue full ({self.queue.depth} frames); frame refused")
+            return
+        except QueueClosed:
+            self._error(frame, "unavailable", f"tenant {self.name} is not taking frames")
+            return
+        if dropped is not None:
+            self.stats.dropped()
+            self._error(dropped, "overloaded", f"dropped as the oldest of {self.queue.depth} queued frames")
+
+    def _error(self, frame: Frame, code: ErrorCode, message: str) -> None:
+        self.stats.error()
+        self._emit(
+            frame,
+            ErrorResult(request_id=frame.request_id, model=frame.model, error=ErrorInfo(code=code, message=message)),
+        )
+        if self._record:
+            self._record(self._row(frame, code, instance=None, timing=None))
+
+    def _row(self, frame: Frame, status: str, instance: int | None, timing: Timing | None) -> dict[str, Any]:
+        return {
+            "ts": time.time(),
+            "request_id": frame.request_id,
+            "model": frame.model,
+            "backend": self.spec.backend,
+            "device": self.device,
+            "instance": instance,
+            "queue_ms": timing.queue if timing else None,
+            "preprocess_ms": timing.preprocess if timing else None,
+            "infer_ms": timing.infer if timing else None,
+            "total_ms": timing.total if timing else None,
+            "status": status,
+        }
+
+    def _worker(self, index: int, session: Session) -> None:
+        spec = self.spec
+        h, w = self.model.input.size
+        item_shape = (3, h, w) if self.model.input.layout == "NCHW" else (h, w, 3)
+        buffer = np.empty((spec.batch.max_size, *item_shape), np.dtype(self.model.input.dtype))
+        ref = TenantRef(backend=spec.backend, device=self.device, instance=index)
+        max_delay_s = spec.batch.max_delay_ms / 1000.0
+        while True:
+            batch = self.queue.get_batch(spec.batch.max_size, max_delay_s)
+            if batch is None:
+                return
+            try:
+                self._run_batch(batch, session, buffer, ref, index)
+            except Exception:  # a bug must not kill the instance nor lose the frames
+                log.exception("tenant %s instance %d: batch failed", self.name, index)
+                for frame in batch:
+                    self._error(frame, "internal", "internal error while serving this frame")
+
+    def _run_batch(
+        self, batch: list[Frame], session: Session, buffer: np.ndarray, ref: TenantRef, index: int
+    ) -> None:
+        started = time.monotonic()
+        ready: list[Frame] = []
+        for frame in batch:
+            if frame.expires_at is not None and started > frame.expires_at:
+                self._error(frame, "expired", "message expiry passed before inference")
+                continue
+            try:
+                self.preprocessor(frame.image, out=buffer[len(ready)])
+            except BadImage as exc:
+                self._error(frame, "bad_image", str(exc))
+                continue
+            ready.append(frame)
+        if not ready:
+            return
+        preprocessed = time.monotonic()
+        try:
+            logits = session.infer(buffer[: len(ready)])
+        except BackendError as exc:
+            for frame in ready:
+                self._error(frame, "internal", str(exc))
+            return
+        done = time.monotonic()
+        self.stats.batch(len(ready))
+        per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
+        infer_ms = (done - preprocessed) * 1000.0
+        for frame, row in zip(ready, logits, strict=True):
+            timing = Timing(
+                queue=round((started - frame.received) * 1000.0, 3),
+                preprocess=round(per_frame_pre, 3),
+                infer=round(infer_ms, 3),
+                total=round((time.monotonic() - frame.received) * 1000.0, 3),
+            )
+            result = InferResult(
+                request_id=frame.request_id,
+                model=frame.model,
+                tenant=ref,
+                top=top_k(row, self.model.labels, self._top_k),
+                timing_ms=timing,
+                batch_size=len(ready),
+            )
+            self.stats.served(timing.total)
+            self._emit(frame, result)
+            if self._record:
+                self._record(self._row(frame, "ok", index, timing))

@@ -1,0 +1,73 @@
+"""Every MQTT topic of the wire contract (DESIGN.md), built and parsed in one place."""
+
+from __future__ import annotations
+
+import re
+
+DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+DEFAULT_PREFIX = "edge"
+
+
+def valid_device_id(device_id: str) -> bool:
+    return bool(DEVICE_ID_RE.fullmatch(device_id))
+
+
+def valid_model_name(name: str) -> bool:
+    return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+class Topics:
+    """Topic names for one device; `prefix` is `edge` unless configured otherwise."""
+
+    def __init__(self, device_id: str, prefix: str = DEFAULT_PREFIX) -> None:
+        if not valid_device_id(device_id):
+            raise ValueError(f"device id {device_id!r} must match {DEVICE_ID_RE.pattern}")
+        self.device_id = device_id
+        self.prefix = prefix
+        self.base = f"{prefix}/{device_id}"
+
+    @property
+    def infer(self) -> str:
+        return f"{self.base}/infer"
+
+    @property
+    def infer_any_model(self) -> str:
+        """Subscription filter for `edge/<id>/infer/<model>`."""
+        return f"{self.base}/infer/+"
+
+    def infer_model(self, model: str) -> str:
+        return f"{self.base}/infer/{model}"
+
+    @property
+    def result(self) -> str:
+        return f"{self.base}/result"
+
+    @property
+    def placement(self) -> str:
+        return f"{self.base}/placement"
+
+    @property
+    def status(self) -> str:
+        return f"{self.base}/status"
+
+    @property
+    def telemetry(self) -> str:
+        return f"{self.base}/telemetry"
+
+    def model_from_topic(self, topic: str) -> str | None:
+        """The `<model>` suffix of an infer topic, or None for the plain infer topic."""
+        head = self.infer + "/"
+        return topic[len(head) :] if topic.startswith(head) else None
+
+
+def fleet_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Wildcard filter over all devices, e.g. `edge/+/status` (used by the console)."""
+    return f"{prefix}/+/{kind}"
+
+
+def device_from_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+    parts = topic.split("/")
+    if len(parts) >= 3 and parts[0] == prefix and valid_device_id(parts[1]):
+        return parts[1]
+    return None

@@ -1,0 +1,1 @@
+"""Inference runtimes behind one small contract (see `backends.base`), found through `backends.registry`."""
