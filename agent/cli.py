@@ -21,8 +21,10 @@ log = logging.getLogger("agent")
 
 def setup_logging(level: str) -> None:
     # Under systemd, journald adds timestamps and the unit name: print level and logger only.
-    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else (
-        "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = (
+        "%(levelname)s %(name)s: %(message)s"
+        if os.environ.get("JOURNAL_STREAM")
+        else ("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
     logging.basicConfig(level=level, format=fmt, stream=sys.stderr, force=True)
     logging.getLogger("aiomqtt").setLevel(max(logging.getLevelName(level), logging.INFO))
@@ -43,8 +45,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     config = _config_from_args(args)
     setup_logging(config.log_level)
-    log.info("edge-agent %s starting as device %s (broker %s:%d)", __version__, config.device_id,
-             config.broker.host, config.broker.port)
+    log.info(
+        "edge-agent %s starting as device %s (broker %s:%d)",
+        __version__,
+        config.device_id,
+        config.broker.host,
+        config.broker.port,
+    )
 
     async def main() -> None:
         stop = asyncio.Event()
@@ -87,8 +94,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
                     print(json.dumps(reply.payload))
                 elif reply.ok:
                     best = reply.payload["top"][0]
-                    print(f"{path.name:24s} {best['label']:24s} {best['score']:6.3f}  "
-                          f"{reply.latency_ms:7.1f} ms  ({reply.payload['model']})")
+                    print(
+                        f"{path.name:24s} {best['label']:24s} {best['score']:6.3f}  "
+                        f"{reply.latency_ms:7.1f} ms  ({reply.payload['model']})"
+                    )
                 else:
                     err = reply.payload["error"]
                     print(f"{path.name:24s} error {err['code']}: {err['message']}")
@@ -133,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", type=Path, help="TOML config (default /etc/edge-agent/agent.toml if present)")
+        p.add_argument(
+            "--config", type=Path, help="TOML config (default /etc/edge-agent/agent.toml if present)"
+        )
         p.add_argument("--broker", help="mqtt://HOST:PORT or mqtts://HOST:PORT")
         p.add_argument("--device-id", help="device id (default: the hostname)")
 

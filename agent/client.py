@@ -18,6 +18,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import parse_broker_url
+from agent.mqtt_session import NO_DELAY
 from agent.topics import Topics
 
 
@@ -49,9 +50,13 @@ class InferClient:
         self.topics = Topics(self.device_id, self.prefix)
         self.reply_topic = f"{self.prefix}-client/{uuid.uuid4().hex}/reply"
         self._client = aiomqtt.Client(
-            broker["host"], broker["port"], protocol=aiomqtt.ProtocolVersion.V5,
-            username=self.username or broker.get("username"), password=self.password or broker.get("password"),
+            broker["host"],
+            broker["port"],
+            protocol=aiomqtt.ProtocolVersion.V5,
+            username=self.username or broker.get("username"),
+            password=self.password or broker.get("password"),
             max_queued_incoming_messages=100_000,
+            socket_options=NO_DELAY,
         )
         await self._client.__aenter__()
         await self._client.subscribe(self.reply_topic, qos=1)
@@ -73,14 +78,15 @@ class InferClient:
                 continue
             started, fut = self._pending.pop(key)
             try:
-                payload = json.loads(message.payload)  # type: ignore[arg-type]
+                payload = json.loads(message.payload)  # type: ignore[arg-type,unused-ignore]
             except (TypeError, ValueError):
                 payload = {"error": {"code": "client", "message": "unparseable reply"}}
             if not fut.done():
                 fut.set_result(Reply(key, payload, (time.perf_counter() - started) * 1000.0))
 
-    async def send(self, image: bytes, model: str | None = None, request_id: str | None = None,
-                   qos: int = 1) -> asyncio.Future[Reply]:
+    async def send(
+        self, image: bytes, model: str | None = None, request_id: str | None = None, qos: int = 1
+    ) -> asyncio.Future[Reply]:
         """Publish one frame; returns a future of its reply."""
         assert self._client is not None
         request_id = request_id or uuid.uuid4().hex
@@ -101,13 +107,18 @@ class InferClient:
 async def read_retained(broker_url: str, topic: str, timeout_s: float = 5.0) -> dict[str, Any] | None:
     """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
     broker = parse_broker_url(broker_url)
-    async with aiomqtt.Client(broker["host"], broker["port"], protocol=aiomqtt.ProtocolVersion.V5,
-                              username=broker.get("username"), password=broker.get("password")) as client:
+    async with aiomqtt.Client(
+        broker["host"],
+        broker["port"],
+        protocol=aiomqtt.ProtocolVersion.V5,
+        username=broker.get("username"),
+        password=broker.get("password"),
+    ) as client:
         await client.subscribe(topic, qos=1)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
-                    return json.loads(message.payload)  # type: ignore[arg-type, no-any-return]
+                    return json.loads(message.payload)  # type: ignore[arg-type,no-any-return,unused-ignore]
         except TimeoutError:
             return None
     return None

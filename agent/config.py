@@ -89,12 +89,18 @@ def _default_placement() -> Placement:
     return Placement(generation=0, tenants=[TenantSpec(model="efficientnet-lite0")])
 
 
+def _hostname_device_id() -> str:
+    """The hostname, made into a valid device id (dots and other characters become '-')."""
+    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
+    return name or "edge-device"
+
+
 class AgentConfig(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="EDGE_AGENT_", env_nested_delimiter="__", extra="forbid", validate_default=True
     )
 
-    device_id: str = Field(default_factory=lambda: _hostname_device_id())
+    device_id: str = Field(default_factory=_hostname_device_id)
     state_dir: Path = DEFAULT_STATE_DIR
     models_dir: Path = BUNDLED_MODELS_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -130,12 +136,6 @@ class AgentConfig(BaseSettings):
     @property
     def metrics_db(self) -> Path:
         return self.state_dir / "metrics.db"
-
-
-def _hostname_device_id() -> str:
-    """The hostname, made into a valid device id (dots and other characters become '-')."""
-    name = re.sub(r"[^A-Za-z0-9_-]", "-", socket.gethostname().split(".")[0])[:64]
-    return name or "edge-device"
 
 
 def parse_broker_url(url: str) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -19,15 +20,29 @@ SAMPLES = Path(__file__).resolve().parent / "samples"
 DEVICE_ID = "demo-device"
 
 
-def start_agent(broker_url: str, state_dir: Path, device_id: str, config_text: str = "",
-                log_path: Path | None = None) -> subprocess.Popen[bytes]:
+def start_agent(
+    broker_url: str, state_dir: Path, device_id: str, config_text: str = "", log_path: Path | None = None
+) -> subprocess.Popen[bytes]:
     config = state_dir / "agent.toml"
     config.write_text(config_text)
     out = (log_path or state_dir / "agent.log").open("ab")
     return subprocess.Popen(
-        [sys.executable, "-m", "agent", "run", "--config", str(config), "--broker", broker_url,
-         "--device-id", device_id, "--state-dir", str(state_dir)],
-        stdout=out, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--config",
+            str(config),
+            "--broker",
+            broker_url,
+            "--device-id",
+            device_id,
+            "--state-dir",
+            str(state_dir),
+        ],
+        stdout=out,
+        stderr=subprocess.STDOUT,
     )
 
 
@@ -60,18 +75,20 @@ def run_demo(keep_running: bool = False, instances: int = 2) -> int:
             status = asyncio.run(wait_ready(broker.url, DEVICE_ID))
             tenants = status["placement"]["tenants"]  # type: ignore[index]
             for t in tenants:
-                print(f"* tenant {t['model']} on {t['backend']}:{t['device']} x{t['instances']}: {t['state']}")
+                print(
+                    f"* tenant {t['model']} on {t['backend']}:{t['device']} x{t['instances']}: {t['state']}"
+                )
             print(f"* publishing {len(photos)} sample photos to {Topics(DEVICE_ID).infer}\n")
             rc = asyncio.run(_show(broker.url, photos))
             print(f"\n* metrics: {state / 'metrics.db'} (one row per frame)")
             if keep_running:
-                print(f"* running; try: mosquitto_pub -h 127.0.0.1 -p {broker.port} "
-                      f"-t {Topics(DEVICE_ID).infer} -f {photos[0]}\n"
-                      f"  and: mosquitto_sub -h 127.0.0.1 -p {broker.port} -t 'edge/#' -v   (Ctrl-C stops)")
-                try:
+                print(
+                    f"* running; try: mosquitto_pub -h 127.0.0.1 -p {broker.port} "
+                    f"-t {Topics(DEVICE_ID).infer} -f {photos[0]}\n"
+                    f"  and: mosquitto_sub -h 127.0.0.1 -p {broker.port} -t 'edge/#' -v   (Ctrl-C stops)"
+                )
+                with contextlib.suppress(KeyboardInterrupt):
                     agent.wait()
-                except KeyboardInterrupt:
-                    pass
             return rc
         finally:
             if agent.poll() is None:
@@ -97,16 +114,20 @@ async def _show(broker_url: str, photos: list[Path]) -> int:
             top = reply.payload["top"]
             tenant = reply.payload["tenant"]
             served = f"{tenant['backend']}:{tenant['device']}#{tenant['instance']}"
-            print(f"{path.name:16s} {top[0]['label']:22s} {top[0]['score']:6.3f} {reply.latency_ms:7.1f}ms  "
-                  f"{served:22s} {top[1]['label']} ({top[1]['score']:.3f})")
+            print(
+                f"{path.name:16s} {top[0]['label']:22s} {top[0]['score']:6.3f} {reply.latency_ms:7.1f}ms  "
+                f"{served:22s} {top[1]['label']} ({top[1]['score']:.3f})"
+            )
         # Then a burst, to show concurrency across instances.
         futures = [await client.send(p.read_bytes()) for p in photos * 20]
         start = time.perf_counter()
         replies = await asyncio.gather(*(asyncio.wait_for(f, 60) for f in futures))
         elapsed = time.perf_counter() - start
         used = sorted({r.payload["tenant"]["instance"] for r in replies if r.ok})
-        print(f"\nburst: {len(replies)} frames answered in {elapsed:.2f}s "
-              f"({len(replies) / elapsed:.0f} frames/s), instances used: {used}")
+        print(
+            f"\nburst: {len(replies)} frames answered in {elapsed:.2f}s "
+            f"({len(replies) / elapsed:.0f} frames/s), instances used: {used}"
+        )
         return 1 if failures else 0
 
 

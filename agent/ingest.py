@@ -80,7 +80,9 @@ def parse_frame(
     if payload[:1] == b"{":
         # JSON envelope: base64 is 4/3 the size, so allow for it before decoding anything.
         if len(payload) > max_bytes * 4 // 3 + 4096:
-            raise IngestError("too_large", f"payload is {len(payload)} bytes, limit {max_bytes}", provisional_id)
+            raise IngestError(
+                "too_large", f"payload is {len(payload)} bytes, limit {max_bytes}", provisional_id
+            )
         try:
             envelope = Envelope.model_validate_json(payload)
         except ValidationError as exc:
@@ -94,13 +96,17 @@ def parse_frame(
         try:
             image = base64.b64decode(envelope.image_b64, validate=True)
         except (binascii.Error, ValueError) as exc:
-            raise IngestError("bad_request", f"image_b64 is not valid base64: {exc}", provisional_id, model) from exc
+            raise IngestError(
+                "bad_request", f"image_b64 is not valid base64: {exc}", provisional_id, model
+            ) from exc
         if not image:
             raise IngestError("bad_image", "image_b64 is empty", provisional_id, model)
     else:
         image = payload
     if len(image) > max_bytes:
-        raise IngestError("too_large", f"image is {len(image)} bytes, limit {max_bytes}", provisional_id, model)
+        raise IngestError(
+            "too_large", f"image is {len(image)} bytes, limit {max_bytes}", provisional_id, model
+        )
     model = model or default_model
     if not valid_model_name(model):
         raise IngestError("unknown_model", f"{model[:80]!r} is not a valid model name", provisional_id)

@@ -60,6 +60,7 @@ class LocalBroker:
             "persistence false\n"
             "max_queued_messages 100000\n"
             "message_size_limit 0\n"
+            "set_tcp_nodelay true\n"
             f"{self.extra_config}\n"
         )
         return conf

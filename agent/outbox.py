@@ -76,7 +76,10 @@ class Outbox:
     async def _send(self, message: Outgoing) -> None:
         try:
             await self._session.publish(
-                message.topic, message.payload, qos=message.qos, retain=message.retain,
+                message.topic,
+                message.payload,
+                qos=message.qos,
+                retain=message.retain,
                 properties=message.properties(),
             )
             self.sent += 1
@@ -91,6 +94,6 @@ class Outbox:
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is acknowledged (or the timeout); True when empty."""
         deadline = self._loop.time() + timeout_s
-        while len(self) and self._loop.time() < deadline:
+        while len(self) and self._loop.time() < deadline:  # noqa: ASYNC110 (shutdown only)
             await asyncio.sleep(0.02)
         return len(self) == 0

@@ -56,6 +56,7 @@ class Preprocessor:
         return self._normalise(pixels, out)
 
     def decode(self, data: bytes) -> Image.Image:
+        """Header checks, then a (possibly reduced-scale) decode to RGB; raises BadImage."""
         fmt = sniff_format(data)
         if fmt is None:
             raise BadImage("payload is not a JPEG or PNG image")
@@ -84,7 +85,7 @@ class Preprocessor:
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise BadImage(f"cannot decode {fmt}: {exc}") from exc
         if image.mode != "RGB":
-            image = image.convert("RGB")
+            return image.convert("RGB")
         return image
 
     def _needed_size(self, width: int, height: int) -> tuple[int, int]:

@@ -38,10 +38,10 @@ from agent.schemas import (
     Placement,
     PlacementStatus,
     Status,
+    Telemetry,
     TenantSpec,
     TenantStatus,
     TenantTelemetry,
-    Telemetry,
 )
 from agent.tenant import Tenant
 from agent.topics import Topics
@@ -120,7 +120,9 @@ class Agent:
         self.capabilities = await asyncio.to_thread(self._probe_capabilities)
         initial = await asyncio.to_thread(self._saved_placement) or self.config.placement
         try:
-            await self.apply_placement(initial, source="saved" if initial is not self.config.placement else "config")
+            await self.apply_placement(
+                initial, source="saved" if initial is not self.config.placement else "config"
+            )
         except PlacementRefused as exc:
             self._note_error(f"initial placement refused: {exc}")
         self.ready.set()
@@ -181,8 +183,11 @@ class Agent:
         tenant = self.tenants.get(frame.model)
         if tenant is None:
             if frame.model in self.failed:
-                self._refuse(frame, "unavailable", f"model {frame.model!r} failed to load: "
-                             f"{self.failed[frame.model].error}")
+                self._refuse(
+                    frame,
+                    "unavailable",
+                    f"model {frame.model!r} failed to load: {self.failed[frame.model].error}",
+                )
             else:
                 served = ", ".join(sorted(self.tenants)) or "none"
                 self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
@@ -191,16 +196,28 @@ class Agent:
 
     def _refuse(self, frame: Frame, code: ErrorCode, message: str) -> None:
         self.rejected[code] += 1
-        self.emit(frame, ErrorResult(request_id=frame.request_id, model=frame.model,
-                                     error=ErrorInfo(code=code, message=message)))
+        self.emit(
+            frame,
+            ErrorResult(
+                request_id=frame.request_id, model=frame.model, error=ErrorInfo(code=code, message=message)
+            ),
+        )
 
     def _answer_unqueued(
         self, request_id: str, model: str | None, meta: FrameMeta, code: ErrorCode, message: str
     ) -> None:
-        frame = Frame(request_id=request_id, model=model or "", image=b"", received=time.monotonic(),
-                      response_topic=meta.response_topic, correlation_data=meta.correlation_data)
-        self.emit(frame, ErrorResult(request_id=request_id, model=model,
-                                     error=ErrorInfo(code=code, message=message)))
+        frame = Frame(
+            request_id=request_id,
+            model=model or "",
+            image=b"",
+            received=time.monotonic(),
+            response_topic=meta.response_topic,
+            correlation_data=meta.correlation_data,
+        )
+        self.emit(
+            frame,
+            ErrorResult(request_id=request_id, model=model, error=ErrorInfo(code=code, message=message)),
+        )
 
     def emit(self, frame: Frame, outcome: InferResult | ErrorResult) -> None:
         """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
@@ -245,7 +262,9 @@ class Agent:
             except ModelError as exc:
                 raise PlacementRefused(str(exc)) from exc
             if spec.backend not in registry.names():
-                raise PlacementRefused(f"unknown backend {spec.backend!r} (known: {', '.join(registry.names())})")
+                raise PlacementRefused(
+                    f"unknown backend {spec.backend!r} (known: {', '.join(registry.names())})"
+                )
 
     async def apply_placement(self, placement: Placement, source: str) -> None:
         """Reconcile running tenants to `placement`, make-before-break: start new, then drain old."""
@@ -274,8 +293,12 @@ class Agent:
                     del self.failed[model]
             self.applied_generation = placement.generation
             await asyncio.to_thread(self._save_placement, placement)
-            log.info("placement generation %d applied (%s): %s", placement.generation, source,
-                     ", ".join(t.name for t in self.tenants.values()) or "no tenants")
+            log.info(
+                "placement generation %d applied (%s): %s",
+                placement.generation,
+                source,
+                ", ".join(t.name for t in self.tenants.values()) or "no tenants",
+            )
             self._mark_dirty()
 
     async def _start_tenant(self, spec: TenantSpec) -> Tenant | None:
@@ -288,7 +311,10 @@ class Agent:
                 raise BackendError(f"backend {spec.backend} unavailable: {reason}")
             model = await asyncio.to_thread(self.repo.load, spec.model)
             tenant = Tenant(
-                spec, model, backend, self.emit,
+                spec,
+                model,
+                backend,
+                self.emit,
                 queue_depth=self.config.scheduler.queue_depth,
                 overload_policy=self.config.scheduler.overload_policy,
                 max_pixels=self.config.ingest.max_pixels,
@@ -357,7 +383,9 @@ class Agent:
         self._status_dirty.set()
 
     def tenant_statuses(self) -> list[TenantStatus]:
-        out = [TenantStatus(**t.spec.model_dump(), state=t.state, error=t.error) for t in self.tenants.values()]
+        out = [
+            TenantStatus(**t.spec.model_dump(), state=t.state, error=t.error) for t in self.tenants.values()
+        ]
         out += [TenantStatus(**t.spec.model_dump(), state="draining") for t in self.draining]
         out += [s for m, s in self.failed.items()]
         return out
@@ -399,10 +427,17 @@ class Agent:
         tenants = []
         for t in list(self.tenants.values()):
             snap = t.stats.snapshot(window)
-            tenants.append(TenantTelemetry(
-                model=t.spec.model, backend=t.spec.backend, device=t.device, instances=t.spec.instances,
-                state=t.state, queue_depth=len(t.queue), **snap,  # type: ignore[arg-type]
-            ))
+            tenants.append(
+                TenantTelemetry(
+                    model=t.spec.model,
+                    backend=t.spec.backend,
+                    device=t.device,
+                    instances=t.spec.instances,
+                    state=t.state,
+                    queue_depth=len(t.queue),
+                    **snap,  # type: ignore[arg-type]
+                )
+            )
         return Telemetry(
             device_id=self.config.device_id,
             interval_s=window,

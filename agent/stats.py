@@ -50,8 +50,11 @@ class TenantStats:
             counts = (self.frames_in, self.frames_out, self.errors, self.drops)
         lat = np.asarray(recent, np.float64)
         pct = (
-            {"p50": float(np.percentile(lat, 50)), "p95": float(np.percentile(lat, 95)),
-             "p99": float(np.percentile(lat, 99))}
+            {
+                "p50": float(np.percentile(lat, 50)),
+                "p95": float(np.percentile(lat, 95)),
+                "p99": float(np.percentile(lat, 99)),
+            }
             if lat.size
             else {"p50": 0.0, "p95": 0.0, "p99": 0.0}
         )

@@ -164,7 +164,9 @@ class Tenant:
         self.stats.error()
         self._emit(
             frame,
-            ErrorResult(request_id=frame.request_id, model=frame.model, error=ErrorInfo(code=code, message=message)),
+            ErrorResult(
+                request_id=frame.request_id, model=frame.model, error=ErrorInfo(code=code, message=message)
+            ),
         )
         if self._record:
             self._record(self._row(frame, code, instance=None, timing=None))

@@ -1,0 +1,165 @@
+"""Shared fixtures: a real Mosquitto on a free loopback port, a real agent process, MQTT helpers."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.local_broker import LocalBroker
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "agent" / "samples"
+MODELS = REPO / "models"
+# ImageNet classes 281-285 are the domestic cats (tabby, tiger cat, Persian, Siamese, Egyptian cat).
+CAT_CLASSES = set(range(281, 286))
+ESPRESSO = 967
+
+
+@pytest.fixture
+def broker() -> Iterator[LocalBroker]:
+    with LocalBroker() as b:
+        yield b
+
+
+class Collector:
+    """A paho MQTT 5 subscriber that keeps every message it gets, for assertions."""
+
+    def __init__(self, port: int, topics: list[str]) -> None:
+        self.messages: list[paho.MQTTMessage] = []
+        self._cond = threading.Condition()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        for topic in topics:
+            self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        time.sleep(0.2)  # let the SUBACKs arrive
+
+    def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
+        with self._cond:
+            self.messages.append(message)
+            self._cond.notify_all()
+
+    def json(self, topic: str | None = None) -> list[dict[str, Any]]:
+        with self._cond:
+            return [json.loads(m.payload) for m in self.messages if topic is None or m.topic == topic]
+
+    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], topic: str, timeout: float = 30.0
+                 ) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                got = [json.loads(m.payload) for m in self.messages if m.topic == topic and m.payload]
+                if predicate(got):
+                    return got
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise AssertionError(f"timed out waiting on {topic}; got {got[-5:]}")
+                self._cond.wait(remaining)
+
+    def publish(self, topic: str, payload: bytes, **kwargs: Any) -> None:
+        self.client.publish(topic, payload, qos=1, **kwargs).wait_for_publish(10)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+@pytest.fixture
+def collector(broker: LocalBroker) -> Iterator[Callable[[list[str]], Collector]]:
+    made: list[Collector] = []
+
+    def make(topics: list[str]) -> Collector:
+        c = Collector(broker.port, topics)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        c.close()
+
+
+class AgentProcess:
+    """The real `edge-agent run` as a subprocess, as systemd would run it."""
+
+    def __init__(self, broker: LocalBroker, state_dir: Path, device_id: str, config: str = "",
+                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+        self.broker = broker
+        self.state_dir = state_dir
+        self.device_id = device_id
+        self.config_path = state_dir / "agent.toml"
+        self.config_path.write_text(config)
+        self.log_path = state_dir / "agent.log"
+        self.args = [sys.executable, "-m", "agent", "run", "--config", str(self.config_path),
+                     "--broker", broker.url, "--device-id", device_id, "--state-dir", str(state_dir),
+                     *(extra_args or [])]
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> AgentProcess:
+        log = self.log_path.open("ab")
+        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 60.0) -> dict[str, Any]:
+        """Wait for a retained status with online=true and every tenant ready."""
+        c = Collector(self.broker.port, [f"edge/{self.device_id}/status"])
+        try:
+            def ready(msgs: list[dict[str, Any]]) -> bool:
+                if self.proc is not None and self.proc.poll() is not None:
+                    raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")
+                if not msgs or not msgs[-1].get("online"):
+                    return False
+                tenants = msgs[-1]["placement"]["tenants"]
+                return bool(tenants) and all(t["state"] == "ready" for t in tenants)
+
+            return c.wait_for(ready, f"edge/{self.device_id}/status", timeout)[-1]
+        finally:
+            c.close()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        if self.proc is None:
+            return 0
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def agent_factory(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[..., AgentProcess]]:
+    made: list[AgentProcess] = []
+
+    def make(device_id: str = "dev1", config: str = "", **kwargs: Any) -> AgentProcess:
+        state = tmp_path / f"state-{device_id}-{len(made)}"
+        state.mkdir()
+        agent = AgentProcess(broker, state, device_id, config, **kwargs)
+        made.append(agent)
+        return agent
+
+    yield make
+    for a in made:
+        a.stop()
+
+
+def sample(name: str) -> bytes:
+    return (SAMPLES / name).read_bytes()

@@ -1,0 +1,197 @@
+"""The real agent process against a real Mosquitto: frames in, results out, errors answered."""
+
+from __future__ import annotations
+
+import base64
+import json
+import sqlite3
+import subprocess
+import time
+import uuid
+
+import pytest
+
+from tests import badimages
+from tests.conftest import CAT_CLASSES, ESPRESSO, SAMPLES, sample
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def test_mosquitto_pub_photo_gets_right_label(agent_factory, collector, broker):
+    """The README's promise: publish a photo with mosquitto_pub, read the answer with mosquitto_sub."""
+    agent = agent_factory("cam1").start()
+    agent.wait_ready()
+    sub = subprocess.Popen(
+        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "edge/cam1/result", "-C", "2",
+         "-W", "60"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    time.sleep(0.5)
+    for name in ("cat.jpg", "espresso.jpg"):
+        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
+                        "-t", "edge/cam1/infer", "-f", str(SAMPLES / name)], check=True)
+    out, _ = sub.communicate(timeout=60)
+    results = [json.loads(line) for line in out.splitlines()]
+    assert len(results) == 2
+    assert results[0]["top"][0]["index"] in CAT_CLASSES
+    assert results[1]["top"][0]["index"] == ESPRESSO
+    assert results[1]["top"][0]["label"] == "espresso"
+    assert len(results[0]["top"]) == 5
+    assert results[0]["tenant"] == {"backend": "onnxruntime", "device": "cpu", "instance": 0}
+    assert set(results[0]["timing_ms"]) == {"queue", "preprocess", "infer", "total"}
+
+
+def test_mosquitto_rr_envelope_gets_answer_on_response_topic(agent_factory, broker):
+    """An MQTT 3.1.1-style JSON envelope through mosquitto_rr (MQTT 5 request/response)."""
+    agent = agent_factory("rr1").start()
+    agent.wait_ready()
+    envelope = json.dumps({"request_id": "rr-42", "image_b64": base64.b64encode(sample("cat.jpg")).decode()})
+    done = subprocess.run(
+        ["mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "edge/rr1/infer",
+         "-e", f"replies/{uuid.uuid4().hex}", "-m", envelope, "-W", "60"],
+        capture_output=True, text=True, timeout=90, check=True,
+    )
+    answer = json.loads(done.stdout)
+    assert answer["request_id"] == "rr-42"
+    assert answer["top"][0]["index"] in CAT_CLASSES
+
+
+def test_mqtt5_correlation_user_properties_and_topic_model(agent_factory, collector):
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent = agent_factory("p5").start()
+    agent.wait_ready()
+    c = collector(["edge/p5/result", "my/replies"])
+    props = Properties(PacketTypes.PUBLISH)
+    props.CorrelationData = b"corr-1"
+    props.ResponseTopic = "my/replies"
+    c.publish("edge/p5/infer", sample("espresso.jpg"), properties=props)
+    props2 = Properties(PacketTypes.PUBLISH)
+    props2.UserProperty = [("request_id", "user-prop-id"), ("model", "efficientnet-lite0")]
+    c.publish("edge/p5/infer", sample("cat.jpg"), properties=props2)
+    # Topic suffix picks the model; this one is not placed, so it is refused by name.
+    c.publish("edge/p5/infer/efficientnet-lite1", sample("cat.jpg"))
+    results = c.wait_for(lambda r: len(r) >= 3, "edge/p5/result")
+    by_id = {r["request_id"]: r for r in results}
+    assert by_id["corr-1"]["top"][0]["index"] == ESPRESSO
+    assert by_id["user-prop-id"]["top"][0]["index"] in CAT_CLASSES
+    refused = [r for r in results if "error" in r]
+    assert refused[0]["error"]["code"] == "unknown_model"
+    assert "efficientnet-lite1" in refused[0]["error"]["message"]
+    replies = c.wait_for(lambda r: len(r) >= 1, "my/replies")
+    assert replies[0]["request_id"] == "corr-1"
+    reply_msg = next(m for m in c.messages if m.topic == "my/replies")
+    assert reply_msg.properties.CorrelationData == b"corr-1"
+
+
+BAD_INPUTS = {
+    "garbage": (b"\x13\x37 this is not an image" * 10, "bad_image"),
+    "empty": (b"", "bad_image"),
+    "truncated_jpeg": (badimages.truncated_jpeg(), "bad_image"),
+    "jpeg_bomb": (badimages.jpeg_bomb(), "bad_image"),
+    "png_bomb": (badimages.png_bomb(), "bad_image"),
+    "gif": (badimages.gif(), "bad_image"),
+    "too_large": (b"\xff\xd8\xff" + b"\x00" * (9 * 1024 * 1024), "too_large"),
+    "bad_json": (b'{"image_b64": ', "bad_request"),
+    "bad_base64": (b'{"request_id": "b64", "image_b64": "@@not base64@@"}', "bad_request"),
+    "unknown_model": (
+        json.dumps({"model": "no-such-model", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}).encode(),
+        "unknown_model",
+    ),
+    "traversal_model": (
+        json.dumps({"model": "../../etc/passwd", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}).encode(),
+        "unknown_model",
+    ),
+}
+
+
+def test_bad_inputs_each_get_an_error_and_the_agent_keeps_serving(agent_factory, collector):
+    agent = agent_factory("bad1").start()
+    agent.wait_ready()
+    c = collector(["edge/bad1/result"])
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    for name, (payload, _code) in BAD_INPUTS.items():
+        props = Properties(PacketTypes.PUBLISH)
+        props.CorrelationData = name.encode()
+        c.publish("edge/bad1/infer", payload, properties=props)
+        good = Properties(PacketTypes.PUBLISH)
+        good.CorrelationData = f"good-after-{name}".encode()
+        c.publish("edge/bad1/infer", sample("espresso.jpg"), properties=good)
+    expected = 2 * len(BAD_INPUTS)
+    results = c.wait_for(lambda r: len(r) >= expected, "edge/bad1/result", timeout=60)
+    by_id = {r["request_id"]: r for r in results}
+    assert len(results) == expected, "every frame gets exactly one answer"
+    for name, (_payload, code) in BAD_INPUTS.items():
+        assert by_id[name]["error"]["code"] == code, (name, by_id[name])
+        assert by_id[name]["error"]["message"]
+        assert by_id[f"good-after-{name}"]["top"][0]["index"] == ESPRESSO
+    assert agent.proc.poll() is None, "agent still running"
+    assert not any(p.name.startswith("passwd") for p in agent.state_dir.iterdir())
+
+
+def test_metrics_rows_and_telemetry(agent_factory, collector):
+    agent = agent_factory("m1", config="[metrics]\ntelemetry_interval_s = 0.5\nflush_interval_s = 0.2\n").start()
+    agent.wait_ready()
+    c = collector(["edge/m1/result", "edge/m1/telemetry"])
+    for _ in range(5):
+        c.publish("edge/m1/infer", sample("cat.jpg"))
+    c.publish("edge/m1/infer", b"junk")
+    c.wait_for(lambda r: len(r) >= 6, "edge/m1/result")
+    telemetry = c.wait_for(lambda r: any(t["tenants"] and t["tenants"][0]["frames_out"] >= 5 for t in r),
+                           "edge/m1/telemetry")
+    tenant = telemetry[-1]["tenants"][0]
+    assert tenant["model"] == "efficientnet-lite0"
+    assert tenant["latency_ms"]["p50"] > 0
+    assert telemetry[-1]["device"]["rss_mb"] > 0
+    deadline = time.monotonic() + 10
+    rows: list[tuple] = []
+    while time.monotonic() < deadline:
+        with sqlite3.connect(agent.state_dir / "metrics.db") as db:
+            rows = db.execute("SELECT status, model, backend, total_ms FROM inferences").fetchall()
+        if len(rows) >= 5:
+            break
+        time.sleep(0.2)
+    ok = [r for r in rows if r[0] == "ok"]
+    assert len(ok) == 5
+    assert all(r[1] == "efficientnet-lite0" and r[2] == "onnxruntime" and r[3] > 0 for r in ok)
+    with sqlite3.connect(agent.state_dir / "metrics.db") as db:
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_status_retained_and_last_will_on_crash(agent_factory, collector):
+    import signal
+
+    agent = agent_factory("will1").start()
+    status = agent.wait_ready()
+    assert status["online"] is True
+    assert status["capabilities"]["backends"]["onnxruntime"]["available"] is True
+    assert "efficientnet-lite0" in status["capabilities"]["models"]
+    agent.stop(signal.SIGKILL)
+    c = collector(["edge/will1/status"])
+    c.wait_for(lambda r: bool(r) and r[-1]["online"] is False, "edge/will1/status", timeout=90)
+
+
+def test_clean_stop_publishes_offline_and_exits_zero(agent_factory, collector):
+    agent = agent_factory("stop1").start()
+    agent.wait_ready()
+    assert agent.stop() == 0
+    c = collector(["edge/stop1/status"])
+    got = c.wait_for(lambda r: bool(r), "edge/stop1/status", timeout=10)
+    assert got[-1]["online"] is False
+
+
+def test_agent_reconnects_after_broker_restart(agent_factory, collector, broker):
+    agent = agent_factory("rc1").start()
+    agent.wait_ready()
+    broker.stop(kill=True)
+    time.sleep(2.0)
+    broker.start()  # same port, empty state: the agent must resubscribe by itself
+    agent.wait_ready(timeout=60)
+    c = collector(["edge/rc1/result"])
+    c.publish("edge/rc1/infer", sample("cat.jpg"))
+    got = c.wait_for(lambda r: len(r) >= 1, "edge/rc1/result", timeout=60)
+    assert got[0]["top"][0]["index"] in CAT_CLASSES
+    assert "retrying" in agent.log()
