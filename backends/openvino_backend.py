@@ -51,7 +51,7 @@ class OpenVinoBackend(Backend):
     formats = ("openvino", "onnx")
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # load() holds it while _compile() asks for the core
         self._core: Any = None
         self._compiled: dict[tuple[Any, ...], list[Any]] = {}  # key -> [compiled model, refcount]
 

@@ -56,8 +56,9 @@ class Collector:
         with self._cond:
             return [json.loads(m.payload) for m in self.messages if topic is None or m.topic == topic]
 
-    def wait_for(self, predicate: Callable[[list[dict[str, Any]]], bool], topic: str, timeout: float = 30.0
-                 ) -> list[dict[str, Any]]:
+    def wait_for(
+        self, predicate: Callable[[list[dict[str, Any]]], bool], topic: str, timeout: float = 30.0
+    ) -> list[dict[str, Any]]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -94,17 +95,36 @@ def collector(broker: LocalBroker) -> Iterator[Callable[[list[str]], Collector]]
 class AgentProcess:
     """The real `edge-agent run` as a subprocess, as systemd would run it."""
 
-    def __init__(self, broker: LocalBroker, state_dir: Path, device_id: str, config: str = "",
-                 extra_args: list[str] | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        broker: LocalBroker,
+        state_dir: Path,
+        device_id: str,
+        config: str = "",
+        extra_args: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.broker = broker
         self.state_dir = state_dir
         self.device_id = device_id
         self.config_path = state_dir / "agent.toml"
         self.config_path.write_text(config)
         self.log_path = state_dir / "agent.log"
-        self.args = [sys.executable, "-m", "agent", "run", "--config", str(self.config_path),
-                     "--broker", broker.url, "--device-id", device_id, "--state-dir", str(state_dir),
-                     *(extra_args or [])]
+        self.args = [
+            sys.executable,
+            "-m",
+            "agent",
+            "run",
+            "--config",
+            str(self.config_path),
+            "--broker",
+            broker.url,
+            "--device-id",
+            device_id,
+            "--state-dir",
+            str(state_dir),
+            *(extra_args or []),
+        ]
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -120,6 +140,7 @@ class AgentProcess:
         """Wait for a retained status with online=true and every tenant ready."""
         c = Collector(self.broker.port, [f"edge/{self.device_id}/status"])
         try:
+
             def ready(msgs: list[dict[str, Any]]) -> bool:
                 if self.proc is not None and self.proc.poll() is not None:
                     raise AssertionError(f"agent exited with {self.proc.returncode}:\n{self.log()[-3000:]}")

@@ -22,14 +22,40 @@ def test_mosquitto_pub_photo_gets_right_label(agent_factory, collector, broker):
     agent = agent_factory("cam1").start()
     agent.wait_ready()
     sub = subprocess.Popen(
-        ["mosquitto_sub", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "edge/cam1/result", "-C", "2",
-         "-W", "60"],
-        stdout=subprocess.PIPE, text=True,
+        [
+            "mosquitto_sub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            "edge/cam1/result",
+            "-C",
+            "2",
+            "-W",
+            "60",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     time.sleep(0.5)
     for name in ("cat.jpg", "espresso.jpg"):
-        subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(broker.port), "-q", "1",
-                        "-t", "edge/cam1/infer", "-f", str(SAMPLES / name)], check=True)
+        subprocess.run(
+            [
+                "mosquitto_pub",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(broker.port),
+                "-q",
+                "1",
+                "-t",
+                "edge/cam1/infer",
+                "-f",
+                str(SAMPLES / name),
+            ],
+            check=True,
+        )
     out, _ = sub.communicate(timeout=60)
     results = [json.loads(line) for line in out.splitlines()]
     assert len(results) == 2
@@ -47,9 +73,25 @@ def test_mosquitto_rr_envelope_gets_answer_on_response_topic(agent_factory, brok
     agent.wait_ready()
     envelope = json.dumps({"request_id": "rr-42", "image_b64": base64.b64encode(sample("cat.jpg")).decode()})
     done = subprocess.run(
-        ["mosquitto_rr", "-h", "127.0.0.1", "-p", str(broker.port), "-t", "edge/rr1/infer",
-         "-e", f"replies/{uuid.uuid4().hex}", "-m", envelope, "-W", "60"],
-        capture_output=True, text=True, timeout=90, check=True,
+        [
+            "mosquitto_rr",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker.port),
+            "-t",
+            "edge/rr1/infer",
+            "-e",
+            f"replies/{uuid.uuid4().hex}",
+            "-m",
+            envelope,
+            "-W",
+            "60",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=True,
     )
     answer = json.loads(done.stdout)
     assert answer["request_id"] == "rr-42"
@@ -96,11 +138,15 @@ BAD_INPUTS = {
     "bad_json": (b'{"image_b64": ', "bad_request"),
     "bad_base64": (b'{"request_id": "b64", "image_b64": "@@not base64@@"}', "bad_request"),
     "unknown_model": (
-        json.dumps({"model": "no-such-model", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}).encode(),
+        json.dumps(
+            {"model": "no-such-model", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}
+        ).encode(),
         "unknown_model",
     ),
     "traversal_model": (
-        json.dumps({"model": "../../etc/passwd", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}).encode(),
+        json.dumps(
+            {"model": "../../etc/passwd", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}
+        ).encode(),
         "unknown_model",
     ),
 }
@@ -133,15 +179,18 @@ def test_bad_inputs_each_get_an_error_and_the_agent_keeps_serving(agent_factory,
 
 
 def test_metrics_rows_and_telemetry(agent_factory, collector):
-    agent = agent_factory("m1", config="[metrics]\ntelemetry_interval_s = 0.5\nflush_interval_s = 0.2\n").start()
+    agent = agent_factory(
+        "m1", config="[metrics]\ntelemetry_interval_s = 0.5\nflush_interval_s = 0.2\n"
+    ).start()
     agent.wait_ready()
     c = collector(["edge/m1/result", "edge/m1/telemetry"])
     for _ in range(5):
         c.publish("edge/m1/infer", sample("cat.jpg"))
     c.publish("edge/m1/infer", b"junk")
     c.wait_for(lambda r: len(r) >= 6, "edge/m1/result")
-    telemetry = c.wait_for(lambda r: any(t["tenants"] and t["tenants"][0]["frames_out"] >= 5 for t in r),
-                           "edge/m1/telemetry")
+    telemetry = c.wait_for(
+        lambda r: any(t["tenants"] and t["tenants"][0]["frames_out"] >= 5 for t in r), "edge/m1/telemetry"
+    )
     tenant = telemetry[-1]["tenants"][0]
     assert tenant["model"] == "efficientnet-lite0"
     assert tenant["latency_ms"]["p50"] > 0

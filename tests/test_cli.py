@@ -1,0 +1,82 @@
+"""The CLI a user reaches for: infer, status, backends, demo."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import SAMPLES
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def edge_agent(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_infer_and_status(agent_factory, broker):
+    agent = agent_factory("cli1").start()
+    agent.wait_ready()
+    done = edge_agent(
+        "infer",
+        str(SAMPLES / "espresso.jpg"),
+        str(SAMPLES / "daisy.jpg"),
+        "--broker",
+        broker.url,
+        "--device-id",
+        "cli1",
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert "espresso" in lines[0].split()[1]
+    assert "daisy" in lines[1].split()[1]
+    done = edge_agent(
+        "infer", str(SAMPLES / "cat.jpg"), "--json", "--broker", broker.url, "--device-id", "cli1"
+    )
+    assert json.loads(done.stdout)["model"] == "efficientnet-lite0"
+    done = edge_agent("status", "--broker", broker.url, "--device-id", "cli1")
+    assert done.returncode == 0
+    status = json.loads(done.stdout)
+    assert status["online"] and status["placement"]["tenants"][0]["state"] == "ready"
+
+
+def test_infer_reports_errors_with_exit_1(agent_factory, broker, tmp_path):
+    agent = agent_factory("cli2").start()
+    agent.wait_ready()
+    junk = tmp_path / "junk.jpg"
+    junk.write_bytes(b"not really a jpeg")
+    done = edge_agent("infer", str(junk), "--broker", broker.url, "--device-id", "cli2")
+    assert done.returncode == 1
+    assert "bad_image" in done.stdout
+
+
+def test_infer_without_agent_times_out_clearly(broker):
+    done = edge_agent(
+        "infer", str(SAMPLES / "cat.jpg"), "--timeout", "1", "--broker", broker.url, "--device-id", "nobody"
+    )
+    assert done.returncode == 1
+    assert "no answer" in done.stdout
+
+
+def test_backends_lists_runtimes():
+    done = edge_agent("backends")
+    assert done.returncode == 0
+    assert "onnxruntime" in done.stdout and "available" in done.stdout
+
+
+def test_demo_shows_correct_labels():
+    done = edge_agent("demo", timeout=200)
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = {
+        line.split()[0]: line.split()[1]
+        for line in done.stdout.splitlines()
+        if line.endswith(")") and line.split()[0].endswith(".jpg")
+    }
+    assert rows["espresso.jpg"] == "espresso"
+    assert rows["daisy.jpg"] == "daisy"
+    assert "agent stopped" in done.stdout

@@ -1,0 +1,94 @@
+"""Configuration: file < environment < flags, and one clear message with exit code 2 when wrong."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from agent.config import ConfigError, load_config, parse_broker_url
+
+
+def test_precedence_file_env_flags(tmp_path, monkeypatch):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        'device_id = "from-file"\n[broker]\nhost = "file-host"\nport = 1111\nusername = "u"\npassword = "p"\n'
+        "[scheduler]\nqueue_depth = 7\n"
+    )
+    c = load_config(cfg)
+    assert (c.device_id, c.broker.host, c.broker.port, c.scheduler.queue_depth) == (
+        "from-file",
+        "file-host",
+        1111,
+        7,
+    )
+    monkeypatch.setenv("EDGE_AGENT_DEVICE_ID", "from-env")
+    monkeypatch.setenv("EDGE_AGENT_SCHEDULER__QUEUE_DEPTH", "9")
+    c = load_config(cfg)
+    assert (c.device_id, c.scheduler.queue_depth) == ("from-env", 9)
+    c = load_config(cfg, overrides={"device_id": "from-flag"}, broker_url="mqtt://10.0.0.5:1999")
+    assert (c.device_id, c.broker.host, c.broker.port) == ("from-flag", "10.0.0.5", 1999)
+    assert (c.broker.username, c.broker.password) == ("u", "p"), "flags keep the file's credentials"
+
+
+def test_defaults_device_id_is_hostname_and_default_placement():
+    c = load_config(None)
+    assert c.device_id
+    assert c.placement.tenants[0].model == "efficientnet-lite0"
+    assert c.ingest.max_payload_bytes == 8 * 1024 * 1024
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://h:1", {"host": "h", "port": 1}),
+        ("h", {"host": "h", "port": 1883}),
+        ("mqtts://h", {"host": "h", "port": 8883, "tls": {"enabled": True}}),
+        ("mqtt://user:pw@h:2", {"host": "h", "port": 2, "username": "user", "password": "pw"}),
+    ],
+)
+def test_broker_urls(url, expected):
+    assert parse_broker_url(url) == expected
+
+
+@pytest.mark.parametrize("url", ["http://h:1", "mqtt://:1", "mqtt://h:99999"])
+def test_bad_broker_urls(url):
+    with pytest.raises(ConfigError):
+        parse_broker_url(url)
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ("[broker]\nport = 'many'\n", "broker.port"),
+        ("no_such_option = 1\n", "no_such_option"),
+        ('device_id = "bad id with spaces"\n', "device_id"),
+        ("[placement]\ngeneration = 1\n[[placement.tenants]]\nmodel = '../../etc/passwd'\n", "model"),
+        ("this is [ not toml", "config file"),
+    ],
+)
+def test_bad_config_is_one_clear_message_and_exit_2(tmp_path, text, needle):
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(text)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg), "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert needle in done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_missing_config_file_exit_2(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(tmp_path / "nope.toml")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "does not exist" in done.stderr

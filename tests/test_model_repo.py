@@ -1,0 +1,81 @@
+"""The model repository refuses what it cannot trust: bad checksums, paths and names."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+
+from agent.model_repo import ModelError, ModelRepository
+from tests.conftest import MODELS
+
+
+@pytest.fixture
+def repo(tmp_path):
+    root = tmp_path / "models"
+    root.mkdir()
+    shutil.copytree(MODELS / "efficientnet-lite0", root / "efficientnet-lite0")
+    return ModelRepository(root)
+
+
+def test_bundled_models_verify():
+    repo = ModelRepository(MODELS)
+    assert {"efficientnet-lite0", "efficientnet-lite1"} <= set(repo.names())
+    model = repo.load("efficientnet-lite0")
+    assert len(model.labels) == 1000 and model.labels[967] == "espresso"
+    assert model.input.size == (224, 224)
+
+
+def test_checksum_mismatch_refused(repo):
+    onnx = repo.root / "efficientnet-lite0" / "model.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-100] ^= 0xFF
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="sha256"):
+        repo.load("efficientnet-lite0")
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "..", "a/b", "UPPER", "", "x" * 80])
+def test_bad_names_refused(repo, name):
+    with pytest.raises(ModelError):
+        repo.load(name)
+
+
+def test_unknown_model_lists_available(repo):
+    with pytest.raises(ModelError, match="efficientnet-lite0"):
+        repo.load("nope")
+
+
+def test_artifact_path_escaping_folder_refused(repo, tmp_path):
+    manifest = repo.root / "efficientnet-lite0" / "model.toml"
+    manifest.write_text(manifest.read_text().replace('file = "model.onnx"', 'file = "../../secret.onnx"'))
+    with pytest.raises(ModelError, match="inside"):
+        repo.load("efficientnet-lite0")
+    manifest.write_text(manifest.read_text().replace('file = "../../secret.onnx"', 'file = "/etc/passwd"'))
+    with pytest.raises(ModelError, match="inside"):
+        repo.load("efficientnet-lite0")
+
+
+def test_symlink_out_of_repository_refused(repo, tmp_path):
+    outside = tmp_path / "outside.onnx"
+    outside.write_bytes(b"not yours")
+    target = repo.root / "efficientnet-lite0" / "model.onnx"
+    target.unlink()
+    target.symlink_to(outside)
+    with pytest.raises(ModelError, match="outside"):
+        repo.load("efficientnet-lite0")
+
+
+def test_symlinked_model_folder_out_of_repository_refused(repo, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(repo.root / "efficientnet-lite0", elsewhere)
+    (repo.root / "sneaky").symlink_to(elsewhere)
+    with pytest.raises(ModelError, match="outside"):
+        repo.load("sneaky")
+
+
+def test_manifest_with_unknown_keys_refused(repo):
+    manifest = repo.root / "efficientnet-lite0" / "model.toml"
+    manifest.write_text("surprise = 1\n" + manifest.read_text())
+    with pytest.raises(ModelError, match="bad manifest"):
+        repo.load("efficientnet-lite0")

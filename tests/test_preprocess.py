@@ -1,0 +1,106 @@
+"""Decoding and preprocessing of real photos, and refusal of hostile images."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from PIL import Image
+
+from agent.model_repo import ModelRepository
+from agent.preprocess import BadImage, Preprocessor
+from tests import badimages
+from tests.conftest import MODELS, SAMPLES, sample
+
+sys.path.insert(0, str(MODELS))
+from build import reference_preprocess
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return ModelRepository(MODELS).load("efficientnet-lite0")
+
+
+@pytest.fixture(scope="module")
+def session(lite0):
+    return ort.InferenceSession(str(lite0.artifacts.files["onnx"]), providers=["CPUExecutionProvider"])
+
+
+def test_fast_path_agrees_with_reference_on_real_photos(lite0, session):
+    pre = Preprocessor(lite0.input, 40_000_000)
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        fast = pre(path.read_bytes())[None]
+        ref = reference_preprocess(Image.open(path), 224)
+        assert fast.shape == ref.shape == (1, 3, 224, 224)
+        a = session.run(None, {"input": fast})[0][0]
+        b = session.run(None, {"input": ref})[0][0]
+        assert a.argmax() == b.argmax(), path.name
+
+
+def test_large_jpeg_decoded_at_reduced_scale_still_classifies(lite0, session):
+    big = Image.open(SAMPLES / "espresso.jpg").resize((2400, 1600))
+    buf = io.BytesIO()
+    big.save(buf, "JPEG", quality=92)
+    pre = Preprocessor(lite0.input, 40_000_000)
+    decoded = pre.decode(buf.getvalue())
+    assert decoded.size[0] < 2400, "DCT scaling kicked in"
+    assert min(decoded.size) >= 224 / 0.875 * 0.99
+    logits = session.run(None, {"input": pre(buf.getvalue())[None]})[0][0]
+    assert lite0.labels[int(logits.argmax())] == "espresso"
+
+
+def test_png_accepted(lite0):
+    out = Preprocessor(lite0.input, 40_000_000)(badimages.png_photo())
+    assert out.shape == (3, 224, 224) and out.dtype == np.float32
+    assert out.min() >= -1.01 and out.max() <= 1.01
+
+
+def test_grayscale_and_rgba_become_rgb(lite0):
+    pre = Preprocessor(lite0.input, 40_000_000)
+    for mode in ("L", "RGBA", "P"):
+        buf = io.BytesIO()
+        Image.open(SAMPLES / "cat.jpg").convert(mode).save(buf, "PNG")
+        assert pre(buf.getvalue()).shape == (3, 224, 224)
+
+
+def test_writes_into_given_buffer(lite0):
+    pre = Preprocessor(lite0.input, 40_000_000)
+    buffer = np.zeros((2, 3, 224, 224), np.float32)
+    pre(sample("cat.jpg"), out=buffer[1])
+    assert not buffer[0].any() and buffer[1].any()
+
+
+@pytest.mark.parametrize(
+    ("payload", "needle"),
+    [
+        (b"", "not a JPEG or PNG"),
+        (b"hello world", "not a JPEG or PNG"),
+        (badimages.gif(), "not a JPEG or PNG"),
+        (badimages.truncated_jpeg(), "cannot decode"),
+        (badimages.jpeg_bomb(), "limit"),
+        (badimages.png_bomb(), "limit"),
+        (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "cannot decode"),
+        (b"\x89PNG\r\n\x1a\n" + b"\x00" * 50, "cannot decode"),
+    ],
+    ids=["empty", "text", "gif", "truncated", "jpeg-bomb", "png-bomb", "jpeg-header-only", "png-header-only"],
+)
+def test_hostile_inputs_refused(lite0, payload, needle):
+    with pytest.raises(BadImage, match=needle):
+        Preprocessor(lite0.input, 40_000_000)(payload)
+
+
+def test_corrupt_jpeg_is_refused_or_decoded_never_crashes(lite0):
+    pre = Preprocessor(lite0.input, 40_000_000)
+    try:
+        out = pre(badimages.corrupt_jpeg())
+    except BadImage:
+        return
+    assert out.shape == (3, 224, 224)
+
+
+def test_pixel_limit_is_configurable(lite0):
+    with pytest.raises(BadImage, match="over the limit"):
+        Preprocessor(lite0.input, 100 * 100)(sample("cat.jpg"))
