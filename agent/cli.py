@@ -136,6 +136,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(keep_running=args.keep_running, instances=args.instances)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench.concurrency import run
+
+    setup_logging("WARNING")
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-agent", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -175,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep-running", action="store_true", help="leave broker and agent up until Ctrl-C")
     demo.add_argument("--instances", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
+    bench = sub.add_parser("bench", help="concurrency benchmark: raw runtime vs pipeline vs MQTT vs naive")
+    from bench import add_arguments
+
+    add_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

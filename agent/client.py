@@ -58,6 +58,7 @@ class InferClient:
             max_queued_incoming_messages=100_000,
             socket_options=NO_DELAY,
         )
+        self._client.pending_calls_threshold = 100_000  # many requests in flight is the point
         await self._client.__aenter__()
         await self._client.subscribe(self.reply_topic, qos=1)
         self._reader = asyncio.create_task(self._read())

@@ -100,6 +100,8 @@ class MqttSession:
                 max_queued_incoming_messages=10_000,
                 socket_options=NO_DELAY,
             )
+            # The outbox keeps up to 64 results in flight on purpose; aiomqtt warns above 10.
+            client.pending_calls_threshold = 10_000
             try:
                 async with client:
                     self._client = client

@@ -11,17 +11,29 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageFile
 
 from agent.model_repo import InputSpec
 
+try:  # OpenCV's resize is ~5x faster than Pillow's for the crop+resize step; optional.
+    import cv2 as _cv2
+
+    _cv2.setNumThreads(1)  # instance threads are the parallelism; no nested thread pools
+    cv2: Any = _cv2
+except ImportError:  # pragma: no cover - depends on the install
+    cv2 = None
+
 JPEG_MAGIC = b"\xff\xd8\xff"
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 # Truncated data must fail loudly; Pillow's default is already False, pin it.
 ImageFile.LOAD_TRUNCATED_IMAGES = False
+# Pillow's decompression-bomb warning becomes an error, process-wide (set once, not per frame:
+# warnings.catch_warnings is neither thread-safe nor free).
+warnings.simplefilter("error", Image.DecompressionBombWarning)
 
 
 class BadImage(Exception):
@@ -39,8 +51,9 @@ def sniff_format(data: bytes) -> str | None:
 class Preprocessor:
     """Per-model preprocessing with the model's input spec and the agent's pixel budget."""
 
-    def __init__(self, spec: InputSpec, max_pixels: int) -> None:
+    def __init__(self, spec: InputSpec, max_pixels: int, use_opencv: bool = True) -> None:
         self.spec = spec
+        self.use_opencv = use_opencv and cv2 is not None
         self.max_pixels = max_pixels
         self.height, self.width = spec.size
         mean = np.asarray(spec.mean, np.float32)
@@ -61,23 +74,19 @@ class Preprocessor:
         if fmt is None:
             raise BadImage("payload is not a JPEG or PNG image")
         try:
-            with warnings.catch_warnings():
-                # Pillow's decompression-bomb warning becomes an error.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                image = Image.open(io.BytesIO(data), formats=[fmt])
-                width, height = image.size
-                if width <= 0 or height <= 0:
-                    raise BadImage("image has no pixels")
-                if width * height > self.max_pixels:
-                    raise BadImage(
-                        f"image is {width}x{height} = {width * height} pixels, over the limit of "
-                        f"{self.max_pixels}"
-                    )
-                if fmt == "JPEG":
-                    # DCT scaling: decode at 1/2, 1/4 or 1/8 size, still >= what the crop needs.
-                    need = self._needed_size(width, height)
-                    image.draft("RGB", need)
-                image.load()
+            image = Image.open(io.BytesIO(data), formats=[fmt])
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise BadImage("image has no pixels")
+            if width * height > self.max_pixels:
+                raise BadImage(
+                    f"image is {width}x{height} = {width * height} pixels, "
+                    f"over the limit of {self.max_pixels}"
+                )
+            if fmt == "JPEG":
+                # DCT scaling: decode at 1/2, 1/4 or 1/8 size, still >= what the crop needs.
+                image.draft("RGB", self._needed_size(width, height))
+            image.load()
         except BadImage:
             raise
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -100,6 +109,15 @@ class Preprocessor:
         crop_w = side * self.width / max(self.height, self.width)
         crop_h = side * self.height / max(self.height, self.width)
         left, top = (width - crop_w) / 2, (height - crop_h) / 2
+        if self.use_opencv:
+            pixels = np.asarray(image)
+            x0, y0 = round(left), round(top)
+            x1, y1 = max(x0 + 1, round(left + crop_w)), max(y0 + 1, round(top + crop_h))
+            region = pixels[y0:y1, x0:x1]
+            shrink = region.shape[0] > self.height * 2
+            # INTER_AREA averages when shrinking (no aliasing); bilinear otherwise, as Pillow does.
+            mode = cv2.INTER_AREA if shrink else cv2.INTER_LINEAR
+            return np.asarray(cv2.resize(region, (self.width, self.height), interpolation=mode))
         resized = image.resize(
             (self.width, self.height),
             Image.Resampling.BILINEAR,

@@ -1,0 +1,16 @@
+"""Benchmarks: numbers measured side by side in one run and printed as ratios (not tests)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`edge-agent bench` options (kept here so the CLI does not import the benchmark to parse)."""
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=["onnxruntime", "openvino"])
+    parser.add_argument("--instances", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per configuration")
+    parser.add_argument("--model", default="efficientnet-lite0")
+    parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
+    parser.add_argument("--no-plot", action="store_true")

@@ -1,0 +1,628 @@
+"""`edge-agent bench`: the paper's concurrency experiment, reproduced on the machine it runs on.
+
+For each available backend, instance count and batch size it measures, in one run:
+  raw       the runtime in-process on pre-made tensors (the limit),
+  pipeline  the agent's tenant in-process (JPEG decode + preprocess + batching + infer),
+  e2e       the real agent process behind a real Mosquitto, JPEG frames over MQTT 5,
+and once: naive, the script a user writes first (bench/naive_subscriber.py), over the same broker.
+Then, per backend, the latency check: unloaded p50, and p99 at 70% of the peak end-to-end rate.
+Prints a table with ratios, writes CSV and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from agent.client import InferClient, read_retained
+from agent.ingest import Frame
+from agent.local_broker import LocalBroker
+from agent.model_repo import ModelRepository
+from agent.preprocess import Preprocessor
+from agent.schemas import BatchSpec, Placement, TenantSpec
+from agent.tenant import Tenant
+from agent.topics import Topics
+from backends import registry
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "agent" / "samples"
+MODELS = REPO / "models"
+DEVICE = "bench-device"
+DEFAULT_DEVICE = {"onnxruntime": "cpu", "openvino": "CPU"}
+# Camera streams send frames at QoS 0 (a late frame is worth less than the next one); results are QoS 1.
+FRAME_QOS = 0
+
+
+@dataclass
+class Row:
+    backend: str
+    device: str
+    instances: int
+    batch: int
+    mode: str
+    fps: float
+    p50_ms: float
+    p99_ms: float
+    frames: int
+    vs_raw: float | None = None
+    vs_naive: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Progress:
+    """A one-line progress bar on stderr (no dependency)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.started = total, 0, time.monotonic()
+
+    def step(self, label: str) -> None:
+        self.done += 1
+        width = 30
+        filled = int(width * self.done / self.total)
+        elapsed = time.monotonic() - self.started
+        eta = elapsed / self.done * (self.total - self.done)
+        sys.stderr.write(
+            f"\r[{'#' * filled}{'.' * (width - filled)}] {self.done}/{self.total} "
+            f"{label[:40]:40s} {elapsed:5.0f}s, ~{eta:4.0f}s left"
+        )
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def jpeg_frames(size: int = 224) -> list[bytes]:
+    """224-px JPEGs (centre crops of the sample photos), as a camera at that resolution sends."""
+    frames = []
+    for path in sorted(SAMPLES.glob("*.jpg")):
+        image = Image.open(path).convert("RGB")
+        w, h = image.size
+        side = min(w, h)
+        image = image.crop(((w - side) // 2, (h - side) // 2, (w + side) // 2, (h + side) // 2))
+        buf = io.BytesIO()
+        image.resize((size, size), Image.Resampling.BILINEAR).save(buf, "JPEG", quality=90)
+        frames.append(buf.getvalue())
+    return frames
+
+
+def percentiles(latencies: list[float]) -> tuple[float, float]:
+    if not latencies:
+        return 0.0, 0.0
+    arr = np.asarray(latencies)
+    return float(np.percentile(arr, 50)), float(np.percentile(arr, 99))
+
+
+# -- (a) raw runtime -----------------------------------------------------------------------------
+def measure_raw(
+    backend_name: str, device: str, model: Any, instances: int, batch: int, seconds: float
+) -> Row:
+    backend = registry.get(backend_name)
+    sessions = [
+        backend.load(model.artifacts, device, {"threads": 1, "instances": instances})
+        for _ in range(instances)
+    ]
+    h, w = model.input.size
+    x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
+    for s in sessions:
+        s.infer(x)
+    counts = [0] * instances
+    latencies: list[list[float]] = [[] for _ in range(instances)]
+    stop = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            sessions[i].infer(x)
+            latencies[i].append((time.perf_counter() - t0) * 1000.0)
+            counts[i] += batch
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(instances)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    for s in sessions:
+        s.close()
+    p50, p99 = percentiles([v for lane in latencies for v in lane])
+    return Row(backend_name, device, instances, batch, "raw", sum(counts) / elapsed, p50, p99, sum(counts))
+
+
+# -- (b) the agent's pipeline in-process ---------------------------------------------------------
+def measure_pipeline(
+    backend_name: str,
+    device: str,
+    model: Any,
+    instances: int,
+    batch: int,
+    seconds: float,
+    frames: list[bytes],
+) -> Row:
+    spec = TenantSpec(
+        model=model.name,
+        backend=backend_name,
+        device=device,
+        instances=instances,
+        batch=BatchSpec(max_size=batch, max_delay_ms=2.0 if batch > 1 else 0.0),
+    )
+    window = 2 * instances * batch + 2  # enough in flight to keep every instance busy
+    slots = threading.Semaphore(window)
+    latencies: list[float] = []
+    lock = threading.Lock()
+    counting = threading.Event()
+
+    def emit(frame: Frame, _outcome: Any) -> None:
+        if counting.is_set():
+            with lock:
+                latencies.append((time.monotonic() - frame.received) * 1000.0)
+        slots.release()
+
+    tenant = Tenant(
+        spec,
+        model,
+        registry.get(backend_name),
+        emit,
+        queue_depth=window * 2,
+        overload_policy="reject_new",
+        max_pixels=40_000_000,
+    )
+    tenant.load()
+    tenant.start()
+    warmup = min(1.0, seconds / 3)
+    stop = time.monotonic() + warmup + seconds
+    t_start = time.monotonic()
+    i = 0
+    while time.monotonic() < stop:
+        slots.acquire()
+        if not counting.is_set() and time.monotonic() > stop - seconds:
+            counting.set()
+            t_start = time.monotonic()
+        tenant.submit(
+            Frame(
+                request_id=str(i), model=model.name, image=frames[i % len(frames)], received=time.monotonic()
+            )
+        )
+        i += 1
+    elapsed = time.monotonic() - t_start
+    tenant.drain(10.0)
+    p50, p99 = percentiles(latencies)
+    return Row(
+        backend_name, device, instances, batch, "pipeline", len(latencies) / elapsed, p50, p99, len(latencies)
+    )
+
+
+# -- (c) end to end over MQTT --------------------------------------------------------------------
+async def closed_loop(
+    client: InferClient, frames: list[bytes], window: int, seconds: float, warmup: float
+) -> tuple[float, list[float]]:
+    """`window` requests in flight for `seconds` after `warmup`; returns (fps, latencies)."""
+    begin = time.perf_counter()
+    count_from, stop = begin + warmup, begin + warmup + seconds
+    latencies: list[float] = []
+
+    async def lane(k: int) -> None:
+        while time.perf_counter() < stop:
+            fut = await client.send(frames[k % len(frames)], qos=FRAME_QOS)
+            reply = await asyncio.wait_for(fut, 60)
+            if time.perf_counter() > count_from and reply.ok:
+                latencies.append(reply.latency_ms)
+            k += window
+
+    await asyncio.gather(*(lane(k) for k in range(window)))
+    return len(latencies) / (time.perf_counter() - count_from), latencies
+
+
+async def open_loop(client: InferClient, frames: list[bytes], rate: float, seconds: float) -> list[float]:
+    """Frames at a fixed rate (Poisson-free, evenly spaced), whatever the answers do."""
+    futures = []
+    interval = 1.0 / rate
+    start = time.perf_counter()
+    n = int(rate * seconds)
+    for i in range(n):
+        delay = start + i * interval - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        futures.append(await client.send(frames[i % len(frames)], qos=FRAME_QOS))
+    replies = await asyncio.gather(*(asyncio.wait_for(f, 60) for f in futures))
+    return [r.latency_ms for r in replies if r.ok]
+
+
+async def apply_placement(broker_url: str, generation: int, tenants: list[TenantSpec]) -> None:
+    """Publish a retained placement and wait until the agent reports it applied and ready."""
+    import aiomqtt
+
+    from agent.config import parse_broker_url
+
+    doc = Placement(generation=generation, tenants=tenants).model_dump_json()
+    b = parse_broker_url(broker_url)
+    async with aiomqtt.Client(b["host"], b["port"], protocol=aiomqtt.ProtocolVersion.V5) as c:
+        await c.publish(Topics(DEVICE).placement, doc, qos=1, retain=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = await read_retained(broker_url, Topics(DEVICE).status, 1.0) or {}
+        placement = status.get("placement") or {}
+        states = [t["state"] for t in placement.get("tenants", [])]
+        if placement.get("applied_generation") == generation and states and all(s == "ready" for s in states):
+            return
+        await asyncio.sleep(0.2)
+    raise TimeoutError(f"placement {generation} not applied: {status}")
+
+
+# -- the run -------------------------------------------------------------------------------------
+def run(args: argparse.Namespace) -> int:
+    model = ModelRepository(MODELS).load(args.model)
+    frames = jpeg_frames(model.input.size[0])
+    caps = registry.capabilities()
+    backends = [b for b in args.backends if caps.get(b, (False,))[0]]
+    skipped = [b for b in args.backends if b not in backends]
+    for b in skipped:
+        print(f"skipping {b}: {caps.get(b, (False, [], 'unknown backend'))[2]}", file=sys.stderr)
+    configs = [
+        (b, DEFAULT_DEVICE.get(b, "cpu"), n, k) for b in backends for n in args.instances for k in args.batch
+    ]
+    progress = Progress(len(configs) * 3 + 1 + len(backends) * 2)
+    rows: list[Row] = []
+
+    # Preprocessing cost per frame, beside inference (reported in the notes).
+    pre = Preprocessor(model.input, 40_000_000)
+    t0 = time.perf_counter()
+    for i in range(300):
+        pre(frames[i % len(frames)])
+    pre_ms = (time.perf_counter() - t0) / 300 * 1000.0
+
+    for b, dev, n, k in configs:
+        rows.append(measure_raw(b, dev, model, n, k, args.seconds))
+        progress.step(f"raw {b} x{n} b{k}")
+        rows.append(measure_pipeline(b, dev, model, n, k, args.seconds, frames))
+        progress.step(f"pipeline {b} x{n} b{k}")
+
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
+        state = Path(tmp)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        log = (state / "agent.log").open("ab")
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--broker",
+                broker.url,
+                "--device-id",
+                DEVICE,
+                "--state-dir",
+                str(state),
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        naive = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "bench.naive_subscriber",
+                "--port",
+                str(broker.port),
+                "--device-id",
+                "naive",
+                "--model",
+                args.model,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
+        try:
+            asyncio.run(_mqtt_phase(broker.url, configs, frames, args, rows, progress, model.name))
+        finally:
+            for proc in (agent, naive):
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+    _ratios(rows)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(rows, out / "concurrency.csv")
+    _print_table(rows, pre_ms)
+    _summary(rows, pre_ms, out / "summary.json")
+    if not args.no_plot:
+        _plot(rows, out / "concurrency.png")
+    print(
+        f"\nwrote {out / 'concurrency.csv'}, {out / 'summary.json'}"
+        + ("" if args.no_plot else f", {out / 'concurrency.png'}")
+    )
+    return 0
+
+
+async def _mqtt_phase(
+    url: str,
+    configs: list[tuple[str, str, int, int]],
+    frames: list[bytes],
+    args: argparse.Namespace,
+    rows: list[Row],
+    progress: Progress,
+    model: str,
+) -> None:
+    warmup = min(1.0, args.seconds / 3)
+    generation = int(time.time())
+    for b, dev, n, k in configs:
+        generation += 1
+        await apply_placement(
+            url,
+            generation,
+            [
+                TenantSpec(
+                    model=model,
+                    backend=b,
+                    device=dev,
+                    instances=n,
+                    batch=BatchSpec(max_size=k, max_delay_ms=2.0 if k > 1 else 0.0),
+                )
+            ],
+        )
+        async with InferClient(url, DEVICE) as client:
+            # Deeper window than in-process: it must also cover the MQTT round trip.
+            fps, lat = await closed_loop(client, frames, 4 * n * k + 4, args.seconds, warmup)
+        p50, p99 = percentiles(lat)
+        rows.append(Row(b, dev, n, k, "e2e", fps, p50, p99, len(lat)))
+        progress.step(f"e2e {b} x{n} b{k}")
+
+    async with InferClient(url, "naive") as client:
+        fps, lat = await closed_loop(client, frames, 4, args.seconds, warmup)
+    p50, p99 = percentiles(lat)
+    rows.append(Row("onnxruntime", "cpu", 1, 1, "naive", fps, p50, p99, len(lat)))
+    progress.step("naive baseline")
+
+    # Latency under load: unloaded p50 vs p99 at 70% of the backend's best end-to-end rate.
+    for b in sorted({c[0] for c in configs}):
+        best = max((r for r in rows if r.mode == "e2e" and r.backend == b), key=lambda r: r.fps)
+        generation += 1
+        await apply_placement(
+            url,
+            generation,
+            [
+                TenantSpec(
+                    model=model,
+                    backend=b,
+                    device=best.device,
+                    instances=best.instances,
+                    batch=BatchSpec(max_size=best.batch, max_delay_ms=2.0 if best.batch > 1 else 0.0),
+                )
+            ],
+        )
+        async with InferClient(url, DEVICE) as client:
+            _, unloaded = await closed_loop(client, frames, 1, args.seconds, warmup)
+            progress.step(f"unloaded {b}")
+            loaded = await open_loop(client, frames, 0.7 * best.fps, args.seconds)
+            progress.step(f"70% load {b}")
+        u50, _ = percentiles(unloaded)
+        l50, l99 = percentiles(loaded)
+        rows.append(
+            Row(
+                b,
+                best.device,
+                best.instances,
+                best.batch,
+                "unloaded",
+                0.0,
+                u50,
+                percentiles(unloaded)[1],
+                len(unloaded),
+            )
+        )
+        rows.append(
+            Row(
+                b,
+                best.device,
+                best.instances,
+                best.batch,
+                "load70",
+                0.7 * best.fps,
+                l50,
+                l99,
+                len(loaded),
+                extra={"p99_vs_unloaded_p50": l99 / u50 if u50 else None},
+            )
+        )
+
+
+def rows_from_csv(path: Path) -> list[Row]:
+    """Read a results CSV back (to re-plot without re-measuring)."""
+    out = []
+    for r in csv.DictReader(path.open()):
+        out.append(
+            Row(
+                r["backend"],
+                r["device"],
+                int(r["instances"]),
+                int(r["batch"]),
+                r["mode"],
+                float(r["fps"]),
+                float(r["p50_ms"]),
+                float(r["p99_ms"]),
+                int(r["frames"]),
+            )
+        )
+    return out
+
+
+def _ratios(rows: list[Row]) -> None:
+    raw = {(r.backend, r.instances, r.batch): r.fps for r in rows if r.mode == "raw"}
+    naive = next((r.fps for r in rows if r.mode == "naive"), None)
+    for r in rows:
+        if r.mode in ("raw", "pipeline", "e2e", "naive") and (r.backend, r.instances, r.batch) in raw:
+            r.vs_raw = r.fps / raw[(r.backend, r.instances, r.batch)]
+        if naive and r.mode in ("raw", "pipeline", "e2e", "naive"):
+            r.vs_naive = r.fps / naive
+
+
+def _write_csv(rows: list[Row], path: Path) -> None:
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(
+            [
+                "backend",
+                "device",
+                "instances",
+                "batch",
+                "mode",
+                "fps",
+                "p50_ms",
+                "p99_ms",
+                "frames",
+                "vs_raw",
+                "vs_naive",
+            ]
+        )
+        for r in rows:
+            writer.writerow(
+                [
+                    r.backend,
+                    r.device,
+                    r.instances,
+                    r.batch,
+                    r.mode,
+                    f"{r.fps:.1f}",
+                    f"{r.p50_ms:.2f}",
+                    f"{r.p99_ms:.2f}",
+                    r.frames,
+                    "" if r.vs_raw is None else f"{r.vs_raw:.2f}",
+                    "" if r.vs_naive is None else f"{r.vs_naive:.2f}",
+                ]
+            )
+
+
+def _fmt(v: float | None) -> str:
+    return "" if v is None else f"{v:.2f}x"
+
+
+def _print_table(rows: list[Row], pre_ms: float) -> None:
+    print(
+        f"\n{'backend':12s} {'inst':>4s} {'batch':>5s} {'mode':9s} {'img/s':>8s} {'p50 ms':>8s} "
+        f"{'p99 ms':>8s} "
+        f"{'vs raw':>7s} {'vs naive':>8s}"
+    )
+    print("-" * 80)
+    for r in rows:
+        if r.mode in ("unloaded", "load70"):
+            continue
+        print(
+            f"{r.backend:12s} {r.instances:4d} {r.batch:5d} {r.mode:9s} {r.fps:8.1f} {r.p50_ms:8.2f} "
+            f"{r.p99_ms:8.2f} {_fmt(r.vs_raw):>7s} {_fmt(r.vs_naive):>8s}"
+        )
+    print(f"\npreprocessing (224-px JPEG decode + resize + normalise): {pre_ms:.2f} ms per frame, one core")
+    for r in rows:
+        if r.mode == "load70":
+            unloaded = next(u for u in rows if u.mode == "unloaded" and u.backend == r.backend)
+            print(
+                f"{r.backend}: unloaded p50 {unloaded.p50_ms:.2f} ms; at 70% of peak ({r.fps:.0f} img/s) "
+                f"p99 {r.p99_ms:.2f} ms = {r.extra['p99_vs_unloaded_p50']:.2f}x unloaded p50"
+            )
+
+
+def _summary(rows: list[Row], pre_ms: float, path: Path) -> None:
+    e2e = [r for r in rows if r.mode == "e2e"]
+    naive = next((r for r in rows if r.mode == "naive"), None)
+    one = next(
+        (
+            r
+            for r in rows
+            if r.mode == "raw" and r.backend == "onnxruntime" and r.instances == 1 and r.batch == 1
+        ),
+        None,
+    )
+    best = max(e2e, key=lambda r: r.fps) if e2e else None
+    summary: dict[str, Any] = {
+        "best_e2e": asdict(best) if best else None,
+        "e2e_vs_raw_min": min((r.vs_raw for r in e2e if r.vs_raw), default=None),
+        "e2e_vs_raw_by_config": {f"{r.backend} x{r.instances} b{r.batch}": r.vs_raw for r in e2e},
+        "best_e2e_vs_naive": best.fps / naive.fps if best and naive else None,
+        "best_vs_one_instance_one_thread": best.fps / one.fps if best and one else None,
+        "p99_at_70pct_vs_unloaded_p50": {
+            r.backend: r.extra.get("p99_vs_unloaded_p50") for r in rows if r.mode == "load70"
+        },
+        "preprocess_ms_per_frame": pre_ms,
+        "cpus": os.cpu_count(),
+    }
+    path.write_text(json.dumps(summary, indent=2))
+    print("\nsummary:")
+    if best and naive and one:
+        print(
+            f"  best end to end: {best.backend} x{best.instances} b{best.batch} {best.fps:.0f} img/s = "
+            f"{best.fps / naive.fps:.2f}x naive, {best.fps / one.fps:.2f}x one instance one thread (raw)"
+        )
+    print(
+        "  end to end vs raw limit (same backend, instances, batch): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in summary["e2e_vs_raw_by_config"].items() if v)
+    )
+
+
+def _plot(rows: list[Row], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return
+    fig, ax = plt.subplots(figsize=(8, 5))
+    styles = {"raw": ":", "pipeline": "--", "e2e": "-"}
+    groups = sorted({(r.backend, r.batch) for r in rows if r.mode in styles})
+    palette = ["tab:blue", "tab:cyan", "tab:red", "tab:orange", "tab:green", "tab:olive"]
+    for index, (backend, batch) in enumerate(groups):
+        for mode, style in styles.items():
+            pts = sorted(
+                (r.instances, r.fps) for r in rows if (r.backend, r.batch, r.mode) == (backend, batch, mode)
+            )
+            if pts:
+                ax.plot(
+                    [p[0] for p in pts],
+                    [p[1] for p in pts],
+                    style,
+                    marker="o",
+                    color=palette[index % len(palette)],
+                    label=f"{backend} batch {batch} {mode}",
+                )
+    naive = next((r for r in rows if r.mode == "naive"), None)
+    if naive:
+        ax.axhline(naive.fps, color="grey", linewidth=1)
+        ax.text(1, naive.fps * 1.02, f"naive baseline {naive.fps:.0f} img/s", color="grey")
+    ax.set_xlabel("instances per tenant")
+    ax.set_ylabel("images / s")
+    ax.set_title(f"EfficientNet-Lite0, 224-px JPEG, {os.cpu_count()} CPU cores")
+    ax.set_xticks(sorted({r.instances for r in rows}))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    from bench import add_arguments
+
+    p = argparse.ArgumentParser(description=__doc__)
+    add_arguments(p)
+    raise SystemExit(run(p.parse_args()))
