@@ -120,6 +120,63 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0 if status.get("online") else 1
 
 
+def cmd_place(args: argparse.Namespace) -> int:
+    from agent.client import publish_placement, read_retained
+    from agent.schemas import Placement
+    from agent.topics import Topics
+
+    url, device_id = _device_args(args)
+    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0)) or {}
+    current = status.get("placement") or {}
+    if args.file:
+        try:
+            doc = json.loads(Path(args.file).read_text())
+        except (OSError, ValueError) as exc:
+            print(f"error: {args.file}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+    else:
+        if not args.model:
+            print("error: give --file or --model", file=sys.stderr)
+            return EXIT_CONFIG
+        keep = [
+            {k: t[k] for k in ("model", "backend", "device", "instances", "threads", "batch") if k in t}
+            for t in current.get("tenants", [])
+            if t.get("state") != "draining" and t["model"] != args.model
+        ]
+        tenant: dict[str, Any] = {
+            "model": args.model,
+            "backend": args.backend,
+            "device": args.device,
+            "instances": args.instances,
+        }
+        if args.batch_size:
+            tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
+        doc = {"tenants": [*keep, tenant]}
+    if "generation" not in doc or args.generation is not None:
+        known = [g for g in (current.get("generation"), current.get("applied_generation")) if g is not None]
+        doc["generation"] = args.generation if args.generation is not None else max(known, default=0) + 1
+    try:
+        Placement.model_validate(doc)
+    except ValueError as exc:
+        print(f"error: invalid placement: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
+    applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout))
+    placement = status.get("placement") or {}
+    if applied:
+        for t in placement.get("tenants", []):
+            extra = f" ({t['error']})" if t.get("error") else ""
+            print(f"  {t['model']:20s} {t['backend']}:{t['device']} x{t['instances']}  {t['state']}{extra}")
+        print(f"applied generation {doc['generation']}")
+        return 0
+    refused = placement.get("refused") or {}
+    if refused.get("generation") == doc["generation"]:
+        print(f"refused: {refused.get('reason')}")
+    else:
+        print(f"no answer from {device_id} within {args.timeout}s (is it online?)")
+    return 1
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from backends import registry
 
@@ -174,6 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
     common(status)
     status.add_argument("--timeout", type=float, default=5.0)
     status.set_defaults(func=cmd_status)
+
+    place = sub.add_parser("place", help="publish a placement and wait until it is applied or refused")
+    common(place)
+    place.add_argument("--file", help="a placement JSON document")
+    place.add_argument("--model")
+    place.add_argument("--backend", default="onnxruntime", help="backend name, or auto")
+    place.add_argument("--device", default="cpu")
+    place.add_argument("--instances", type=int, default=1)
+    place.add_argument("--batch-size", type=int)
+    place.add_argument("--max-delay-ms", type=float, default=2.0)
+    place.add_argument("--generation", type=int, help="default: one above the device's current")
+    place.add_argument("--timeout", type=float, default=120.0)
+    place.set_defaults(func=cmd_place)
 
     backends = sub.add_parser("backends", help="list inference runtimes and devices on this machine")
     backends.set_defaults(func=cmd_backends)

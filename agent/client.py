@@ -123,3 +123,41 @@ async def read_retained(broker_url: str, topic: str, timeout_s: float = 5.0) -> 
         except TimeoutError:
             return None
     return None
+
+
+async def publish_placement(
+    broker_url: str, device_id: str, doc: dict[str, Any], timeout_s: float = 120.0, prefix: str = "edge"
+) -> tuple[bool, dict[str, Any]]:
+    """Publish a retained placement and wait until the device applies or refuses that generation.
+
+    Returns (applied, last status seen). Refusal: the status's `placement.refused.generation` matches.
+    """
+    broker = parse_broker_url(broker_url)
+    topics = Topics(device_id, prefix)
+    generation = doc["generation"]
+    async with aiomqtt.Client(
+        broker["host"],
+        broker["port"],
+        protocol=aiomqtt.ProtocolVersion.V5,
+        username=broker.get("username"),
+        password=broker.get("password"),
+    ) as client:
+        await client.subscribe(topics.status, qos=1)
+        await client.publish(topics.placement, json.dumps(doc).encode(), qos=1, retain=True)
+        status: dict[str, Any] = {}
+        try:
+            async with asyncio.timeout(timeout_s):
+                async for message in client.messages:
+                    status = json.loads(message.payload)
+                    placement = status.get("placement") or {}
+                    refused = placement.get("refused") or {}
+                    if refused.get("generation") == generation:
+                        return False, status
+                    tenants = placement.get("tenants", [])
+                    if placement.get("applied_generation") == generation and all(
+                        t["state"] in ("ready", "failed") for t in tenants
+                    ):
+                        return True, status
+        except TimeoutError:
+            pass
+        return False, status

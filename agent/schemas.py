@@ -128,9 +128,25 @@ class Placement(Strict):
 TenantState = Literal["loading", "ready", "draining", "failed"]
 
 
+class AutoChoice(BaseModel):
+    """Why `backend: "auto"` (or `device: "auto"`) became this backend/device: the measured figures."""
+
+    backend: str
+    device: str
+    reason: str
+    candidates: dict[str, float]  # "backend:device" -> measured img/s for this tenant's instance count
+
+
 class TenantStatus(TenantSpec):
     state: TenantState
     error: str | None = None
+    auto: AutoChoice | None = None
+
+
+class Refusal(BaseModel):
+    generation: int | None = None
+    reason: str
+    ts: float = Field(default_factory=time.time)
 
 
 class BackendCapability(BaseModel):
@@ -148,6 +164,7 @@ class PlacementStatus(BaseModel):
     generation: int | None = None
     applied_generation: int | None = None
     tenants: list[TenantStatus] = Field(default_factory=list)
+    refused: Refusal | None = None  # the last document refused, and why (the old placement kept serving)
 
 
 class Status(BaseModel):

@@ -27,7 +27,9 @@ from agent.metrics import MetricsStore
 from agent.model_repo import ModelError, ModelRepository
 from agent.mqtt_session import MqttSession
 from agent.outbox import Outbox, Outgoing
+from agent.placer import Profiler, candidates_for, choose
 from agent.schemas import (
+    AutoChoice,
     BackendCapability,
     Capabilities,
     DeviceTelemetry,
@@ -37,6 +39,7 @@ from agent.schemas import (
     InferResult,
     Placement,
     PlacementStatus,
+    Refusal,
     Status,
     Telemetry,
     TenantSpec,
@@ -46,7 +49,7 @@ from agent.schemas import (
 from agent.tenant import Tenant
 from agent.topics import Topics
 from backends import registry
-from backends.base import BackendError
+from backends.base import BackendError, UnknownDevice
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +74,15 @@ def frame_meta(message: aiomqtt.Message) -> FrameMeta:
     )
 
 
+def _generation_of(payload: bytes) -> int | None:
+    """Best-effort generation of a document that failed validation, for the refusal report."""
+    try:
+        value = json.loads(payload).get("generation")
+    except (ValueError, AttributeError):
+        return None
+    return value if isinstance(value, int) else None
+
+
 class Agent:
     def __init__(self, config: AgentConfig, backend_options: dict[str, dict[str, Any]] | None = None) -> None:
         self.config = config
@@ -87,6 +99,9 @@ class Agent:
         self.capabilities = Capabilities()
         self.desired_generation: int | None = None
         self.applied_generation: int | None = None
+        self.refused: Refusal | None = None
+        self.auto_choices: dict[str, AutoChoice] = {}  # model -> why auto placed it there
+        self.profiler = Profiler(config.state_dir / "profiles.db")
         self.device_stats = DeviceStats()
         self.accepting = True
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
@@ -244,18 +259,17 @@ class Agent:
             problems = "; ".join(
                 f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors()[:5]
             )
+            self.refused = Refusal(generation=_generation_of(payload), reason=problems)
             self._note_error(f"placement refused: {problems}")
             return
         try:
             await self.apply_placement(placement, source="mqtt")
         except PlacementRefused as exc:
+            self.refused = Refusal(generation=placement.generation, reason=str(exc))
             self._note_error(f"placement generation {placement.generation} refused: {exc}")
 
     def _check(self, placement: Placement) -> None:
-        if self.applied_generation is not None and placement.generation < self.applied_generation:
-            raise PlacementRefused(
-                f"generation {placement.generation} is older than the applied {self.applied_generation}"
-            )
+        """Refuse what names an unknown model, backend or device (after auto was resolved)."""
         for spec in placement.tenants:
             try:
                 self.repo.manifest(spec.model)
@@ -265,11 +279,26 @@ class Agent:
                 raise PlacementRefused(
                     f"unknown backend {spec.backend!r} (known: {', '.join(registry.names())})"
                 )
+            backend = registry.get(spec.backend)
+            if backend.available()[0]:
+                try:
+                    backend.canonical_device(spec.device)
+                except UnknownDevice as exc:
+                    raise PlacementRefused(str(exc)) from exc
+            # An installed-but-unavailable runtime is not refused: its tenant shows `failed` with the
+            # reason while the others serve.
 
     async def apply_placement(self, placement: Placement, source: str) -> None:
         """Reconcile running tenants to `placement`, make-before-break: start new, then drain old."""
         async with self._placement_lock:
+            if self.applied_generation is not None and placement.generation < self.applied_generation:
+                raise PlacementRefused(
+                    f"generation {placement.generation} is older than the applied {self.applied_generation}"
+                )
+            placement, choices = await self._resolve_auto(placement)
             self._check(placement)
+            self.auto_choices = choices
+            self.refused = None
             self.desired_generation = placement.generation
             self._mark_dirty()
             wanted = {spec.model: spec for spec in placement.tenants}
@@ -300,6 +329,58 @@ class Agent:
                 ", ".join(t.name for t in self.tenants.values()) or "no tenants",
             )
             self._mark_dirty()
+
+    async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
+        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
+        autos = [
+            t
+            for t in placement.tenants
+            if t.backend == "auto" or (t.device.lower() == "auto" and t.backend != "openvino")
+        ]
+        if not autos:
+            return placement, {}
+        fixed = {t.model: (t.backend, t.device) for t in placement.tenants if t not in autos}
+        measured: dict[str, dict[tuple[str, str], float]] = {}
+        for spec in autos:
+            try:
+                model = await asyncio.to_thread(self.repo.load, spec.model)
+            except ModelError as exc:
+                raise PlacementRefused(str(exc)) from exc
+            cands = await asyncio.to_thread(candidates_for, spec.backend, spec.device)
+            figures = {}
+            for backend, device in cands:
+                figures[(backend, device)] = await asyncio.to_thread(
+                    self.profiler.measure, model, backend, device, spec.instances
+                )
+            figures = {c: f for c, f in figures.items() if f > 0}
+            if not figures:
+                raise PlacementRefused(f"auto placement of {spec.model}: no available backend could run it")
+            measured[spec.model] = figures
+        picks = choose(measured, fixed)
+        choices: dict[str, AutoChoice] = {}
+        tenants = []
+        for original in placement.tenants:
+            spec = original
+            if spec.model in picks:
+                backend, device = picks[spec.model]
+                shared = sum(1 for m, c in picks.items() if m != spec.model and c == (backend, device))
+                reason = (
+                    "fastest measured here"
+                    if picks[spec.model] == max(measured[spec.model], key=lambda c: measured[spec.model][c])
+                    else "spread: its fastest device is busy with another tenant; this maximises the total"
+                )
+                if shared:
+                    reason += f" (shared with {shared} other tenant(s))"
+                choices[spec.model] = AutoChoice(
+                    backend=backend,
+                    device=device,
+                    reason=reason,
+                    candidates={f"{b}:{d}": round(f, 1) for (b, d), f in measured[spec.model].items()},
+                )
+                spec = spec.model_copy(update={"backend": backend, "device": device})
+            tenants.append(spec)
+        log.info("auto placement: %s", {m: f"{c.backend}:{c.device}" for m, c in choices.items()})
+        return Placement(generation=placement.generation, tenants=tenants), choices
 
     async def _start_tenant(self, spec: TenantSpec) -> Tenant | None:
         self.failed[spec.model] = TenantStatus(**spec.model_dump(), state="loading")
@@ -383,10 +464,14 @@ class Agent:
         self._status_dirty.set()
 
     def tenant_statuses(self) -> list[TenantStatus]:
+        def spec(t: Tenant) -> dict[str, Any]:
+            return {**t.spec.model_dump(), "device": t.device}  # the canonical device name
+
         out = [
-            TenantStatus(**t.spec.model_dump(), state=t.state, error=t.error) for t in self.tenants.values()
+            TenantStatus(**spec(t), state=t.state, error=t.error, auto=self.auto_choices.get(t.spec.model))
+            for t in self.tenants.values()
         ]
-        out += [TenantStatus(**t.spec.model_dump(), state="draining") for t in self.draining]
+        out += [TenantStatus(**spec(t), state="draining") for t in self.draining]
         out += [s for m, s in self.failed.items()]
         return out
 
@@ -401,6 +486,7 @@ class Agent:
                 generation=self.desired_generation,
                 applied_generation=self.applied_generation,
                 tenants=self.tenant_statuses(),
+                refused=self.refused,
             ),
             errors=list(self.errors),
         )

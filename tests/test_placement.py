@@ -1,0 +1,230 @@
+"""Dynamic placement against a real Mosquitto: live moves, refusals, restarts, auto placement."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.client import publish_placement
+from agent.placer import choose, resource_of
+from tests.conftest import CAT_CLASSES, Collector, sample
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def place(broker, device_id, tenants, generation):
+    return asyncio.run(
+        publish_placement(broker.url, device_id, {"generation": generation, "tenants": tenants})
+    )
+
+
+def lite0(backend="onnxruntime", device="cpu", instances=1, **extra):
+    return {
+        "model": "efficientnet-lite0",
+        "backend": backend,
+        "device": device,
+        "instances": instances,
+        **extra,
+    }
+
+
+class Streamer(threading.Thread):
+    """Publishes frames at a steady rate with unique request ids until stopped."""
+
+    def __init__(self, collector: Collector, device_id: str, rate: float) -> None:
+        super().__init__(daemon=True)
+        self.c, self.topic, self.interval = collector, f"edge/{device_id}/infer", 1.0 / rate
+        self.sent: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        image = sample("cat.jpg")
+        i = 0
+        while not self.stop.is_set():
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = f"s{i}".encode()
+            self.c.client.publish(self.topic, image, qos=1, properties=props)
+            self.sent.append(f"s{i}")
+            i += 1
+            time.sleep(self.interval)
+
+
+def test_moves_while_streaming_every_frame_answered_exactly_once(agent_factory, collector, broker):
+    agent = agent_factory("mv1").start()
+    agent.wait_ready()
+    c = collector(["edge/mv1/result"])
+    streamer = Streamer(c, "mv1", rate=30)
+    streamer.start()
+    moves = [
+        lite0("openvino", "CPU"),
+        lite0("onnxruntime", "cpu", instances=2),
+        lite0("openvino", "cpu", instances=2, batch={"max_size": 4, "max_delay_ms": 5}),
+        lite0("onnxruntime", "CPU", instances=1),
+    ]
+    for generation, tenant in enumerate(moves, start=1):
+        applied, status = place(broker, "mv1", [tenant], generation)
+        assert applied, status
+        time.sleep(1.0)  # keep streaming on the new tenant for a while
+    streamer.stop.set()
+    streamer.join()
+    sent = set(streamer.sent)
+    results = c.wait_for(lambda r: {x["request_id"] for x in r} >= sent, "edge/mv1/result", timeout=60)
+    counts = Counter(r["request_id"] for r in results)
+    assert set(counts) == sent and set(counts.values()) == {1}, "every frame answered exactly once"
+    errors = [r for r in results if "error" in r]
+    assert not errors, errors[:3]
+    assert {r["tenant"]["backend"] for r in results} == {"onnxruntime", "openvino"}
+    assert {r["tenant"]["instance"] for r in results} == {0, 1}
+    final = agent.wait_ready()
+    assert final["placement"]["applied_generation"] == 4
+    assert [(t["backend"], t["instances"]) for t in final["placement"]["tenants"]] == [("onnxruntime", 1)]
+
+
+def wait_status(c: Collector, device_id: str, predicate, timeout=30.0):
+    return c.wait_for(lambda r: bool(r) and predicate(r[-1]), f"edge/{device_id}/status", timeout)[-1]
+
+
+BAD_DOCUMENTS = [
+    (b"not json at all", "invalid json"),
+    (json.dumps({"generation": "seven", "tenants": []}).encode(), "generation"),
+    (json.dumps({"generation": 20, "tenants": [lite0(instances=1000)]}).encode(), "instances"),
+    (json.dumps({"generation": 20, "tenants": [lite0(instances=-1)]}).encode(), "instances"),
+    (json.dumps({"generation": 20, "tenants": [{"model": "../../etc/passwd"}]}).encode(), "model"),
+    (json.dumps({"generation": 20, "tenants": [{"model": "/etc/passwd"}]}).encode(), "model"),
+    (json.dumps({"generation": 20, "tenants": [{"model": "no-such-model"}]}).encode(), "unknown model"),
+    (json.dumps({"generation": 20, "tenants": [lite0(backend="tensorflow")]}).encode(), "unknown backend"),
+    (json.dumps({"generation": 20, "tenants": [lite0(device="tpu:9")]}).encode(), "no device"),
+    (json.dumps({"generation": 3, "tenants": [lite0("openvino", "CPU")]}).encode(), "older"),
+    (json.dumps({"generation": 20, "tenants": [lite0(), lite0()]}).encode(), "twice"),
+    (json.dumps({"generation": 20, "tenants": [lite0()], "extra": 1}).encode(), "extra"),
+]
+
+
+def test_refused_documents_leave_the_serving_placement_untouched(agent_factory, collector, broker):
+    agent = agent_factory("rf1").start()
+    agent.wait_ready()
+    applied, _ = place(broker, "rf1", [lite0("openvino", "CPU")], 10)
+    assert applied
+    c = collector(["edge/rf1/status", "edge/rf1/result"])
+    for payload, needle in BAD_DOCUMENTS:
+        before = len(c.json("edge/rf1/status"))
+        c.publish("edge/rf1/placement", payload, retain=True)
+        status = c.wait_for(
+            lambda r, b=before, needle=needle: (
+                len(r) > b
+                and (r[-1]["placement"].get("refused") or {}).get("ts", 0) > 0
+                and needle in r[-1]["placement"]["refused"]["reason"].lower()
+            ),
+            "edge/rf1/status",
+        )[-1]
+        tenants = status["placement"]["tenants"]
+        assert [(t["backend"], t["state"]) for t in tenants] == [("openvino", "ready")], needle
+        assert status["placement"]["applied_generation"] == 10
+        c.publish("edge/rf1/infer", sample("cat.jpg"))
+    results = c.wait_for(lambda r: len(r) >= len(BAD_DOCUMENTS), "edge/rf1/result")
+    assert all(r["tenant"]["backend"] == "openvino" and r["top"][0]["index"] in CAT_CLASSES for r in results)
+    assert not (agent.state_dir / "passwd").exists()
+
+
+def test_restart_while_broker_down_serves_saved_placement_then_retained_wins(agent_factory, broker):
+    agent = agent_factory("rs1", config="[broker]\nreconnect_max_s = 1.0\n").start()
+    agent.wait_ready()
+    assert place(broker, "rs1", [lite0("openvino", "CPU")], 5)[0]
+    assert agent.stop() == 0
+    broker.stop()
+    agent.start()  # broker is down: the saved placement must load anyway
+    deadline = time.monotonic() + 60
+    while "placement generation 5 applied (saved)" not in agent.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert "placement generation 5 applied (saved)" in agent.log()
+    broker.start()  # empty: no retained state survived the restart
+    status = agent.wait_ready(timeout=60)  # back online by itself, already serving the saved placement
+    assert status["placement"]["applied_generation"] == 5
+    c = Collector(broker.port, ["edge/rs1/result"])
+    try:
+        c.publish("edge/rs1/infer", sample("cat.jpg"))
+        first = c.wait_for(lambda r: len(r) >= 1, "edge/rs1/result", timeout=60)[0]
+        assert first["tenant"]["backend"] == "openvino"
+        applied, status = place(broker, "rs1", [lite0("onnxruntime", "cpu")], 6)
+        assert applied, status
+        c.publish("edge/rs1/infer", sample("cat.jpg"))
+        second = c.wait_for(lambda r: len(r) >= 2, "edge/rs1/result", timeout=60)[1]
+        assert second["tenant"]["backend"] == "onnxruntime"
+    finally:
+        c.close()
+
+
+def test_place_cli_applies_and_reports_refusals(agent_factory, broker):
+    agent = agent_factory("pc1").start()
+    agent.wait_ready()
+    base = [sys.executable, "-m", "agent", "place", "--broker", broker.url, "--device-id", "pc1"]
+    done = subprocess.run(
+        [
+            *base,
+            "--model",
+            "efficientnet-lite0",
+            "--backend",
+            "openvino",
+            "--device",
+            "cpu",
+            "--instances",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "applied generation 1" in done.stdout and "openvino:CPU x2" in done.stdout
+    done = subprocess.run(
+        [*base, "--model", "efficientnet-lite0", "--backend", "nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 1
+    assert "refused" in done.stdout and "unknown backend" in done.stdout
+
+
+def test_auto_placement_profiles_and_explains(agent_factory, broker):
+    agent = agent_factory("au1").start()
+    agent.wait_ready()
+    tenants = [
+        {"model": "efficientnet-lite0", "backend": "auto", "device": "auto"},
+        {"model": "efficientnet-lite1", "backend": "auto", "device": "auto"},
+    ]
+    applied, status = place(broker, "au1", tenants, 1)
+    assert applied, status
+    for t in status["placement"]["tenants"]:
+        auto = t["auto"]
+        assert set(auto["candidates"]) == {"onnxruntime:cpu", "openvino:CPU"}
+        assert all(v > 0 for v in auto["candidates"].values())
+        assert (t["backend"], t["device"]) == (auto["backend"], auto["device"])
+        # Both backends share the host CPU, so each model goes where it alone runs fastest.
+        assert auto["candidates"][f"{t['backend']}:{t['device']}"] == max(auto["candidates"].values())
+    with sqlite3.connect(agent.state_dir / "profiles.db") as db:
+        assert db.execute("SELECT count(*) FROM profiles").fetchone()[0] == 4
+
+
+def test_choose_spreads_over_separate_accelerators_and_not_over_one_cpu():
+    fast_gpu = {("torch", "cuda:0"): 1000.0, ("onnxruntime", "cpu"): 200.0}
+    # Two models that both prefer the GPU: spreading wins (1000 + 200 > 1000/2 + 1000/2? no: 1200 > 1000).
+    assert sorted(choose({"a": fast_gpu, "b": fast_gpu}).values()) == [
+        ("onnxruntime", "cpu"),
+        ("torch", "cuda:0"),
+    ]
+    # Two CPU backends are one resource: no gain from spreading, each takes its fastest.
+    cpu_only = {("onnxruntime", "cpu"): 150.0, ("openvino", "CPU"): 300.0}
+    assert set(choose({"a": cpu_only, "b": cpu_only}).values()) == {("openvino", "CPU")}
+    assert resource_of("openvino", "CPU") == resource_of("onnxruntime", "cpu") == "cpu"
+    assert resource_of("onnxruntime", "tensorrt:1") == resource_of("torch", "cuda:1")
