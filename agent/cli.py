@@ -194,9 +194,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    setup_logging("WARNING")
+    if args.placement:
+        from bench.placement import run as run_placement
+
+        return run_placement(args)
     from bench.concurrency import run
 
-    setup_logging("WARNING")
     return run(args)
 
 

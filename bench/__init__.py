@@ -14,3 +14,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
     parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--placement",
+        action="store_true",
+        help="instead: the placement benchmark (two models, same backend vs spread vs auto)",
+    )

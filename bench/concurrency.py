@@ -208,7 +208,12 @@ def measure_pipeline(
 
 # -- (c) end to end over MQTT --------------------------------------------------------------------
 async def closed_loop(
-    client: InferClient, frames: list[bytes], window: int, seconds: float, warmup: float
+    client: InferClient,
+    frames: list[bytes],
+    window: int,
+    seconds: float,
+    warmup: float,
+    model: str | None = None,
 ) -> tuple[float, list[float]]:
     """`window` requests in flight for `seconds` after `warmup`; returns (fps, latencies)."""
     begin = time.perf_counter()
@@ -217,7 +222,7 @@ async def closed_loop(
 
     async def lane(k: int) -> None:
         while time.perf_counter() < stop:
-            fut = await client.send(frames[k % len(frames)], qos=FRAME_QOS)
+            fut = await client.send(frames[k % len(frames)], model, qos=FRAME_QOS)
             reply = await asyncio.wait_for(fut, 60)
             if time.perf_counter() > count_from and reply.ok:
                 latencies.append(reply.latency_ms)

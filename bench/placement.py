@@ -1,0 +1,130 @@
+"""`edge-agent bench --placement`: the paper's second technique, measured here.
+
+Two models served at once (EfficientNet-Lite0 and Lite1) by one real agent behind a real Mosquitto;
+aggregate end-to-end throughput when both sit on one backend, when they are spread over two
+backends/accelerators, and when the agent places them itself (`backend: "auto"`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from agent.client import InferClient
+from agent.local_broker import LocalBroker
+from agent.schemas import TenantSpec
+from backends import registry
+from bench.concurrency import DEVICE, apply_placement, closed_loop, jpeg_frames
+
+MODELS = ("efficientnet-lite0", "efficientnet-lite1")
+
+
+def layouts() -> dict[str, list[TenantSpec]]:
+    caps = registry.capabilities()
+    have = {name for name, (ok, _d, _r) in caps.items() if ok}
+    out: dict[str, list[TenantSpec]] = {
+        "both on onnxruntime": [TenantSpec(model=m, backend="onnxruntime", device="cpu") for m in MODELS],
+    }
+    if "openvino" in have:
+        out["both on openvino"] = [TenantSpec(model=m, backend="openvino", device="CPU") for m in MODELS]
+        out["spread: lite0 onnxruntime, lite1 openvino"] = [
+            TenantSpec(model=MODELS[0], backend="onnxruntime", device="cpu"),
+            TenantSpec(model=MODELS[1], backend="openvino", device="CPU"),
+        ]
+        out["spread: lite0 openvino, lite1 onnxruntime"] = [
+            TenantSpec(model=MODELS[0], backend="openvino", device="CPU"),
+            TenantSpec(model=MODELS[1], backend="onnxruntime", device="cpu"),
+        ]
+    gpus = [d for d in caps.get("onnxruntime", (False, [], ""))[1] if d.startswith("cuda")]
+    if gpus:
+        out["GPU only"] = [TenantSpec(model=m, backend="onnxruntime", device=gpus[0]) for m in MODELS]
+        out["GPU + CPU"] = [
+            TenantSpec(model=MODELS[0], backend="onnxruntime", device=gpus[0]),
+            TenantSpec(model=MODELS[1], backend="onnxruntime", device="cpu"),
+        ]
+    out["auto"] = [TenantSpec(model=m, backend="auto", device="auto") for m in MODELS]
+    return out
+
+
+async def measure(url: str, seconds: float) -> dict[str, float]:
+    """Both models loaded at once, each from its own client: per-model and total img/s."""
+    frames = {m: jpeg_frames(224 if m.endswith("lite0") else 240) for m in MODELS}
+    async with InferClient(url, DEVICE) as a, InferClient(url, DEVICE) as b:
+        results = await asyncio.gather(
+            closed_loop(a, frames[MODELS[0]], 6, seconds, 1.0, model=MODELS[0]),
+            closed_loop(b, frames[MODELS[1]], 6, seconds, 1.0, model=MODELS[1]),
+        )
+    return {MODELS[0]: results[0][0], MODELS[1]: results[1][0]}
+
+
+def run(args: argparse.Namespace) -> int:
+    plans = layouts()
+    rows: list[dict[str, Any]] = []
+    with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-place-bench-") as tmp:
+        log = (Path(tmp) / "agent.log").open("ab")
+        agent = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "agent",
+                "run",
+                "--broker",
+                broker.url,
+                "--device-id",
+                DEVICE,
+                "--state-dir",
+                tmp,
+                "--log-level",
+                "WARNING",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        try:
+            generation = int(time.time())
+            for i, (name, tenants) in enumerate(plans.items(), start=1):
+                generation += 1
+                sys.stderr.write(f"\r[{i}/{len(plans)}] {name:45s}")
+                sys.stderr.flush()
+                asyncio.run(apply_placement(broker.url, generation, tenants))
+                placed = _placed(broker.url)
+                fps = asyncio.run(measure(broker.url, args.seconds))
+                rows.append({"layout": name, "placed": placed, **fps, "total": sum(fps.values())})
+            sys.stderr.write("\n")
+        finally:
+            agent.terminate()
+            agent.wait(30)
+    base = rows[0]["total"]
+    print(f"\n{'layout':45s} {'placed as':52s} {'lite0':>7s} {'lite1':>7s} {'total':>7s} {'ratio':>6s}")
+    print("-" * 130)
+    for r in rows:
+        r["ratio"] = r["total"] / base
+        print(
+            f"{r['layout']:45s} {r['placed']:52s} {r[MODELS[0]]:7.1f} {r[MODELS[1]]:7.1f} {r['total']:7.1f} "
+            f"{r['ratio']:5.2f}x"
+        )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "placement.json").write_text(json.dumps(rows, indent=2))
+    print(f"\nwrote {out / 'placement.json'}")
+    return 0
+
+
+def _placed(url: str) -> str:
+    from agent.client import read_retained
+    from agent.topics import Topics
+
+    status = asyncio.run(read_retained(url, Topics(DEVICE).status, 2.0)) or {}
+    tenants = (status.get("placement") or {}).get("tenants", [])
+    return ", ".join(
+        f"{t['model'][-5:]}@{t['backend']}:{t['device']}" for t in tenants if t["state"] == "ready"
+    )
