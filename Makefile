@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = mosquitto mosquitto-clients chromium
+APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
 
-.PHONY: all deps venv demo test test-fast lint format bench clean
+.PHONY: all deps venv demo test test-fast lint format bench install uninstall clean
 
 all: test
 
@@ -15,6 +15,7 @@ deps:
 	[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
@@ -45,6 +46,13 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# Install as a systemd service on this machine (root): /opt/edge-agent, /etc/edge-agent, units enabled.
+install:
+	$(SUDO) systemd/install.sh
+
+uninstall:
+	$(SUDO) systemd/install.sh --uninstall
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -177,6 +177,17 @@ def cmd_place(args: argparse.Namespace) -> int:
     return 1
 
 
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from agent import doctor
+
+    try:
+        config = _config_from_args(args)
+    except ConfigError as exc:
+        print(f"[FAIL] config: {exc}")
+        return EXIT_CONFIG
+    return doctor.run(config, skip_broker=args.no_broker)
+
+
 def cmd_backends(args: argparse.Namespace) -> int:
     from backends import registry
 
@@ -248,6 +259,15 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--generation", type=int, help="default: one above the device's current")
     place.add_argument("--timeout", type=float, default=120.0)
     place.set_defaults(func=cmd_place)
+
+    doctor = sub.add_parser(
+        "doctor", help="check config, broker, models, backends, permissions; say what to fix"
+    )
+    common(doctor)
+    doctor.add_argument("--state-dir", type=Path)
+    doctor.add_argument("--models", type=Path)
+    doctor.add_argument("--no-broker", action="store_true", help="skip the broker check")
+    doctor.set_defaults(func=cmd_doctor)
 
     backends = sub.add_parser("backends", help="list inference runtimes and devices on this machine")
     backends.set_defaults(func=cmd_backends)

@@ -83,6 +83,8 @@ class MetricsConfig(Section):
     retention_hours: float = Field(default=72.0, gt=0)
     flush_interval_s: float = Field(default=1.0, gt=0)
     telemetry_interval_s: float = Field(default=5.0, gt=0)
+    # "127.0.0.1:9108" to serve Prometheus text format on /metrics; off by default.
+    prometheus_listen: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\[\]-]*:\d{1,5}$")
 
 
 def _default_placement() -> Placement:

@@ -46,6 +46,7 @@ from agent.schemas import (
     TenantStatus,
     TenantTelemetry,
 )
+from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
 from agent.tenant import Tenant
 from agent.topics import Topics
 from backends import registry
@@ -147,6 +148,19 @@ class Agent:
             asyncio.create_task(self._telemetry_loop(), name="telemetry"),
             asyncio.create_task(self._status_loop(), name="status"),
         ]
+        if self.config.metrics.prometheus_listen:
+            from agent.prometheus import serve
+
+            self._tasks.append(
+                asyncio.create_task(
+                    serve(self.config.metrics.prometheus_listen, self.telemetry), name="prometheus"
+                )
+            )
+        interval = watchdog_interval_s()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+        tenants = ", ".join(t.name for t in self.tenants.values()) or "no tenants"
+        notify(f"READY=1\nSTATUS=serving {tenants}")
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.start()
@@ -162,6 +176,7 @@ class Agent:
     async def shutdown(self) -> None:
         """Stop taking frames, answer what is queued, publish the final status, flush SQLite."""
         self.accepting = False
+        notify("STOPPING=1\nSTATUS=draining queued frames")
         timeout = self.config.scheduler.drain_timeout_s
         tenants = list(self.tenants.values()) + self.draining
         await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in tenants))

@@ -1,0 +1,169 @@
+"""`edge-agent doctor`: check what a device needs to serve, and say what to fix."""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import grp
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from agent.config import AgentConfig
+from agent.model_repo import ModelError, ModelRepository
+
+Level = Literal["ok", "warn", "fail"]
+MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
+DEVICE_NODES = ("/dev/apex_*", "/dev/nvidia*", "/dev/nvhost-*", "/dev/dri/renderD*", "/dev/accel/accel*")
+
+
+@dataclass
+class Check:
+    level: Level
+    what: str
+    detail: str = ""
+    fix: str = ""
+
+
+def check_state_dir(path: Path) -> Check:
+    probe = path if path.exists() else path.parent
+    if not probe.exists():
+        return Check("fail", f"state dir {path}", "neither it nor its parent exists", f"mkdir -p {path}")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return Check(
+            "fail",
+            f"state dir {path}",
+            "not writable by this user",
+            f"chown -R edge-agent:edge-agent {path} (or run as the service user)",
+        )
+    return Check("ok", f"state dir {path}", "writable")
+
+
+def check_models(config: AgentConfig) -> list[Check]:
+    repo = ModelRepository(config.models_dir)
+    names = sorted({t.model for t in config.placement.tenants} | {config.ingest.default_model})
+    out = []
+    for name in names:
+        try:
+            model = repo.load(name)  # parses the manifest and verifies every artifact's sha256
+            out.append(Check("ok", f"model {name}", f"{', '.join(model.artifacts.files)} sha256 verified"))
+        except ModelError as exc:
+            out.append(Check("fail", f"model {name}", str(exc), f"check {config.models_dir / name}"))
+    return out
+
+
+def check_backends(config: AgentConfig) -> list[Check]:
+    from backends import registry
+
+    caps = registry.capabilities()
+    out = []
+    for name, (ok, devices, reason) in caps.items():
+        out.append(Check("ok" if ok else "warn", f"backend {name}", ", ".join(devices) if ok else reason))
+    for tenant in config.placement.tenants:
+        if tenant.backend == "auto":
+            continue
+        ok, devices, reason = caps.get(tenant.backend, (False, [], "unknown backend"))
+        if not ok:
+            out.append(
+                Check(
+                    "fail",
+                    f"placement {tenant.model}",
+                    f"backend {tenant.backend}: {reason}",
+                    f"install it (pip install '.[{tenant.backend}]') or place the model elsewhere",
+                )
+            )
+        elif tenant.device.lower() not in [d.lower() for d in devices] and tenant.device.lower() != "auto":
+            out.append(
+                Check(
+                    "fail",
+                    f"placement {tenant.model}",
+                    f"{tenant.backend} has no device {tenant.device} (present: {', '.join(devices)})",
+                )
+            )
+    return out
+
+
+def check_device_nodes() -> list[Check]:
+    out = []
+    for pattern in DEVICE_NODES:
+        for node in sorted(glob.glob(pattern)):
+            if os.access(node, os.R_OK | os.W_OK):
+                out.append(Check("ok", f"device {node}", "readable and writable"))
+                continue
+            try:
+                group = grp.getgrgid(os.stat(node).st_gid).gr_name
+            except (KeyError, OSError):
+                group = "its group"
+            out.append(
+                Check(
+                    "fail",
+                    f"device {node}",
+                    "no read/write access",
+                    f"usermod -aG {group} edge-agent (the unit adds video, render, plugdev)",
+                )
+            )
+    if not out:
+        out.append(Check("ok", "accelerator device nodes", "none present (CPU only)"))
+    return out
+
+
+def check_broker(config: AgentConfig) -> Check:
+    host, port = config.broker.host, config.broker.port
+    what = f"broker {host}:{port}"
+    try:
+        with socket.create_connection((host, port), timeout=5):
+            pass
+    except OSError as exc:
+        return Check(
+            "fail",
+            what,
+            f"cannot connect: {exc}",
+            "is the broker running and reachable? (firewall, host, port)",
+        )
+
+    async def mqtt_connect() -> None:
+        import aiomqtt
+
+        from agent.mqtt_session import build_tls_context
+
+        tls = await asyncio.to_thread(build_tls_context, config.broker)
+        async with aiomqtt.Client(
+            host,
+            port,
+            username=config.broker.username,
+            password=config.broker.password,
+            tls_context=tls,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            timeout=5,
+        ):
+            pass
+
+    try:
+        asyncio.run(mqtt_connect())
+    except Exception as exc:  # report any failure (TLS, credentials, protocol) as a finding
+        return Check(
+            "fail",
+            what,
+            f"MQTT connect refused: {exc}",
+            "check broker.username/password and broker.tls in the config",
+        )
+    return Check("ok", what, "MQTT 5 connect accepted" + (" (TLS)" if config.broker.tls.enabled else ""))
+
+
+def run(config: AgentConfig, skip_broker: bool = False) -> int:
+    checks: list[Check] = [Check("ok", "config", f"device id {config.device_id}")]
+    checks.append(check_state_dir(config.state_dir))
+    checks += check_models(config)
+    checks += check_backends(config)
+    checks += check_device_nodes()
+    if not skip_broker:
+        checks.append(check_broker(config))
+    for c in checks:
+        print(f"[{MARK[c.level]}] {c.what}: {c.detail}")
+        if c.fix and c.level != "ok":
+            print(f"       fix: {c.fix}")
+    failed = [c for c in checks if c.level == "fail"]
+    print(f"\n{len(checks)} checks, {len(failed)} failed" + ("" if failed else ": ready to serve"))
+    return 1 if failed else 0

@@ -1,0 +1,137 @@
+#!/usr/bin/env bash
+# Install, upgrade or remove edge-agent as a systemd service (Debian, Ubuntu, Raspberry Pi OS, Jetson L4T).
+#
+#   sudo systemd/install.sh                 install or upgrade: /opt/edge-agent, /etc/edge-agent, units enabled
+#   sudo systemd/install.sh --start         ... and (re)start the service now
+#   sudo systemd/install.sh --console       also install the fleet console unit
+#   sudo systemd/install.sh --uninstall     remove units and /opt/edge-agent; keep config and state
+#   sudo systemd/install.sh --uninstall --purge   ... and remove /etc/edge-agent and /var/lib/edge-agent too
+#   systemd/install.sh --root /tmp/stage    stage everything under a root folder (no users, no systemctl)
+#
+# Environment: PYTHON (default python3), PIP_ARGS (extra pip install arguments, e.g. an index or --no-deps),
+# EXTRAS (pip extras, default "openvino").
+set -euo pipefail
+
+ROOT=/
+PREFIX=/opt/edge-agent
+ACTION=install
+START=0
+CONSOLE=0
+PURGE=0
+PYTHON=${PYTHON:-python3}
+EXTRAS=${EXTRAS:-openvino}
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --root) ROOT=$2; shift ;;
+    --prefix) PREFIX=$2; shift ;;
+    --uninstall) ACTION=uninstall ;;
+    --purge) PURGE=1 ;;
+    --start) START=1 ;;
+    --console) CONSOLE=1 ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+ROOT=${ROOT%/}
+DEST=$ROOT$PREFIX
+ETC=$ROOT/etc/edge-agent
+UNITS=$ROOT/etc/systemd/system
+LIVE=0
+[ -z "$ROOT" ] && LIVE=1   # installing onto this system (not staging)
+say() { printf '%s\n' "edge-agent install: $*"; }
+
+if [ "$LIVE" = 1 ] && [ "$(id -u)" != 0 ]; then
+  echo "run as root (sudo), or stage with --root DIR" >&2
+  exit 1
+fi
+
+units="edge-agent.service"
+[ "$CONSOLE" = 1 ] && units="$units edge-console.service"
+
+if [ "$ACTION" = uninstall ]; then
+  if [ "$LIVE" = 1 ]; then
+    for u in edge-agent.service edge-console.service; do
+      systemctl disable --now "$u" 2>/dev/null || true
+    done
+  fi
+  rm -f "$UNITS/edge-agent.service" "$UNITS/edge-console.service"
+  [ "$LIVE" = 1 ] && systemctl daemon-reload
+  rm -rf "$DEST"
+  if [ "$PURGE" = 1 ]; then
+    rm -rf "$ETC" "$ROOT/var/lib/edge-agent" "$ROOT/var/lib/edge-console"
+    if [ "$LIVE" = 1 ]; then
+      userdel edge-agent 2>/dev/null || true
+      userdel edge-console 2>/dev/null || true
+    fi
+    say "removed, config and state purged"
+  else
+    say "removed; kept $ETC and /var/lib/edge-agent (use --purge to delete them)"
+  fi
+  exit 0
+fi
+
+# 1. Service users, with the groups accelerators need (only those that exist on this system).
+if [ "$LIVE" = 1 ]; then
+  for user in edge-agent $([ "$CONSOLE" = 1 ] && echo edge-console); do
+    if ! id "$user" >/dev/null 2>&1; then
+      useradd --system --user-group --home-dir /nonexistent --no-create-home --shell /usr/sbin/nologin "$user"
+      say "created system user $user"
+    fi
+  done
+  for group in video render plugdev; do
+    getent group "$group" >/dev/null && usermod -aG "$group" edge-agent
+  done
+fi
+
+# 2. The source tree (code + model repository) and a virtual environment.
+mkdir -p "$DEST"
+rm -rf "$DEST/src.new"
+mkdir -p "$DEST/src.new"
+( cd "$SRC" && tar cf - --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude='*.egg-info' \
+    --exclude=bench/out --exclude=.pytest_cache --exclude=.mypy_cache --exclude=.ruff_cache . ) \
+  | ( cd "$DEST/src.new" && tar xf - )
+rm -rf "$DEST/src"
+mv "$DEST/src.new" "$DEST/src"
+if [ ! -x "$DEST/venv/bin/python" ]; then
+  "$PYTHON" -m venv "$DEST/venv"
+  say "created $PREFIX/venv"
+fi
+target="$DEST/src"
+[ -n "$EXTRAS" ] && target="$DEST/src[$EXTRAS]"
+# shellcheck disable=SC2086
+"$DEST/venv/bin/python" -m pip install -q ${PIP_ARGS:-} "$target"
+say "installed edge-agent into $PREFIX/venv"
+
+# 3. Config (never overwritten on upgrade) and units.
+mkdir -p "$ETC" "$UNITS"
+if [ ! -f "$ETC/agent.toml" ]; then
+  sed "s|# models_dir = \"/opt/edge-agent/src/models\"|models_dir = \"$PREFIX/src/models\"|" \
+    "$SRC/systemd/agent.toml.example" > "$ETC/agent.toml"
+  chmod 0640 "$ETC/agent.toml"
+  say "wrote $ETC/agent.toml (edit broker settings there)"
+else
+  say "kept existing $ETC/agent.toml"
+fi
+for u in $units; do
+  sed "s|/opt/edge-agent|$PREFIX|g" "$SRC/systemd/$u" > "$UNITS/$u"
+done
+say "installed units: $units"
+
+if [ "$LIVE" = 1 ]; then
+  chown -R root:edge-agent "$ETC"
+  systemctl daemon-reload
+  for u in $units; do
+    systemctl enable "$u" >/dev/null
+    if [ "$START" = 1 ] || systemctl is-active --quiet "$u"; then
+      systemctl restart "$u"
+      say "(re)started $u"
+    fi
+  done
+  say "enabled; start with: systemctl start edge-agent; logs: journalctl -u edge-agent -f"
+else
+  say "staged under $ROOT (no users created, systemctl not called)"
+fi
