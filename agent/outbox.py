@@ -1,16 +1,25 @@
-"""Outgoing results: every answer waits here until the broker acknowledged it.
+"""Outgoing results and telemetry: every message waits, on disk, until the broker has it.
 
-Worker threads hand messages in with `put` (thread-safe). One task publishes them at QoS 1 with a
-bounded number in flight; a publish that fails while the broker is away goes back to the front and
-is sent again after the reconnect, so an accepted frame's answer is not lost to a broker outage.
+Worker threads hand messages in with `put` (thread-safe). One task publishes them in order with a
+bounded number in flight (results at QoS 1: done when the broker's PUBACK arrives). A publish that
+fails because the broker went away goes back into the queue in its original order and is sent after
+the reconnect. Every message is also written to SQLite (`outbox.db` in the state dir) by a writer
+thread in small batches, and deleted once acknowledged, so answers survive a broker outage of any
+length and an agent restart: Mosquitto saves its own state only periodically, so the agent does not
+rely on the broker to keep its results.
 """
 
 from __future__ import annotations
 
 import asyncio
+import heapq
+import itertools
 import logging
-from collections import deque
-from dataclasses import dataclass
+import queue
+import sqlite3
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
@@ -20,13 +29,14 @@ from agent.mqtt_session import MqttSession, NotConnected
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, order=True)
 class Outgoing:
-    topic: str
-    payload: bytes
-    qos: int = 1
-    retain: bool = False
-    correlation_data: bytes | None = None
+    seq: int = field(compare=True)
+    topic: str = field(compare=False)
+    payload: bytes = field(compare=False)
+    qos: int = field(default=1, compare=False)
+    retain: bool = field(default=False, compare=False)
+    correlation_data: bytes | None = field(default=None, compare=False)
 
     def properties(self) -> Properties | None:
         if self.correlation_data is None:
@@ -36,29 +46,139 @@ class Outgoing:
         return props
 
 
+class OutboxStore:
+    """SQLite persistence for the outbox, written by one thread in batches (cheap on the hot path)."""
+
+    def __init__(self, path: Path, flush_interval_s: float = 0.05) -> None:
+        self.path = path
+        self.flush_interval_s = flush_interval_s
+        self._ops: queue.Queue[tuple[str, Outgoing | int]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=10.0)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY, topic TEXT NOT NULL,"
+            " payload BLOB NOT NULL, qos INTEGER NOT NULL, retain INTEGER NOT NULL, correlation BLOB)"
+        )
+        return conn
+
+    def load(self) -> list[Outgoing]:
+        """Messages left unacknowledged by an earlier run, oldest first."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as conn:
+            rows = conn.execute(
+                "SELECT seq, topic, payload, qos, retain, correlation FROM outbox ORDER BY seq"
+            ).fetchall()
+        return [Outgoing(r[0], r[1], bytes(r[2]), r[3], bool(r[4]), r[5]) for r in rows]
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, message: Outgoing) -> None:
+        self._ops.put(("add", message))
+
+    def ack(self, seq: int) -> None:
+        self._ops.put(("ack", seq))
+
+    def _run(self) -> None:
+        conn = self._connect()
+        try:
+            while not self._stop.wait(self.flush_interval_s):
+                self._flush(conn)
+            self._flush(conn)
+        finally:
+            conn.close()
+
+    def _flush(self, conn: sqlite3.Connection) -> None:
+        adds: dict[int, Outgoing] = {}
+        acks: list[int] = []
+        while True:
+            try:
+                op, item = self._ops.get_nowait()
+            except queue.Empty:
+                break
+            if op == "add" and isinstance(item, Outgoing):
+                adds[item.seq] = item
+            elif isinstance(item, int) and adds.pop(item, None) is None:
+                acks.append(item)  # (an ack of a message still in `adds` means it never reached the disk)
+        if not adds and not acks:
+            return
+        try:
+            with conn:
+                conn.executemany(
+                    "INSERT OR REPLACE INTO outbox VALUES (?, ?, ?, ?, ?, ?)",
+                    [
+                        (m.seq, m.topic, m.payload, m.qos, int(m.retain), m.correlation_data)
+                        for m in adds.values()
+                    ],
+                )
+                conn.executemany("DELETE FROM outbox WHERE seq = ?", [(s,) for s in acks])
+        except sqlite3.Error:
+            log.exception("outbox: could not persist %d messages", len(adds))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(30.0)
+
+
 class Outbox:
-    def __init__(self, session: MqttSession, loop: asyncio.AbstractEventLoop, max_inflight: int = 64) -> None:
+    def __init__(
+        self,
+        session: MqttSession,
+        loop: asyncio.AbstractEventLoop,
+        store: OutboxStore | None = None,
+        unsent: list[Outgoing] | None = None,
+        max_inflight: int = 64,
+        max_pending: int = 200_000,
+    ) -> None:
         self._session = session
         self._loop = loop
-        self._pending: deque[Outgoing] = deque()
+        self._store = store
+        self._pending: list[Outgoing] = []  # a heap by sequence number: original order, also after retries
         self._wake = asyncio.Event()
         self._inflight = asyncio.Semaphore(max_inflight)
         self._tasks: set[asyncio.Task[None]] = set()
+        self._max_pending = max_pending
+        self._seq = itertools.count(1)
         self.sent = 0
         self.retried = 0
+        self.dropped = 0
+        for message in unsent or []:  # left by an earlier run (OutboxStore.load, read off the loop)
+            heapq.heappush(self._pending, message)
+        if self._pending:
+            log.info("outbox: %d unsent messages from the last run will be sent", len(self._pending))
+            self._seq = itertools.count(max(m.seq for m in self._pending) + 1)
+        if store is not None:
+            store.start()
 
     def __len__(self) -> int:
         return len(self._pending) + len(self._tasks)
 
-    def put(self, message: Outgoing) -> None:
+    def put(self, topic: str, payload: bytes, qos: int = 1, correlation_data: bytes | None = None) -> None:
         """Thread-safe: callable from worker threads."""
-        self._loop.call_soon_threadsafe(self._append, message)
+        self._loop.call_soon_threadsafe(self._append, topic, payload, qos, correlation_data)
 
-    def _append(self, message: Outgoing) -> None:
-        self._pending.append(message)
+    def _append(self, topic: str, payload: bytes, qos: int, correlation_data: bytes | None) -> None:
+        message = Outgoing(next(self._seq), topic, payload, qos, False, correlation_data)
+        if len(self._pending) >= self._max_pending:
+            oldest = heapq.heappop(self._pending)  # a bounded spool: an outage cannot fill the disk
+            self.dropped += 1
+            if self._store is not None:
+                self._store.ack(oldest.seq)
+        heapq.heappush(self._pending, message)
+        if self._store is not None:
+            self._store.add(message)
         self._wake.set()
 
     async def run(self) -> None:
+        self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
@@ -68,7 +188,7 @@ class Outbox:
                 if not self._pending:
                     self._inflight.release()
                     break
-                message = self._pending.popleft()
+                message = heapq.heappop(self._pending)
                 task = asyncio.create_task(self._send(message))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
@@ -83,9 +203,11 @@ class Outbox:
                 properties=message.properties(),
             )
             self.sent += 1
+            if self._store is not None:
+                self._store.ack(message.seq)
         except NotConnected:
             self.retried += 1
-            self._pending.appendleft(message)
+            heapq.heappush(self._pending, message)
             self._wake.set()
             await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
         finally:
@@ -97,3 +219,8 @@ class Outbox:
         while len(self) and self._loop.time() < deadline:  # noqa: ASYNC110 (shutdown only)
             await asyncio.sleep(0.02)
         return len(self) == 0
+
+    def close(self) -> None:
+        """Persist what is still pending (it is sent at the next start)."""
+        if self._store is not None:
+            self._store.stop()

@@ -26,7 +26,7 @@ from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.metrics import MetricsStore
 from agent.model_repo import ModelError, ModelRepository
 from agent.mqtt_session import MqttSession
-from agent.outbox import Outbox, Outgoing
+from agent.outbox import Outbox, OutboxStore
 from agent.placer import Profiler, candidates_for, choose
 from agent.schemas import (
     AutoChoice,
@@ -130,8 +130,10 @@ class Agent:
     async def start(self) -> None:
         """Everything up to serving: state dir, metrics, capabilities, initial placement, MQTT."""
         self._loop = asyncio.get_running_loop()
-        self.outbox = Outbox(self.session, self._loop)
         await asyncio.to_thread(self.config.state_dir.mkdir, parents=True, exist_ok=True)
+        store = OutboxStore(self.config.state_dir / "outbox.db")
+        unsent = await asyncio.to_thread(store.load)
+        self.outbox = Outbox(self.session, self._loop, store, unsent)
         await asyncio.to_thread(self.metrics.start)
         self.capabilities = await asyncio.to_thread(self._probe_capabilities)
         initial = await asyncio.to_thread(self._saved_placement) or self.config.placement
@@ -188,6 +190,8 @@ class Agent:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
         await asyncio.to_thread(self.metrics.stop)
         log.info("stopped")
 
@@ -254,9 +258,9 @@ class Agent:
         if self.outbox is None:
             return
         payload = outcome.model_dump_json(exclude_none=True).encode()
-        self.outbox.put(Outgoing(self.topics.result, payload))
+        self.outbox.put(self.topics.result, payload)
         if frame.response_topic:
-            self.outbox.put(Outgoing(frame.response_topic, payload, correlation_data=frame.correlation_data))
+            self.outbox.put(frame.response_topic, payload, correlation_data=frame.correlation_data)
 
     # -- placement ------------------------------------------------------------------------------
     async def _on_placement(self, message: aiomqtt.Message) -> None:
@@ -553,11 +557,8 @@ class Agent:
         )
 
     async def _telemetry_loop(self) -> None:
+        """Telemetry goes through the outbox: spooled while the broker is away, then sent in order."""
         while True:
             await asyncio.sleep(self.config.metrics.telemetry_interval_s)
-            if not self.session.connected.is_set():
-                continue
-            with contextlib.suppress(Exception):
-                await self.session.publish(
-                    self.topics.telemetry, self.telemetry().model_dump_json().encode(), qos=0
-                )
+            if self.outbox is not None:
+                self.outbox.put(self.topics.telemetry, self.telemetry().model_dump_json().encode(), qos=0)
