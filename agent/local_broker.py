@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -34,7 +35,9 @@ def wait_for_port(host: str, port: int, timeout_s: float = 10.0) -> None:
 class LocalBroker:
     """`with LocalBroker() as broker:` runs mosquitto on 127.0.0.1:<free port>; `restart()` keeps the port."""
 
-    def __init__(self, port: int | None = None, extra_config: str = "", workdir: Path | None = None) -> None:
+    def __init__(
+        self, port: int | None = None, extra_config: str = "", workdir: Path | None = None, anonymous: bool = True
+    ) -> None:
         exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
         )
@@ -46,6 +49,7 @@ class LocalBroker:
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-broker-") if workdir is None else None
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.extra_config = extra_config
+        self.anonymous = anonymous
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -56,7 +60,7 @@ class LocalBroker:
         conf = self.workdir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
-            "allow_anonymous true\n"
+            f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
             "persistence false\n"
             "max_queued_messages 100000\n"
             "message_size_limit 0\n"
@@ -90,6 +94,11 @@ class LocalBroker:
                 self.proc.kill()
                 self.proc.wait(5)
         self.proc = None
+
+    def reload(self) -> None:
+        """SIGHUP: Mosquitto re-reads its password and ACL files."""
+        if self.proc is not None:
+            self.proc.send_signal(signal.SIGHUP)
 
     def restart(self) -> None:
         self.stop()

@@ -36,11 +36,16 @@ def broker() -> Iterator[LocalBroker]:
 class Collector:
     """A paho MQTT 5 subscriber that keeps every message it gets, for assertions."""
 
-    def __init__(self, port: int, topics: list[str]) -> None:
+    def __init__(self, port: int, topics: list[str], username: str | None = None, password: str | None = None,
+                 tls: dict[str, Any] | None = None) -> None:
         self.messages: list[paho.MQTTMessage] = []
         self._cond = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
+        if username:
+            self.client.username_pw_set(username, password)
+        if tls:
+            self.client.tls_set(**tls)
         self.client.connect("127.0.0.1", port)
         for topic in topics:
             self.client.subscribe(topic, qos=1)

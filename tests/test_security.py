@@ -1,0 +1,135 @@
+"""Security against a real Mosquitto: TLS, mutual TLS, passwords, the shipped ACL, signed placements."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.local_broker import LocalBroker
+from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, sample
+from tests.pki import make_pki
+
+pytestmark = pytest.mark.timeout(180)
+ACL = REPO / "deploy" / "mosquitto" / "edge-acl.conf"
+
+
+@pytest.fixture
+def shared_dir():
+    """Files Mosquitto reads after dropping to its own user must be reachable by that user."""
+    path = Path(tempfile.mkdtemp(prefix="edge-sec-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def passwd_file(folder: Path, users: dict[str, str]) -> Path:
+    path = folder / "passwd"
+    path.unlink(missing_ok=True)
+    for user, password in users.items():
+        subprocess.run(["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
+                       check=True, capture_output=True)
+    path.chmod(0o644)
+    return path
+
+
+def test_mutual_tls_and_password(shared_dir, tmp_path):
+    pki = make_pki(shared_dir / "pki")
+    pw = passwd_file(shared_dir, {"cam1": "s3cret", "tester": "t3st"})
+    broker = LocalBroker(anonymous=False, extra_config=(
+        f"password_file {pw}\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
+        f"keyfile {pki['server_key']}\nrequire_certificate true\n"))
+    config = (f'[broker]\nusername = "cam1"\npassword = "s3cret"\n[broker.tls]\nenabled = true\n'
+              f'ca_file = "{pki["ca"]}"\ncert_file = "{pki["cam1_cert"]}"\nkey_file = "{pki["cam1_key"]}"\n')
+    with broker:
+        broker.host = "127.0.0.1"
+        agent = AgentProcess(broker, tmp_path, "cam1", config)
+        agent.args[agent.args.index("--broker") + 1] = f"mqtts://127.0.0.1:{broker.port}"
+        agent.start()
+        tls = {"ca_certs": str(pki["ca"]), "certfile": str(pki["cam1_cert"]), "keyfile": str(pki["cam1_key"])}
+        c = Collector(broker.port, ["edge/cam1/result", "edge/cam1/status"], "tester", "t3st", tls)
+        try:
+            c.wait_for(lambda r: bool(r) and r[-1].get("online") is True, "edge/cam1/status", timeout=60)
+            c.publish("edge/cam1/infer", sample("cat.jpg"))
+            got = c.wait_for(lambda r: len(r) >= 1, "edge/cam1/result")
+            assert got[0]["top"][0]["index"] in CAT_CLASSES
+        finally:
+            c.close()
+            agent.stop()
+        # Wrong password: the agent keeps retrying and says why; doctor reports it with a fix.
+        bad = tmp_path / "bad.toml"
+        bad.write_text(config.replace("s3cret", "wrong"))
+        done = subprocess.run(
+            [agent.args[0], "-m", "agent", "doctor", "--config", str(bad), "--broker",
+             f"mqtts://127.0.0.1:{broker.port}", "--device-id", "cam1", "--state-dir", str(tmp_path / "d")],
+            capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert "[FAIL] broker" in done.stdout and "refused" in done.stdout
+        # No client certificate: the TLS handshake is refused.
+        plain = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+        plain.tls_set(ca_certs=str(pki["ca"]))
+        plain.username_pw_set("tester", "t3st")
+        accepted: list[object] = []
+        plain.on_connect = lambda *args: accepted.append(args)
+        try:
+            plain.connect("127.0.0.1", broker.port)
+            for _ in range(20):
+                plain.loop(0.1)
+        except (OSError, ssl.SSLError):
+            pass
+        assert not accepted, "a client without a certificate is not let in"
+
+
+def _client(port: int, user: str, password: str) -> paho.Client:
+    c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5, client_id=f"{user}-{os.getpid()}")
+    c.username_pw_set(user, password)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    return c
+
+
+def test_shipped_acl_keeps_devices_to_their_own_topics(shared_dir):
+    acl = shared_dir / "acl"
+    acl.write_text(ACL.read_text())
+    acl.chmod(0o644)
+    users = {"cam-01": "a", "cam-02": "b", "console": "c", "camera-cam-01": "d"}
+    pw = passwd_file(shared_dir, users)
+    with LocalBroker(anonymous=False, extra_config=f"password_file {pw}\nacl_file {acl}\n") as broker:
+        got: dict[str, list[str]] = {u: [] for u in users}
+        clients = {}
+        for user, password in users.items():
+            c = _client(broker.port, user, password)
+            c.on_message = lambda _c, _u, m, user=user: got[user].append(m.topic)
+            c.subscribe("edge/#", qos=1)
+            clients[user] = c
+        time.sleep(0.5)
+
+        def pub(user: str, topic: str) -> None:
+            clients[user].publish(topic, b"{}", qos=1).wait_for_publish(5)
+
+        pub("console", "edge/cam-01/placement")  # allowed: cam-01 reads it
+        pub("cam-02", "edge/cam-01/placement")  # not allowed: only the console places
+        pub("cam-01", "edge/cam-01/placement")  # not allowed either
+        pub("cam-01", "edge/cam-01/result")  # allowed: camera and console? camera reads it
+        pub("cam-02", "edge/cam-01/result")  # forging another device's results: refused
+        pub("camera-cam-01", "edge/cam-01/infer")  # allowed
+        pub("camera-cam-01", "edge/cam-02/infer")  # refused: not its device
+        pub("cam-02", "edge/cam-02/status")  # allowed: console reads it
+        time.sleep(1.0)
+        for c in clients.values():
+            c.loop_stop()
+            c.disconnect()
+    assert got["cam-01"].count("edge/cam-01/placement") == 1, got["cam-01"]
+    assert got["cam-01"].count("edge/cam-01/infer") == 1
+    assert "edge/cam-02/infer" not in got["cam-02"], "a camera cannot feed another device"
+    assert got["camera-cam-01"] == ["edge/cam-01/result"], "one genuine result; the forged one was dropped"
+    # The console reads status, telemetry and (its own) placements; never frames or results.
+    assert sorted(got["console"]) == ["edge/cam-01/placement", "edge/cam-02/status"]
+    assert not any(t.startswith("edge/cam-01/") for t in got["cam-02"]), "devices do not see each other"
