@@ -53,12 +53,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         config.broker.port,
     )
 
+    agent = Agent(config)  # raises ConfigError (exit 2) for a bad signing key
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await Agent(config).run(stop)
+        await agent.run(stop)
 
     asyncio.run(main())
     return 0
@@ -160,6 +162,10 @@ def cmd_place(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: invalid placement: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.sign_key:
+        from agent.signing import load_private_key, sign
+
+        doc = sign(doc, load_private_key(Path(args.sign_key)), valid_s=args.valid_s)
     print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
     applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout))
     placement = status.get("placement") or {}
@@ -175,6 +181,17 @@ def cmd_place(args: argparse.Namespace) -> int:
     else:
         print(f"no answer from {device_id} within {args.timeout}s (is it online?)")
     return 1
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    from agent.signing import generate_keypair
+
+    folder = Path(args.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = generate_keypair(folder)
+    print(f"private key (keep it with the console): {private}")
+    print(f"public key (for every device's security.placement_public_key): {public.read_text().strip()}")
+    return 0
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -258,6 +275,10 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--max-delay-ms", type=float, default=2.0)
     place.add_argument("--generation", type=int, help="default: one above the device's current")
     place.add_argument("--timeout", type=float, default=120.0)
+    place.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign the placement with")
+    place.add_argument(
+        "--valid-s", type=float, default=3600.0, help="how long a signed placement stays valid"
+    )
     place.set_defaults(func=cmd_place)
 
     doctor = sub.add_parser(

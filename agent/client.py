@@ -7,6 +7,7 @@ private response topic, the MQTT 5 request/response pattern (what `mosquitto_rr`
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 import uuid
@@ -143,15 +144,25 @@ async def publish_placement(
         password=broker.get("password"),
     ) as client:
         await client.subscribe(topics.status, qos=1)
-        await client.publish(topics.placement, json.dumps(doc).encode(), qos=1, retain=True)
+        # The retained status arrives first: only a status published after ours can answer it.
+        baseline = 0.0
         status: dict[str, Any] = {}
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(1.0):
+                async for message in client.messages:
+                    status = json.loads(message.payload)
+                    baseline = float(status.get("ts") or 0.0)
+                    break
+        await client.publish(topics.placement, json.dumps(doc).encode(), qos=1, retain=True)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
                     status = json.loads(message.payload)
+                    if float(status.get("ts") or 0.0) <= baseline:
+                        continue
                     placement = status.get("placement") or {}
                     refused = placement.get("refused") or {}
-                    if refused.get("generation") == generation:
+                    if refused.get("generation") == generation and float(refused.get("ts") or 0) > baseline:
                         return False, status
                     tenants = placement.get("tenants", [])
                     if placement.get("applied_generation") == generation and all(

@@ -87,6 +87,13 @@ class MetricsConfig(Section):
     prometheus_listen: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\[\]-]*:\d{1,5}$")
 
 
+class SecurityConfig(Section):
+    # The console's Ed25519 public key (base64 of 32 bytes, or a file holding it). When set, only
+    # placements signed with the matching private key, recently, for a newer generation are applied.
+    placement_public_key: str | None = None
+    placement_max_age_s: float = Field(default=86400.0, gt=0)
+
+
 def _default_placement() -> Placement:
     return Placement(generation=0, tenants=[TenantSpec(model="efficientnet-lite0")])
 
@@ -110,6 +117,7 @@ class AgentConfig(BaseSettings):
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    security: SecurityConfig = Field(default_factory=SecurityConfig)
     # What to serve before (or without) a placement from the console.
     placement: Placement = Field(default_factory=_default_placement)
 

@@ -36,7 +36,11 @@ class LocalBroker:
     """`with LocalBroker() as broker:` runs mosquitto on 127.0.0.1:<free port>; `restart()` keeps the port."""
 
     def __init__(
-        self, port: int | None = None, extra_config: str = "", workdir: Path | None = None, anonymous: bool = True
+        self,
+        port: int | None = None,
+        extra_config: str = "",
+        workdir: Path | None = None,
+        anonymous: bool = True,
     ) -> None:
         exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None

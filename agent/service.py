@@ -17,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import aiomqtt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from agent import __version__
-from agent.config import AgentConfig
+from agent.config import AgentConfig, ConfigError
 from agent.device_stats import DeviceStats
 from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.metrics import MetricsStore
@@ -47,6 +48,7 @@ from agent.schemas import (
     TenantTelemetry,
 )
 from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
+from agent.signing import SignatureRefused, load_public_key, verify
 from agent.tenant import Tenant
 from agent.topics import Topics
 from backends import registry
@@ -73,6 +75,10 @@ def frame_meta(message: aiomqtt.Message) -> FrameMeta:
         user_properties=user,
         expiry_s=getattr(props, "MessageExpiryInterval", None),
     )
+
+
+class _Redelivery(Exception):
+    """The applied, signed document arrived again (retained, on reconnect): nothing to do."""
 
 
 def _generation_of(payload: bytes) -> int | None:
@@ -103,6 +109,12 @@ class Agent:
         self.refused: Refusal | None = None
         self.auto_choices: dict[str, AutoChoice] = {}  # model -> why auto placed it there
         self.profiler = Profiler(config.state_dir / "profiles.db")
+        key = config.security.placement_public_key
+        try:
+            self._verify_key = load_public_key(key) if key else None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"security.placement_public_key: {exc}") from exc
+        self._applied_signature: str | None = None
         self.device_stats = DeviceStats()
         self.accepting = True
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
@@ -141,6 +153,7 @@ class Agent:
             await self.apply_placement(
                 initial, source="saved" if initial is not self.config.placement else "config"
             )
+            self._applied_signature = initial.signature  # so its retained copy is known on redelivery
         except PlacementRefused as exc:
             self._note_error(f"initial placement refused: {exc}")
         self.ready.set()
@@ -273,11 +286,22 @@ class Agent:
 
     async def _apply_document(self, payload: bytes) -> None:
         try:
-            placement = Placement.model_validate_json(payload)
-        except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors()[:5]
-            )
+            doc = json.loads(payload)
+            if self._verify_key is not None:
+                self._verify_signature(doc, self._verify_key)
+            placement = Placement.model_validate(doc)
+        except _Redelivery:
+            return  # the retained document we already applied, delivered again on reconnect
+        except (ValueError, SignatureRefused) as exc:
+            if isinstance(exc, ValidationError):
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}"
+                    for e in exc.errors()[:5]
+                )
+            elif isinstance(exc, SignatureRefused):
+                problems = f"signature: {exc}"
+            else:
+                problems = f"invalid JSON: {exc}"
             self.refused = Refusal(generation=_generation_of(payload), reason=problems)
             self._note_error(f"placement refused: {problems}")
             return
@@ -286,6 +310,26 @@ class Agent:
         except PlacementRefused as exc:
             self.refused = Refusal(generation=placement.generation, reason=str(exc))
             self._note_error(f"placement generation {placement.generation} refused: {exc}")
+            return
+        self._applied_signature = placement.signature
+
+    def _verify_signature(self, doc: Any, key: Ed25519PublicKey) -> None:
+        if not isinstance(doc, dict):
+            raise SignatureRefused("unsigned: not a JSON object")
+        verify(doc, key, self.config.security.placement_max_age_s)
+        generation = doc.get("generation")
+        if self.applied_generation is not None and generation == self.applied_generation:
+            if doc.get("signature") == self._applied_signature:
+                raise _Redelivery
+            raise SignatureRefused(f"replayed: generation {generation} is already applied")
+        if (
+            self.applied_generation is not None
+            and isinstance(generation, int)
+            and generation < self.applied_generation
+        ):
+            raise SignatureRefused(
+                f"replayed: generation {generation} is older than the applied {self.applied_generation}"
+            )
 
     def _check(self, placement: Placement) -> None:
         """Refuse what names an unknown model, backend or device (after auto was resolved)."""

@@ -133,3 +133,72 @@ def test_shipped_acl_keeps_devices_to_their_own_topics(shared_dir):
     # The console reads status, telemetry and (its own) placements; never frames or results.
     assert sorted(got["console"]) == ["edge/cam-01/placement", "edge/cam-02/status"]
     assert not any(t.startswith("edge/cam-01/") for t in got["cam-02"]), "devices do not see each other"
+
+
+def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, tmp_path):
+    import asyncio
+    import json
+
+    from agent.client import publish_placement
+    from agent.signing import generate_keypair, load_private_key, sign
+
+    private, public = generate_keypair(tmp_path)
+    key = load_private_key(private)
+    (tmp_path / "other").mkdir()
+    other = load_private_key(generate_keypair(tmp_path / "other")[0])
+    config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
+    agent = AgentProcess(broker, tmp_path, "sig1", config).start()
+    agent.wait_ready()
+
+    def doc(generation: int, backend: str = "openvino") -> dict:
+        device = "CPU" if backend == "openvino" else "cpu"
+        return {"generation": generation, "tenants": [{"model": "efficientnet-lite0", "backend": backend,
+                                                      "device": device}]}
+
+    def send(document: dict) -> tuple[bool, dict]:
+        return asyncio.run(publish_placement(broker.url, "sig1", document, timeout_s=30))
+
+    try:
+        applied, status = send(doc(1))
+        assert not applied and "unsigned" in status["placement"]["refused"]["reason"]
+        applied, status = send(sign(doc(2), other))
+        assert not applied and "forged" in status["placement"]["refused"]["reason"]
+        tampered = sign(doc(3), key)
+        tampered["tenants"][0]["instances"] = 8
+        applied, status = send(tampered)
+        assert not applied and "altered" in status["placement"]["refused"]["reason"]
+        expired = sign(doc(4), key, valid_s=-10)
+        applied, status = send(expired)
+        assert not applied and "expired" in status["placement"]["refused"]["reason"]
+        good = sign(doc(5), key)
+        applied, status = send(good)
+        assert applied, status
+        assert status["placement"]["tenants"][0]["backend"] == "openvino"
+        older = sign(doc(3, "onnxruntime"), key)
+        applied, status = send(older)
+        assert not applied and "replayed" in status["placement"]["refused"]["reason"]
+        replay = sign(doc(5, "onnxruntime"), key)
+        applied, status = send(replay)
+        assert not applied and "replayed" in status["placement"]["refused"]["reason"]
+        # Through all that the signed placement kept serving.
+        final = agent.wait_ready()
+        assert [(t["backend"], t["state"]) for t in final["placement"]["tenants"]] == [("openvino", "ready")]
+        assert json.loads((agent.state_dir / "placement.json").read_text())["generation"] == 5
+    finally:
+        agent.stop()
+    # A restart re-reads the saved, signed placement; the retained copy is not taken for a replay.
+    agent.start()
+    status = agent.wait_ready()
+    assert status["placement"]["applied_generation"] == 5
+    assert status["placement"].get("refused") is None
+    agent.stop()
+
+
+def test_bad_public_key_is_a_config_error(tmp_path):
+    import sys
+
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text('[security]\nplacement_public_key = "not-a-key"\n')
+    done = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg), "--state-dir", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "placement_public_key" in done.stderr

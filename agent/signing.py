@@ -1,0 +1,96 @@
+"""Signed placements (Ed25519): a device holding the console's public key obeys only documents
+the console signed, recently, for a newer generation.
+
+Signature: over the document without its `signature` field, serialised canonically
+(`json.dumps(sort_keys=True, separators=(",", ":"))`). `signed_at` and `expires_at` are Unix times.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+
+class SignatureRefused(Exception):
+    """The document is unsigned, forged, tampered with, expired or replayed."""
+
+
+def canonical(doc: dict[str, Any]) -> bytes:
+    body = {k: v for k, v in doc.items() if k != "signature"}
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+
+
+def generate_keypair(folder: Path) -> tuple[Path, Path]:
+    key = Ed25519PrivateKey.generate()
+    private, public = folder / "placement-signing.key", folder / "placement-signing.pub"
+    private.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    private.chmod(0o600)
+    public.write_text(public_key_b64(key.public_key()) + "\n")
+    return private, public
+
+
+def public_key_b64(key: Ed25519PublicKey) -> str:
+    return base64.b64encode(
+        key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    ).decode()
+
+
+def load_private_key(path: Path) -> Ed25519PrivateKey:
+    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def load_public_key(value: str) -> Ed25519PublicKey:
+    """Base64 of the 32 raw bytes (what `edge-agent keygen` writes), or a path to such a file."""
+    text = value.strip()
+    if "/" in text and Path(text).is_file():
+        text = Path(text).read_text().strip()
+    try:
+        raw = base64.b64decode(text, validate=True)
+        return Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError as exc:
+        raise ValueError(f"not an Ed25519 public key (base64 of 32 bytes): {exc}") from exc
+
+
+def sign(doc: dict[str, Any], key: Ed25519PrivateKey, valid_s: float = 3600.0) -> dict[str, Any]:
+    now = time.time()
+    signed = {**doc, "signed_at": round(now, 3), "expires_at": round(now + valid_s, 3)}
+    signed.pop("signature", None)
+    signed["signature"] = base64.b64encode(key.sign(canonical(signed))).decode()
+    return signed
+
+
+def verify(doc: dict[str, Any], key: Ed25519PublicKey, max_age_s: float, now: float | None = None) -> None:
+    """Raise SignatureRefused unless `doc` carries a valid, current signature by `key`."""
+    now = time.time() if now is None else now
+    signature = doc.get("signature")
+    if not isinstance(signature, str) or not signature:
+        raise SignatureRefused("unsigned: this device accepts only placements signed by the console")
+    try:
+        key.verify(base64.b64decode(signature, validate=True), canonical(doc))
+    except (InvalidSignature, ValueError) as exc:
+        raise SignatureRefused(
+            "forged or altered: the signature does not verify with the console's key"
+        ) from exc
+    signed_at, expires_at = doc.get("signed_at"), doc.get("expires_at")
+    if not isinstance(signed_at, int | float) or not isinstance(expires_at, int | float):
+        raise SignatureRefused("signed document lacks signed_at/expires_at")
+    if expires_at < now:
+        raise SignatureRefused(f"expired {now - expires_at:.0f}s ago")
+    if now - signed_at > max_age_s:
+        raise SignatureRefused(f"signed {now - signed_at:.0f}s ago, older than the {max_age_s:.0f}s allowed")
+    if signed_at > now + 300:
+        raise SignatureRefused("signed_at is in the future (check the clocks)")
