@@ -71,6 +71,9 @@ class MqttSession:
         self.connects = 0
         self.handler_errors = 0
         self._on_connect = on_connect
+        # Called when a live connection ends: the outbox re-queues what was in flight at once,
+        # instead of waiting for acks that the dead connection will never deliver.
+        self.on_disconnect: list[Callable[[], None]] = []
         self._client: aiomqtt.Client | None = None
         self._stopping = False
 
@@ -127,8 +130,12 @@ class MqttSession:
                 self._down()
 
     def _down(self) -> None:
+        was_up = self.connected.is_set()
         self.connected.clear()
         self._client = None
+        if was_up:
+            for callback in self.on_disconnect:
+                callback()
 
     async def _dispatch(self, message: aiomqtt.Message) -> None:
         for sub in self.subscriptions:

@@ -147,9 +147,11 @@ class Outbox:
         self._tasks: set[asyncio.Task[None]] = set()
         self._max_pending = max_pending
         self._seq = itertools.count(1)
+        self._aborted: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.retried = 0
         self.dropped = 0
+        session.on_disconnect.append(self.abort_inflight)
         for message in unsent or []:  # left by an earlier run (OutboxStore.load, read off the loop)
             heapq.heappush(self._pending, message)
         if self._pending:
@@ -193,6 +195,12 @@ class Outbox:
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
 
+    def abort_inflight(self) -> None:
+        """The connection died: what was in flight goes back in the queue, in order, to be resent."""
+        for task in list(self._tasks):
+            self._aborted.add(task)
+            task.cancel()
+
     async def _send(self, message: Outgoing) -> None:
         try:
             await self._session.publish(
@@ -206,12 +214,23 @@ class Outbox:
             if self._store is not None:
                 self._store.ack(message.seq)
         except NotConnected:
-            self.retried += 1
-            heapq.heappush(self._pending, message)
-            self._wake.set()
+            self._requeue(message)
             await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is None or task not in self._aborted:
+                raise
+            self._aborted.discard(task)
+            self._requeue(message)
         finally:
             self._inflight.release()
+
+    def _requeue(self, message: Outgoing) -> None:
+        # QoS 1 is at-least-once: if the broker had it but the ack was lost, a subscriber may see it
+        # twice (same request_id); nothing is lost.
+        self.retried += 1
+        heapq.heappush(self._pending, message)
+        self._wake.set()
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is acknowledged (or the timeout); True when empty."""

@@ -605,4 +605,6 @@ class Agent:
         while True:
             await asyncio.sleep(self.config.metrics.telemetry_interval_s)
             if self.outbox is not None:
-                self.outbox.put(self.topics.telemetry, self.telemetry().model_dump_json().encode(), qos=0)
+                # QoS 1 (DESIGN.md says 0): a QoS 0 message written into a connection that has silently
+                # died is lost; acknowledged delivery is what makes the spool survive a network cut.
+                self.outbox.put(self.topics.telemetry, self.telemetry().model_dump_json().encode(), qos=1)

@@ -36,21 +36,38 @@ def broker() -> Iterator[LocalBroker]:
 class Collector:
     """A paho MQTT 5 subscriber that keeps every message it gets, for assertions."""
 
-    def __init__(self, port: int, topics: list[str], username: str | None = None, password: str | None = None,
-                 tls: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        port: int,
+        topics: list[str],
+        username: str | None = None,
+        password: str | None = None,
+        tls: dict[str, Any] | None = None,
+    ) -> None:
         self.messages: list[paho.MQTTMessage] = []
         self._cond = threading.Condition()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         self.client.on_message = self._on_message
+        self.topics = topics
+        self.subscribed = 0
+        # Subscribe on every connect: paho reconnects by itself, and a restarted broker forgot us.
+        self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in self.topics]
+        self.client.on_subscribe = self._on_subscribe
+        self.client.reconnect_delay_set(min_delay=1, max_delay=1)
         if username:
             self.client.username_pw_set(username, password)
         if tls:
             self.client.tls_set(**tls)
         self.client.connect("127.0.0.1", port)
-        for topic in topics:
-            self.client.subscribe(topic, qos=1)
         self.client.loop_start()
-        time.sleep(0.2)  # let the SUBACKs arrive
+        deadline = time.monotonic() + 10
+        while self.subscribed < len(topics) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def _on_subscribe(self, *_: Any) -> None:
+        with self._cond:
+            self.subscribed += 1
+            self._cond.notify_all()
 
     def _on_message(self, _c: Any, _u: Any, message: paho.MQTTMessage) -> None:
         with self._cond:

@@ -34,8 +34,11 @@ def passwd_file(folder: Path, users: dict[str, str]) -> Path:
     path = folder / "passwd"
     path.unlink(missing_ok=True)
     for user, password in users.items():
-        subprocess.run(["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
+            check=True,
+            capture_output=True,
+        )
     path.chmod(0o644)
     return path
 
@@ -43,11 +46,17 @@ def passwd_file(folder: Path, users: dict[str, str]) -> Path:
 def test_mutual_tls_and_password(shared_dir, tmp_path):
     pki = make_pki(shared_dir / "pki")
     pw = passwd_file(shared_dir, {"cam1": "s3cret", "tester": "t3st"})
-    broker = LocalBroker(anonymous=False, extra_config=(
-        f"password_file {pw}\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
-        f"keyfile {pki['server_key']}\nrequire_certificate true\n"))
-    config = (f'[broker]\nusername = "cam1"\npassword = "s3cret"\n[broker.tls]\nenabled = true\n'
-              f'ca_file = "{pki["ca"]}"\ncert_file = "{pki["cam1_cert"]}"\nkey_file = "{pki["cam1_key"]}"\n')
+    broker = LocalBroker(
+        anonymous=False,
+        extra_config=(
+            f"password_file {pw}\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
+            f"keyfile {pki['server_key']}\nrequire_certificate true\n"
+        ),
+    )
+    config = (
+        f'[broker]\nusername = "cam1"\npassword = "s3cret"\n[broker.tls]\nenabled = true\n'
+        f'ca_file = "{pki["ca"]}"\ncert_file = "{pki["cam1_cert"]}"\nkey_file = "{pki["cam1_key"]}"\n'
+    )
     with broker:
         broker.host = "127.0.0.1"
         agent = AgentProcess(broker, tmp_path, "cam1", config)
@@ -67,9 +76,24 @@ def test_mutual_tls_and_password(shared_dir, tmp_path):
         bad = tmp_path / "bad.toml"
         bad.write_text(config.replace("s3cret", "wrong"))
         done = subprocess.run(
-            [agent.args[0], "-m", "agent", "doctor", "--config", str(bad), "--broker",
-             f"mqtts://127.0.0.1:{broker.port}", "--device-id", "cam1", "--state-dir", str(tmp_path / "d")],
-            capture_output=True, text=True, timeout=60)
+            [
+                agent.args[0],
+                "-m",
+                "agent",
+                "doctor",
+                "--config",
+                str(bad),
+                "--broker",
+                f"mqtts://127.0.0.1:{broker.port}",
+                "--device-id",
+                "cam1",
+                "--state-dir",
+                str(tmp_path / "d"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert done.returncode == 1
         assert "[FAIL] broker" in done.stdout and "refused" in done.stdout
         # No client certificate: the TLS handshake is refused.
@@ -152,8 +176,10 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
 
     def doc(generation: int, backend: str = "openvino") -> dict:
         device = "CPU" if backend == "openvino" else "cpu"
-        return {"generation": generation, "tenants": [{"model": "efficientnet-lite0", "backend": backend,
-                                                      "device": device}]}
+        return {
+            "generation": generation,
+            "tenants": [{"model": "efficientnet-lite0", "backend": backend, "device": device}],
+        }
 
     def send(document: dict) -> tuple[bool, dict]:
         return asyncio.run(publish_placement(broker.url, "sig1", document, timeout_s=30))
@@ -199,6 +225,10 @@ def test_bad_public_key_is_a_config_error(tmp_path):
 
     cfg = tmp_path / "agent.toml"
     cfg.write_text('[security]\nplacement_public_key = "not-a-key"\n')
-    done = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg), "--state-dir", str(tmp_path)],
-                          capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "agent", "run", "--config", str(cfg), "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 2 and "placement_public_key" in done.stderr

@@ -1,0 +1,360 @@
+"""Faults survived with nothing lost: broker stopped and killed, agent killed, network cut, overload."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import random
+import selectors
+import signal
+import socket
+import sqlite3
+import subprocess
+import tempfile
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.local_broker import LocalBroker, free_port
+from tests.conftest import AgentProcess, Collector, sample
+
+pytestmark = pytest.mark.timeout(400)
+
+
+class Streamer(threading.Thread):
+    """Frames at a steady rate with unique request ids; keeps going through broker outages."""
+
+    def __init__(self, collector: Collector, topic: str, rate: float, qos: int = 1) -> None:
+        super().__init__(daemon=True)
+        self.c, self.topic, self.interval, self.qos = collector, topic, 1.0 / rate, qos
+        self.sent = 0
+        self.halt = threading.Event()
+
+    def run(self) -> None:
+        image = sample("cat.jpg")
+        started = time.monotonic()
+        while not self.halt.is_set():
+            # Paced against the clock (not sleep per frame), so high rates are really offered.
+            due = int((time.monotonic() - started) / self.interval) + 1
+            while self.sent < due:
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = f"f{self.sent}".encode()
+                self.c.client.publish(self.topic, image, qos=self.qos, properties=props)
+                self.sent += 1
+            time.sleep(0.005)
+
+
+def answered_ids(state_dir: Path) -> set[str]:
+    """Every request id the agent answered (one metrics row per answer, errors included)."""
+    with sqlite3.connect(state_dir / "metrics.db") as db:
+        return {r[0] for r in db.execute("SELECT request_id FROM inferences")}
+
+
+def wait_rows_settle(state_dir: Path, timeout: float = 20.0) -> set[str]:
+    last, deadline = -1, time.monotonic() + timeout
+    ids: set[str] = set()
+    while time.monotonic() < deadline:
+        ids = answered_ids(state_dir)
+        if len(ids) == last:
+            return ids
+        last = len(ids)
+        time.sleep(1.5)
+    return ids
+
+
+def passwd(folder: Path, users: dict[str, str]) -> Path:
+    path = folder / "passwd"
+    path.unlink(missing_ok=True)
+    for user, password in users.items():
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
+            check=True,
+            capture_output=True,
+        )
+    path.chmod(0o644)
+    return path
+
+
+@pytest.fixture
+def shared_dir():
+    path = Path(tempfile.mkdtemp(prefix="edge-rel-"))
+    path.chmod(0o755)
+    yield path
+    subprocess.run(["rm", "-rf", str(path)], check=False)
+
+
+def test_broker_stopped_and_killed_mid_stream_no_answer_lost(shared_dir, tmp_path):
+    users = {"agent": "a-pass", "tester": "t-pass"}
+    pw = passwd(shared_dir, users)
+    broker = LocalBroker(anonymous=False, extra_config=f"password_file {pw}\n")
+    config = '[broker]\nusername = "agent"\npassword = "a-pass"\nreconnect_min_s = 0.5\nreconnect_max_s = 2\n'
+    with broker:
+        agent = AgentProcess(broker, tmp_path, "bk1", config).start()
+        c = Collector(broker.port, ["edge/bk1/result", "edge/bk1/status"], "tester", "t-pass")
+        try:
+            c.wait_for(lambda r: bool(r) and r[-1].get("online") is True, "edge/bk1/status", timeout=60)
+            streamer = Streamer(c, "edge/bk1/infer", rate=25)
+            streamer.start()
+            for kill in (False, True):
+                time.sleep(2.0)
+                # While the broker is away, results pile up in the agent's disk-backed outbox.
+                passwd(shared_dir, {"tester": "t-pass"})  # the agent may come back only after us
+                subscribed = c.subscribed
+                broker.stop(kill=kill)
+                time.sleep(1.5)
+                broker.start()  # same port, empty: it lost every session and subscription
+                deadline = time.monotonic() + 30
+                while c.subscribed < subscribed + 2 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                assert c.subscribed >= subscribed + 2, "the test subscriber is back first"
+                passwd(shared_dir, users)
+                broker.reload()  # now the agent's next retry gets in
+            time.sleep(2.0)
+            streamer.halt.set()
+            streamer.join()
+            answered = wait_rows_settle(agent.state_dir)
+            results = c.wait_for(
+                lambda r: {x["request_id"] for x in r} >= answered, "edge/bk1/result", timeout=60
+            )
+        finally:
+            c.close()
+            agent.stop()
+    counts = Counter(r["request_id"] for r in results)
+    assert len(answered) > 50
+    assert answered <= set(counts), "every frame the agent answered reached the subscriber"
+    dupes = {k: v for k, v in counts.items() if v > 1}
+    assert not dupes, f"answered more than once: {list(dupes)[:5]}"
+    assert agent.log().count("mqtt connection lost or refused") >= 2
+
+
+def test_agent_killed_mid_write_sqlite_intact_same_placement(broker, tmp_path):
+    config = (
+        "[metrics]\nflush_interval_s = 0.05\n[placement]\ngeneration = 3\n[[placement.tenants]]\n"
+        'model = "efficientnet-lite0"\nbackend = "openvino"\ndevice = "CPU"\n'
+    )
+    agent = AgentProcess(broker, tmp_path, "kill1", config)
+    c = Collector(broker.port, ["edge/kill1/result"])
+    rng = random.Random(7)
+    try:
+        for _round in range(3):
+            agent.start()
+            status = agent.wait_ready()
+            tenants = [(t["model"], t["backend"], t["device"]) for t in status["placement"]["tenants"]]
+            assert tenants == [("efficientnet-lite0", "openvino", "CPU")]
+            assert status["placement"]["applied_generation"] == 3
+            streamer = Streamer(c, "edge/kill1/infer", rate=80, qos=0)
+            streamer.start()
+            time.sleep(rng.uniform(1.0, 2.5))
+            agent.stop(signal.SIGKILL)  # mid-stream: SQLite writes in flight
+            streamer.halt.set()
+            streamer.join()
+            for db in ("metrics.db", "outbox.db"):
+                with sqlite3.connect(agent.state_dir / db) as conn:
+                    assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok", db
+            assert json.loads((agent.state_dir / "placement.json").read_text())["generation"] == 3
+        agent.start()
+        agent.wait_ready()
+        c.publish("edge/kill1/infer", sample("espresso.jpg"))
+        got = c.wait_for(
+            lambda r: any(x.get("top", [{}])[0].get("label") == "espresso" for x in r),
+            "edge/kill1/result",
+            timeout=60,
+        )
+        assert got
+    finally:
+        c.close()
+        agent.stop()
+
+
+class StallingProxy:
+    """A TCP proxy on loopback that can stall (hold every byte, keep sockets open) like a cut link."""
+
+    def __init__(self, target_port: int) -> None:
+        self.port = free_port()
+        self.target = target_port
+        self.stalled = threading.Event()
+        self.reset = threading.Event()
+        self.stop = threading.Event()
+        self.pairs: list[tuple[socket.socket, socket.socket]] = []
+        self.listener = socket.create_server(("127.0.0.1", self.port))
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        sel = selectors.DefaultSelector()
+        self.listener.setblocking(False)
+        sel.register(self.listener, selectors.EVENT_READ)
+        while not self.stop.is_set():
+            if self.reset.is_set():  # done here, in the proxy thread, which owns the selector
+                for a, b in self.pairs:
+                    for s in (a, b):
+                        with_suppress(sel.unregister, s)
+                        with_suppress(s.close)
+                self.pairs.clear()
+                self.stalled.clear()
+                self.reset.clear()
+            for key, _ in sel.select(timeout=0.05):
+                sock = key.fileobj
+                if sock is self.listener:
+                    client, _ = self.listener.accept()
+                    if self.stalled.is_set():
+                        client.close()  # the link is down: nothing gets through
+                        continue
+                    upstream = socket.create_connection(("127.0.0.1", self.target))
+                    self.pairs.append((client, upstream))
+                    sel.register(client, selectors.EVENT_READ, upstream)
+                    sel.register(upstream, selectors.EVENT_READ, client)
+                    continue
+                if self.stalled.is_set():
+                    continue  # hold the bytes: the peers see silence, not a reset
+                try:
+                    data = sock.recv(65536)  # type: ignore[union-attr]
+                except OSError:
+                    data = b""
+                if not data:
+                    for s in (sock, key.data):
+                        with_suppress(sel.unregister, s)
+                        with_suppress(s.close)
+                    continue
+                with_suppress(key.data.sendall, data)
+            if self.stalled.is_set():
+                time.sleep(0.05)
+
+    def cut(self) -> None:
+        self.stalled.set()
+
+    def restore(self) -> None:
+        """The link comes back; connections that were open during the cut are dead (reset)."""
+        self.reset.set()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.listener.close()
+
+
+def with_suppress(fn, *args) -> None:
+    try:
+        fn(*args)
+    except (OSError, KeyError, ValueError):
+        pass
+
+
+def test_network_cut_detected_by_keepalive_then_online_and_telemetry_spooled_in_order(broker, tmp_path):
+    proxy = StallingProxy(broker.port)
+    config = "[broker]\nkeepalive_s = 5\nreconnect_min_s = 0.5\nreconnect_max_s = 2\n[metrics]\ntelemetry_interval_s = 0.5\n"
+    agent = AgentProcess(broker, tmp_path, "cut1", config)
+    agent.args[agent.args.index("--broker") + 1] = f"mqtt://127.0.0.1:{proxy.port}"
+    c = Collector(broker.port, ["edge/cut1/status", "edge/cut1/telemetry"])
+    try:
+        agent.start()
+        c.wait_for(lambda r: bool(r) and r[-1].get("online") is True, "edge/cut1/status", timeout=60)
+        time.sleep(2.0)
+        cut_at = time.monotonic()
+        proxy.cut()
+        c.wait_for(lambda r: bool(r) and r[-1].get("online") is False, "edge/cut1/status", timeout=30)
+        detected_s = time.monotonic() - cut_at
+        # Mosquitto gives a client 1.5x keepalive of silence (7 s here), then its periodic check fires.
+        assert detected_s <= 1.5 * 5 + 3.0, f"the broker sent the will after {detected_s:.1f}s"
+        print(f"network cut: will published {detected_s:.1f}s after the cut (keepalive 5s)")
+        time.sleep(3.0)  # telemetry keeps being produced into the spool during the outage
+        proxy.restore()
+        c.wait_for(lambda r: bool(r) and r[-1].get("online") is True, "edge/cut1/status", timeout=60)
+        time.sleep(3.0)
+        telemetry = c.json("edge/cut1/telemetry")
+    finally:
+        c.close()
+        agent.stop()
+        proxy.close()
+    stamps = [t["ts"] for t in telemetry]
+    unique = list(dict.fromkeys(stamps))  # at-least-once: a resent message may repeat
+    assert unique == sorted(unique), "telemetry arrives in the order it was produced"
+    gaps = [b - a for a, b in itertools.pairwise(unique)]
+    assert max(gaps) < 2.0, f"a telemetry interval was lost across the cut (largest gap {max(gaps):.1f}s)"
+    assert unique[-1] - unique[0] > 10, "the series spans the outage"
+
+
+def vm_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.slow
+def test_overload_5x_for_a_minute_memory_bounded_drops_answered_watchdog_kept(broker, tmp_path):
+    seconds = float(os.environ.get("EDGE_OVERLOAD_SECONDS", "60"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify.sock"))
+    notify.settimeout(0.2)
+    pings: list[float] = []
+    stop_pings = threading.Event()
+
+    def listen() -> None:
+        while not stop_pings.is_set():
+            try:
+                if b"WATCHDOG=1" in notify.recv(4096):
+                    pings.append(time.monotonic())
+            except TimeoutError:
+                continue
+
+    config = "[scheduler]\nqueue_depth = 32\n[metrics]\ntelemetry_interval_s = 1.0\n"
+    agent = AgentProcess(
+        broker,
+        tmp_path,
+        "ov1",
+        config,
+        env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), "WATCHDOG_USEC": "2000000"},
+    )
+    listener = threading.Thread(target=listen, daemon=True)
+    listener.start()
+    agent.start()
+    agent.wait_ready()
+    c = Collector(broker.port, ["edge/ov1/result", "edge/ov1/telemetry"])
+    try:
+        # Capacity first: a burst that fits the queue, timed until the last answer.
+        started = time.monotonic()
+        for _ in range(30):
+            c.client.publish("edge/ov1/infer", sample("cat.jpg"), qos=0)
+        c.wait_for(lambda r: len(r) >= 30, "edge/ov1/result")
+        capacity = 30 / (time.monotonic() - started)
+        baseline = len(c.json("edge/ov1/result"))
+        streamer = Streamer(c, "edge/ov1/infer", rate=5 * capacity, qos=0)
+        rss: list[tuple[float, float]] = []
+        t0 = time.monotonic()
+        streamer.start()
+        while time.monotonic() - t0 < seconds:
+            time.sleep(2.0)
+            rss.append((time.monotonic() - t0, vm_rss_mb(agent.proc.pid)))
+        streamer.halt.set()
+        streamer.join()
+        sent = streamer.sent
+        results = c.wait_for(lambda r: len(r) >= baseline + sent, "edge/ov1/result", timeout=120)[baseline:]
+        time.sleep(2.5)
+        telemetry = c.json("edge/ov1/telemetry")[-1]
+    finally:
+        c.close()
+        agent.stop()
+        stop_pings.set()
+        listener.join()
+        notify.close()
+    codes = Counter(r["error"]["code"] if "error" in r else "ok" for r in results)
+    assert len(results) == sent, "every frame answered"
+    assert set(codes) == {"ok", "overloaded"}
+    assert codes["overloaded"] > sent / 2, "at 5x capacity most frames are shed"
+    assert telemetry["tenants"][0]["drops"] == codes["overloaded"], "drops are counted"
+    settled = [m for t, m in rss if t >= seconds / 3]
+    assert max(settled) - min(settled) < 60, f"memory grew under overload: {rss}"
+    gaps = [b - a for a, b in itertools.pairwise(pings)]
+    assert pings and max(gaps) < 2.0, f"a watchdog ping came late: {max(gaps):.2f}s (WatchdogSec=2s)"
+    print(
+        f"overload: capacity {capacity:.0f}/s, offered {5 * capacity:.0f}/s for {seconds:.0f}s, {sent} frames, "
+        f"{codes['ok']} served, {codes['overloaded']} shed, RSS {min(settled):.0f}-{max(settled):.0f} MB, "
+        f"max watchdog gap {max(gaps):.2f}s"
+    )
