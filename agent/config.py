@@ -150,7 +150,11 @@ class AgentConfig(BaseSettings):
 
 def parse_broker_url(url: str) -> dict[str, Any]:
     """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> broker settings."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
+    except ValueError as exc:
+        raise ConfigError(f"--broker {url!r}: {exc}") from exc
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConfigError(f"--broker {url!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
