@@ -232,3 +232,33 @@ def test_bad_public_key_is_a_config_error(tmp_path):
         timeout=60,
     )
     assert done.returncode == 2 and "placement_public_key" in done.stderr
+
+
+def test_tampered_artifact_refused_previous_placement_keeps_serving(broker, tmp_path):
+    import asyncio
+    import shutil
+
+    from agent.client import publish_placement
+
+    models = tmp_path / "models"
+    shutil.copytree(REPO / "models" / "efficientnet-lite0", models / "efficientnet-lite0")
+    agent = AgentProcess(broker, tmp_path, "tamper1", "", extra_args=["--models", str(models)]).start()
+    agent.wait_ready()
+    onnx = models / "efficientnet-lite0" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-16] + b"\0" * 16)  # someone swapped the weights on disk
+    doc = {
+        "generation": 1,
+        "tenants": [{"model": "efficientnet-lite0", "backend": "openvino", "device": "CPU"}],
+    }
+    _applied, status = asyncio.run(publish_placement(broker.url, "tamper1", doc, timeout_s=60))
+    tenants = {(t["backend"], t["state"]): t for t in status["placement"]["tenants"]}
+    assert ("onnxruntime", "ready") in tenants, "the previous tenant keeps serving"
+    assert "sha256" in tenants[("openvino", "failed")]["error"]
+    c = Collector(broker.port, ["edge/tamper1/result"])
+    try:
+        c.publish("edge/tamper1/infer", sample("cat.jpg"))
+        got = c.wait_for(lambda r: len(r) >= 1, "edge/tamper1/result")[0]
+    finally:
+        c.close()
+        agent.stop()
+    assert got["tenant"]["backend"] == "onnxruntime" and got["top"][0]["index"] in CAT_CLASSES
