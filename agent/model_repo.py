@@ -44,6 +44,11 @@ class InputSpec(_Strict):
 class ArtifactSpec(_Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    # The artifact's own input layout when it differs from [input] (e.g. NHWC int8 TFLite for the
+    # Edge TPU); the backend converts the agent's tensor to it.
+    layout: Literal["NCHW", "NHWC"] | None = None
+    dtype: Literal["float32", "float16", "uint8", "int8"] | None = None
+    notes: str = ""
 
 
 class Manifest(_Strict):
@@ -160,6 +165,7 @@ class ModelRepository:
             dtype=manifest.input.dtype,
             num_classes=len(labels),
             sha256={fmt: spec.sha256 for fmt, spec in manifest.artifacts.items()},
+            layouts={fmt: spec.layout or manifest.input.layout for fmt, spec in manifest.artifacts.items()},
         )
         return Model(manifest=manifest, root=folder, labels=labels, artifacts=artifacts)
 

@@ -88,6 +88,9 @@ class TenantSpec(Strict):
     device: str = Field(default="cpu", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
     instances: int = Field(default=1, ge=1, le=32)
     threads: int | None = Field(default=None, ge=1, le=256)
+    # Numeric precision where the backend offers a choice: tflite "int8" picks the full-integer
+    # model, torch/tensorrt "fp16" runs half precision. None: the backend's default (fp32).
+    precision: Literal["fp32", "fp16", "int8"] | None = None
     batch: BatchSpec = Field(default_factory=BatchSpec)
 
     @field_validator("model")
@@ -97,7 +100,7 @@ class TenantSpec(Strict):
             raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}")
         return value
 
-    def key(self) -> tuple[str, str, str, int, int | None, int, float]:
+    def key(self) -> tuple[str, str, str, int, int | None, str | None, int, float]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
         return (
             self.model,
@@ -105,6 +108,7 @@ class TenantSpec(Strict):
             self.device.lower(),
             self.instances,
             self.threads,
+            self.precision,
             self.batch.max_size,
             self.batch.max_delay_ms,
         )

@@ -85,6 +85,8 @@ class Tenant:
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
         self._options.setdefault("instances", spec.instances)
+        self._options.setdefault("precision", spec.precision)
+        self._options.setdefault("max_batch", spec.batch.max_size)
 
     @property
     def name(self) -> str:

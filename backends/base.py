@@ -48,6 +48,9 @@ class ModelArtifacts:
     dtype: str = "float32"
     num_classes: int = 1000
     sha256: Mapping[str, str] = field(default_factory=dict)
+    # format -> the artifact's input layout. `Session.infer` always takes the model's declared
+    # layout (`layout` above, float32, normalised); a backend converts to its artifact's own.
+    layouts: Mapping[str, str] = field(default_factory=dict)
 
 
 class Session(Protocol):

@@ -14,6 +14,10 @@ log = logging.getLogger(__name__)
 BUILTIN: dict[str, str] = {
     "onnxruntime": "backends.onnxruntime_backend:OnnxRuntimeBackend",
     "openvino": "backends.openvino_backend:OpenVinoBackend",
+    "tflite": "backends.tflite_backend:TfliteBackend",
+    "edgetpu": "backends.edgetpu_backend:EdgeTpuBackend",
+    "tensorrt": "backends.tensorrt_backend:TensorRtBackend",
+    "torch": "backends.torch_backend:TorchBackend",
     "fake": "backends.fake:FakeBackend",
 }
 # Test doubles are not offered to users unless asked for (scheduler tests, simulators).
