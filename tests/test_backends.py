@@ -17,7 +17,22 @@ from backends import registry
 from backends.base import BackendUnavailable, ModelLoadError, UnknownDevice
 from tests.conftest import MODELS, SAMPLES
 
-CASES = [("onnxruntime", "cpu"), ("openvino", "CPU"), ("onnxruntime", "cuda:0"), ("openvino", "GPU")]
+# (backend, device, precision): every runtime and device the agent supports; absent ones are skipped
+# with the reason (runtime not installed, device not present, artifact not built).
+CASES = [
+    ("onnxruntime", "cpu", None),
+    ("openvino", "CPU", "fp32"),
+    ("openvino", "CPU", None),  # the runtime's default: bf16 on AMX CPUs
+    ("tflite", "cpu", None),
+    ("torch", "cpu", None),
+    ("onnxruntime", "cuda:0", None),
+    ("onnxruntime", "tensorrt:0", None),
+    ("tensorrt", "cuda:0", "fp16"),
+    ("torch", "cuda:0", "fp16"),
+    ("openvino", "GPU", None),
+    ("openvino", "NPU", None),
+]
+INT8_CASES = [("tflite", "cpu", "int8"), ("edgetpu", "usb:0", None), ("edgetpu", "pci:0", None)]
 
 
 @pytest.fixture(scope="module")
@@ -56,34 +71,74 @@ def backend_or_skip(name: str, device: str):
         pytest.skip(str(exc))
 
 
-@pytest.mark.parametrize(("name", "device"), CASES, ids=[f"{n}-{d}" for n, d in CASES])
-def test_same_top1_as_fp32_reference(name, device, lite0, photos, reference):
+def load_or_skip(backend, model, device: str, options: dict):
+    try:
+        return backend.load(model.artifacts, device, options)
+    except ModelLoadError as exc:
+        if "no " in str(exc) and "artifact" in str(exc):
+            pytest.skip(str(exc))
+        raise
+
+
+@pytest.mark.parametrize(
+    ("name", "device", "precision"), CASES, ids=[f"{n}-{d}-{p or 'fp32'}" for n, d, p in CASES]
+)
+def test_same_top1_as_fp32_reference(name, device, precision, lite0, photos, reference):
     backend, device = backend_or_skip(name, device)
-    session = backend.load(lite0.artifacts, device, {"threads": 1})
+    session = load_or_skip(backend, lite0, device, {"threads": 1, "precision": precision, "max_batch": 8})
     try:
         names, batch = photos
         got = session.infer(batch)
         assert got.shape == (len(names), 1000)
-        assert list(got.argmax(1)) == list(reference.argmax(1))
-        # OpenVINO runs bf16 by default on CPUs with AMX/AVX512-BF16 (this machine): same top-1 and
-        # top-5, logits within bf16 rounding. Everything else must match fp32 closely.
-        bf16 = name == "openvino" and "BF16" in _ov_capabilities(device)
-        assert np.abs(got - reference).max() < (0.5 if bf16 else 1e-2)
+        half = precision == "fp16" or (
+            name == "openvino" and precision is None and "BF16" in _ov_capabilities(device)
+        )
+        top1 = sum(int(g.argmax() == r.argmax()) for g, r in zip(got, reference, strict=True))
+        # Reduced precision may swap two near-tied classes (the cat photo: Egyptian cat 0.40 vs
+        # tiger cat 0.35); fp32 backends must agree on every photo.
+        assert top1 >= (len(names) - 1 if half else len(names)), f"top-1 agreed on {top1}/{len(names)}"
+        # OpenVINO runs bf16 by default on CPUs with AMX/AVX512-BF16 (this machine), fp16 runs on GPUs:
+        # same top-1 and top-5, logits within half-precision rounding. fp32 must match closely.
+        assert np.abs(got - reference).max() < (0.5 if half else 1e-2)
         for g, r in zip(got, reference, strict=True):
             assert len(set(np.argsort(-g)[:5]) & set(np.argsort(-r)[:5])) >= 4
         # Batch of one gives the same answer as the batch.
         single = session.infer(batch[:1])
-        assert single.argmax() == reference[0].argmax()
+        assert single.argmax() == got[0].argmax()
         # Label mapping: the espresso photo is "espresso".
         assert lite0.labels[int(got[names.index("espresso.jpg")].argmax())] == "espresso"
     finally:
         session.close()
 
 
-@pytest.mark.parametrize(("name", "device"), CASES[:2], ids=[f"{n}-{d}" for n, d in CASES[:2]])
+@pytest.mark.parametrize(
+    ("name", "device", "precision"), INT8_CASES, ids=[f"{n}-{d}-{p or 'int8'}" for n, d, p in INT8_CASES]
+)
+def test_int8_agrees_with_fp32_on_most_photos(name, device, precision, lite0, photos, reference):
+    backend, device = backend_or_skip(name, device)
+    session = load_or_skip(backend, lite0, device, {"threads": 1, "precision": precision})
+    try:
+        names, batch = photos
+        got = session.infer(batch)
+        assert got.shape == (len(names), 1000)
+        agree = sum(int(g.argmax() == r.argmax()) for g, r in zip(got, reference, strict=True))
+        assert agree >= len(names) - 1, f"int8 top-1 agreed on {agree}/{len(names)} photos"
+        overlaps = [
+            len(set(np.argsort(-g)[:5]) & set(np.argsort(-r)[:5]))
+            for g, r in zip(got, reference, strict=True)
+        ]
+        assert min(overlaps) >= 2 and sum(overlaps) / len(overlaps) >= 3, overlaps
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize(
+    ("name", "device"), [c[:2] for c in CASES[:3]], ids=[f"{n}-{d}" for n, d, _ in CASES[:3]]
+)
 def test_instances_are_thread_safe(name, device, lite0, photos, reference):
     backend, device = backend_or_skip(name, device)
-    sessions = [backend.load(lite0.artifacts, device, {"threads": 1, "instances": 2}) for _ in range(2)]
+    options = {"threads": 1, "instances": 2, "precision": "fp32"}
+    sessions = [load_or_skip(backend, lite0, device, options) for _ in range(2)]
     errors: list[str] = []
 
     def hammer(session) -> None:
