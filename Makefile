@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
 
-.PHONY: all deps venv demo test test-fast lint format bench install uninstall clean
+.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels clean
 
 all: test
 
@@ -53,6 +53,15 @@ install:
 
 uninstall:
 	$(SUDO) systemd/install.sh --uninstall
+
+# Wheels for bench/gpu.sh on an offline GPU machine (Python 3.12, x86-64; torch is already there).
+gpu-wheels:
+	rm -rf .whl && mkdir -p .whl
+	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
+	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	  -d .whl aiomqtt paho-mqtt pydantic pydantic-settings sqlite-utils pillow \
+	  cryptography pytest pytest-timeout hypothesis
+	du -sh .whl
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

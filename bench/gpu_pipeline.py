@@ -1,0 +1,74 @@
+"""GPU throughput through the agent's pipeline (run by bench/gpu.sh on a CUDA machine).
+
+In-process, like `edge-agent bench`'s pipeline mode: 224-px JPEG frames decoded and preprocessed on
+the host's cores by the tenant's instance threads, dynamic batching, the torch backend in fp16 with a
+CUDA graph per batch-size bucket. Prints img/s and p50/p99 per (instances, batch) and the raw
+torch limit (pre-made tensors on the GPU) beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.model_repo import ModelRepository
+from backends import registry
+from bench.concurrency import jpeg_frames, measure_pipeline, percentiles
+
+MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def raw_limit(model, batch: int, seconds: float) -> tuple[float, float, float]:
+    backend = registry.get("torch")
+    session = backend.load(model.artifacts, "cuda:0", {"precision": "fp16", "max_batch": batch})
+    x = np.random.default_rng(0).standard_normal((batch, 3, *model.input.size)).astype(np.float32)
+    for _ in range(5):
+        session.infer(x)
+    lat, n, stop = [], 0, time.perf_counter() + seconds
+    while time.perf_counter() < stop:
+        t0 = time.perf_counter()
+        session.infer(x)
+        lat.append((time.perf_counter() - t0) * 1000)
+        n += batch
+    p50, p99 = percentiles(lat)
+    return n / seconds, p50, p99
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=float, default=4.0)
+    parser.add_argument("--out", default="gpu-results.json")
+    args = parser.parse_args()
+    model = ModelRepository(MODELS).load("efficientnet-lite0")
+    frames = jpeg_frames(224)
+    rows = []
+    for batch in (1, 8, 32, 128):
+        fps, p50, p99 = raw_limit(model, batch, args.seconds)
+        rows.append({"mode": "raw", "instances": 1, "batch": batch, "fps": fps, "p50_ms": p50, "p99_ms": p99})
+        print(f"raw      batch {batch:4d}: {fps:9.0f} img/s p50 {p50:6.2f} ms", flush=True)
+    for instances, batch in ((1, 1), (8, 1), (4, 32), (8, 32), (8, 64), (12, 64), (16, 128)):
+        row = measure_pipeline("torch", "cuda:0", model, instances, batch, args.seconds, frames)
+        rows.append(
+            {
+                "mode": "pipeline",
+                "instances": instances,
+                "batch": batch,
+                "fps": row.fps,
+                "p50_ms": row.p50_ms,
+                "p99_ms": row.p99_ms,
+            }
+        )
+        print(
+            f"pipeline x{instances:2d} batch {batch:4d}: {row.fps:9.0f} img/s p50 {row.p50_ms:7.2f} ms "
+            f"p99 {row.p99_ms:7.2f} ms",
+            flush=True,
+        )
+    Path(args.out).write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
