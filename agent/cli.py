@@ -218,7 +218,8 @@ def cmd_backends(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.demo import run_demo
 
-    return run_demo(keep_running=args.keep_running, instances=args.instances)
+    keep = True if args.keep_running else (False if args.exit else None)
+    return run_demo(keep_running=keep, instances=args.instances)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -294,7 +295,14 @@ def build_parser() -> argparse.ArgumentParser:
     backends.set_defaults(func=cmd_backends)
 
     demo = sub.add_parser("demo", help="private broker + agent + sample photos, results shown")
-    demo.add_argument("--keep-running", action="store_true", help="leave broker and agent up until Ctrl-C")
+    demo.add_argument(
+        "--keep-running",
+        action="store_true",
+        help="leave broker, agent and console up until Ctrl-C (the default in a terminal)",
+    )
+    demo.add_argument(
+        "--exit", action="store_true", help="stop after showing the results, even in a terminal"
+    )
     demo.add_argument("--instances", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
     bench = sub.add_parser("bench", help="concurrency benchmark: raw runtime vs pipeline vs MQTT vs naive")

@@ -5,15 +5,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 from agent.client import InferClient, read_retained
-from agent.local_broker import LocalBroker
+from agent.local_broker import LocalBroker, free_port
 from agent.topics import Topics
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
@@ -59,7 +61,47 @@ async def wait_ready(broker_url: str, device_id: str, timeout_s: float = 60.0) -
     raise TimeoutError(f"agent {device_id} not ready after {timeout_s}s")
 
 
-def run_demo(keep_running: bool = False, instances: int = 2) -> int:
+def start_console(broker_url: str, state: Path) -> tuple[subprocess.Popen[bytes] | None, str, str]:
+    """The fleet console on a free loopback port, with demo users; (process, url, admin password)."""
+    port = free_port()
+    password = secrets.token_urlsafe(9)
+    viewer = secrets.token_urlsafe(9)
+    log = (state / "console.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloud_console",
+            "serve",
+            "--broker",
+            broker_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(state / "console.db"),
+            "--demo-users",
+            f"admin={password},viewer={viewer}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "healthz", timeout=1) as answer:  # noqa: S310 (http on loopback)
+                if answer.status == 200:
+                    return proc, url, f"admin / {password}   (viewer / {viewer})"
+        except OSError:
+            time.sleep(0.2)
+    proc.terminate()
+    return None, url, ""
+
+
+def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
+    """Broker, agent, console, photos. Stays up for the console until Ctrl-C when run from a terminal."""
+    if keep_running is None:
+        keep_running = sys.stdin.isatty()
     photos = sorted(SAMPLES.glob("*.jpg"))
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
         state = Path(tmp)
@@ -71,6 +113,11 @@ def run_demo(keep_running: bool = False, instances: int = 2) -> int:
         )
         agent = start_agent(broker.url, state, DEVICE_ID, config)
         print(f"* agent started as device {DEVICE_ID!r} (pid {agent.pid}, log {state / 'agent.log'})")
+        console, url, login = start_console(broker.url, state)
+        if console is not None:
+            print(f"* console: {url}  login {login}")
+        else:
+            print(f"* console did not start; see {state / 'console.log'}")
         try:
             status = asyncio.run(wait_ready(broker.url, DEVICE_ID))
             tenants = status["placement"]["tenants"]  # type: ignore[index]
@@ -97,7 +144,7 @@ def run_demo(keep_running: bool = False, instances: int = 2) -> int:
                     agent.wait(30)
                 except subprocess.TimeoutExpired:
                     agent.kill()
-            print("* agent stopped, broker stopped")
+            print("* agent, console and broker stopped")
 
 
 async def _show(broker_url: str, photos: list[Path]) -> int:
@@ -119,8 +166,8 @@ async def _show(broker_url: str, photos: list[Path]) -> int:
                 f"{served:22s} {top[1]['label']} ({top[1]['score']:.3f})"
             )
         # Then a burst, to show concurrency across instances.
-        futures = [await client.send(p.read_bytes()) for p in photos * 20]
         start = time.perf_counter()
+        futures = [await client.send(p.read_bytes()) for p in photos * 20]
         replies = await asyncio.gather(*(asyncio.wait_for(f, 60) for f in futures))
         elapsed = time.perf_counter() - start
         used = sorted({r.payload["tenant"]["instance"] for r in replies if r.ok})
@@ -132,4 +179,4 @@ async def _show(broker_url: str, photos: list[Path]) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(run_demo(keep_running=os.environ.get("KEEP") == "1"))
+    raise SystemExit(run_demo(keep_running=os.environ.get("KEEP") == "1" or None))

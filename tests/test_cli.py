@@ -79,4 +79,5 @@ def test_demo_shows_correct_labels():
     }
     assert rows["espresso.jpg"] == "espresso"
     assert rows["daisy.jpg"] == "daisy"
-    assert "agent stopped" in done.stdout
+    assert "agent, console and broker stopped" in done.stdout
+    assert "* console: http://127.0.0.1:" in done.stdout and "login admin /" in done.stdout

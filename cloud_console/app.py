@@ -1,0 +1,506 @@
+"""The web app: pages, JSON API (OpenAPI at /openapi.json), server-sent events, login.
+
+Security model:
+- every page and API call but /login, /healthz and /static needs a signed session cookie
+  (HttpOnly, SameSite=Strict; Secure when `web.secure_cookies`);
+- every POST/PUT/DELETE needs the session's CSRF token in the `X-CSRF-Token` header and, when the
+  browser sends an Origin, the same origin;
+- changing placement needs the admin role (403 for viewers);
+- pages load only the console's own scripts (Content-Security-Policy: 'self', no CDN).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import parse_qs, quote, urlsplit
+
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+
+from agent.schemas import Placement, TenantSpec
+from cloud_console import pages
+from cloud_console.auth import Session, verify_password
+from cloud_console.config import Role
+from cloud_console.events import format_event
+from cloud_console.mqtt import PublishFailed
+from cloud_console.placement import PlacementInvalid
+from cloud_console.service import Console, UnknownDevice
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+COOKIE = "edge_console_session"
+CSRF_HEADER = "X-CSRF-Token"
+UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
+LOGIN_FAILURE_DELAY_S = 0.5
+# Burn the same scrypt work for unknown users, so login timing does not reveal who exists.
+_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+        b"connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
+class SecurityHeaders:
+    """Pure ASGI middleware (no buffering, so event streams flow): adds the headers above."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# -- API models (also the OpenAPI document) -------------------------------------------------------
+class LoginRequest(BaseModel):
+    username: str = Field(max_length=64)
+    password: str = Field(max_length=1024)
+
+
+class SessionInfo(BaseModel):
+    user: str
+    role: Role
+    csrf_token: str
+
+
+class PlacementRequest(BaseModel):
+    """The tenants wanted on the device; the console picks the generation."""
+
+    tenants: list[TenantSpec] = Field(max_length=64)
+
+
+class Tracking(BaseModel):
+    generation: int | None
+    state: str = Field(description="none | pending | applied | failed | refused | superseded")
+    reason: str
+    problems: list[str]
+
+
+class PlacementResponse(BaseModel):
+    device_id: str
+    generation: int
+    document: Placement
+    tracking: Tracking
+
+
+class MoveRequest(BaseModel):
+    model: str
+    from_backend: str
+    to_backend: str
+    to_device: str | None = Field(default=None, description="default: the target backend's first device")
+    from_device: str | None = Field(default=None, description="only tenants on this device of from_backend")
+
+
+class MovePublished(BaseModel):
+    device_id: str
+    generation: int
+
+
+class MoveSkipped(BaseModel):
+    device_id: str
+    reason: str
+
+
+class MoveResponse(BaseModel):
+    published: list[MovePublished]
+    skipped: list[MoveSkipped]
+
+
+class TenantRow(BaseModel):
+    model: str
+    backend: str
+    device: str
+    instances: int
+    state: str
+    error: str | None
+    fps: float | None
+    p95_ms: float | None
+    queue_depth: int | None
+    drops: int | None
+    errors: int | None
+
+
+class DeviceSummary(BaseModel):
+    device_id: str
+    online: bool
+    stale: bool
+    agent_version: str | None
+    last_seen: float
+    tenants: list[TenantRow]
+    fps: float
+    p95_ms: float
+    queue_depth: int
+    drops: int
+    errors: int
+    status_errors: int
+    last_error: str | None
+    applied_generation: int | None
+    placement: Tracking
+
+
+class DeviceList(BaseModel):
+    devices: list[DeviceSummary]
+    total: int
+    stats: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Principal:
+    name: str
+    role: Role
+    session: Session
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+
+# -- who is asking (module level: FastAPI resolves these annotations by name; the dependencies are
+# async so that FastAPI runs them on the event loop, not in its thread pool) -------------------------
+def get_console(request: Request) -> Console:
+    console: Console = request.app.state.console
+    return console
+
+
+def principal(request: Request) -> Principal | None:
+    console = get_console(request)
+    session = console.signer.read(request.cookies.get(COOKIE))
+    if session is None:
+        return None
+    user = console.users.get(session.user)
+    if user is None:
+        return None
+    return Principal(user.name, user.role, session)
+
+
+async def require_user(request: Request) -> Principal:
+    who = principal(request)
+    if who is None:
+        raise HTTPException(401, "log in first")
+    return who
+
+
+def same_origin(request: Request) -> bool:
+    """No Origin (curl, scripts) passes; a browser's Origin must be this host."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    return origin != "null" and urlsplit(origin).netloc == request.headers.get("host")
+
+
+async def guard_changes(request: Request) -> None:
+    """CSRF: every unsafe method carries the session's token (and a same-origin Origin)."""
+    if request.method not in UNSAFE_METHODS or request.url.path in ("/api/login", "/login"):
+        return
+    who = await require_user(request)
+    if not same_origin(request):
+        raise HTTPException(403, "cross-origin request refused")
+    if not get_console(request).signer.check_csrf(who.session, request.headers.get(CSRF_HEADER)):
+        raise HTTPException(403, "CSRF token missing or invalid")
+
+
+async def require_admin(who: Annotated[Principal, Depends(require_user)]) -> Principal:
+    if not who.is_admin:
+        raise HTTPException(403, "the admin role is needed to change placement")
+    return who
+
+
+User = Annotated[Principal, Depends(require_user)]
+Admin = Annotated[Principal, Depends(require_admin)]
+
+
+def create_app(console: Console) -> FastAPI:
+    """The FastAPI app around a Console, which it starts and stops with the server.
+
+    Every handler is `async def`: FastAPI runs plain `def` handlers in a thread pool, and the fleet
+    state they read is mutated by MQTT ingest on the event loop. On the loop, no locks are needed."""
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        await console.start()
+        try:
+            yield
+        finally:
+            await console.stop()
+
+    app = FastAPI(
+        title="edge-agent console",
+        version="0.1.0",
+        description="Fleet view and placement control for edge-agent devices, over MQTT (DESIGN.md).",
+        lifespan=lifespan,
+        docs_url=None,  # Swagger UI loads from a CDN; the console serves no third-party origin
+        redoc_url=None,
+    )
+    app.state.console = console
+    app.add_middleware(SecurityHeaders)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    def set_session_cookie(response: Response, user: str) -> SessionInfo:
+        cookie, session = console.signer.issue(user)
+        response.set_cookie(
+            COOKIE,
+            cookie,
+            max_age=console.config.web.session_max_age_s,
+            httponly=True,
+            samesite="strict",
+            secure=console.config.web.secure_cookies,
+            path="/",
+        )
+        return SessionInfo(
+            user=user, role=console.users[user].role, csrf_token=console.signer.csrf_token(session)
+        )
+
+    async def check_login(username: str, password: str) -> bool:
+        user = console.users.get(username)
+        # scrypt takes tens of ms of CPU: off the event loop, so ingest keeps flowing.
+        ok = await asyncio.to_thread(verify_password, password, user.password_hash if user else _DUMMY_HASH)
+        if not (ok and user):
+            log.warning("failed login for %r", username[:64])
+            await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
+            return False
+        log.info("login: %s (%s)", user.name, user.role)
+        return True
+
+    # -- public ---------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, Any]:
+        """Liveness for scripts and load balancers (no login): HTTP is up; is MQTT connected?"""
+        return {
+            "ok": True,
+            "mqtt_connected": console.mqtt.connected.is_set(),
+            "devices": len(console.fleet.devices),
+        }
+
+    @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
+    async def login_page(request: Request, error: str = "", next: str = "/") -> Response:
+        if principal(request) is not None:
+            return RedirectResponse(_safe_next(next), 303)
+        return HTMLResponse(pages.login(error=bool(error), next_url=_safe_next(next)))
+
+    @app.post("/login", include_in_schema=False)
+    async def login_form(request: Request) -> Response:
+        """The HTML form (urlencoded; parsed here, no python-multipart needed)."""
+        if not same_origin(request):
+            raise HTTPException(403, "cross-origin request refused")
+        form = parse_qs((await request.body())[:8192].decode(errors="replace"))
+        username = form.get("username", [""])[0][:64]
+        password = form.get("password", [""])[0][:1024]
+        next_url = _safe_next(form.get("next", ["/"])[0])
+        if not await check_login(username, password):
+            return RedirectResponse(f"/login?error=1&next={quote(next_url)}", 303)
+        response = RedirectResponse(next_url, 303)
+        set_session_cookie(response, username)
+        return response
+
+    # -- pages ----------------------------------------------------------------------------------
+    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
+    async def fleet_page(request: Request) -> Response:
+        who = principal(request)
+        if who is None:
+            return RedirectResponse("/login?next=/", 303)
+        return HTMLResponse(pages.fleet(who.name, who.role, console.signer.csrf_token(who.session)))
+
+    @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
+    async def device_page(request: Request, device_id: str) -> Response:
+        who = principal(request)
+        if who is None:
+            return RedirectResponse(f"/login?next={quote('/devices/' + device_id)}", 303)
+        if device_id not in console.fleet.devices:
+            return HTMLResponse(pages.not_found(device_id, who.name, who.role), 404)
+        return HTMLResponse(
+            pages.device(device_id, who.name, who.role, console.signer.csrf_token(who.session))
+        )
+
+    # -- API ------------------------------------------------------------------------------------
+    api = APIRouter(prefix="/api", dependencies=[Depends(guard_changes)])
+
+    @api.post("/login", response_model=SessionInfo, tags=["session"])
+    async def api_login(body: LoginRequest, request: Request, response: Response) -> SessionInfo:
+        """Log in; sets the session cookie and returns the CSRF token for changes."""
+        if not same_origin(request):
+            raise HTTPException(403, "cross-origin request refused")
+        if not await check_login(body.username, body.password):
+            raise HTTPException(401, "wrong user name or password")
+        return set_session_cookie(response, body.username)
+
+    @api.post("/logout", tags=["session"])
+    async def api_logout(who: User, response: Response) -> dict[str, bool]:
+        console.signer.revoke(who.session)
+        response.delete_cookie(COOKIE, path="/")
+        return {"ok": True}
+
+    @api.get("/session", response_model=SessionInfo, tags=["session"])
+    async def api_session(who: User) -> SessionInfo:
+        return SessionInfo(user=who.name, role=who.role, csrf_token=console.signer.csrf_token(who.session))
+
+    @api.get("/devices", tags=["fleet"], responses={200: {"model": DeviceList}})
+    async def api_devices(
+        _who: User,
+        q: str = "",
+        online: bool | None = None,
+        sort: str = "device_id",
+        desc: bool = False,
+    ) -> JSONResponse:
+        """Fleet table rows: filter by substring `q` (device id, model, backend, device), sort by a column."""
+        rows = console.fleet.summaries(q, online, sort, desc)
+        return JSONResponse({"devices": rows, "total": len(console.fleet.devices), "stats": console.stats()})
+
+    @api.get("/fleet/capabilities", tags=["fleet"])
+    async def api_fleet_capabilities(_who: User) -> dict[str, Any]:
+        """What the fleet can run: models and available backends (with devices) over all devices,
+        and the (model, backend) pairs running now: the choices of the fleet-wide move."""
+        return console.fleet_capabilities()
+
+    @api.get("/devices/{device_id}", tags=["device"])
+    async def api_device(device_id: str, _who: User) -> dict[str, Any]:
+        """Status, capabilities, latest telemetry, desired placement and where it stands."""
+        return console.detail(_device_or_404(console, device_id))
+
+    @api.get("/devices/{device_id}/telemetry", tags=["device"])
+    async def api_telemetry(
+        device_id: str,
+        _who: User,
+        window_s: Annotated[float, Query(gt=0, le=7 * 86400)] = 600.0,
+    ) -> dict[str, Any]:
+        """History points for the charts: one per telemetry message, tenants keyed by model."""
+        _device_or_404(console, device_id)
+        since = time.time() - window_s
+        rows = await asyncio.to_thread(console.store.telemetry_since, device_id, since)
+        points: list[dict[str, Any]] = []
+        for row in rows:
+            if not points or points[-1]["ts"] != row["ts"]:
+                points.append({"ts": row["ts"], "tenants": {}})
+            points[-1]["tenants"][row["model"]] = {
+                "backend": row["backend"],
+                "device": row["device"],
+                "fps": row["fps"],
+                "p95_ms": row["p95_ms"],
+                "queue_depth": row["queue_depth"],
+            }
+        return {"device_id": device_id, "points": points[-2000:]}
+
+    @api.get("/devices/{device_id}/placements", tags=["device"])
+    async def api_placement_log(device_id: str, _who: User) -> dict[str, Any]:
+        """Placements this console published to the device (audit log, newest first)."""
+        rows = await asyncio.to_thread(console.store.placements_of, device_id)
+        return {"device_id": device_id, "placements": rows}
+
+    @api.put("/devices/{device_id}/placement", response_model=PlacementResponse, tags=["placement"])
+    async def api_put_placement(device_id: str, body: PlacementRequest, who: Admin) -> PlacementResponse:
+        """Publish a desired placement (retained, QoS 1); generation = max(applied, desired) + 1.
+
+        422 when the device cannot run it (per its reported capabilities); 503 when the broker is down."""
+        _device_or_404(console, device_id)
+        return await _publish(console.publish_placement(device_id, body.tenants, who.name, "edit"), device_id)
+
+    @api.post("/devices/{device_id}/auto-place", response_model=PlacementResponse, tags=["placement"])
+    async def api_auto_place(device_id: str, who: Admin) -> PlacementResponse:
+        """Publish the device's tenants with backend "auto": the agent chooses, or refuses (see tracking)."""
+        _device_or_404(console, device_id)
+        return await _publish(console.auto_place(device_id, who.name), device_id)
+
+    @api.post("/fleet/move", response_model=MoveResponse, tags=["placement"])
+    async def api_move(body: MoveRequest, who: Admin) -> MoveResponse:
+        """Move model M from backend X to Y on every device that runs it on X."""
+        if not console.mqtt.connected.is_set():
+            raise HTTPException(503, "not connected to the MQTT broker")
+        outcome = await console.move_model(
+            body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name
+        )
+        return MoveResponse.model_validate({"published": outcome.published, "skipped": outcome.skipped})
+
+    @api.get("/stats", tags=["health"])
+    async def api_stats(_who: User) -> dict[str, Any]:
+        """Ingest figures: messages/s, backlog (MQTT queue), database rows pending."""
+        return console.stats()
+
+    @api.get("/events", tags=["fleet"], response_class=StreamingResponse)
+    async def api_events(_who: User, device: str | None = None) -> StreamingResponse:
+        """Server-sent events: `fleet` (changed rows, once a second) or, with `device`, its `device`
+        (status changed) and `telemetry` events."""
+        sub = console.hub.subscribe(device)
+
+        async def stream() -> AsyncIterator[str]:
+            try:
+                yield "retry: 2000\n\n"
+                yield format_event("hello", {"device": device})
+                while True:
+                    try:
+                        text = await asyncio.wait_for(sub.queue.get(), timeout=15.0)
+                    except TimeoutError:
+                        yield ": keepalive\n\n"
+                        continue
+                    if text is None:
+                        return
+                    yield text
+            finally:
+                console.hub.unsubscribe(sub)
+
+        return StreamingResponse(
+            stream(),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        )
+
+    app.include_router(api)
+    return app
+
+
+async def _publish(job: Awaitable[tuple[Placement, Any]], device_id: str) -> PlacementResponse:
+    """Map the service's errors to HTTP at the boundary."""
+    try:
+        doc, tracking = await job
+    except PlacementInvalid as exc:
+        raise HTTPException(422, str(exc)) from exc
+    except PublishFailed as exc:
+        raise HTTPException(503, str(exc)) from exc
+    return PlacementResponse(
+        device_id=device_id,
+        generation=doc.generation,
+        document=doc,
+        tracking=Tracking.model_validate(tracking.as_dict()),
+    )
+
+
+def _device_or_404(console: Console, device_id: str) -> Any:
+    try:
+        return console.device(device_id)
+    except UnknownDevice as exc:
+        raise HTTPException(404, f"no device {device_id!r}") from exc
+
+
+def _safe_next(url: str) -> str:
+    """Only local paths after login (no open redirect to another site)."""
+    if not url.startswith("/") or url.startswith("//") or "\\" in url:
+        return "/"
+    return url

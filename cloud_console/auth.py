@@ -1,0 +1,124 @@
+"""Passwords, session cookies and CSRF tokens, with the standard library only.
+
+- Passwords: `scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>` (hashlib.scrypt, 16-byte random salt).
+  scrypt is memory-hard, so a leaked config is expensive to brute-force.
+- Sessions: a signed cookie `<payload b64>.<hmac-sha256 b64>` holding user, session id and expiry.
+  Stateless, so several console workers sharing `session_secret` accept each other's cookies; the
+  role is looked up in the current users on every request (a demoted user loses admin at once).
+  Logout revokes the session id in this process.
+- CSRF: the token is HMAC(secret, "csrf:" + session id): tied to the session, checked on every change.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SCRYPT_DKLEN = 32
+_MAXMEM = 256 * 1024 * 1024
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+
+
+def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
+    """A salted scrypt hash for the `password_hash` of a `[[users]]` entry."""
+    salt = secrets.token_bytes(16)
+    digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=SCRYPT_DKLEN)
+    return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
+
+
+def verify_password(password: str, encoded: str) -> bool:
+    """Constant-time check; a malformed hash is logged and never matches."""
+    try:
+        scheme, n_text, r_text, p_text, salt_text, hash_text = encoded.split("$")
+        if scheme != "scrypt":
+            raise ValueError(f"unknown scheme {scheme!r}")
+        n, r, p = int(n_text), int(r_text), int(p_text)
+        salt, expected = _unb64(salt_text), _unb64(hash_text)
+        digest = hashlib.scrypt(
+            password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected)
+        )
+    except (ValueError, TypeError) as exc:
+        log.error("unusable password hash in config (%s); expected scrypt$n$r$p$salt$hash", exc)
+        return False
+    return hmac.compare_digest(digest, expected)
+
+
+@dataclass(frozen=True)
+class Session:
+    user: str
+    sid: str
+    expires: float
+
+
+class SessionSigner:
+    """Issues and checks signed session cookies and the CSRF tokens bound to them."""
+
+    def __init__(self, secret: bytes, max_age_s: int) -> None:
+        self._key = hashlib.sha256(b"edge-console-session:" + secret).digest()
+        self._csrf_key = hashlib.sha256(b"edge-console-csrf:" + secret).digest()
+        self.max_age_s = max_age_s
+        self._revoked: dict[str, float] = {}  # sid -> expiry, so the set does not grow forever
+        self._lock = threading.Lock()
+
+    def _sign(self, data: bytes) -> str:
+        return _b64(hmac.new(self._key, data, hashlib.sha256).digest())
+
+    def issue(self, user: str) -> tuple[str, Session]:
+        expires = float(int(time.time() + self.max_age_s))  # whole seconds, as the cookie holds it
+        session = Session(user=user, sid=secrets.token_urlsafe(16), expires=expires)
+        payload = json.dumps({"u": session.user, "s": session.sid, "e": int(session.expires)}).encode()
+        return f"{_b64(payload)}.{self._sign(payload)}", session
+
+    def read(self, cookie: str | None) -> Session | None:
+        """The session of a cookie, or None when missing, forged, expired or logged out."""
+        if not cookie or cookie.count(".") != 1:
+            return None
+        payload_text, signature = cookie.split(".")
+        try:
+            payload = _unb64(payload_text)
+        except ValueError:
+            return None
+        if not hmac.compare_digest(self._sign(payload), signature):
+            return None
+        try:
+            data = json.loads(payload)
+            session = Session(user=str(data["u"]), sid=str(data["s"]), expires=float(data["e"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        if session.expires < time.time():
+            return None
+        with self._lock:
+            if session.sid in self._revoked:
+                return None
+        return session
+
+    def revoke(self, session: Session) -> None:
+        now = time.time()
+        with self._lock:
+            self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
+            self._revoked[session.sid] = session.expires
+
+    def csrf_token(self, session: Session) -> str:
+        return _b64(hmac.new(self._csrf_key, b"csrf:" + session.sid.encode(), hashlib.sha256).digest())
+
+    def check_csrf(self, session: Session, token: str | None) -> bool:
+        return bool(token) and hmac.compare_digest(self.csrf_token(session), token or "")

@@ -1,0 +1,150 @@
+"""Console configuration: a TOML file, then command-line flags.
+
+Validated once at start (`extra="forbid"`, no I/O in validators); a bad file is one `ConsoleConfigError`
+that the CLI turns into exit code 2. The console has its own config (it does not import the agent's):
+it knows agents only through the MQTT topics of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
+GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+Role = Literal["admin", "viewer"]
+
+
+class ConsoleConfigError(Exception):
+    """The configuration cannot be used; the message says what to fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class UserConfig(Section):
+    """One login. `password_hash` comes from `edge-console hash-password` (scrypt, salted)."""
+
+    name: str
+    password_hash: str = Field(pattern=r"^scrypt\$")
+    role: Role = "viewer"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not USER_NAME_RE.fullmatch(value):
+            raise ValueError(f"must match {USER_NAME_RE.pattern}")
+        return value
+
+
+class BrokerSettings(Section):
+    url: str = "mqtt://localhost:1883"
+    username: str | None = None
+    password: str | None = None
+    client_id: str | None = None
+    keepalive_s: int = Field(default=30, ge=5, le=3600)
+    reconnect_min_s: float = Field(default=0.5, gt=0)
+    reconnect_max_s: float = Field(default=30.0, gt=0)
+    ca_file: Path | None = None
+    # Skip hostname verification (self-signed lab brokers). Never the default.
+    tls_insecure: bool = False
+
+
+class WebSettings(Section):
+    listen: str = "127.0.0.1:8080"
+    # Signs session cookies. Unset: a random one per start (everyone logs in again after a restart).
+    # Set the same value on every console worker behind one load balancer.
+    session_secret: str | None = Field(default=None, min_length=16)
+    session_max_age_s: int = Field(default=12 * 3600, ge=60)
+    # Mark the cookie Secure: set this when the console is served over HTTPS (a reverse proxy).
+    secure_cookies: bool = False
+
+
+class StorageSettings(Section):
+    db: Path = Path("console.db")
+    retention_hours: float = Field(default=24.0, gt=0)
+    flush_interval_s: float = Field(default=1.0, gt=0)
+
+
+class ConsoleConfig(Section):
+    topic_prefix: str = Field(default="edge", pattern=r"^[A-Za-z0-9_-]{1,32}$")
+    # MQTT 5 shared subscription group for telemetry ($share/<group>/edge/+/telemetry): several console
+    # workers then split the fleet's telemetry. Status stays a plain subscription (it is retained).
+    shared_group: str | None = Field(default=None, pattern=GROUP_RE.pattern)
+    # A device is shown "stale" when nothing arrived from it for this long while it claims online.
+    stale_after_s: float = Field(default=30.0, gt=0)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    web: WebSettings = Field(default_factory=WebSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    users: list[UserConfig] = Field(default_factory=list)
+
+    @field_validator("users")
+    @classmethod
+    def _unique_users(cls, users: list[UserConfig]) -> list[UserConfig]:
+        names = [u.name for u in users]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"user names appear twice: {', '.join(dupes)}")
+        return users
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> where to connect."""
+    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise ConsoleConfigError(f"broker {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ConsoleConfigError(f"broker {url!r}: no host")
+    tls = parts.scheme in ("mqtts", "ssl")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError as exc:
+        raise ConsoleConfigError(f"broker {url!r}: {exc}") from exc
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """`HOST:PORT` (or `[v6]:PORT`) -> (host, port)."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise ConsoleConfigError(f"listen address {listen!r} must be HOST:PORT")
+    return host.strip("[]") or "127.0.0.1", int(port_text)
+
+
+def load_console_config(path: Path | None) -> ConsoleConfig:
+    """Read and validate the TOML file (or defaults when no file is given)."""
+    if path is None:
+        return ConsoleConfig()
+    try:
+        data = tomllib.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise ConsoleConfigError(f"config file {path}: {exc}") from exc
+    try:
+        return ConsoleConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or 'config'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConsoleConfigError(f"invalid configuration in {path}: {problems}") from exc

@@ -1,0 +1,148 @@
+"""The console's MQTT connection: the only owner of its aiomqtt client.
+
+aiomqtt does not reconnect by itself; `run()` is the one loop that does, with exponential backoff
+and jitter. Subscriptions are replayed on every connect. A handler that raises is logged and
+counted; it never stops dispatch. The console needs no persistent session: what it must know on
+(re)connect is retained at the broker (status, placement), and telemetry is live-only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import ssl
+from collections.abc import Callable
+
+import aiomqtt
+
+from agent.topics import fleet_filter
+from cloud_console.config import BrokerAddress, BrokerSettings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[str, bytes], None]
+NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+
+
+class PublishFailed(Exception):
+    """The broker is not reachable or did not acknowledge in time; nothing was published."""
+
+
+def build_tls_context(address: BrokerAddress, settings: BrokerSettings) -> ssl.SSLContext | None:
+    """Reads certificate files: blocking, so it runs in a thread, not on the event loop."""
+    if not address.tls:
+        return None
+    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
+    if settings.tls_insecure:
+        ctx.check_hostname = False
+    return ctx
+
+
+class ConsoleMqtt:
+    def __init__(
+        self,
+        address: BrokerAddress,
+        settings: BrokerSettings,
+        prefix: str,
+        handler: Handler,
+        shared_group: str | None = None,
+    ) -> None:
+        self.address = address
+        self.settings = settings
+        self.prefix = prefix
+        self.handler = handler
+        self.client_id = settings.client_id or f"edge-console-{socket.gethostname()[:24]}-{os.getpid()}"
+        telemetry = fleet_filter("telemetry", prefix)
+        self.subscriptions: list[tuple[str, int]] = [
+            (fleet_filter("status", prefix), 1),
+            (fleet_filter("placement", prefix), 1),
+            # Telemetry is QoS 0 from the agents; a shared group splits it between console workers.
+            (f"$share/{shared_group}/{telemetry}" if shared_group else telemetry, 0),
+        ]
+        self.connected = asyncio.Event()
+        self.connects = 0
+        self.received = 0
+        self.handler_errors = 0
+        self.last_error = ""
+        self._client: aiomqtt.Client | None = None
+        self._stopping = False
+
+    def backlog(self) -> int:
+        """Messages received from the broker and not yet handled (aiomqtt's incoming queue)."""
+        client = self._client
+        return len(client.messages) if client is not None else 0
+
+    async def run(self) -> None:
+        """Connect, subscribe, dispatch; on any MQTT error back off and do it again, until stop()."""
+        tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
+        backoff = self.settings.reconnect_min_s
+        while not self._stopping:
+            client = aiomqtt.Client(
+                hostname=self.address.host,
+                port=self.address.port,
+                identifier=self.client_id,
+                username=self.address.username or self.settings.username,
+                password=self.address.password or self.settings.password,
+                protocol=aiomqtt.ProtocolVersion.V5,
+                keepalive=self.settings.keepalive_s,
+                clean_start=True,
+                tls_context=tls,
+                timeout=10.0,
+                max_queued_incoming_messages=200_000,
+                socket_options=NO_DELAY,
+            )
+            client.pending_calls_threshold = 10_000  # a fleet-wide move publishes many at once
+            try:
+                async with client:
+                    for topic, qos in self.subscriptions:
+                        await client.subscribe(topic, qos=qos)
+                    self._client = client
+                    self.connects += 1
+                    self.connected.set()
+                    backoff = self.settings.reconnect_min_s
+                    log.info(
+                        "connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id
+                    )
+                    async for message in client.messages:
+                        self._dispatch(message)
+            except aiomqtt.MqttError as exc:
+                if self._stopping:
+                    break
+                self.last_error = str(exc)
+                delay = backoff * (0.5 + random.random())  # jitter spreads reconnects of many workers
+                log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
+                self._down()
+                await asyncio.sleep(delay)
+                backoff = min(backoff * 2, self.settings.reconnect_max_s)
+            finally:
+                self._down()
+
+    def _down(self) -> None:
+        self.connected.clear()
+        self._client = None
+
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        self.received += 1
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        try:
+            self.handler(message.topic.value, bytes(payload))
+        except Exception:
+            self.handler_errors += 1
+            log.exception("handler failed on %s", message.topic.value)
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        """Publish and, for QoS 1, wait for the broker's ack. Raises PublishFailed when down."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise PublishFailed("not connected to the MQTT broker")
+        try:
+            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10.0)
+        except aiomqtt.MqttError as exc:
+            raise PublishFailed(f"{topic}: {exc}") from exc
+
+    def stop(self) -> None:
+        """Stop reconnecting. The owner then cancels `run()`, whose `async with` disconnects cleanly."""
+        self._stopping = True

@@ -1,0 +1,438 @@
+"""The console service: MQTT ingest -> fleet state -> SQLite history and live events; placements out.
+
+Everything here runs on one event loop (the one uvicorn serves HTTP on). Ingest handlers are plain
+functions that parse a message with pydantic and update memory: no I/O, no awaits, so a burst of
+telemetry cannot interleave with a placement being computed. SQLite writes go to the store's thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+
+from agent.schemas import Placement, Status, Telemetry, TenantSpec
+from agent.topics import Topics, valid_device_id
+from cloud_console.auth import SessionSigner
+from cloud_console.config import ConsoleConfig, UserConfig, parse_broker_url
+from cloud_console.events import Hub
+from cloud_console.fleet import Device, Fleet
+from cloud_console.mqtt import ConsoleMqtt, PublishFailed
+from cloud_console.placement import (
+    DesiredPlacement,
+    PlacementInvalid,
+    Tracking,
+    auto_tenants,
+    build,
+    check_against,
+    move_tenants,
+    track,
+)
+from cloud_console.store import ConsoleStore
+
+log = logging.getLogger(__name__)
+
+FLEET_EVENT_INTERVAL_S = 1.0
+
+
+class UnknownDevice(LookupError):
+    pass
+
+
+@dataclass
+class MoveOutcome:
+    published: list[dict[str, Any]]
+    skipped: list[dict[str, Any]]
+
+
+class Console:
+    def __init__(self, config: ConsoleConfig, session_secret: bytes | None = None) -> None:
+        self.config = config
+        self.prefix = config.topic_prefix
+        self.users: dict[str, UserConfig] = {u.name: u for u in config.users}
+        secret = session_secret or (config.web.session_secret or "").encode() or secrets.token_bytes(32)
+        self.signer = SessionSigner(secret, config.web.session_max_age_s)
+        self.fleet = Fleet(config.stale_after_s)
+        self.hub = Hub()
+        self.store = ConsoleStore(
+            config.storage.db, config.storage.retention_hours * 3600.0, config.storage.flush_interval_s
+        )
+        self.mqtt = ConsoleMqtt(
+            parse_broker_url(config.broker.url),
+            config.broker,
+            self.prefix,
+            self.dispatch,
+            shared_group=config.shared_group,
+        )
+        self.bad_messages = 0
+        self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
+        self._dirty: set[str] = set()
+        self._unclaimed: dict[str, DesiredPlacement] = {}  # device id -> placement seen before the device
+        self._rate_samples: deque[tuple[float, int]] = deque(maxlen=11)
+        self._tasks: list[asyncio.Task[Any]] = []
+        self.started_at = time.time()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await asyncio.to_thread(self.store.start)
+        await asyncio.to_thread(self._load_known_devices)
+        self._tasks = [
+            asyncio.create_task(self.mqtt.run(), name="mqtt"),
+            asyncio.create_task(self._fleet_events(), name="fleet-events"),
+        ]
+
+    async def stop(self) -> None:
+        self.mqtt.stop()
+        self.hub.close_all()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await asyncio.to_thread(self.store.stop)
+
+    def _load_known_devices(self) -> None:
+        """Devices seen before a restart, shown as last known until the broker's retained status."""
+        for row in self.store.known_devices():
+            try:
+                status = Status.model_validate_json(row["status_json"])
+            except (ValidationError, TypeError):
+                continue
+            device = self.fleet.get_or_add(row["device_id"], row["first_seen"])
+            device.last_seen = row["last_seen"]
+            device.status = status
+            device.capabilities = status.capabilities
+            device.placement = status.placement
+
+    # -- ingest ---------------------------------------------------------------------------------
+    def dispatch(self, topic: str, payload: bytes) -> None:
+        """Route one MQTT message by its topic: <prefix>/<device id>/<kind>."""
+        parts = topic.split("/")
+        if len(parts) != 3 or parts[0] != self.prefix or not valid_device_id(parts[1]):
+            return
+        device_id, kind = parts[1], parts[2]
+        if kind == "telemetry":
+            self.on_telemetry(device_id, payload)
+        elif kind == "status":
+            self.on_status(device_id, payload)
+        elif kind == "placement":
+            self.on_placement(device_id, payload)
+        else:
+            return
+        self.by_kind[kind] += 1
+
+    def _bad(self, kind: str, device_id: str, exc: ValidationError) -> None:
+        """Count a message that does not parse; log the first ones, then one in a thousand."""
+        self.bad_messages += 1
+        if self.bad_messages <= 10 or self.bad_messages % 1000 == 0:
+            first = exc.errors()[:1]
+            where = ".".join(str(p) for p in first[0]["loc"]) if first else ""
+            log.warning(
+                "bad %s from %s (%d so far): %s: %s",
+                kind,
+                device_id,
+                self.bad_messages,
+                where or "document",
+                first[0]["msg"] if first else exc,
+            )
+
+    def _device(self, device_id: str, now: float) -> Device:
+        device = self.fleet.devices.get(device_id)
+        if device is None:
+            device = self.fleet.get_or_add(device_id, now)
+            device.desired = self._unclaimed.pop(device_id, None)
+        return device
+
+    def on_status(self, device_id: str, payload: bytes) -> None:
+        if not payload:  # retained status cleared: the device is gone from the fleet
+            if self.fleet.devices.pop(device_id, None) is not None:
+                self._dirty.add(device_id)
+            self.store.forget_device(device_id)
+            return
+        try:
+            status = Status.model_validate_json(payload)
+        except ValidationError as exc:
+            self._bad("status", device_id, exc)
+            return
+        now = time.time()
+        device = self._device(device_id, now)
+        device.status = status
+        device.last_seen = now
+        if status.capabilities is not None:
+            device.capabilities = status.capabilities
+        if status.placement is not None:
+            device.placement = status.placement
+        device.touch()
+        self._dirty.add(device_id)
+        self.store.put_device(device_id, status.online, device.first_seen, now, payload.decode())
+        if self.hub.wants_device(device_id):
+            self.hub.to_device(device_id, "device", self.detail(device))
+
+    def on_telemetry(self, device_id: str, payload: bytes) -> None:
+        try:
+            telemetry = Telemetry.model_validate_json(payload)
+        except ValidationError as exc:
+            self._bad("telemetry", device_id, exc)
+            return
+        now = time.time()
+        device = self._device(device_id, now)
+        device.telemetry = telemetry
+        device.telemetry_at = now
+        device.last_seen = now
+        device.touch()
+        self._dirty.add(device_id)
+        ts = telemetry.ts
+        self.store.add_telemetry(
+            (
+                {
+                    "ts": ts,
+                    "device_id": device_id,
+                    "model": t.model,
+                    "backend": t.backend,
+                    "device": t.device,
+                    "state": t.state,
+                    "instances": t.instances,
+                    "fps": t.fps,
+                    "p50_ms": t.latency_ms.get("p50"),
+                    "p95_ms": t.latency_ms.get("p95"),
+                    "p99_ms": t.latency_ms.get("p99"),
+                    "queue_depth": t.queue_depth,
+                    "frames_in": t.frames_in,
+                    "frames_out": t.frames_out,
+                    "errors": t.errors,
+                    "drops": t.drops,
+                    "batch_size_mean": t.batch_size_mean,
+                }
+                for t in telemetry.tenants
+            ),
+            {
+                "ts": ts,
+                "device_id": device_id,
+                "cpu_percent": telemetry.device.cpu_percent,
+                "rss_mb": telemetry.device.rss_mb,
+                "temperature_c": telemetry.device.temperature_c,
+                "load_1m": telemetry.device.load_1m,
+            },
+        )
+        if self.hub.wants_device(device_id):
+            self.hub.to_device(device_id, "telemetry", telemetry.model_dump(mode="json"))
+
+    def on_placement(self, device_id: str, payload: bytes) -> None:
+        """The retained desired placement, read back (ours, or another console worker's)."""
+        device = self.fleet.devices.get(device_id)
+        if not payload:
+            self._unclaimed.pop(device_id, None)
+            if device is not None and device.desired is not None:
+                device.desired = None
+                device.touch()
+            return
+        try:
+            doc = Placement.model_validate_json(payload)
+        except ValidationError as exc:
+            self._bad("placement", device_id, exc)
+            return
+        if device is None:
+            # A placement for a device that has not reported (yet): keep it aside rather than invent
+            # a fleet row from a retained document (it may be left over from a retired device).
+            self._unclaimed[device_id] = DesiredPlacement(doc.generation, doc.tenants)
+            return
+        held = device.desired
+        if held is not None and held.generation == doc.generation:
+            held.tenants = doc.tenants  # our own publish coming back: keep who and when
+        else:
+            device.desired = DesiredPlacement(doc.generation, doc.tenants)
+        device.touch()
+        self._dirty.add(device_id)
+
+    # -- live events ----------------------------------------------------------------------------
+    async def _fleet_events(self) -> None:
+        """Once a second: sample the ingest rate, and send changed rows to fleet pages."""
+        while True:
+            await asyncio.sleep(FLEET_EVENT_INTERVAL_S)
+            self._rate_samples.append((time.monotonic(), self.mqtt.received))
+            dirty, self._dirty = self._dirty, set()
+            if not dirty or not self.hub.has_fleet_pages():
+                continue
+            now = time.time()
+            rows = []
+            removed = []
+            for device_id in sorted(dirty):
+                device = self.fleet.devices.get(device_id)
+                if device is None:
+                    removed.append(device_id)
+                else:
+                    rows.append(device.summary(now, self.fleet.stale_after_s))
+            self.hub.to_fleet("fleet", {"devices": rows, "removed": removed, "stats": self.stats()})
+
+    def rate(self) -> float:
+        """Messages per second handled over the last ~10 s."""
+        if len(self._rate_samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._rate_samples[0], self._rate_samples[-1]
+        return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
+
+    def stats(self) -> dict[str, Any]:
+        devices = self.fleet.devices.values()
+        return {
+            "mqtt_connected": self.mqtt.connected.is_set(),
+            "mqtt_connects": self.mqtt.connects,
+            "devices": len(self.fleet.devices),
+            "online": sum(1 for d in devices if d.online),
+            "received": self.mqtt.received,
+            "by_kind": dict(self.by_kind),
+            "messages_per_s": round(self.rate(), 1),
+            "backlog": self.mqtt.backlog(),
+            "db_pending_rows": self.store.pending(),
+            "db_written_rows": self.store.written,
+            "db_lost_rows": self.store.lost,
+            "db_last_flush_ms": round(self.store.last_flush_ms, 1),
+            "bad_messages": self.bad_messages,
+            "handler_errors": self.mqtt.handler_errors,
+            "event_streams": len(self.hub),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "stale_after_s": self.fleet.stale_after_s,
+        }
+
+    # -- views ----------------------------------------------------------------------------------
+    def fleet_capabilities(self) -> dict[str, Any]:
+        models: set[str] = set()
+        backends: dict[str, set[str]] = {}
+        running: set[tuple[str, str]] = set()
+        for device in self.fleet.devices.values():
+            caps = device.capabilities
+            if caps is not None:
+                models.update(caps.models)
+                for name, backend in caps.backends.items():
+                    if backend.available:
+                        backends.setdefault(name, set()).update(backend.devices)
+            for tenant in device.editable_tenants():
+                running.add((tenant.model, tenant.backend))
+        return {
+            "models": sorted(models),
+            "backends": {name: sorted(devs) for name, devs in sorted(backends.items())},
+            "running": [{"model": m, "backend": b} for m, b in sorted(running)],
+        }
+
+    def device(self, device_id: str) -> Device:
+        device = self.fleet.devices.get(device_id)
+        if device is None:
+            raise UnknownDevice(device_id)
+        return device
+
+    def detail(self, device: Device) -> dict[str, Any]:
+        status = device.effective_status()
+        return {
+            "seq": device.seq,
+            "summary": device.summary(time.time(), self.fleet.stale_after_s),
+            "status": status.model_dump(mode="json") if status is not None else None,
+            "capabilities": device.capabilities.model_dump(mode="json") if device.capabilities else None,
+            "telemetry": device.telemetry.model_dump(mode="json") if device.telemetry else None,
+            "desired": (
+                {
+                    "generation": device.desired.generation,
+                    "tenants": [t.model_dump(mode="json") for t in device.desired.tenants],
+                    "published_at": device.desired.published_at,
+                    "by": device.desired.by,
+                    "action": device.desired.action,
+                }
+                if device.desired is not None
+                else None
+            ),
+            "tracking": device.tracking(),
+            "editable_tenants": [t.model_dump(mode="json") for t in device.editable_tenants()],
+            "next_generation": device.next_generation(),
+        }
+
+    # -- placements out -------------------------------------------------------------------------
+    async def publish_placement(
+        self, device_id: str, tenants: list[TenantSpec], user: str, action: str, *, check: bool = True
+    ) -> tuple[Placement, Tracking]:
+        """Validate against the device's capabilities, then publish (retained, QoS 1).
+
+        The generation is max(applied, desired) + 1, taken and recorded before the first await, so
+        two edits in a row never reuse a generation."""
+        device = self.device(device_id)
+        if check:
+            tenants = check_against(device.capabilities, tenants)
+        try:
+            doc = build(device.next_generation(), tenants)
+        except ValidationError as exc:
+            raise PlacementInvalid(
+                "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:3])
+            ) from exc
+        previous = device.desired
+        device.desired = DesiredPlacement(doc.generation, doc.tenants, time.time(), user, action)
+        device.touch()
+        self._dirty.add(device_id)
+        payload = doc.model_dump_json().encode()
+        try:
+            await self.mqtt.publish(Topics(device_id, self.prefix).placement, payload, qos=1, retain=True)
+        except PublishFailed:
+            if device.desired is not None and device.desired.generation == doc.generation:
+                device.desired = previous  # nothing went out: forget it
+                device.touch()
+            raise
+        self.store.add_placement(device_id, doc.generation, user, action, payload.decode())
+        log.info("%s published placement generation %d to %s (%s)", user, doc.generation, device_id, action)
+        if self.hub.wants_device(device_id):
+            self.hub.to_device(device_id, "device", self.detail(device))
+        return doc, track(device.desired, device.effective_status())
+
+    async def auto_place(self, device_id: str, user: str) -> tuple[Placement, Tracking]:
+        device = self.device(device_id)
+        tenants = device.editable_tenants()
+        if not tenants:
+            raise PlacementInvalid("the device runs no tenant to auto-place")
+        return await self.publish_placement(device_id, auto_tenants(tenants), user, "auto")
+
+    async def move_model(
+        self,
+        model: str,
+        from_backend: str,
+        to_backend: str,
+        to_device: str | None,
+        from_device: str | None,
+        user: str,
+    ) -> MoveOutcome:
+        """Publish a new placement to every device that runs `model` on `from_backend`."""
+        outcome = MoveOutcome([], [])
+        jobs: list[tuple[str, list[TenantSpec]]] = []
+        for device_id, device in sorted(self.fleet.devices.items()):
+            try:
+                moved = move_tenants(
+                    device.editable_tenants(),
+                    device.capabilities,
+                    model,
+                    from_backend,
+                    to_backend,
+                    to_device,
+                    from_device,
+                )
+            except PlacementInvalid as exc:
+                outcome.skipped.append({"device_id": device_id, "reason": str(exc)})
+                continue
+            if moved is not None:
+                jobs.append((device_id, moved))
+        limit = asyncio.Semaphore(64)  # QoS 1 acks in flight at once
+
+        async def one(device_id: str, tenants: list[TenantSpec]) -> None:
+            async with limit:
+                try:
+                    doc, _ = await self.publish_placement(device_id, tenants, user, "move", check=False)
+                except (PublishFailed, PlacementInvalid, UnknownDevice) as exc:
+                    log.warning("move: %s skipped: %s", device_id, exc)
+                    outcome.skipped.append({"device_id": device_id, "reason": str(exc) or type(exc).__name__})
+                    return
+                outcome.published.append({"device_id": device_id, "generation": doc.generation})
+
+        await asyncio.gather(*(one(d, t) for d, t in jobs))
+        outcome.published.sort(key=lambda r: r["device_id"])
+        outcome.skipped.sort(key=lambda r: r["device_id"])
+        return outcome

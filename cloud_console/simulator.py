@@ -1,0 +1,517 @@
+"""A fleet of lightweight fake agents for demos and load checks: `edge-console simulate`.
+
+Each simulated device speaks the wire contract of DESIGN.md with the same payload models as the real
+agent (agent.schemas): a retained status (capabilities, placement with generation and
+applied_generation, tenants with state, errors), telemetry every `interval_s`, and it applies the
+retained placement published to it, refusing what the real agent refuses (a document that does not
+validate, an older generation, an unknown model or backend: "auto" too, as the agent does today),
+and failing a tenant whose backend or device it does not have.
+
+Connections: devices share a few MQTT connections (`per_connection` devices each, 100 by default),
+not one TCP connection per device. 500 devices are 5 connections, 5 network threads: light enough to
+run beside the console on a laptop, and the broker still sees one publisher per device id on the
+topics. The cost of that choice: an MQTT last will belongs to a connection, so a simulated device
+has no will of its own; on a clean stop the simulator publishes every device's retained
+`{"online": false}` itself (a killed simulator leaves its devices "online", then "stale" in the
+console, which is what the console's stale marker is for).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from pydantic import ValidationError
+
+from agent.schemas import (
+    BackendCapability,
+    Capabilities,
+    DeviceTelemetry,
+    Placement,
+    PlacementStatus,
+    Status,
+    Telemetry,
+    TenantSpec,
+    TenantState,
+    TenantStatus,
+    TenantTelemetry,
+)
+from agent.topics import Topics
+
+log = logging.getLogger(__name__)
+
+SIM_VERSION = "0.1.0-sim"
+# The backend names the real agent's registry knows (available or not on a given device).
+KNOWN_BACKENDS = ("edgetpu", "onnxruntime", "openvino", "tensorrt", "tflite", "torch")
+MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
+MODEL_COST = {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.45, "efficientnet-lite2": 2.1}
+QUEUE_LIMIT = 64
+
+
+def _cap(devices: list[str] | None, reason: str = "") -> BackendCapability:
+    if devices is None:
+        return BackendCapability(available=False, devices=[], reason=reason)
+    return BackendCapability(available=True, devices=devices)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A kind of edge box: what it can run and how fast (frames/s of one lite0 instance)."""
+
+    name: str
+    backends: dict[str, BackendCapability]
+    models: tuple[str, ...]
+    speed: dict[str, float]  # "<backend>:<device lower>" -> fps
+    initial: tuple[tuple[str, str, str], ...]  # (model, backend, device) tenants at start
+
+
+PROFILES: tuple[Profile, ...] = (
+    Profile(
+        "x86-openvino",
+        {
+            "onnxruntime": _cap(["cpu"]),
+            "openvino": _cap(["CPU", "GPU", "NPU", "AUTO"]),
+            "tflite": _cap(None, "ai-edge-litert is not installed"),
+            "edgetpu": _cap(None, "libedgetpu.so.1 not found"),
+            "tensorrt": _cap(None, "tensorrt is not installed"),
+            "torch": _cap(None, "torch is not installed"),
+        },
+        MODELS,
+        {
+            "onnxruntime:cpu": 55,
+            "openvino:cpu": 80,
+            "openvino:gpu": 160,
+            "openvino:npu": 130,
+            "openvino:auto": 150,
+        },
+        (("efficientnet-lite0", "onnxruntime", "cpu"), ("efficientnet-lite1", "openvino", "GPU")),
+    ),
+    Profile(
+        "jetson",
+        {
+            "onnxruntime": _cap(["cpu", "cuda:0", "tensorrt:0"]),
+            "tensorrt": _cap(["cuda:0"]),
+            "torch": _cap(["cpu", "cuda:0"]),
+            "tflite": _cap(["cpu"]),
+            "openvino": _cap(None, "openvino is not installed"),
+            "edgetpu": _cap(None, "libedgetpu.so.1 not found"),
+        },
+        MODELS,
+        {
+            "onnxruntime:cpu": 12,
+            "onnxruntime:cuda:0": 140,
+            "onnxruntime:tensorrt:0": 260,
+            "tensorrt:cuda:0": 300,
+            "torch:cpu": 8,
+            "torch:cuda:0": 110,
+            "tflite:cpu": 15,
+        },
+        (("efficientnet-lite0", "onnxruntime", "cuda:0"),),
+    ),
+    Profile(
+        "rpi-coral",
+        {
+            "tflite": _cap(["cpu"]),
+            "edgetpu": _cap(["usb:0"]),
+            "onnxruntime": _cap(["cpu"]),
+            "openvino": _cap(None, "openvino is not installed"),
+            "tensorrt": _cap(None, "tensorrt is not installed"),
+            "torch": _cap(None, "torch is not installed"),
+        },
+        ("efficientnet-lite0", "efficientnet-lite1"),
+        {"tflite:cpu": 9, "edgetpu:usb:0": 120, "onnxruntime:cpu": 7},
+        (("efficientnet-lite0", "edgetpu", "usb:0"),),
+    ),
+    Profile(
+        "gpu-server",
+        {
+            "onnxruntime": _cap(["cpu", "cuda:0", "cuda:1", "tensorrt:0"]),
+            "tensorrt": _cap(["cuda:0", "cuda:1"]),
+            "torch": _cap(["cpu", "cuda:0", "cuda:1"]),
+            "openvino": _cap(["CPU"]),
+            "tflite": _cap(None, "ai-edge-litert is not installed"),
+            "edgetpu": _cap(None, "libedgetpu.so.1 not found"),
+        },
+        MODELS,
+        {
+            "onnxruntime:cpu": 90,
+            "onnxruntime:cuda:0": 900,
+            "onnxruntime:cuda:1": 900,
+            "onnxruntime:tensorrt:0": 1600,
+            "tensorrt:cuda:0": 1800,
+            "tensorrt:cuda:1": 1800,
+            "torch:cpu": 60,
+            "torch:cuda:0": 700,
+            "torch:cuda:1": 700,
+            "openvino:cpu": 120,
+        },
+        (("efficientnet-lite0", "onnxruntime", "cuda:0"), ("efficientnet-lite2", "tensorrt", "cuda:1")),
+    ),
+)
+
+
+def _stamp(now: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(now))
+
+
+@dataclass
+class SimTenant:
+    spec: TenantSpec
+    state: TenantState = "ready"
+    error: str | None = None
+    demand_fps: float = 20.0  # what the cameras send it
+    frames_in: int = 0
+    frames_out: int = 0
+    errors: int = 0
+    drops: int = 0
+    queue: float = 0.0
+
+
+@dataclass
+class SimDevice:
+    device_id: str
+    profile: Profile
+    rng: random.Random
+    started_at: float = field(default_factory=time.time)
+    tenants: dict[str, SimTenant] = field(default_factory=dict)  # model -> serving tenant
+    loading: dict[str, SimTenant] = field(default_factory=dict)  # model -> tenant being loaded
+    failed: dict[str, SimTenant] = field(default_factory=dict)
+    target: Placement | None = None
+    apply_at: float = 0.0
+    desired_generation: int | None = 0
+    applied_generation: int | None = 0
+    errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
+    next_telemetry: float = 0.0
+
+    def __post_init__(self) -> None:
+        for model, backend, device in self.profile.initial:
+            spec = TenantSpec(model=model, backend=backend, device=device)
+            self.tenants[model] = SimTenant(spec, demand_fps=self.rng.uniform(5, 45))
+
+    @property
+    def topics(self) -> Topics:
+        return Topics(self.device_id)
+
+    # -- placement ------------------------------------------------------------------------------
+    def _refuse(self, now: float, message: str) -> None:
+        self.errors.append(f"{_stamp(now)} {message}")
+
+    def apply(self, payload: bytes, now: float) -> None:
+        """What the real agent does with a placement document, at simulation speed."""
+        if not payload:
+            return
+        try:
+            doc = Placement.model_validate_json(payload)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors()[:5]
+            )
+            self._refuse(now, f"placement refused: {problems}")
+            return
+        gen = doc.generation
+        if self.applied_generation is not None and gen < self.applied_generation:
+            self._refuse(
+                now,
+                f"placement generation {gen} refused: generation {gen} is older than the applied "
+                f"{self.applied_generation}",
+            )
+            return
+        for spec in doc.tenants:
+            if spec.model not in self.profile.models:
+                self._refuse(now, f"placement generation {gen} refused: unknown model {spec.model!r}")
+                return
+            if spec.backend not in KNOWN_BACKENDS:
+                known = ", ".join(KNOWN_BACKENDS)
+                self._refuse(
+                    now,
+                    f"placement generation {gen} refused: unknown backend {spec.backend!r} (known: {known})",
+                )
+                return
+        self.desired_generation = gen
+        self.target = doc
+        self.loading.clear()
+        for spec in doc.tenants:
+            current = self.tenants.get(spec.model)
+            if current is not None and current.spec.key() == spec.key():
+                continue
+            demand = current.demand_fps if current is not None else self.rng.uniform(5, 45)
+            self.loading[spec.model] = SimTenant(spec, state="loading", demand_fps=demand)
+        self.apply_at = now + self.rng.uniform(0.2, 1.2) * max(1, len(self.loading))
+
+    def tick(self, now: float) -> bool:
+        """Finish a placement whose models have "loaded"; True when the status changed."""
+        if self.target is None or now < self.apply_at:
+            return False
+        doc, self.target = self.target, None
+        wanted = {spec.model for spec in doc.tenants}
+        for model, tenant in self.loading.items():
+            backend = self.profile.backends.get(tenant.spec.backend)
+            problem = None
+            if backend is None or not backend.available:
+                reason = backend.reason if backend is not None else "not installed"
+                problem = f"backend {tenant.spec.backend} unavailable: {reason}"
+            elif tenant.spec.device.lower() not in {d.lower() for d in backend.devices}:
+                problem = f"{tenant.spec.backend} has no device {tenant.spec.device!r}"
+            if problem is not None:
+                tenant.state, tenant.error = "failed", problem
+                self.failed[model] = tenant
+                self._refuse(now, f"{model} on {tenant.spec.backend}:{tenant.spec.device}: {problem}")
+                continue  # the old tenant, if any, keeps serving
+            tenant.state = "ready"
+            self.tenants[model] = tenant
+            self.failed.pop(model, None)
+        self.loading.clear()
+        for model in list(self.tenants):
+            if model not in wanted:
+                del self.tenants[model]
+        for model in list(self.failed):
+            if model not in wanted:
+                del self.failed[model]
+        self.applied_generation = doc.generation
+        return True
+
+    # -- reports --------------------------------------------------------------------------------
+    def status(self) -> Status:
+        tenants = [
+            TenantStatus(**t.spec.model_dump(), state=t.state, error=t.error)
+            for t in [*self.tenants.values(), *self.loading.values(), *self.failed.values()]
+        ]
+        return Status(
+            online=True,
+            device_id=self.device_id,
+            agent_version=SIM_VERSION,
+            started_at=self.started_at,
+            capabilities=Capabilities(backends=self.profile.backends, models=list(self.profile.models)),
+            placement=PlacementStatus(
+                generation=self.desired_generation,
+                applied_generation=self.applied_generation,
+                tenants=tenants,
+            ),
+            errors=list(self.errors),
+        )
+
+    def _capacity(self, spec: TenantSpec) -> float:
+        base = self.profile.speed.get(f"{spec.backend}:{spec.device.lower()}", 20.0)
+        return base / MODEL_COST.get(spec.model, 1.0) * spec.instances**0.8
+
+    def telemetry(self, interval_s: float) -> Telemetry:
+        rows = []
+        for t in self.tenants.values():
+            t.demand_fps = min(120.0, max(1.0, t.demand_fps * self.rng.uniform(0.95, 1.05)))
+            capacity = self._capacity(t.spec)
+            offered = t.demand_fps * interval_s
+            served = min(offered + t.queue, capacity * interval_s)
+            t.queue = max(0.0, t.queue + offered - served)
+            if t.queue > QUEUE_LIMIT:
+                t.drops += int(t.queue - QUEUE_LIMIT)
+                t.queue = QUEUE_LIMIT
+            t.frames_in += round(offered)
+            t.frames_out += round(served)
+            if self.rng.random() < 0.002:
+                t.errors += 1
+            service_ms = 1000.0 / capacity * t.spec.instances
+            wait_ms = t.queue / capacity * 1000.0
+            p50 = service_ms + wait_ms
+            rows.append(
+                TenantTelemetry(
+                    model=t.spec.model,
+                    backend=t.spec.backend,
+                    device=t.spec.device,
+                    instances=t.spec.instances,
+                    state=t.state,
+                    frames_in=t.frames_in,
+                    frames_out=t.frames_out,
+                    errors=t.errors,
+                    drops=t.drops,
+                    fps=round(served / interval_s * self.rng.uniform(0.97, 1.03), 2),
+                    latency_ms={
+                        "p50": round(p50, 2),
+                        "p95": round(p50 * self.rng.uniform(1.3, 1.6), 2),
+                        "p99": round(p50 * self.rng.uniform(1.7, 2.2), 2),
+                    },
+                    queue_depth=int(t.queue),
+                    batch_size_mean=1.0,
+                )
+            )
+        load = sum(r.fps / self._capacity(t.spec) for r, t in zip(rows, self.tenants.values(), strict=True))
+        return Telemetry(
+            device_id=self.device_id,
+            interval_s=interval_s,
+            tenants=rows,
+            device=DeviceTelemetry(
+                cpu_percent=round(min(100.0, 5 + 60 * load) * self.rng.uniform(0.9, 1.1), 1),
+                rss_mb=round(180 + 90 * len(rows) + self.rng.uniform(-5, 5), 1),
+                temperature_c=round(45 + 20 * min(load, 1.0) + self.rng.uniform(-1, 1), 1),
+                load_1m=round(0.2 + 2 * load, 2),
+            ),
+        )
+
+
+class _Connection:
+    """One MQTT connection publishing for a group of simulated devices."""
+
+    def __init__(self, sim: FleetSimulator, index: int, devices: list[SimDevice]) -> None:
+        self.sim = sim
+        self.devices = {d.device_id: d for d in devices}
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=f"edge-sim-{sim.run_id}-{index}",
+            protocol=paho.MQTTv5,
+        )
+        self.client.max_queued_messages_set(0)
+        self.client.max_inflight_messages_set(1000)
+        self.client.reconnect_delay_set(1, 30)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.connected = threading.Event()
+
+    def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
+        if getattr(reason, "is_failure", False):
+            log.warning("simulator connection refused: %s", reason)
+            return
+        topics = [(d.topics.placement, 1) for d in self.devices.values()]
+        for start in range(0, len(topics), 100):
+            client.subscribe(topics[start : start + 100])
+        with self.sim.lock:
+            self.sim.dirty.update(self.devices)  # (re)publish every retained status
+        self.connected.set()
+
+    def _on_message(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
+        device_id = message.topic.split("/")[1]
+        device = self.devices.get(device_id)
+        if device is None:
+            return
+        with self.sim.lock:
+            device.apply(bytes(message.payload), time.time())
+            self.sim.dirty.add(device_id)
+            self.sim.placements_seen += 1
+
+
+class FleetSimulator:
+    """Run `devices` simulated agents against a broker from a background thread (or `run()`)."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        devices: int,
+        *,
+        interval_s: float = 2.0,
+        per_connection: int = 100,
+        id_prefix: str = "sim",
+        seed: int = 1,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        self.host, self.port = host, port
+        self.interval_s = interval_s
+        self.run_id = f"{id_prefix}-{random.randrange(1 << 30):x}"
+        rng = random.Random(seed)
+        width = max(4, len(str(devices)))
+        self.devices = [
+            SimDevice(f"{id_prefix}-{i:0{width}d}", PROFILES[i % len(PROFILES)], random.Random(rng.random()))
+            for i in range(devices)
+        ]
+        now = time.time()
+        for i, device in enumerate(self.devices):  # spread telemetry evenly over the interval
+            device.next_telemetry = now + interval_s * i / max(1, devices)
+        groups = [self.devices[i : i + per_connection] for i in range(0, devices, per_connection)]
+        self.connections = [_Connection(self, i, g) for i, g in enumerate(groups)]
+        self.by_id = {d.device_id: c for c in self.connections for d in c.devices.values()}
+        self.device_map = {d.device_id: d for d in self.devices}
+        for conn in self.connections:
+            if username:
+                conn.client.username_pw_set(username, password)
+        self.lock = threading.Lock()
+        self.dirty: set[str] = set()
+        self.telemetry_sent = 0
+        self.status_sent = 0
+        self.placements_seen = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def connect(self, timeout_s: float = 30.0) -> None:
+        for conn in self.connections:
+            conn.client.connect_async(self.host, self.port, keepalive=30)
+            conn.client.loop_start()
+        deadline = time.monotonic() + timeout_s
+        for conn in self.connections:
+            if not conn.connected.wait(max(0.0, deadline - time.monotonic())):
+                raise TimeoutError(f"simulator could not connect to {self.host}:{self.port}")
+
+    def start(self) -> FleetSimulator:
+        self.connect()
+        self._thread = threading.Thread(target=self.run, name="fleet-simulator", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, *, clear: bool = False) -> None:
+        """Publish every device offline (or clear its retained topics), then disconnect."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10.0)
+        infos = []
+        for device in self.devices:
+            conn = self.by_id[device.device_id]
+            if clear:
+                infos.append(conn.client.publish(device.topics.status, b"", qos=1, retain=True))
+                infos.append(conn.client.publish(device.topics.placement, b"", qos=1, retain=True))
+            else:
+                offline = Status(online=False, device_id=device.device_id).model_dump_json(
+                    include={"online", "device_id"}
+                )
+                infos.append(conn.client.publish(device.topics.status, offline.encode(), qos=1, retain=True))
+        for info in infos:
+            if info.rc == paho.MQTT_ERR_SUCCESS:
+                info.wait_for_publish(5.0)
+        for conn in self.connections:
+            conn.client.disconnect()
+            conn.client.loop_stop()
+
+    # -- the loop -------------------------------------------------------------------------------
+    def run(self) -> None:
+        """Publish due telemetry and changed statuses every 20 ms, until stop()."""
+        while not self._stop.wait(0.02):
+            self.step(time.time())
+
+    def step(self, now: float) -> None:
+        out: list[tuple[_Connection, str, bytes, int, bool]] = []
+        with self.lock:
+            for device in self.devices:
+                if device.tick(now):
+                    self.dirty.add(device.device_id)
+            for device_id in sorted(self.dirty):
+                device = self.device_map[device_id]
+                out.append(
+                    (
+                        self.by_id[device_id],
+                        device.topics.status,
+                        device.status().model_dump_json().encode(),
+                        1,
+                        True,
+                    )
+                )
+            self.status_sent += len(self.dirty)
+            self.dirty.clear()
+            for device in self.devices:
+                if device.next_telemetry > now:
+                    continue
+                device.next_telemetry += self.interval_s
+                if device.next_telemetry < now:  # fell behind (a paused process): do not burst
+                    device.next_telemetry = now + self.interval_s
+                tel = device.telemetry(self.interval_s).model_dump_json().encode()
+                out.append((self.by_id[device.device_id], device.topics.telemetry, tel, 0, False))
+                self.telemetry_sent += 1
+        for conn, topic, payload, qos, retain in out:
+            conn.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def expected_rate(self) -> float:
+        return len(self.devices) / self.interval_s if self.interval_s > 0 else math.inf
