@@ -106,7 +106,11 @@ class BrokerAddress:
 
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> where to connect."""
-    parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+    try:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
+    except ValueError as exc:
+        raise ConsoleConfigError(f"broker {url!r}: {exc}") from exc
     if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
         raise ConsoleConfigError(f"broker {url!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:

@@ -116,6 +116,11 @@ if [ ! -f "$ETC/agent.toml" ]; then
 else
   say "kept existing $ETC/agent.toml"
 fi
+if [ "$CONSOLE" = 1 ] && [ ! -f "$ETC/console.toml" ]; then
+  cp "$SRC/systemd/console.toml.example" "$ETC/console.toml"
+  chmod 0640 "$ETC/console.toml"
+  say "wrote $ETC/console.toml (add users with: edge-console hash-password)"
+fi
 for u in $units; do
   sed "s|/opt/edge-agent|$PREFIX|g" "$SRC/systemd/$u" > "$UNITS/$u"
 done
