@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from agent.client import InferClient, read_retained
+from agent.demo import start_agent
 from agent.ingest import Frame
 from agent.local_broker import LocalBroker
 from agent.model_repo import ModelRepository
@@ -300,25 +301,7 @@ def run(args: argparse.Namespace) -> int:
         state = Path(tmp)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = (state / "agent.log").open("ab")
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                "--broker",
-                broker.url,
-                "--device-id",
-                DEVICE,
-                "--state-dir",
-                str(state),
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
+        agent = start_agent(broker.url, state, DEVICE, 'log_level = "WARNING"\n')
         naive = subprocess.Popen(
             [
                 sys.executable,

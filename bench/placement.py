@@ -10,8 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -19,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from agent.client import InferClient
+from agent.demo import start_agent
 from agent.local_broker import LocalBroker
 from agent.schemas import TenantSpec
 from backends import registry
@@ -69,26 +68,7 @@ def run(args: argparse.Namespace) -> int:
     plans = layouts()
     rows: list[dict[str, Any]] = []
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-place-bench-") as tmp:
-        log = (Path(tmp) / "agent.log").open("ab")
-        agent = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "agent",
-                "run",
-                "--broker",
-                broker.url,
-                "--device-id",
-                DEVICE,
-                "--state-dir",
-                tmp,
-                "--log-level",
-                "WARNING",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        agent = start_agent(broker.url, Path(tmp), DEVICE, 'log_level = "WARNING"\n')
         try:
             generation = int(time.time())
             for i, (name, tenants) in enumerate(plans.items(), start=1):

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -202,6 +204,29 @@ def agent_factory(broker: LocalBroker, tmp_path: Path) -> Iterator[Callable[...,
     yield make
     for a in made:
         a.stop()
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    """A folder Mosquitto can read after dropping to its own user (pytest's tmp_path is root-only)."""
+    path = Path(tempfile.mkdtemp(prefix="edge-test-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def passwd_file(folder: Path, users: dict[str, str]) -> Path:
+    """A Mosquitto password file (rewritten whole; SIGHUP makes the broker re-read it)."""
+    path = folder / "passwd"
+    path.unlink(missing_ok=True)
+    for user, password in users.items():
+        subprocess.run(
+            ["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
+            check=True,
+            capture_output=True,
+        )
+    path.chmod(0o644)
+    return path
 
 
 def sample(name: str) -> bytes:

@@ -10,8 +10,6 @@ import selectors
 import signal
 import socket
 import sqlite3
-import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter
@@ -22,7 +20,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.local_broker import LocalBroker, free_port
-from tests.conftest import AgentProcess, Collector, sample
+from tests.conftest import AgentProcess, Collector, passwd_file, sample
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -68,30 +66,9 @@ def wait_rows_settle(state_dir: Path, timeout: float = 20.0) -> set[str]:
     return ids
 
 
-def passwd(folder: Path, users: dict[str, str]) -> Path:
-    path = folder / "passwd"
-    path.unlink(missing_ok=True)
-    for user, password in users.items():
-        subprocess.run(
-            ["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
-            check=True,
-            capture_output=True,
-        )
-    path.chmod(0o644)
-    return path
-
-
-@pytest.fixture
-def shared_dir():
-    path = Path(tempfile.mkdtemp(prefix="edge-rel-"))
-    path.chmod(0o755)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
 def test_broker_stopped_and_killed_mid_stream_no_answer_lost(shared_dir, tmp_path):
     users = {"agent": "a-pass", "tester": "t-pass"}
-    pw = passwd(shared_dir, users)
+    pw = passwd_file(shared_dir, users)
     broker = LocalBroker(anonymous=False, extra_config=f"password_file {pw}\n")
     config = '[broker]\nusername = "agent"\npassword = "a-pass"\nreconnect_min_s = 0.5\nreconnect_max_s = 2\n'
     with broker:
@@ -104,7 +81,7 @@ def test_broker_stopped_and_killed_mid_stream_no_answer_lost(shared_dir, tmp_pat
             for kill in (False, True):
                 time.sleep(2.0)
                 # While the broker is away, results pile up in the agent's disk-backed outbox.
-                passwd(shared_dir, {"tester": "t-pass"})  # the agent may come back only after us
+                passwd_file(shared_dir, {"tester": "t-pass"})  # the agent may come back only after us
                 subscribed = c.subscribed
                 broker.stop(kill=kill)
                 time.sleep(1.5)
@@ -113,7 +90,7 @@ def test_broker_stopped_and_killed_mid_stream_no_answer_lost(shared_dir, tmp_pat
                 while c.subscribed < subscribed + 2 and time.monotonic() < deadline:
                     time.sleep(0.05)
                 assert c.subscribed >= subscribed + 2, "the test subscriber is back first"
-                passwd(shared_dir, users)
+                passwd_file(shared_dir, users)
                 broker.reload()  # now the agent's next retry gets in
             time.sleep(2.0)
             streamer.halt.set()

@@ -5,42 +5,18 @@ from __future__ import annotations
 import os
 import ssl
 import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.local_broker import LocalBroker
-from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, sample
+from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, passwd_file, sample
 from tests.pki import make_pki
 
 pytestmark = pytest.mark.timeout(180)
 ACL = REPO / "deploy" / "mosquitto" / "edge-acl.conf"
-
-
-@pytest.fixture
-def shared_dir():
-    """Files Mosquitto reads after dropping to its own user must be reachable by that user."""
-    path = Path(tempfile.mkdtemp(prefix="edge-sec-"))
-    path.chmod(0o755)
-    yield path
-    subprocess.run(["rm", "-rf", str(path)], check=False)
-
-
-def passwd_file(folder: Path, users: dict[str, str]) -> Path:
-    path = folder / "passwd"
-    path.unlink(missing_ok=True)
-    for user, password in users.items():
-        subprocess.run(
-            ["mosquitto_passwd", "-b", *([] if path.exists() else ["-c"]), str(path), user, password],
-            check=True,
-            capture_output=True,
-        )
-    path.chmod(0o644)
-    return path
 
 
 def test_mutual_tls_and_password(shared_dir, tmp_path):
