@@ -16,6 +16,7 @@ import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -75,6 +76,7 @@ class MqttSession:
         # instead of waiting for acks that the dead connection will never deliver.
         self.on_disconnect: list[Callable[[], None]] = []
         self._client: aiomqtt.Client | None = None
+        self._acks: dict[int, Callable[[], None]] = {}  # paho message id -> called on PUBACK
         self._stopping = False
 
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
@@ -108,6 +110,7 @@ class MqttSession:
             try:
                 async with client:
                     self._client = client
+                    self._hook_acks(client)
                     for sub in self.subscriptions:
                         await client.subscribe(sub.filter, qos=sub.qos)
                     self.connects += 1
@@ -129,10 +132,53 @@ class MqttSession:
             finally:
                 self._down()
 
+    def _hook_acks(self, client: aiomqtt.Client) -> None:
+        """Route PUBACKs of `publish_nowait` messages to their callbacks; the rest to aiomqtt.
+
+        aiomqtt's awaitable publish costs a task, an Event and a future per message; the outbox
+        sends every result through here instead (measured: see the README's performance notes).
+        """
+        paho = client._client
+        aiomqtt_on_publish: Any = paho.on_publish
+        acks = self._acks
+
+        def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
+            done = acks.pop(mid, None)
+            if done is not None:
+                done()
+            elif aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(c, userdata, mid, reason_code, properties)
+
+        paho.on_publish = on_publish
+
+    def publish_nowait(
+        self,
+        topic: str,
+        payload: bytes,
+        qos: int,
+        retain: bool,
+        properties: Properties | None,
+        done: Callable[[], None],
+    ) -> None:
+        """Hand a message to the client now; `done()` runs when the broker acknowledged it (QoS 1)
+        or at once (QoS 0). Raises NotConnected. If the connection dies first, `done` never runs:
+        the `on_disconnect` callbacks are the signal to send again."""
+        client = self._client
+        if client is None or not self.connected.is_set():
+            raise NotConnected(topic)
+        info = client._client.publish(topic, payload, qos, retain, properties)
+        if info.rc != 0:
+            raise NotConnected(f"{topic}: paho error {info.rc}")
+        if qos == 0:
+            done()
+        else:
+            self._acks[info.mid] = done
+
     def _down(self) -> None:
         was_up = self.connected.is_set()
         self.connected.clear()
         self._client = None
+        self._acks.clear()
         if was_up:
             for callback in self.on_disconnect:
                 callback()

@@ -12,6 +12,7 @@ rely on the broker to keep its results.
 from __future__ import annotations
 
 import asyncio
+import functools
 import heapq
 import itertools
 import logging
@@ -135,19 +136,18 @@ class Outbox:
         loop: asyncio.AbstractEventLoop,
         store: OutboxStore | None = None,
         unsent: list[Outgoing] | None = None,
-        max_inflight: int = 64,
+        max_inflight: int = 256,
         max_pending: int = 200_000,
     ) -> None:
         self._session = session
         self._loop = loop
         self._store = store
         self._pending: list[Outgoing] = []  # a heap by sequence number: original order, also after retries
+        self._inflight: dict[int, Outgoing] = {}  # handed to the client, waiting for the broker's ack
         self._wake = asyncio.Event()
-        self._inflight = asyncio.Semaphore(max_inflight)
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._max_inflight = max_inflight
         self._max_pending = max_pending
         self._seq = itertools.count(1)
-        self._aborted: set[asyncio.Task[None]] = set()
         self.sent = 0
         self.retried = 0
         self.dropped = 0
@@ -161,11 +161,19 @@ class Outbox:
             store.start()
 
     def __len__(self) -> int:
-        return len(self._pending) + len(self._tasks)
+        return len(self._pending) + len(self._inflight)
 
     def put(self, topic: str, payload: bytes, qos: int = 1, correlation_data: bytes | None = None) -> None:
         """Thread-safe: callable from worker threads."""
         self._loop.call_soon_threadsafe(self._append, topic, payload, qos, correlation_data)
+
+    def put_many(self, messages: list[tuple[str, bytes, int, bytes | None]]) -> None:
+        """Thread-safe; one wake-up of the event loop for several messages (a result and its reply)."""
+        self._loop.call_soon_threadsafe(self._append_many, messages)
+
+    def _append_many(self, messages: list[tuple[str, bytes, int, bytes | None]]) -> None:
+        for topic, payload, qos, correlation_data in messages:
+            self._append(topic, payload, qos, correlation_data)
 
     def _append(self, topic: str, payload: bytes, qos: int, correlation_data: bytes | None) -> None:
         message = Outgoing(next(self._seq), topic, payload, qos, False, correlation_data)
@@ -184,46 +192,39 @@ class Outbox:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                await self._session.connected.wait()
-                await self._inflight.acquire()
-                if not self._pending:
-                    self._inflight.release()
-                    break
+            while self._pending and len(self._inflight) < self._max_inflight:
+                if not self._session.connected.is_set():
+                    await self._session.connected.wait()
                 message = heapq.heappop(self._pending)
-                task = asyncio.create_task(self._send(message))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+                self._inflight[message.seq] = message
+                try:
+                    self._session.publish_nowait(
+                        message.topic,
+                        message.payload,
+                        message.qos,
+                        message.retain,
+                        message.properties(),
+                        functools.partial(self._acked, message),
+                    )
+                except NotConnected:
+                    self._inflight.pop(message.seq, None)
+                    self._requeue(message)
+                    await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
+
+    def _acked(self, message: Outgoing) -> None:
+        if self._inflight.pop(message.seq, None) is None:
+            return
+        self.sent += 1
+        if self._store is not None:
+            self._store.ack(message.seq)
+        if self._pending:
+            self._wake.set()  # room in flight again
 
     def abort_inflight(self) -> None:
         """The connection died: what was in flight goes back in the queue, in order, to be resent."""
-        for task in list(self._tasks):
-            self._aborted.add(task)
-            task.cancel()
-
-    async def _send(self, message: Outgoing) -> None:
-        try:
-            await self._session.publish(
-                message.topic,
-                message.payload,
-                qos=message.qos,
-                retain=message.retain,
-                properties=message.properties(),
-            )
-            self.sent += 1
-            if self._store is not None:
-                self._store.ack(message.seq)
-        except NotConnected:
+        for message in self._inflight.values():
             self._requeue(message)
-            await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if task is None or task not in self._aborted:
-                raise
-            self._aborted.discard(task)
-            self._requeue(message)
-        finally:
-            self._inflight.release()
+        self._inflight.clear()
 
     def _requeue(self, message: Outgoing) -> None:
         # QoS 1 is at-least-once: if the broker had it but the ack was lost, a subscriber may see it

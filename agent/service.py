@@ -271,9 +271,15 @@ class Agent:
         if self.outbox is None:
             return
         payload = outcome.model_dump_json(exclude_none=True).encode()
-        self.outbox.put(self.topics.result, payload)
         if frame.response_topic:
-            self.outbox.put(frame.response_topic, payload, correlation_data=frame.correlation_data)
+            self.outbox.put_many(
+                [
+                    (self.topics.result, payload, 1, None),
+                    (frame.response_topic, payload, 1, frame.correlation_data),
+                ]
+            )
+        else:
+            self.outbox.put(self.topics.result, payload)
 
     # -- placement ------------------------------------------------------------------------------
     async def _on_placement(self, message: aiomqtt.Message) -> None:

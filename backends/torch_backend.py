@@ -124,7 +124,7 @@ class TorchBackend(Backend):
             if fp16:
                 module = module.half()
             if device.startswith("cuda"):
-                module = module.to(memory_format=torch.channels_last)
+                module = module.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             else:
                 torch.set_num_threads(int(options.get("threads") or 1))
         except (RuntimeError, ValueError, OSError) as exc:
