@@ -403,7 +403,8 @@ async def _mqtt_phase(
         async with InferClient(url, DEVICE) as client:
             _, unloaded = await closed_loop(client, frames, 1, args.seconds, warmup)
             progress.step(f"unloaded {b}")
-            loaded = await open_loop(client, frames, 0.7 * best.fps, args.seconds)
+            # Longer than the throughput runs: p99 needs enough samples to mean something.
+            loaded = await open_loop(client, frames, 0.7 * best.fps, max(2 * args.seconds, 6.0))
             progress.step(f"70% load {b}")
         u50, _ = percentiles(unloaded)
         l50, l99 = percentiles(loaded)
