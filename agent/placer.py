@@ -9,12 +9,14 @@ profiled once per model version and machine.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -50,6 +52,9 @@ class Profiler:
             "CREATE TABLE IF NOT EXISTS profiles (sha256 TEXT, backend TEXT, device TEXT, instances INTEGER, "
             "fps REAL, measured_at REAL, PRIMARY KEY (sha256, backend, device, instances))"
         )
+        conn.execute(
+            "CREATE TABLE IF NOT EXISTS joint_profiles (key TEXT PRIMARY KEY, fps TEXT, measured_at REAL)"
+        )
         return conn
 
     def cached(self, model: Model, backend: str, device: str, instances: int) -> float | None:
@@ -77,42 +82,78 @@ class Profiler:
         return fps
 
     def _run(self, model: Model, backend_name: str, device: str, instances: int) -> float:
-        try:
-            backend = registry.get(backend_name)
-            sessions = [
-                backend.load(model.artifacts, device, {"threads": 1, "instances": instances})
-                for _ in range(instances)
-            ]
-        except BackendError as exc:
-            log.warning("cannot profile %s on %s:%s: %s", model.name, backend_name, device, exc)
-            return 0.0
-        h, w = model.input.size
-        shape = (1, 3, h, w) if model.input.layout == "NCHW" else (1, h, w, 3)
-        x = np.zeros(shape, np.dtype(model.input.dtype))
-        counts = [0] * instances
-        try:
-            for s in sessions:
-                s.infer(x)  # warm-up
-            stop = time.perf_counter() + self.seconds
+        return self._run_together([(model, backend_name, device, instances)])[0]
 
-            def loop(i: int) -> None:
+    def measure_together(self, tenants: list[tuple[Model, str, str, int]]) -> list[float]:
+        """img/s of each tenant while all of them run at once (cached): what sharing really costs."""
+        key = json.dumps(sorted([self._sha(m), b, d, n] for m, b, d, n in tenants))
+        with self._lock, self._db() as conn:
+            row = conn.execute("SELECT fps FROM joint_profiles WHERE key=?", (key,)).fetchone()
+        if row:
+            by_key = json.loads(row[0])
+            return [by_key[json.dumps([self._sha(m), b, d, n])] for m, b, d, n in tenants]
+        figures = self._run_together(tenants)
+        by_key = {
+            json.dumps([self._sha(m), b, d, n]): f for (m, b, d, n), f in zip(tenants, figures, strict=True)
+        }
+        with self._lock, self._db() as conn:
+            conn.execute(
+                "INSERT OR REPLACE INTO joint_profiles VALUES (?, ?, ?)",
+                (key, json.dumps(by_key), time.time()),
+            )
+        return figures
+
+    @staticmethod
+    def _sha(model: Model) -> str:
+        return model.artifacts.sha256.get("onnx", "") or next(iter(model.artifacts.sha256.values()), "")
+
+    def _run_together(self, tenants: list[tuple[Model, str, str, int]]) -> list[float]:
+        """Load every tenant's instances, run them all concurrently for `seconds`; img/s per tenant."""
+        loaded: list[tuple[int, Any, np.ndarray]] = []  # (tenant index, session, input)
+        try:
+            for index, (model, backend_name, device, instances) in enumerate(tenants):
+                backend = registry.get(backend_name)
+                h, w = model.input.size
+                shape = (1, 3, h, w) if model.input.layout == "NCHW" else (1, h, w, 3)
+                x = np.zeros(shape, np.dtype(model.input.dtype))
+                for _ in range(instances):
+                    session = backend.load(model.artifacts, device, {"threads": 1, "instances": instances})
+                    session.infer(x)  # warm-up
+                    loaded.append((index, session, x))
+        except BackendError as exc:
+            log.warning("cannot profile %s: %s", [(m.name, b, d) for m, b, d, _ in tenants], exc)
+            for _, session, _ in loaded:
+                session.close()
+            return [0.0] * len(tenants)
+        counts = [0] * len(loaded)
+        stop = time.perf_counter() + self.seconds
+        failed: list[str] = []
+
+        def loop(i: int) -> None:
+            _, session, x = loaded[i]
+            try:
                 while time.perf_counter() < stop:
-                    sessions[i].infer(x)
+                    session.infer(x)
                     counts[i] += 1
+            except BackendError as exc:
+                failed.append(str(exc))
 
-            threads = [threading.Thread(target=loop, args=(i,)) for i in range(instances)]
-            started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            return sum(counts) / (time.perf_counter() - started)
-        except BackendError as exc:
-            log.warning("profiling %s on %s:%s failed: %s", model.name, backend_name, device, exc)
-            return 0.0
-        finally:
-            for s in sessions:
-                s.close()
+        threads = [threading.Thread(target=loop, args=(i,)) for i in range(len(loaded))]
+        started = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        for _, session, _ in loaded:
+            session.close()
+        if failed:
+            log.warning("profiling failed: %s", failed[0])
+            return [0.0] * len(tenants)
+        per_tenant = [0.0] * len(tenants)
+        for (index, _, _), count in zip(loaded, counts, strict=True):
+            per_tenant[index] += count / elapsed
+        return per_tenant
 
 
 def candidates_for(backend: str, device: str) -> list[Candidate]:
@@ -166,6 +207,15 @@ def choose(
     for n, opts in sorted(zip(names, options, strict=True), key=lambda p: -max(tenants[p[0]].values())):
         greedy[n] = max(opts, key=lambda c: score({**greedy, n: c}))
     return greedy
+
+
+def shortlist(
+    measured: Mapping[str, Mapping[Candidate, float]], per_tenant: int = 2
+) -> dict[str, list[Candidate]]:
+    """Each tenant's best solo candidates: what is worth measuring together."""
+    return {
+        name: sorted(figures, key=lambda c: -figures[c])[:per_tenant] for name, figures in measured.items()
+    }
 
 
 ProfileFn = Callable[[Model, str, str, int], float]

@@ -144,6 +144,8 @@ class AutoChoice(BaseModel):
     device: str
     reason: str
     candidates: dict[str, float]  # "backend:device" -> measured img/s for this tenant's instance count
+    # Several auto tenants: total img/s of each shortlisted combination, measured running together.
+    together: dict[str, float] | None = None
 
 
 class TenantStatus(TenantSpec):
