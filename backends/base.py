@@ -77,11 +77,17 @@ class Backend(ABC):
         """Canonical names of the devices present now (empty when unavailable)."""
 
     def canonical_device(self, device: str) -> str:
-        """Match a user's device name case-insensitively against `devices()`; raise UnknownDevice."""
+        """Match a user's device name case-insensitively against `devices()`; raise UnknownDevice.
+
+        A kind without an index means the first of that kind (DESIGN.md: `cuda` is `cuda:0`,
+        `usb` is `usb:0`), for every backend.
+        """
         wanted = device.strip().lower()
-        for known in self.devices():
-            if known.lower() == wanted:
-                return known
+        known = {d.lower(): d for d in self.devices()}
+        if wanted not in known and ":" not in wanted and f"{wanted}:0" in known:
+            wanted = f"{wanted}:0"
+        if wanted in known:
+            return known[wanted]
         present = ", ".join(self.devices()) or "none"
         raise UnknownDevice(f"{self.name} has no device {device!r} here (present: {present})")
 

@@ -70,12 +70,6 @@ class EdgeTpuBackend(Backend):
     def devices(self) -> list[str]:
         return self.devices_present() if self.available()[0] else []
 
-    def canonical_device(self, device: str) -> str:
-        wanted = device.strip().lower()
-        if wanted in ("usb", "pci"):
-            wanted += ":0"
-        return super().canonical_device(wanted)
-
     def load(self, model: ModelArtifacts, device: str, options: Mapping[str, Any]) -> TfliteSession:
         ok, reason = self.available()
         if not ok:

@@ -81,12 +81,6 @@ class OnnxRuntimeBackend(Backend):
             found += [f"tensorrt:{i}" for i in range(gpus)]
         return found
 
-    def canonical_device(self, device: str) -> str:
-        wanted = device.strip().lower()
-        if wanted in ("cuda", "tensorrt"):
-            wanted += ":0"
-        return super().canonical_device(wanted)
-
     def load(self, model: ModelArtifacts, device: str, options: Mapping[str, Any]) -> OnnxRuntimeSession:
         ok, reason = self.available()
         if not ok:

@@ -90,10 +90,6 @@ class TensorRtBackend(Backend):
 
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
 
-    def canonical_device(self, device: str) -> str:
-        wanted = device.strip().lower()
-        return super().canonical_device("cuda:0" if wanted == "cuda" else wanted)
-
     def load(self, model: ModelArtifacts, device: str, options: Mapping[str, Any]) -> TensorRtSession:
         ok, reason = self.available()
         if not ok:

@@ -105,10 +105,6 @@ class TorchBackend(Backend):
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return ["cpu"] + [f"cuda:{i}" for i in range(gpus)]
 
-    def canonical_device(self, device: str) -> str:
-        wanted = device.strip().lower()
-        return super().canonical_device("cuda:0" if wanted == "cuda" else wanted)
-
     def load(self, model: ModelArtifacts, device: str, options: Mapping[str, Any]) -> TorchSession:
         ok, reason = self.available()
         if not ok:

@@ -178,3 +178,18 @@ def test_capabilities_never_raise_and_list_cpu():
     assert "fake" not in caps, "the test double is not offered to users"
     for ok, _devices, reason in caps.values():
         assert ok or reason
+
+
+def test_device_names_case_insensitive_and_kind_alone_means_the_first():
+    from backends.fake import FakeBackend
+
+    class TwoGpus(FakeBackend):
+        def devices(self) -> list[str]:
+            return ["cpu", "cuda:0", "cuda:1", "GPU.0"]
+
+    b = TwoGpus()
+    assert b.canonical_device("CUDA") == "cuda:0"
+    assert b.canonical_device("Cuda:1") == "cuda:1"
+    assert b.canonical_device("gpu.0") == "GPU.0"
+    with pytest.raises(UnknownDevice, match="present: cpu, cuda:0, cuda:1, GPU.0"):
+        b.canonical_device("cuda:7")
