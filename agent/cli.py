@@ -8,9 +8,11 @@ import json
 import logging
 import os
 import signal
+import ssl
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from agent import __version__
 from agent.config import AgentConfig, ConfigError, load_config
@@ -66,16 +68,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_args(args: argparse.Namespace) -> tuple[str, str]:
+def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | None]:
+    """Broker URL (with the config's credentials), device id and TLS context for client commands."""
+    from agent.mqtt_session import build_tls_context
+
     config = _config_from_args(args)
-    scheme = "mqtts" if config.broker.tls.enabled else "mqtt"
-    return f"{scheme}://{config.broker.host}:{config.broker.port}", config.device_id
+    b = config.broker
+    scheme = "mqtts" if b.tls.enabled else "mqtt"
+    auth = f"{quote(b.username)}:{quote(b.password or '')}@" if b.username else ""
+    return f"{scheme}://{auth}{b.host}:{b.port}", config.device_id, build_tls_context(b)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from agent.client import InferClient
 
-    url, device_id = _device_args(args)
+    url, device_id, tls = _device_args(args)
     images = [Path(p) for p in args.images]
     for path in images:
         if not path.is_file():
@@ -84,7 +91,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         failures = 0
-        async with InferClient(url, device_id) as client:
+        async with InferClient(url, device_id, tls_context=tls) as client:
             for path in images:
                 try:
                     reply = await client.infer(path.read_bytes(), args.model, timeout_s=args.timeout)
@@ -113,8 +120,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.client import read_retained
     from agent.topics import Topics
 
-    url, device_id = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout))
+    url, device_id, tls = _device_args(args)
+    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout, tls))
     if status is None:
         print(f"no status from device {device_id!r} on {url}", file=sys.stderr)
         return 1
@@ -127,8 +134,8 @@ def cmd_place(args: argparse.Namespace) -> int:
     from agent.schemas import Placement
     from agent.topics import Topics
 
-    url, device_id = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0)) or {}
+    url, device_id, tls = _device_args(args)
+    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0, tls)) or {}
     current = status.get("placement") or {}
     if args.file:
         try:
@@ -167,7 +174,7 @@ def cmd_place(args: argparse.Namespace) -> int:
 
         doc = sign(doc, load_private_key(Path(args.sign_key)), valid_s=args.valid_s)
     print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
-    applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout))
+    applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout, tls_context=tls))
     placement = status.get("placement") or {}
     if applied:
         for t in placement.get("tenants", []):

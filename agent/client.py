@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import ssl
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -21,6 +22,26 @@ from paho.mqtt.properties import Properties
 from agent.config import parse_broker_url
 from agent.mqtt_session import NO_DELAY
 from agent.topics import Topics
+
+
+def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> aiomqtt.Client:
+    """An MQTT 5 client for `mqtt://` or `mqtts://` URLs (credentials may be in the URL).
+
+    For `mqtts://` without a context, the system's CA store verifies the broker.
+    """
+    broker = parse_broker_url(broker_url)
+    if tls_context is None and broker.get("tls"):
+        tls_context = ssl.create_default_context()
+    return aiomqtt.Client(
+        broker["host"],
+        broker["port"],
+        protocol=aiomqtt.ProtocolVersion.V5,
+        username=broker.get("username"),
+        password=broker.get("password"),
+        tls_context=tls_context,
+        socket_options=NO_DELAY,
+        **kwargs,
+    )
 
 
 @dataclass
@@ -40,25 +61,15 @@ class InferClient:
     broker_url: str
     device_id: str
     prefix: str = "edge"
-    username: str | None = None
-    password: str | None = None
+    tls_context: ssl.SSLContext | None = None
     _client: aiomqtt.Client | None = field(default=None, init=False)
     _pending: dict[str, tuple[float, asyncio.Future[Reply]]] = field(default_factory=dict, init=False)
     _reader: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def __aenter__(self) -> InferClient:
-        broker = parse_broker_url(self.broker_url)
         self.topics = Topics(self.device_id, self.prefix)
         self.reply_topic = f"{self.prefix}-client/{uuid.uuid4().hex}/reply"
-        self._client = aiomqtt.Client(
-            broker["host"],
-            broker["port"],
-            protocol=aiomqtt.ProtocolVersion.V5,
-            username=self.username or broker.get("username"),
-            password=self.password or broker.get("password"),
-            max_queued_incoming_messages=100_000,
-            socket_options=NO_DELAY,
-        )
+        self._client = connect(self.broker_url, self.tls_context, max_queued_incoming_messages=100_000)
         self._client.pending_calls_threshold = 100_000  # many requests in flight is the point
         await self._client.__aenter__()
         await self._client.subscribe(self.reply_topic, qos=1)
@@ -106,16 +117,11 @@ class InferClient:
         return await asyncio.wait_for(fut, timeout_s)
 
 
-async def read_retained(broker_url: str, topic: str, timeout_s: float = 5.0) -> dict[str, Any] | None:
+async def read_retained(
+    broker_url: str, topic: str, timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None
+) -> dict[str, Any] | None:
     """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
-    broker = parse_broker_url(broker_url)
-    async with aiomqtt.Client(
-        broker["host"],
-        broker["port"],
-        protocol=aiomqtt.ProtocolVersion.V5,
-        username=broker.get("username"),
-        password=broker.get("password"),
-    ) as client:
+    async with connect(broker_url, tls_context) as client:
         await client.subscribe(topic, qos=1)
         try:
             async with asyncio.timeout(timeout_s):
@@ -127,22 +133,20 @@ async def read_retained(broker_url: str, topic: str, timeout_s: float = 5.0) -> 
 
 
 async def publish_placement(
-    broker_url: str, device_id: str, doc: dict[str, Any], timeout_s: float = 120.0, prefix: str = "edge"
+    broker_url: str,
+    device_id: str,
+    doc: dict[str, Any],
+    timeout_s: float = 120.0,
+    prefix: str = "edge",
+    tls_context: ssl.SSLContext | None = None,
 ) -> tuple[bool, dict[str, Any]]:
     """Publish a retained placement and wait until the device applies or refuses that generation.
 
     Returns (applied, last status seen). Refusal: the status's `placement.refused.generation` matches.
     """
-    broker = parse_broker_url(broker_url)
     topics = Topics(device_id, prefix)
     generation = doc["generation"]
-    async with aiomqtt.Client(
-        broker["host"],
-        broker["port"],
-        protocol=aiomqtt.ProtocolVersion.V5,
-        username=broker.get("username"),
-        password=broker.get("password"),
-    ) as client:
+    async with connect(broker_url, tls_context) as client:
         await client.subscribe(topics.status, qos=1)
         # The retained status arrives first: only a status published after ours can answer it.
         baseline = 0.0

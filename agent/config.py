@@ -12,7 +12,7 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -168,9 +168,9 @@ def parse_broker_url(url: str) -> dict[str, Any]:
     if tls:
         out["tls"] = {"enabled": True}
     if parts.username:
-        out["username"] = parts.username
+        out["username"] = unquote(parts.username)
     if parts.password:
-        out["password"] = parts.password
+        out["password"] = unquote(parts.password)
     return out
 
 

@@ -191,5 +191,5 @@ def test_device_names_case_insensitive_and_kind_alone_means_the_first():
     assert b.canonical_device("CUDA") == "cuda:0"
     assert b.canonical_device("Cuda:1") == "cuda:1"
     assert b.canonical_device("gpu.0") == "GPU.0"
-    with pytest.raises(UnknownDevice, match="present: cpu, cuda:0, cuda:1, GPU.0"):
+    with pytest.raises(UnknownDevice, match=r"present: cpu, cuda:0, cuda:1, GPU\.0"):
         b.canonical_device("cuda:7")

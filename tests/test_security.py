@@ -45,6 +45,29 @@ def test_mutual_tls_and_password(shared_dir, tmp_path):
             c.publish("edge/cam1/infer", sample("cat.jpg"))
             got = c.wait_for(lambda r: len(r) >= 1, "edge/cam1/result")
             assert got[0]["top"][0]["index"] in CAT_CLASSES
+            # The CLI talks to the same broker with the config's TLS files and credentials.
+            cfg = tmp_path / "client.toml"
+            cfg.write_text(config.replace('"cam1"', '"tester"').replace('"s3cret"', '"t3st"'))
+            done = subprocess.run(
+                [
+                    agent.args[0],
+                    "-m",
+                    "agent",
+                    "infer",
+                    str(REPO / "agent/samples/espresso.jpg"),
+                    "--config",
+                    str(cfg),
+                    "--broker",
+                    f"mqtts://127.0.0.1:{broker.port}",
+                    "--device-id",
+                    "cam1",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 0, done.stdout + done.stderr
+            assert "espresso" in done.stdout
         finally:
             c.close()
             agent.stop()
