@@ -121,7 +121,8 @@ class Agent:
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
         self._placement_lock = asyncio.Lock()
         self._status_dirty = asyncio.Event()
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # long-lived: session, outbox, telemetry, status...
+        self._background: set[asyncio.Task[Any]] = set()  # placements being applied, tenants draining
         self._loop: asyncio.AbstractEventLoop | None = None
         self.metrics = MetricsStore(
             config.metrics_db, config.metrics.retention_hours * 3600.0, config.metrics.flush_interval_s
@@ -199,9 +200,10 @@ class Agent:
         if self.outbox is not None and self.session.connected.is_set():
             await self.outbox.flush(timeout_s=5.0)
         await self.session.stop(final=(self.topics.status, self._offline_payload()))
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._background]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         if self.outbox is not None:
@@ -288,8 +290,7 @@ class Agent:
         if not payload:
             return  # retained placement cleared: keep serving what runs
         # Applying loads models (seconds): run it beside dispatch so frames keep flowing.
-        task = asyncio.create_task(self._apply_document(bytes(payload)))
-        self._tasks.append(task)
+        self._spawn(self._apply_document(bytes(payload)), "apply-placement")
 
     async def _apply_document(self, payload: bytes) -> None:
         try:
@@ -532,7 +533,13 @@ class Agent:
             self.draining.remove(tenant)
             self._mark_dirty()
 
-        self._tasks.append(asyncio.create_task(drain(), name=f"drain-{tenant.name}"))
+        self._spawn(drain(), f"drain-{tenant.name}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        """A short-lived task, forgotten once done (a daemon applies placements for months)."""
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _placement_file(self) -> Path:
         return self.config.state_dir / "placement.json"
