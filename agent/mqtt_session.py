@@ -4,6 +4,12 @@ aiomqtt does not reconnect by itself; this is the one place that does, with expo
 jitter. Subscriptions are data, replayed on every connect (also when the broker lost the session).
 A handler that raises is logged and counted; it never stops message dispatch. The last will is a
 retained `{"online": false}` on the status topic.
+
+The per-message path is kept short because every frame crosses it on the event loop (measured in
+the README's performance notes): handlers are called from paho's own topic-filtered callbacks with a
+small `Incoming` record, not through aiomqtt's message queue and `Message`/`Topic` objects; and
+packets paho queues on the loop are written on the loop's next turn, not through a cross-thread
+wake-up and a writer registration per burst.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import logging
 import random
 import socket
 import ssl
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -29,7 +36,18 @@ log = logging.getLogger(__name__)
 # Results are small and latency-bound: without TCP_NODELAY, Nagle + delayed ACK add ~40 ms per hop.
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
-Handler = Callable[[aiomqtt.Message], Awaitable[None] | None]
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """One received message, as handlers see it."""
+
+    topic: str
+    payload: bytes
+    properties: Properties | None
+
+
+# Handlers run on the event loop and must not block; long work is spawned as a task.
+Handler = Callable[[Incoming], None]
 
 
 class NotConnected(Exception):
@@ -78,6 +96,8 @@ class MqttSession:
         self._client: aiomqtt.Client | None = None
         self._acks: dict[int, Callable[[], None]] = {}  # paho message id -> called on PUBACK
         self._stopping = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_thread = 0
 
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
         self.subscriptions.append(Subscription(filter_, qos, handler))
@@ -85,6 +105,8 @@ class MqttSession:
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again. Until stop()."""
         tls = await asyncio.to_thread(build_tls_context, self.cfg)
+        self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         backoff = self.cfg.reconnect_min_s
         while not self._stopping:
             connect_props = Properties(PacketTypes.CONNECT)
@@ -107,10 +129,10 @@ class MqttSession:
             )
             # The outbox keeps up to 64 results in flight on purpose; aiomqtt warns above 10.
             client.pending_calls_threshold = 10_000
+            self._hook_paho(client)
             try:
                 async with client:
                     self._client = client
-                    self._hook_acks(client)
                     for sub in self.subscriptions:
                         await client.subscribe(sub.filter, qos=sub.qos)
                     self.connects += 1
@@ -119,8 +141,10 @@ class MqttSession:
                     log.info("connected to mqtt %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
                     if self._on_connect is not None:
                         await self._on_connect()
+                    # Subscribed messages go to the paho callbacks (see `_hook_paho`); this loop sees
+                    # only strays, and ends with an MqttError when the connection does.
                     async for message in client.messages:
-                        await self._dispatch(message)
+                        self._dispatch(message)
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
@@ -132,13 +156,18 @@ class MqttSession:
             finally:
                 self._down()
 
-    def _hook_acks(self, client: aiomqtt.Client) -> None:
-        """Route PUBACKs of `publish_nowait` messages to their callbacks; the rest to aiomqtt.
+    def _hook_paho(self, client: aiomqtt.Client) -> None:
+        """Take the hot paths from aiomqtt to paho, before connecting.
 
-        aiomqtt's awaitable publish costs a task, an Event and a future per message; the outbox
-        sends every result through here instead (measured: see the README's performance notes).
+        - Each subscription's handler becomes a paho topic callback (paho's matcher, one `Incoming`).
+        - PUBACKs of `publish_nowait` messages go to their callbacks; aiomqtt's awaitable publish
+          costs a task, an Event and a future per message, so the outbox does not use it.
+        - Outgoing packets are written on the loop's next turn (`_flush`), instead of aiomqtt's
+          thread-safe wake-up plus a writer registration for every burst.
         """
         paho = client._client
+        for sub in self.subscriptions:
+            paho.message_callback_add(sub.filter, self._paho_callback(sub))
         aiomqtt_on_publish: Any = paho.on_publish
         acks = self._acks
 
@@ -150,6 +179,45 @@ class MqttSession:
                 aiomqtt_on_publish(c, userdata, mid, reason_code, properties)
 
         paho.on_publish = on_publish
+
+        scheduled = False  # one flush per burst of packets, per connection
+
+        def flush() -> None:
+            """Write what paho has queued; if the socket is full, finish when it is writable."""
+            nonlocal scheduled
+            scheduled = False
+            try:
+                paho.loop_write()
+                sock = paho.socket()
+                if paho.want_write() and sock is not None and self._loop is not None:
+                    # paho still counts the write as registered and will not ask again: watch the
+                    # socket here; aiomqtt's unregister callback removes the writer once all is sent.
+                    self._loop.add_writer(sock.fileno(), flush)
+            except Exception as exc:  # a broken pipe: end the connection the way aiomqtt would
+                if not client._disconnected.done():
+                    client._disconnected.set_exception(exc)
+
+        def on_register_write(_client: Any, _userdata: Any, _sock: Any) -> None:
+            nonlocal scheduled
+            if scheduled or self._loop is None:
+                return
+            scheduled = True
+            if threading.get_ident() == self._loop_thread:
+                self._loop.call_soon(flush)
+            else:  # paho queues CONNECT from aiomqtt's connect thread
+                self._loop.call_soon_threadsafe(flush)
+
+        paho.on_socket_register_write = on_register_write
+
+    def _paho_callback(self, sub: Subscription) -> Callable[[Any, Any, Any], None]:
+        def on_message(_client: Any, _userdata: Any, message: Any) -> None:
+            try:
+                sub.handler(Incoming(message.topic, message.payload, message.properties))
+            except Exception:
+                self.handler_errors += 1
+                log.exception("handler for %s failed on %s", sub.filter, message.topic)
+
+        return on_message
 
     def publish_nowait(
         self,
@@ -183,13 +251,12 @@ class MqttSession:
             for callback in self.on_disconnect:
                 callback()
 
-    async def _dispatch(self, message: aiomqtt.Message) -> None:
+    def _dispatch(self, message: aiomqtt.Message) -> None:
+        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
         for sub in self.subscriptions:
             if message.topic.matches(sub.filter):
                 try:
-                    outcome = sub.handler(message)
-                    if outcome is not None:
-                        await outcome
+                    sub.handler(Incoming(message.topic.value, bytes(payload), message.properties))
                 except Exception:
                     self.handler_errors += 1
                     log.exception("handler for %s failed on %s", sub.filter, message.topic)

@@ -145,6 +145,10 @@ class Outbox:
         self._pending: list[Outgoing] = []  # a heap by sequence number: original order, also after retries
         self._inflight: dict[int, Outgoing] = {}  # handed to the client, waiting for the broker's ack
         self._wake = asyncio.Event()
+        self._incoming: list[tuple[str, bytes, int, bytes | None]] = []  # from worker threads
+        self._incoming_lock = threading.Lock()
+        self._wake_pending = False
+        self._pumping = False
         self._max_inflight = max_inflight
         self._max_pending = max_pending
         self._seq = itertools.count(1)
@@ -165,15 +169,25 @@ class Outbox:
 
     def put(self, topic: str, payload: bytes, qos: int = 1, correlation_data: bytes | None = None) -> None:
         """Thread-safe: callable from worker threads."""
-        self._loop.call_soon_threadsafe(self._append, topic, payload, qos, correlation_data)
+        self.put_many([(topic, payload, qos, correlation_data)])
 
     def put_many(self, messages: list[tuple[str, bytes, int, bytes | None]]) -> None:
-        """Thread-safe; one wake-up of the event loop for several messages (a result and its reply)."""
-        self._loop.call_soon_threadsafe(self._append_many, messages)
+        """Thread-safe. Wake-ups of the event loop are coalesced: under load, one wake-up carries
+        the answers of many frames (each wake-up is a pipe write, a loop turn and a pipe read)."""
+        with self._incoming_lock:
+            self._incoming.extend(messages)
+            if self._wake_pending:
+                return
+            self._wake_pending = True
+        self._loop.call_soon_threadsafe(self._take_incoming)
 
-    def _append_many(self, messages: list[tuple[str, bytes, int, bytes | None]]) -> None:
-        for topic, payload, qos, correlation_data in messages:
+    def _take_incoming(self) -> None:
+        with self._incoming_lock:
+            batch, self._incoming = self._incoming, []
+            self._wake_pending = False
+        for topic, payload, qos, correlation_data in batch:
             self._append(topic, payload, qos, correlation_data)
+        self._pump()
 
     def _append(self, topic: str, payload: bytes, qos: int, correlation_data: bytes | None) -> None:
         message = Outgoing(next(self._seq), topic, payload, qos, False, correlation_data)
@@ -185,31 +199,56 @@ class Outbox:
         heapq.heappush(self._pending, message)
         if self._store is not None:
             self._store.add(message)
-        self._wake.set()
+
+    def _pump(self) -> None:
+        """Hand pending messages to the client, in order, while connected and under the in-flight
+        bound. Runs on the loop right where messages or acks arrive (no task switch per result);
+        `run` takes over when the session is down."""
+        if self._pumping:  # a QoS 0 publish acks inside publish_nowait: the loop below goes on
+            return
+        self._pumping = True
+        try:
+            self._pump_now()
+        finally:
+            self._pumping = False
+
+    def _pump_now(self) -> None:
+        session = self._session
+        while self._pending and len(self._inflight) < self._max_inflight:
+            if not session.connected.is_set():
+                self._wake.set()  # `run` waits for the connection, then pumps again
+                return
+            message = heapq.heappop(self._pending)
+            self._inflight[message.seq] = message
+            try:
+                session.publish_nowait(
+                    message.topic,
+                    message.payload,
+                    message.qos,
+                    message.retain,
+                    message.properties(),
+                    functools.partial(self._acked, message),
+                )
+            except NotConnected:
+                self._inflight.pop(message.seq, None)
+                heapq.heappush(self._pending, message)
+                self._wake.set()
+                return
 
     async def run(self) -> None:
+        """Sends what is left when no message or ack triggers a pump: after a reconnect, or
+        messages loaded from the last run."""
         self._wake.set()
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending and len(self._inflight) < self._max_inflight:
-                if not self._session.connected.is_set():
-                    await self._session.connected.wait()
-                message = heapq.heappop(self._pending)
-                self._inflight[message.seq] = message
-                try:
-                    self._session.publish_nowait(
-                        message.topic,
-                        message.payload,
-                        message.qos,
-                        message.retain,
-                        message.properties(),
-                        functools.partial(self._acked, message),
-                    )
-                except NotConnected:
-                    self._inflight.pop(message.seq, None)
-                    self._requeue(message)
-                    await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
+            if not self._session.connected.is_set():
+                await self._session.connected.wait()
+            before = len(self._pending)
+            self._pump()
+            if self._pending and len(self._pending) == before and len(self._inflight) < self._max_inflight:
+                await asyncio.sleep(0.05)  # the session notices the drop and clears `connected`
+                self._wake.set()
 
     def _acked(self, message: Outgoing) -> None:
         if self._inflight.pop(message.seq, None) is None:
@@ -218,7 +257,7 @@ class Outbox:
         if self._store is not None:
             self._store.ack(message.seq)
         if self._pending:
-            self._wake.set()  # room in flight again
+            self._pump()  # room in flight again
 
     def abort_inflight(self) -> None:
         """The connection died: what was in flight goes back in the queue, in order, to be resent."""

@@ -17,8 +17,8 @@ from collections import Counter, deque
 from pathlib import Path
 from typing import Any
 
-import aiomqtt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from agent import __version__
@@ -27,7 +27,7 @@ from agent.device_stats import DeviceStats
 from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.metrics import MetricsStore
 from agent.model_repo import ModelError, ModelRepository
-from agent.mqtt_session import MqttSession
+from agent.mqtt_session import Incoming, MqttSession
 from agent.outbox import Outbox, OutboxStore
 from agent.placer import Profiler, candidates_for, choose, shortlist
 from agent.schemas import (
@@ -62,8 +62,7 @@ class PlacementRefused(Exception):
     """A placement document that cannot be applied; the current placement keeps serving."""
 
 
-def frame_meta(message: aiomqtt.Message) -> FrameMeta:
-    props = message.properties
+def frame_meta(props: Properties | None) -> FrameMeta:
     if props is None:
         return FrameMeta()
     user = {str(k): str(v) for k, v in (getattr(props, "UserProperty", None) or [])}
@@ -212,14 +211,13 @@ class Agent:
         log.info("stopped")
 
     # -- ingest ---------------------------------------------------------------------------------
-    def _on_frame(self, message: aiomqtt.Message) -> None:
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        meta = frame_meta(message)
+    def _on_frame(self, message: Incoming) -> None:
+        meta = frame_meta(message.properties)
         try:
             frame = parse_frame(
-                bytes(payload),
+                message.payload,
                 meta,
-                topic_model=self.topics.model_from_topic(message.topic.value),
+                topic_model=self.topics.model_from_topic(message.topic),
                 default_model=self.config.ingest.default_model,
                 max_bytes=self.config.ingest.max_payload_bytes,
             )
@@ -285,12 +283,11 @@ class Agent:
             self.outbox.put(self.topics.result, payload)
 
     # -- placement ------------------------------------------------------------------------------
-    async def _on_placement(self, message: aiomqtt.Message) -> None:
-        payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
-        if not payload:
+    def _on_placement(self, message: Incoming) -> None:
+        if not message.payload:
             return  # retained placement cleared: keep serving what runs
         # Applying loads models (seconds): run it beside dispatch so frames keep flowing.
-        self._spawn(self._apply_document(bytes(payload)), "apply-placement")
+        self._spawn(self._apply_document(message.payload), "apply-placement")
 
     async def _apply_document(self, payload: bytes) -> None:
         try:

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from agent.client import InferClient, read_retained
+from agent.client import read_retained
 from agent.demo import start_agent
 from agent.ingest import Frame
 from agent.local_broker import LocalBroker
@@ -39,14 +39,13 @@ from agent.schemas import BatchSpec, Placement, TenantSpec
 from agent.tenant import Tenant
 from agent.topics import Topics
 from backends import registry
+from bench.loadgen import LoadGenerator, Tally
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "agent" / "samples"
 MODELS = REPO / "models"
 DEVICE = "bench-device"
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "openvino": "CPU"}
-# Camera streams send frames at QoS 0 (a late frame is worth less than the next one); results are QoS 1.
-FRAME_QOS = 0
 
 
 @dataclass
@@ -208,44 +207,13 @@ def measure_pipeline(
 
 
 # -- (c) end to end over MQTT --------------------------------------------------------------------
-async def closed_loop(
-    client: InferClient,
-    frames: list[bytes],
-    window: int,
-    seconds: float,
-    warmup: float,
-    model: str | None = None,
-) -> tuple[float, list[float]]:
-    """`window` requests in flight for `seconds` after `warmup`; returns (fps, latencies)."""
-    begin = time.perf_counter()
-    count_from, stop = begin + warmup, begin + warmup + seconds
-    latencies: list[float] = []
+def generator(
+    url: str, device_id: str, model: str | None = None, name: str = "edge-bench-camera"
+) -> LoadGenerator:
+    from agent.config import parse_broker_url
 
-    async def lane(k: int) -> None:
-        while time.perf_counter() < stop:
-            fut = await client.send(frames[k % len(frames)], model, qos=FRAME_QOS)
-            reply = await asyncio.wait_for(fut, 60)
-            if time.perf_counter() > count_from and reply.ok:
-                latencies.append(reply.latency_ms)
-            k += window
-
-    await asyncio.gather(*(lane(k) for k in range(window)))
-    return len(latencies) / (time.perf_counter() - count_from), latencies
-
-
-async def open_loop(client: InferClient, frames: list[bytes], rate: float, seconds: float) -> list[float]:
-    """Frames at a fixed rate (Poisson-free, evenly spaced), whatever the answers do."""
-    futures = []
-    interval = 1.0 / rate
-    start = time.perf_counter()
-    n = int(rate * seconds)
-    for i in range(n):
-        delay = start + i * interval - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        futures.append(await client.send(frames[i % len(frames)], qos=FRAME_QOS))
-    replies = await asyncio.gather(*(asyncio.wait_for(f, 60) for f in futures))
-    return [r.latency_ms for r in replies if r.ok]
+    b = parse_broker_url(url)
+    return LoadGenerator(b["host"], b["port"], device_id, model, name)
 
 
 async def apply_placement(broker_url: str, generation: int, tenants: list[TenantSpec]) -> None:
@@ -320,7 +288,7 @@ def run(args: argparse.Namespace) -> int:
             cwd=REPO,
         )
         try:
-            asyncio.run(_mqtt_phase(broker.url, configs, frames, args, rows, progress, model.name))
+            _mqtt_phase(broker.url, configs, frames, args, rows, progress, model.name)
         finally:
             for proc in (agent, naive):
                 proc.terminate()
@@ -344,7 +312,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _mqtt_phase(
+def _mqtt_phase(
     url: str,
     configs: list[tuple[str, str, int, int]],
     frames: list[bytes],
@@ -353,73 +321,68 @@ async def _mqtt_phase(
     progress: Progress,
     model: str,
 ) -> None:
+    """Frames from the lean camera (bench/loadgen.py) at QoS 0; answers read from the result topic."""
     warmup = min(1.0, args.seconds / 3)
     generation = int(time.time())
+
+    def place(backend: str, device: str, instances: int, batch: int) -> None:
+        spec = TenantSpec(
+            model=model,
+            backend=backend,
+            device=device,
+            instances=instances,
+            batch=BatchSpec(max_size=batch, max_delay_ms=2.0 if batch > 1 else 0.0),
+        )
+        asyncio.run(apply_placement(url, generation, [spec]))
+
+    def errors_noted(tally: Tally, label: str) -> None:
+        if tally.errors:
+            print(f"\n{label}: error answers {tally.errors}", file=sys.stderr)
+
     for b, dev, n, k in configs:
         generation += 1
-        await apply_placement(
-            url,
-            generation,
-            [
-                TenantSpec(
-                    model=model,
-                    backend=b,
-                    device=dev,
-                    instances=n,
-                    batch=BatchSpec(max_size=k, max_delay_ms=2.0 if k > 1 else 0.0),
-                )
-            ],
-        )
-        async with InferClient(url, DEVICE) as client:
+        place(b, dev, n, k)
+        gen = generator(url, DEVICE)
+        try:
             # Deeper window than in-process: it must also cover the MQTT round trip.
-            fps, lat = await closed_loop(client, frames, 4 * n * k + 4, args.seconds, warmup)
-        p50, p99 = percentiles(lat)
-        rows.append(Row(b, dev, n, k, "e2e", fps, p50, p99, len(lat)))
+            fps, tally = gen.closed_loop(frames, 4 * n * k + 4, args.seconds, warmup)
+        finally:
+            gen.close()
+        errors_noted(tally, f"e2e {b} x{n} b{k}")
+        p50, p99 = percentiles(tally.latencies)
+        rows.append(Row(b, dev, n, k, "e2e", fps, p50, p99, len(tally.latencies)))
         progress.step(f"e2e {b} x{n} b{k}")
 
-    async with InferClient(url, "naive") as client:
-        fps, lat = await closed_loop(client, frames, 4, args.seconds, warmup)
-    p50, p99 = percentiles(lat)
-    rows.append(Row("onnxruntime", "cpu", 1, 1, "naive", fps, p50, p99, len(lat)))
+    gen = generator(url, "naive")
+    try:
+        fps, tally = gen.closed_loop(frames, 4, args.seconds, warmup)
+    finally:
+        gen.close()
+    p50, p99 = percentiles(tally.latencies)
+    rows.append(Row("onnxruntime", "cpu", 1, 1, "naive", fps, p50, p99, len(tally.latencies)))
     progress.step("naive baseline")
 
     # Latency under load: unloaded p50 vs p99 at 70% of the backend's best end-to-end rate.
     for b in sorted({c[0] for c in configs}):
         best = max((r for r in rows if r.mode == "e2e" and r.backend == b), key=lambda r: r.fps)
         generation += 1
-        await apply_placement(
-            url,
-            generation,
-            [
-                TenantSpec(
-                    model=model,
-                    backend=b,
-                    device=best.device,
-                    instances=best.instances,
-                    batch=BatchSpec(max_size=best.batch, max_delay_ms=2.0 if best.batch > 1 else 0.0),
-                )
-            ],
-        )
-        async with InferClient(url, DEVICE) as client:
-            _, unloaded = await closed_loop(client, frames, 1, args.seconds, warmup)
+        place(b, best.device, best.instances, best.batch)
+        gen = generator(url, DEVICE)
+        try:
+            _, unloaded = gen.closed_loop(frames, 1, args.seconds, warmup)
             progress.step(f"unloaded {b}")
             # Longer than the throughput runs: p99 needs enough samples to mean something.
-            loaded = await open_loop(client, frames, 0.7 * best.fps, max(2 * args.seconds, 6.0))
+            loaded = gen.open_loop(frames, 0.7 * best.fps, max(2 * args.seconds, 6.0))
             progress.step(f"70% load {b}")
-        u50, _ = percentiles(unloaded)
-        l50, l99 = percentiles(loaded)
+        finally:
+            gen.close()
+        errors_noted(loaded, f"70% load {b}")
+        u50, u99 = percentiles(unloaded.latencies)
+        l50, l99 = percentiles(loaded.latencies)
         rows.append(
             Row(
-                b,
-                best.device,
-                best.instances,
-                best.batch,
-                "unloaded",
-                0.0,
-                u50,
-                percentiles(unloaded)[1],
-                len(unloaded),
-            )
+                b, best.device, best.instances, best.batch, "unloaded", 0.0, u50, u99, len(unloaded.latencies)
+            ),
         )
         rows.append(
             Row(
@@ -431,7 +394,7 @@ async def _mqtt_phase(
                 0.7 * best.fps,
                 l50,
                 l99,
-                len(loaded),
+                len(loaded.latencies),
                 extra={"p99_vs_unloaded_p50": l99 / u50 if u50 else None},
             )
         )

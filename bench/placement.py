@@ -12,16 +12,16 @@ import asyncio
 import json
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from agent.client import InferClient
 from agent.demo import start_agent
 from agent.local_broker import LocalBroker
 from agent.schemas import TenantSpec
 from backends import registry
-from bench.concurrency import DEVICE, apply_placement, closed_loop, jpeg_frames
+from bench.concurrency import DEVICE, apply_placement, generator, jpeg_frames
 
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")
 
@@ -53,15 +53,24 @@ def layouts() -> dict[str, list[TenantSpec]]:
     return out
 
 
-async def measure(url: str, seconds: float) -> dict[str, float]:
-    """Both models loaded at once, each from its own client: per-model and total img/s."""
+def measure(url: str, seconds: float) -> dict[str, float]:
+    """Both models loaded at once, each fed by its own camera connection: per-model and total img/s."""
     frames = {m: jpeg_frames(224 if m.endswith("lite0") else 240) for m in MODELS}
-    async with InferClient(url, DEVICE) as a, InferClient(url, DEVICE) as b:
-        results = await asyncio.gather(
-            closed_loop(a, frames[MODELS[0]], 6, seconds, 1.0, model=MODELS[0]),
-            closed_loop(b, frames[MODELS[1]], 6, seconds, 1.0, model=MODELS[1]),
-        )
-    return {MODELS[0]: results[0][0], MODELS[1]: results[1][0]}
+    results: dict[str, float] = {}
+
+    def feed(model: str) -> None:
+        gen = generator(url, DEVICE, model, f"camera-{model}")
+        try:
+            results[model] = gen.closed_loop(frames[model], 6, seconds, 1.0)[0]
+        finally:
+            gen.close()
+
+    threads = [threading.Thread(target=feed, args=(m,)) for m in MODELS]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return {m: results[m] for m in MODELS}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -77,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
                 sys.stderr.flush()
                 asyncio.run(apply_placement(broker.url, generation, tenants))
                 placed = _placed(broker.url)
-                fps = asyncio.run(measure(broker.url, args.seconds))
+                fps = measure(broker.url, args.seconds)
                 rows.append({"layout": name, "placed": placed, **fps, "total": sum(fps.values())})
             sys.stderr.write("\n")
         finally:
