@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import logging
@@ -75,6 +76,18 @@ def frame_meta(props: Properties | None) -> FrameMeta:
         user_properties=user,
         expiry_s=getattr(props, "MessageExpiryInterval", None),
     )
+
+
+def settle_heap() -> None:
+    """Take what is alive now (runtimes, models, libraries: ~200k objects) out of the cyclic GC.
+
+    Measured: full collections over them took 12-46 ms, on the event loop or a worker, and made
+    the p99 of the 70%-load test. Frozen objects are still freed by reference counting; the cycles
+    among them wait for the next call (one per placement change), which collects first.
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 class _Redelivery(Exception):
@@ -397,6 +410,7 @@ class Agent:
                 ", ".join(t.name for t in self.tenants.values()) or "no tenants",
             )
             self._mark_dirty()
+            settle_heap()
 
     async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
         """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
