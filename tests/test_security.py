@@ -209,14 +209,23 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
         final = agent.wait_ready()
         assert [(t["backend"], t["state"]) for t in final["placement"]["tenants"]] == [("openvino", "ready")]
         assert json.loads((agent.state_dir / "placement.json").read_text())["generation"] == 5
+        # The console re-publishes the applied document (retained), as after an operator's undo.
+        asyncio.run(_publish_retained(broker.url, "edge/sig1/placement", json.dumps(good).encode()))
     finally:
         agent.stop()
-    # A restart re-reads the saved, signed placement; the retained copy is not taken for a replay.
+    # A restart re-reads the saved, signed placement; its retained copy is not taken for a replay.
     agent.start()
     status = agent.wait_ready()
     assert status["placement"]["applied_generation"] == 5
     assert status["placement"].get("refused") is None
     agent.stop()
+
+
+async def _publish_retained(url: str, topic: str, payload: bytes) -> None:
+    from agent.client import connect
+
+    async with connect(url) as client:
+        await client.publish(topic, payload, qos=1, retain=True)
 
 
 def test_bad_public_key_is_a_config_error(tmp_path):
