@@ -111,10 +111,9 @@ def measure_raw(
     backend_name: str, device: str, model: Any, instances: int, batch: int, seconds: float
 ) -> Row:
     backend = registry.get(backend_name)
-    sessions = [
-        backend.load(model.artifacts, device, {"threads": 1, "instances": instances})
-        for _ in range(instances)
-    ]
+    # The options a tenant with this spec passes (Tenant.__init__): the same sessions as the agent's.
+    options = {"threads": None, "instances": instances, "precision": None, "max_batch": batch}
+    sessions = [backend.load(model.artifacts, device, options) for _ in range(instances)]
     h, w = model.input.size
     x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
     for s in sessions:
