@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import contextlib
 import json
 import sqlite3
 import subprocess
@@ -244,3 +246,54 @@ def test_agent_reconnects_after_broker_restart(agent_factory, collector, broker)
     got = c.wait_for(lambda r: len(r) >= 1, "edge/rc1/result", timeout=60)
     assert got[0]["top"][0]["index"] in CAT_CLASSES
     assert "retrying" in agent.log()
+
+
+def test_session_handler_that_raises_is_counted_and_dispatch_goes_on(broker):
+    """The frame path calls handlers from paho's topic callbacks: one that raises must not stop it,
+    and each subscription gets only its own topics."""
+    import aiomqtt
+
+    from agent.config import BrokerConfig
+    from agent.mqtt_session import Incoming, MqttSession
+
+    async def scenario() -> tuple[list[Incoming], list[Incoming], int]:
+        session = MqttSession(
+            BrokerConfig(host="127.0.0.1", port=broker.port), "session-test", "t/status", b"{}"
+        )
+        frames: list[Incoming] = []
+        others: list[Incoming] = []
+        all_in = asyncio.Event()
+
+        def on_frame(message: Incoming) -> None:
+            frames.append(message)
+            if len(frames) == 3 and others:
+                all_in.set()
+            if message.payload == b"boom":
+                raise RuntimeError("handler bug")
+
+        def on_other(message: Incoming) -> None:
+            others.append(message)
+            if len(frames) == 3:
+                all_in.set()
+
+        session.subscribe("t/infer/#", on_frame)
+        session.subscribe("t/other", on_other)
+        runner = asyncio.create_task(session.run())
+        await asyncio.wait_for(session.connected.wait(), 10)
+        async with aiomqtt.Client("127.0.0.1", broker.port) as client:
+            for payload in (b"boom", b"one", b"two"):
+                await client.publish("t/infer/m", payload, qos=1)
+            await client.publish("t/other", b"x", qos=1)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(all_in.wait(), 10)
+        await session.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        return frames, others, session.handler_errors
+
+    frames, others, errors = asyncio.run(scenario())
+    assert [m.payload for m in frames] == [b"boom", b"one", b"two"]
+    assert all(m.topic == "t/infer/m" for m in frames)
+    assert [(m.topic, m.payload) for m in others] == [("t/other", b"x")]
+    assert errors == 1

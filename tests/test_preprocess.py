@@ -52,6 +52,38 @@ def test_large_jpeg_decoded_at_reduced_scale_still_classifies(lite0, session):
     assert lite0.labels[int(logits.argmax())] == "espresso"
 
 
+def test_libjpeg_turbo_and_pillow_paths_agree_on_real_photos(lite0, session, monkeypatch):
+    """The fast decoder (simplejpeg) and the fallback (Pillow) give the same top-1 on every photo."""
+    import agent.preprocess as preprocess
+
+    assert preprocess.simplejpeg is not None, "simplejpeg is a core dependency"
+    pre = Preprocessor(lite0.input, 40_000_000)
+    photos = sorted(SAMPLES.glob("*.jpg"))
+    fast = [session.run(None, {"input": pre(p.read_bytes())[None]})[0][0].argmax() for p in photos]
+    monkeypatch.setattr(preprocess, "simplejpeg", None)
+    slow = [session.run(None, {"input": pre(p.read_bytes())[None]})[0][0].argmax() for p in photos]
+    assert fast == slow
+
+
+@pytest.mark.parametrize("variant", ["grayscale", "cmyk", "progressive", "4:4:4"])
+def test_jpeg_variants_decode_and_classify(lite0, session, variant):
+    image = Image.open(SAMPLES / "espresso.jpg")
+    buf = io.BytesIO()
+    if variant == "grayscale":
+        image.convert("L").save(buf, "JPEG", quality=90)
+    elif variant == "cmyk":
+        image.convert("CMYK").save(buf, "JPEG", quality=90)
+    elif variant == "progressive":
+        image.save(buf, "JPEG", quality=90, progressive=True)
+    else:
+        image.save(buf, "JPEG", quality=90, subsampling=0)
+    out = Preprocessor(lite0.input, 40_000_000)(buf.getvalue())
+    assert out.shape == (3, 224, 224)
+    logits = session.run(None, {"input": out[None]})[0][0]
+    if variant != "grayscale":  # colour is part of what makes an espresso
+        assert lite0.labels[int(logits.argmax())] == "espresso"
+
+
 def test_png_accepted(lite0):
     out = Preprocessor(lite0.input, 40_000_000)(badimages.png_photo())
     assert out.shape == (3, 224, 224) and out.dtype == np.float32

@@ -12,7 +12,7 @@ from agent.ingest import Frame
 from agent.model_repo import ModelRepository
 from agent.scheduler import BatchQueue, QueueClosed, QueueFull
 from agent.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
-from agent.tenant import Tenant
+from agent.tenant import Tenant, warmup_batch_sizes
 from backends.base import BackendError
 from backends.fake import FakeBackend
 from tests.conftest import MODELS, sample
@@ -250,3 +250,10 @@ def test_unknown_device_fails_load(lite0):
     )
     with pytest.raises(BackendError, match="no device"):
         tenant.load()
+
+
+def test_warmup_covers_the_batch_sizes_dynamic_batching_makes():
+    assert warmup_batch_sizes(1) == [1]
+    assert warmup_batch_sizes(8) == [1, 2, 3, 4, 5, 6, 7, 8]
+    assert warmup_batch_sizes(64) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
+    assert warmup_batch_sizes(100) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 100]
