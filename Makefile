@@ -60,7 +60,7 @@ gpu-wheels:
 	$(PY) -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl aiomqtt paho-mqtt pydantic pydantic-settings sqlite-utils pillow \
-	  cryptography pytest pytest-timeout hypothesis
+	  cryptography pytest pytest-timeout hypothesis simplejpeg
 	du -sh .whl
 
 clean:
