@@ -85,6 +85,38 @@ def check_backends(config: AgentConfig) -> list[Check]:
     return out
 
 
+def check_fast_paths() -> list[Check]:
+    """The optional native paths the frame pipeline's measured speed depends on."""
+    from agent import preprocess
+
+    out = []
+    if preprocess.simplejpeg is not None:
+        out.append(
+            Check("ok", "JPEG decoder", f"libjpeg-turbo via simplejpeg {preprocess.simplejpeg.__version__}")
+        )
+    else:
+        out.append(
+            Check(
+                "warn",
+                "JPEG decoder",
+                "Pillow fallback: about 2x the decode cost per frame",
+                "pip install simplejpeg (in the agent's environment)",
+            )
+        )
+    if preprocess.cv2 is not None:
+        out.append(Check("ok", "resize", f"OpenCV {preprocess.cv2.__version__}"))
+    else:
+        out.append(
+            Check(
+                "warn",
+                "resize",
+                "Pillow fallback: about 5x the crop+resize cost per frame",
+                "pip install opencv-python-headless",
+            )
+        )
+    return out
+
+
 def check_device_nodes() -> list[Check]:
     out = []
     for pattern in DEVICE_NODES:
@@ -157,6 +189,7 @@ def run(config: AgentConfig, skip_broker: bool = False) -> int:
     checks.append(check_state_dir(config.state_dir))
     checks += check_models(config)
     checks += check_backends(config)
+    checks += check_fast_paths()
     checks += check_device_nodes()
     if not skip_broker:
         checks.append(check_broker(config))

@@ -196,6 +196,7 @@ def test_doctor_finds_what_to_fix(broker, tmp_path):
     ok = subprocess.run(base, capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0, ok.stdout
     assert "ready to serve" in ok.stdout and "MQTT 5 connect accepted" in ok.stdout
+    assert "[ok  ] JPEG decoder: libjpeg-turbo via simplejpeg" in ok.stdout
     models = tmp_path / "models"
     shutil.copytree(REPO / "models" / "efficientnet-lite0", models / "efficientnet-lite0")
     onnx = models / "efficientnet-lite0" / "model.onnx"
