@@ -297,3 +297,60 @@ def test_session_handler_that_raises_is_counted_and_dispatch_goes_on(broker):
     assert all(m.topic == "t/infer/m" for m in frames)
     assert [(m.topic, m.payload) for m in others] == [("t/other", b"x")]
     assert errors == 1
+
+
+def test_session_finishes_writing_when_the_socket_was_full(broker):
+    """While the broker is frozen, 12 MB of results overflow the socket buffer (the write path's
+    EAGAIN branch); once it resumes, every message is written, acknowledged and delivered."""
+    import os
+    import signal
+
+    import aiomqtt
+
+    from agent.config import BrokerConfig
+    from agent.mqtt_session import MqttSession
+
+    count, size = 24, 512 * 1024
+
+    async def scenario() -> tuple[int, int]:
+        session = MqttSession(
+            BrokerConfig(host="127.0.0.1", port=broker.port, keepalive_s=60), "full-socket", "t/status", b"{}"
+        )
+        runner = asyncio.create_task(session.run())
+        await asyncio.wait_for(session.connected.wait(), 10)
+        acked = 0
+        all_acked = asyncio.Event()
+
+        def done() -> None:
+            nonlocal acked
+            acked += 1
+            if acked == count:
+                all_acked.set()
+
+        async with aiomqtt.Client("127.0.0.1", broker.port, max_queued_incoming_messages=0) as sub:
+            await sub.subscribe("big/#", qos=1)
+            os.kill(broker.proc.pid, signal.SIGSTOP)
+            try:
+                for i in range(count):
+                    session.publish_nowait(f"big/{i}", bytes([i]) * size, 1, False, None, done)
+                await asyncio.sleep(1.0)  # the loop keeps writing what the kernel takes, then waits
+            finally:
+                os.kill(broker.proc.pid, signal.SIGCONT)
+            received = 0
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(60):
+                    async for message in sub.messages:
+                        assert message.payload == bytes([int(str(message.topic).split("/")[1])]) * size
+                        received += 1
+                        if received == count:
+                            break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(all_acked.wait(), 30)
+        await session.stop()
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+        return received, acked
+
+    received, acked = asyncio.run(scenario())
+    assert (received, acked) == (count, count)
