@@ -179,7 +179,12 @@ class Outbox:
             if self._wake_pending:
                 return
             self._wake_pending = True
-        self._loop.call_soon_threadsafe(self._take_incoming)
+        try:
+            self._loop.call_soon_threadsafe(self._take_incoming)
+        except RuntimeError:  # the loop is closed (after shutdown): nothing will send these now
+            with self._incoming_lock:
+                self._wake_pending = False
+            raise
 
     def _take_incoming(self) -> None:
         with self._incoming_lock:
