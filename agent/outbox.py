@@ -285,6 +285,11 @@ class Outbox:
         return len(self) == 0
 
     def close(self) -> None:
-        """Persist what is still pending (it is sent at the next start)."""
+        """Persist what is still pending (it is sent at the next start). Call after the loop's last
+        turn with the outbox: answers handed in since then are persisted here too."""
+        with self._incoming_lock:
+            late, self._incoming = self._incoming, []
+        for topic, payload, qos, correlation_data in late:
+            self._append(topic, payload, qos, correlation_data)
         if self._store is not None:
             self._store.stop()
