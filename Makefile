@@ -61,6 +61,10 @@ gpu-wheels:
 	  --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	  -d .whl aiomqtt paho-mqtt pydantic pydantic-settings sqlite-utils pillow \
 	  cryptography pytest pytest-timeout hypothesis simplejpeg
+	# The GPU image already has these (device KINDS.md): carrying them would shadow its own builds.
+	cd .whl && rm -f numpy-* pillow-* pip-* pytest-* pytest_timeout-* hypothesis-* pluggy-* iniconfig-* \
+	  packaging-* pygments-* tabulate-* python_dateutil-* click-8* typing_extensions-* \
+	  sortedcontainers-* tzdata-*
 	du -sh .whl
 
 clean:

@@ -12,6 +12,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,9 +23,9 @@ from bench.concurrency import jpeg_frames, measure_pipeline, percentiles
 MODELS = Path(__file__).resolve().parent.parent / "models"
 
 
-def raw_limit(model, batch: int, seconds: float) -> tuple[float, float, float]:
+def raw_limit(model: Any, device: str, batch: int, seconds: float) -> tuple[float, float, float]:
     backend = registry.get("torch")
-    session = backend.load(model.artifacts, "cuda:0", {"precision": "fp16", "max_batch": batch})
+    session = backend.load(model.artifacts, device, {"precision": "fp16", "max_batch": batch})
     x = np.random.default_rng(0).standard_normal((batch, 3, *model.input.size)).astype(np.float32)
     for _ in range(5):
         session.infer(x)
@@ -42,16 +43,22 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--out", default="gpu-results.json")
+    parser.add_argument("--device", default="cuda:0", help="cpu: a smoke run of this script, anywhere")
+    parser.add_argument("--quick", action="store_true", help="two small configurations only (smoke run)")
     args = parser.parse_args()
+    batches = (1, 8) if args.quick else (1, 8, 32, 128)
+    configs = (
+        ((1, 1), (2, 8)) if args.quick else ((1, 1), (8, 1), (4, 32), (8, 32), (8, 64), (12, 64), (16, 128))
+    )
     model = ModelRepository(MODELS).load("efficientnet-lite0")
     frames = jpeg_frames(224)
     rows = []
-    for batch in (1, 8, 32, 128):
-        fps, p50, p99 = raw_limit(model, batch, args.seconds)
+    for batch in batches:
+        fps, p50, p99 = raw_limit(model, args.device, batch, args.seconds)
         rows.append({"mode": "raw", "instances": 1, "batch": batch, "fps": fps, "p50_ms": p50, "p99_ms": p99})
         print(f"raw      batch {batch:4d}: {fps:9.0f} img/s p50 {p50:6.2f} ms", flush=True)
-    for instances, batch in ((1, 1), (8, 1), (4, 32), (8, 32), (8, 64), (12, 64), (16, 128)):
-        row = measure_pipeline("torch", "cuda:0", model, instances, batch, args.seconds, frames)
+    for instances, batch in configs:
+        row = measure_pipeline("torch", args.device, model, instances, batch, args.seconds, frames)
         rows.append(
             {
                 "mode": "pipeline",
