@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import csv
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,7 +17,7 @@ from agent.model_repo import ModelRepository
 from agent.schemas import ErrorResult, InferResult, TenantSpec
 from agent.tenant import Tenant
 from backends.fake import FakeBackend
-from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, sample
+from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, REPO, sample
 
 TWO_MODELS = """
 [placement]
@@ -151,3 +153,32 @@ def test_bench_command_runs_and_writes_csv(tmp_path):
     assert {"raw", "pipeline", "e2e", "naive", "unloaded", "load70"} <= modes
     assert all(float(r["fps"]) > 0 for r in rows if r["mode"] in ("raw", "pipeline", "e2e", "naive"))
     assert "vs raw" in done.stdout
+
+
+@pytest.mark.timeout(200)
+def test_gpu_pipeline_script_smoke_runs_on_cpu(tmp_path):
+    """bench/gpu.sh's benchmark has 15 minutes of GPU per session: it must not fail on a typo there."""
+    pytest.importorskip("torch")
+    out = tmp_path / "gpu.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "bench/gpu_pipeline.py",
+            "--device",
+            "cpu",
+            "--quick",
+            "--seconds",
+            "0.5",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    rows = json.loads(out.read_text())
+    assert {r["mode"] for r in rows} == {"raw", "pipeline"}
+    assert all(r["fps"] > 0 for r in rows)
