@@ -234,21 +234,26 @@ class LoadGenerator:
             slots.acquire(timeout=60)
         return len(tally.latencies) / elapsed, tally
 
-    def open_loop(self, frames: list[bytes], rate: float, seconds: float) -> Tally:
-        """Frames evenly spaced at `rate` per second, whatever the answers do; waits for all."""
-        with self._no_gc_pauses():
-            return self._open_loop(frames, rate, seconds)
+    def open_loop(self, frames: list[bytes], rate: float, seconds: float, warmup: float = 1.0) -> Tally:
+        """Frames evenly spaced at `rate` per second, whatever the answers do; waits for all.
 
-    def _open_loop(self, frames: list[bytes], rate: float, seconds: float) -> Tally:
+        The first `warmup` seconds ramp the system from idle (runtime thread pools waking, queues
+        filling) and are not counted, as in the closed-loop runs."""
+        with self._no_gc_pauses():
+            return self._open_loop(frames, rate, seconds, warmup)
+
+    def _open_loop(self, frames: list[bytes], rate: float, seconds: float, warmup: float) -> Tally:
         tally = Tally()
-        n = int(rate * seconds)
+        skip = int(rate * warmup)
+        n = skip + int(rate * seconds)
         done = threading.Semaphore(0)
 
-        def on_reply(_id: str, ms: float, error: str | None) -> None:
-            if error:
-                tally.errors[error] = tally.errors.get(error, 0) + 1
-            else:
-                tally.latencies.append(ms)
+        def on_reply(request_id: str, ms: float, error: str | None) -> None:
+            if int(request_id.rsplit("-o", 1)[1]) >= skip:
+                if error:
+                    tally.errors[error] = tally.errors.get(error, 0) + 1
+                else:
+                    tally.latencies.append(ms)
             done.release()
 
         self.on_reply = on_reply
