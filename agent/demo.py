@@ -98,6 +98,18 @@ def start_console(broker_url: str, state: Path) -> tuple[subprocess.Popen[bytes]
     return None, url, ""
 
 
+def stop_process(proc: subprocess.Popen[bytes] | None, grace_s: float = 30.0) -> None:
+    """SIGTERM (the agent drains and says goodbye), then SIGKILL after the grace period."""
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
     """Broker, agent, console, photos. Stays up for the console until Ctrl-C when run from a terminal."""
     if keep_running is None:
@@ -115,7 +127,7 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
         print(f"* agent started as device {DEVICE_ID!r} (pid {agent.pid}, log {state / 'agent.log'})")
         console, url, login = start_console(broker.url, state)
         if console is not None:
-            print(f"* console: {url}  login {login}")
+            print(f"* console: {url}  login {login}  (pid {console.pid})")
         else:
             print(f"* console did not start; see {state / 'console.log'}")
         try:
@@ -138,12 +150,8 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
                     agent.wait()
             return rc
         finally:
-            if agent.poll() is None:
-                agent.send_signal(signal.SIGTERM)
-                try:
-                    agent.wait(30)
-                except subprocess.TimeoutExpired:
-                    agent.kill()
+            for proc in (agent, console):
+                stop_process(proc)
             print("* agent, console and broker stopped")
 
 

@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import paho.mqtt.client as paho
 import pytest
@@ -119,6 +119,8 @@ def collector(broker: LocalBroker) -> Iterator[Callable[[list[str]], Collector]]
 class AgentProcess:
     """The real `edge-agent run` as a subprocess, as systemd would run it."""
 
+    running: ClassVar[set[AgentProcess]] = set()  # stopped after each test, whatever it asserted
+
     def __init__(
         self,
         broker: LocalBroker,
@@ -155,6 +157,7 @@ class AgentProcess:
     def start(self) -> AgentProcess:
         log = self.log_path.open("ab")
         self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        AgentProcess.running.add(self)
         return self
 
     def log(self) -> str:
@@ -187,7 +190,16 @@ class AgentProcess:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        AgentProcess.running.discard(self)
         return self.proc.returncode
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test() -> Iterator[None]:
+    """A test that fails between start() and stop() must not leave an agent running."""
+    yield
+    for agent in list(AgentProcess.running):
+        agent.stop(signal.SIGKILL, timeout=10)
 
 
 @pytest.fixture

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +83,8 @@ def test_demo_shows_correct_labels():
     assert rows["daisy.jpg"] == "daisy"
     assert "agent, console and broker stopped" in done.stdout
     assert "* console: http://127.0.0.1:" in done.stdout and "login admin /" in done.stdout
+    # ...and they are: no process of the demo outlives it.
+    pids = [int(m) for m in re.findall(r"\(pid (\d+)", done.stdout)]
+    assert len(pids) == 2, done.stdout  # the agent and the console
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()

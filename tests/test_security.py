@@ -215,10 +215,12 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
         agent.stop()
     # A restart re-reads the saved, signed placement; its retained copy is not taken for a replay.
     agent.start()
-    status = agent.wait_ready()
-    assert status["placement"]["applied_generation"] == 5
-    assert status["placement"].get("refused") is None
-    agent.stop()
+    try:
+        status = agent.wait_ready()
+        assert status["placement"]["applied_generation"] == 5
+        assert status["placement"].get("refused") is None
+    finally:
+        agent.stop()
 
 
 async def _publish_retained(url: str, topic: str, payload: bytes) -> None:
