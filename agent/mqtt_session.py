@@ -162,7 +162,7 @@ class MqttSession:
         - Each subscription's handler becomes a paho topic callback (paho's matcher, one `Incoming`).
         - PUBACKs of `publish_nowait` messages go to their callbacks; aiomqtt's awaitable publish
           costs a task, an Event and a future per message, so the outbox does not use it.
-        - Outgoing packets are written on the loop's next turn (`_flush`), instead of aiomqtt's
+        - Outgoing packets are written on the loop's next turn (`flush` below), instead of aiomqtt's
           thread-safe wake-up plus a writer registration for every burst.
         """
         paho = client._client
