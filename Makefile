@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
 
-.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels clean
+.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels gpu-stage gpu-unstage clean
 
 all: test
 
@@ -66,6 +66,24 @@ gpu-wheels:
 	  packaging-* pygments-* tabulate-* python_dateutil-* click-8* typing_extensions-* \
 	  sortedcontainers-* tzdata-*
 	du -sh .whl
+
+# The GPU machine gets the working tree, 64 MiB at most with the wheels (the repo is ~86 MB):
+# `gpu-stage` leaves the artifacts no GPU check reads in the ignored .gpu-stash/, `gpu-unstage`
+# puts them back. A model folder may lack artifacts (agent/model_repo.py), so tests still run.
+GPU_LEAVE = models/efficientnet-lite0/model.tflite models/efficientnet-lite0/model_int8.tflite \
+	models/efficientnet-lite1/model.onnx
+gpu-stage:
+	@for f in $(GPU_LEAVE); do \
+	  if [ -f $$f ]; then mkdir -p .gpu-stash/$$(dirname $$f) && mv $$f .gpu-stash/$$f; fi; \
+	done
+	@git ls-files -z --cached --others --exclude-standard | $(PY) -c "import os,sys; \
+	  n=sum(os.path.getsize(p) for p in sys.stdin.read().split('\0') if p and os.path.isfile(p)); \
+	  w=sum(os.path.getsize(os.path.join('.whl',f)) for f in os.listdir('.whl')) if os.path.isdir('.whl') else 0; \
+	  print(f'travels: {n/2**20:.1f} MiB tree + {w/2**20:.1f} MiB .whl = {(n+w)/2**20:.1f} MiB (limit 64)')"
+
+gpu-unstage:
+	@if [ -d .gpu-stash ]; then cp -a .gpu-stash/. . && rm -rf .gpu-stash; fi
+	@git status --short models/
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -48,7 +48,10 @@ def check_models(config: AgentConfig) -> list[Check]:
     for name in names:
         try:
             model = repo.load(name)  # parses the manifest and verifies every artifact's sha256
-            out.append(Check("ok", f"model {name}", f"{', '.join(model.artifacts.files)} sha256 verified"))
+            detail = f"{', '.join(model.artifacts.files)} sha256 verified"
+            if model.artifacts.missing:
+                detail += f"; not installed here: {', '.join(model.artifacts.missing.values())}"
+            out.append(Check("ok", f"model {name}", detail))
         except ModelError as exc:
             out.append(Check("fail", f"model {name}", str(exc), f"check {config.models_dir / name}"))
     return out

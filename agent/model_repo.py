@@ -2,6 +2,10 @@
 
 Every path is resolved inside the repository (no `..`, no absolute paths, no symlinks that lead
 out), and every artifact's sha256 is checked against the manifest before a backend sees it.
+
+A device may hold only the artifacts its accelerators use (a Coral box needs no `model.pt2`): an
+artifact listed in the manifest but absent is simply not offered, and a backend that needs it
+reports which one is missing. An artifact that is present but does not match is always refused.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ log = logging.getLogger(__name__)
 
 class ModelError(Exception):
     """A model that cannot be served: unknown, malformed manifest, unsafe path or bad checksum."""
+
+
+class _Missing(ModelError):
+    """A file the manifest names is not there (fatal for labels, not for one artifact)."""
 
 
 class _Strict(BaseModel):
@@ -118,7 +126,7 @@ class ModelRepository:
         if not path.is_relative_to(folder):
             raise ModelError(f"{what} path {relative!r} leads outside its model folder")
         if not path.is_file():
-            raise ModelError(f"{what} {relative!r} is missing")
+            raise _Missing(f"{what} {relative!r} is missing")
         return path
 
     def manifest(self, name: str) -> tuple[Path, Manifest]:
@@ -147,8 +155,13 @@ class ModelRepository:
         labels_path = self._model_file(folder, manifest.labels, "labels file")
         labels = tuple(line.strip() for line in labels_path.read_text().splitlines() if line.strip())
         files: dict[str, Path] = {}
+        missing: dict[str, str] = {}
         for fmt, spec in manifest.artifacts.items():
-            path = self._model_file(folder, spec.file, f"{fmt} artifact")
+            try:
+                path = self._model_file(folder, spec.file, f"{fmt} artifact")
+            except _Missing:
+                missing[fmt] = spec.file  # not installed on this device
+                continue
             if verify:
                 actual = self._sha256(path)
                 if actual != spec.sha256:
@@ -157,6 +170,9 @@ class ModelRepository:
                         f"({spec.sha256[:12]}...); refusing to load it"
                     )
             files[fmt] = path
+        if not files:
+            listed = ", ".join(spec.file for spec in manifest.artifacts.values())
+            raise ModelError(f"model {name!r}: none of its artifacts is present ({listed})")
         artifacts = ModelArtifacts(
             name=name,
             files=files,
@@ -166,6 +182,7 @@ class ModelRepository:
             num_classes=len(labels),
             sha256={fmt: spec.sha256 for fmt, spec in manifest.artifacts.items()},
             layouts={fmt: spec.layout or manifest.input.layout for fmt, spec in manifest.artifacts.items()},
+            missing=missing,
         )
         return Model(manifest=manifest, root=folder, labels=labels, artifacts=artifacts)
 

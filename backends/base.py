@@ -51,6 +51,8 @@ class ModelArtifacts:
     # format -> the artifact's input layout. `Session.infer` always takes the model's declared
     # layout (`layout` above, float32, normalised); a backend converts to its artifact's own.
     layouts: Mapping[str, str] = field(default_factory=dict)
+    # format -> file name of artifacts the manifest lists but this device does not hold.
+    missing: Mapping[str, str] = field(default_factory=dict)
 
 
 class Session(Protocol):
@@ -99,6 +101,12 @@ class Backend(ABC):
         for fmt in self.formats:
             if fmt in model.files:
                 return model.files[fmt]
+        listed = [fmt for fmt in self.formats if fmt in model.missing]
+        if listed:
+            raise ModelLoadError(
+                f"model {model.name}: {model.missing[listed[0]]}, which {self.name} needs, is not installed "
+                "on this device (copy it into the model folder; model.toml holds its sha256)"
+            )
         raise ModelLoadError(
             f"model {model.name} has no artifact for {self.name} (needs one of {', '.join(self.formats)})"
         )

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # GPU check, one prepared script for a CUDA machine with PyTorch but no network (e.g. the lent H100).
-#   1. install the project's other wheels carried in .whl/ (make them here with: make gpu-wheels)
+# Here, first: `make gpu-wheels gpu-stage` (the wheels the GPU image lacks, and the working tree under
+# the 64 MiB transfer limit); run this with carry [".whl"]; afterwards `make gpu-unstage`.
+#   1. install the project's other wheels carried in .whl/
 #   2. the conformance suite for the GPU backends (torch on cuda:0 in fp16; others skip with reasons)
 #   3. the pipeline throughput benchmark (bench/gpu_pipeline.py), results in $OUT (or ./gpu-out)
 # Target (issue 8): >= 12,000 img/s for EfficientNet-Lite0 through the pipeline on an H100/H200.

@@ -15,15 +15,17 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from agent.demo import start_agent
 from agent.local_broker import LocalBroker
+from agent.model_repo import ModelRepository
 from agent.schemas import TenantSpec
 from backends import registry
 from bench.concurrency import DEVICE, apply_placement, generator, jpeg_frames
 
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
 
 def layouts() -> dict[str, list[TenantSpec]]:
@@ -42,11 +44,27 @@ def layouts() -> dict[str, list[TenantSpec]]:
             TenantSpec(model=MODELS[0], backend="openvino", device="CPU"),
             TenantSpec(model=MODELS[1], backend="onnxruntime", device="cpu"),
         ]
-    gpus = [d for d in caps.get("onnxruntime", (False, [], ""))[1] if d.startswith("cuda")]
-    if gpus:
-        out["GPU only"] = [TenantSpec(model=m, backend="onnxruntime", device=gpus[0]) for m in MODELS]
+    # The GPU path: onnxruntime-gpu where installed, else torch on CUDA (fp16, CUDA graphs).
+    gpu = next(
+        (
+            (backend, device)
+            for backend in ("onnxruntime", "torch")
+            for device in caps.get(backend, (False, [], ""))[1]
+            if device.startswith("cuda")
+        ),
+        None,
+    )
+    if gpu is not None:
+        backend, device = gpu
+        precision: Literal["fp16"] | None = "fp16" if backend == "torch" else None
+        formats = registry.get(backend).formats
+        repo = ModelRepository(MODELS_DIR)
+        if all(any(f in repo.manifest(m)[1].artifacts for f in formats) for m in MODELS):
+            out["GPU only"] = [
+                TenantSpec(model=m, backend=backend, device=device, precision=precision) for m in MODELS
+            ]
         out["GPU + CPU"] = [
-            TenantSpec(model=MODELS[0], backend="onnxruntime", device=gpus[0]),
+            TenantSpec(model=MODELS[0], backend=backend, device=device, precision=precision),
             TenantSpec(model=MODELS[1], backend="onnxruntime", device="cpu"),
         ]
     out["auto"] = [TenantSpec(model=m, backend="auto", device="auto") for m in MODELS]

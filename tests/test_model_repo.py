@@ -79,3 +79,27 @@ def test_manifest_with_unknown_keys_refused(repo):
     manifest.write_text("surprise = 1\n" + manifest.read_text())
     with pytest.raises(ModelError, match="bad manifest"):
         repo.load("efficientnet-lite0")
+
+
+def test_device_may_hold_only_the_artifacts_it_uses(repo):
+    """A model folder with only model.onnx serves ONNX Runtime; a backend that needs a missing
+    artifact says which one and how to install it; a present artifact is still verified."""
+    from backends import registry
+    from backends.base import ModelLoadError
+
+    folder = repo.root / "efficientnet-lite0"
+    for name in ("model.tflite", "model_int8.tflite", "model.pt2"):
+        (folder / name).unlink()
+    model = repo.load("efficientnet-lite0")
+    assert set(model.artifacts.files) == {"onnx"}
+    session = registry.get("onnxruntime").load(model.artifacts, "cpu", {"threads": 1})
+    session.close()
+    with pytest.raises(ModelLoadError, match=r"model\.pt2, which torch needs, is not installed"):
+        registry.get("torch").load(model.artifacts, "cpu", {})
+    onnx = folder / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes()[:-8] + b"tampered")
+    with pytest.raises(ModelError, match="sha256"):
+        repo.load("efficientnet-lite0")
+    onnx.unlink()
+    with pytest.raises(ModelError, match="none of its artifacts is present"):
+        repo.load("efficientnet-lite0")
