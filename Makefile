@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
 
-.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels gpu-stage gpu-unstage clean
+.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels gpu-broker gpu-stage gpu-unstage clean
 
 all: test
 
@@ -67,6 +67,20 @@ gpu-wheels:
 	  sortedcontainers-* tzdata-*
 	du -sh .whl
 
+# Mosquitto for the GPU machine (its image has none): the binary and the libraries it links beyond
+# glibc (never copied: it must match the loader) and OpenSSL, behind a wrapper that points the
+# loader at them. Carry .gpu-broker.
+gpu-broker:
+	rm -rf .gpu-broker && mkdir -p .gpu-broker/lib
+	cp -L $$(command -v mosquitto || echo /usr/sbin/mosquitto) .gpu-broker/mosquitto.bin
+	ldd .gpu-broker/mosquitto.bin | awk '/=>/ {print $$3}' \
+	  | grep -v -E '/(libc|libm|libpthread|libdl|librt|libresolv|libanl|libutil|libssl|libcrypto)\.so|ld-linux' \
+	  | xargs -I{} cp -L {} .gpu-broker/lib/
+	printf '#!/bin/sh\nd=$$(dirname "$$0")\nLD_LIBRARY_PATH="$$d/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$d/mosquitto.bin" "$$@"\n' \
+	  > .gpu-broker/mosquitto
+	chmod +x .gpu-broker/mosquitto
+	du -sh .gpu-broker
+
 # The GPU machine gets the working tree, 64 MiB at most with the wheels (the repo is ~86 MB):
 # `gpu-stage` leaves the artifacts no GPU check reads in the ignored .gpu-stash/, `gpu-unstage`
 # puts them back. A model folder may lack artifacts (agent/model_repo.py), so tests still run.
@@ -78,8 +92,8 @@ gpu-stage:
 	done
 	@git ls-files -z --cached --others --exclude-standard | $(PY) -c "import os,sys; \
 	  n=sum(os.path.getsize(p) for p in sys.stdin.read().split('\0') if p and os.path.isfile(p)); \
-	  w=sum(os.path.getsize(os.path.join('.whl',f)) for f in os.listdir('.whl')) if os.path.isdir('.whl') else 0; \
-	  print(f'travels: {n/2**20:.1f} MiB tree + {w/2**20:.1f} MiB .whl = {(n+w)/2**20:.1f} MiB (limit 64)')"
+	  w=sum(os.path.getsize(os.path.join(r,f)) for d in ('.whl','.gpu-broker') for r,_,fs in os.walk(d) for f in fs); \
+	  print(f'travels: {n/2**20:.1f} MiB tree + {w/2**20:.1f} MiB carried (.whl, .gpu-broker) = {(n+w)/2**20:.1f} MiB (limit 64)')"
 
 gpu-unstage:
 	@if [ -d .gpu-stash ]; then cp -a .gpu-stash/. . && rm -rf .gpu-stash; fi

@@ -12,6 +12,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per configuration")
     parser.add_argument("--model", default="efficientnet-lite0")
+    parser.add_argument(
+        "--device", help="one device for every backend (e.g. cuda:0); default: each one's CPU"
+    )
+    parser.add_argument(
+        "--precision", choices=["fp32", "fp16", "int8"], help="tenant precision (e.g. fp16 on a GPU)"
+    )
     parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(

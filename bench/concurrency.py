@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image
@@ -46,6 +46,10 @@ SAMPLES = REPO / "agent" / "samples"
 MODELS = REPO / "models"
 DEVICE = "bench-device"
 DEFAULT_DEVICE = {"onnxruntime": "cpu", "openvino": "CPU"}
+Precision = Literal["fp32", "fp16", "int8"] | None
+# The closed loop keeps 4 x instances x batch + 4 frames in flight (x4 b32: 516): the queue must
+# hold them, or the agent sheds the surplus as `overloaded` and the run measures shedding.
+BENCH_AGENT_CONFIG = 'log_level = "WARNING"\n[scheduler]\nqueue_depth = 4096\n'
 
 
 @dataclass
@@ -108,11 +112,17 @@ def percentiles(latencies: list[float]) -> tuple[float, float]:
 
 # -- (a) raw runtime -----------------------------------------------------------------------------
 def measure_raw(
-    backend_name: str, device: str, model: Any, instances: int, batch: int, seconds: float
+    backend_name: str,
+    device: str,
+    model: Any,
+    instances: int,
+    batch: int,
+    seconds: float,
+    precision: Precision = None,
 ) -> Row:
     backend = registry.get(backend_name)
     # The options a tenant with this spec passes (Tenant.__init__): the same sessions as the agent's.
-    options = {"threads": None, "instances": instances, "precision": None, "max_batch": batch}
+    options = {"threads": None, "instances": instances, "precision": precision, "max_batch": batch}
     sessions = [backend.load(model.artifacts, device, options) for _ in range(instances)]
     h, w = model.input.size
     x = np.random.default_rng(0).standard_normal((batch, 3, h, w)).astype(np.float32)
@@ -151,12 +161,14 @@ def measure_pipeline(
     batch: int,
     seconds: float,
     frames: list[bytes],
+    precision: Precision = None,
 ) -> Row:
     spec = TenantSpec(
         model=model.name,
         backend=backend_name,
         device=device,
         instances=instances,
+        precision=precision,
         batch=BatchSpec(max_size=batch, max_delay_ms=0.0),
     )
     window = 2 * instances * batch + 2  # enough in flight to keep every instance busy
@@ -246,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
     for b in skipped:
         print(f"skipping {b}: {caps.get(b, (False, [], 'unknown backend'))[2]}", file=sys.stderr)
     configs = [
-        (b, DEFAULT_DEVICE.get(b, "cpu"), n, k) for b in backends for n in args.instances for k in args.batch
+        (b, args.device or DEFAULT_DEVICE.get(b, "cpu"), n, k)
+        for b in backends
+        for n in args.instances
+        for k in args.batch
     ]
     progress = Progress(len(configs) * 3 + 1 + len(backends) * 4)
     rows: list[Row] = []
@@ -259,16 +274,16 @@ def run(args: argparse.Namespace) -> int:
     pre_ms = (time.perf_counter() - t0) / 300 * 1000.0
 
     for b, dev, n, k in configs:
-        rows.append(measure_raw(b, dev, model, n, k, args.seconds))
+        rows.append(measure_raw(b, dev, model, n, k, args.seconds, args.precision))
         progress.step(f"raw {b} x{n} b{k}")
-        rows.append(measure_pipeline(b, dev, model, n, k, args.seconds, frames))
+        rows.append(measure_pipeline(b, dev, model, n, k, args.seconds, frames, args.precision))
         progress.step(f"pipeline {b} x{n} b{k}")
 
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         state = Path(tmp)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = (state / "agent.log").open("ab")
-        agent = start_agent(broker.url, state, DEVICE, 'log_level = "WARNING"\n')
+        agent = start_agent(broker.url, state, DEVICE, BENCH_AGENT_CONFIG)
         naive = subprocess.Popen(
             [
                 sys.executable,
@@ -330,6 +345,7 @@ def _mqtt_phase(
             backend=backend,
             device=device,
             instances=instances,
+            precision=args.precision,
             batch=BatchSpec(max_size=batch, max_delay_ms=0.0),
         )
         asyncio.run(apply_placement(url, generation, [spec]))

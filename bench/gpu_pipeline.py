@@ -58,7 +58,7 @@ def main() -> None:
         rows.append({"mode": "raw", "instances": 1, "batch": batch, "fps": fps, "p50_ms": p50, "p99_ms": p99})
         print(f"raw      batch {batch:4d}: {fps:9.0f} img/s p50 {p50:6.2f} ms", flush=True)
     for instances, batch in configs:
-        row = measure_pipeline("torch", args.device, model, instances, batch, args.seconds, frames)
+        row = measure_pipeline("torch", args.device, model, instances, batch, args.seconds, frames, "fp16")
         rows.append(
             {
                 "mode": "pipeline",

@@ -22,7 +22,7 @@ from agent.local_broker import LocalBroker
 from agent.model_repo import ModelRepository
 from agent.schemas import TenantSpec
 from backends import registry
-from bench.concurrency import DEVICE, apply_placement, generator, jpeg_frames
+from bench.concurrency import BENCH_AGENT_CONFIG, DEVICE, apply_placement, generator, jpeg_frames
 
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     plans = layouts()
     rows: list[dict[str, Any]] = []
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-place-bench-") as tmp:
-        agent = start_agent(broker.url, Path(tmp), DEVICE, 'log_level = "WARNING"\n')
+        agent = start_agent(broker.url, Path(tmp), DEVICE, BENCH_AGENT_CONFIG)
         try:
             generation = int(time.time())
             for i, (name, tenants) in enumerate(plans.items(), start=1):
