@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from agent.client import read_retained
-from agent.demo import start_agent
+from agent.demo import start_agent, wait_ready
 from agent.ingest import Frame
 from agent.local_broker import LocalBroker
 from agent.model_repo import ModelRepository
@@ -273,12 +273,6 @@ def run(args: argparse.Namespace) -> int:
         pre(frames[i % len(frames)])
     pre_ms = (time.perf_counter() - t0) / 300 * 1000.0
 
-    for b, dev, n, k in configs:
-        rows.append(measure_raw(b, dev, model, n, k, args.seconds, args.precision))
-        progress.step(f"raw {b} x{n} b{k}")
-        rows.append(measure_pipeline(b, dev, model, n, k, args.seconds, frames, args.precision))
-        progress.step(f"pipeline {b} x{n} b{k}")
-
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         state = Path(tmp)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -302,7 +296,7 @@ def run(args: argparse.Namespace) -> int:
             cwd=REPO,
         )
         try:
-            _mqtt_phase(broker.url, configs, frames, args, rows, progress, model.name)
+            _measure_all(broker.url, configs, frames, args, rows, progress, model)
         finally:
             for proc in (agent, naive):
                 proc.terminate()
@@ -326,17 +320,32 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _mqtt_phase(
+def _measure_all(
     url: str,
     configs: list[tuple[str, str, int, int]],
     frames: list[bytes],
     args: argparse.Namespace,
     rows: list[Row],
     progress: Progress,
-    model: str,
+    model_obj: Any,
 ) -> None:
-    """Frames from the lean camera (bench/loadgen.py) at QoS 0; answers read from the result topic."""
+    """Per configuration raw, pipeline and end to end back to back, so that a machine whose speed
+    drifts over minutes (a shared VM) shifts all three alike and the ratios stay honest; then the
+    naive baseline and the latency check. End to end: frames from the lean camera
+    (bench/loadgen.py) at QoS 0, answers read from the result topic."""
+    model = model_obj.name
     warmup = min(1.0, args.seconds / 3)
+
+    async def both_up() -> None:
+        """The agent and the naive script load their models at start: not while raw is measured."""
+        await wait_ready(url, DEVICE)
+        deadline = time.monotonic() + 60
+        while not (await read_retained(url, Topics("naive").status, 1.0) or {}).get("online"):
+            if time.monotonic() > deadline:
+                raise TimeoutError("the naive subscriber did not come up")
+            await asyncio.sleep(0.3)
+
+    asyncio.run(both_up())
     generation = int(time.time())
 
     def place(backend: str, device: str, instances: int, batch: int) -> None:
@@ -355,6 +364,11 @@ def _mqtt_phase(
             print(f"\n{label}: error answers {tally.errors}", file=sys.stderr)
 
     for b, dev, n, k in configs:
+        # In-process first; the agent's last tenant is idle meanwhile (no frames, no CPU).
+        rows.append(measure_raw(b, dev, model_obj, n, k, args.seconds, args.precision))
+        progress.step(f"raw {b} x{n} b{k}")
+        rows.append(measure_pipeline(b, dev, model_obj, n, k, args.seconds, frames, args.precision))
+        progress.step(f"pipeline {b} x{n} b{k}")
         generation += 1
         place(b, dev, n, k)
         gen = generator(url, DEVICE)
