@@ -89,6 +89,7 @@ class MqttSession:
         self.connected = asyncio.Event()
         self.connects = 0
         self.handler_errors = 0
+        self.refused_publishes = 0
         self._on_connect = on_connect
         # Called when a live connection ends: the outbox re-queues what was in flight at once,
         # instead of waiting for acks that the dead connection will never deliver.
@@ -100,6 +101,8 @@ class MqttSession:
         self._loop_thread = 0
 
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
+        """Filters must not overlap: paho calls every matching callback, so a message matching two
+        filters would be handled twice."""
         self.subscriptions.append(Subscription(filter_, qos, handler))
 
     async def run(self) -> None:
@@ -169,12 +172,23 @@ class MqttSession:
         for sub in self.subscriptions:
             paho.message_callback_add(sub.filter, self._paho_callback(sub))
         aiomqtt_on_publish: Any = paho.on_publish
-        acks = self._acks
+        # One ack table per connection: message ids restart at 1 on each new client, and a PUBACK
+        # still buffered on a dead connection must not acknowledge the new one's message.
+        acks: dict[int, Callable[[], None]] = {}
+        self._acks = acks
 
         def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
             done = acks.pop(mid, None)
             if done is not None:
-                done()
+                if getattr(reason_code, "is_failure", False):
+                    # The broker refused it (MQTT 5 reason code, e.g. not authorised): resending
+                    # would be refused again. Counted and logged; the message is not retried.
+                    self.refused_publishes += 1
+                    log.warning("broker refused a publish (message id %d): %s", mid, reason_code)
+                try:
+                    done()
+                except Exception:  # a bug in a callback must not tear the connection down
+                    log.exception("publish-acknowledged callback failed")
             elif aiomqtt_on_publish is not None:
                 aiomqtt_on_publish(c, userdata, mid, reason_code, properties)
 

@@ -239,6 +239,14 @@ class Outbox:
                 heapq.heappush(self._pending, message)
                 self._wake.set()
                 return
+            except Exception:  # a message paho will never take (e.g. an oversized topic)
+                self._inflight.pop(message.seq, None)
+                self.dropped += 1
+                if self._store is not None:
+                    self._store.ack(message.seq)  # or it would fail again at every start
+                log.exception(
+                    "outbox: dropped a message that cannot be published (topic %.80r)", message.topic
+                )
 
     async def run(self) -> None:
         """Sends what is left when no message or ack triggers a pump: after a reconnect, or

@@ -543,6 +543,8 @@ class Agent:
             await asyncio.to_thread(tenant.drain, self.config.scheduler.drain_timeout_s)
             self.draining.remove(tenant)
             self._mark_dirty()
+            if not self.draining:
+                settle_heap()  # the retired tenant's reference cycles were frozen with it
 
         self._spawn(drain(), f"drain-{tenant.name}")
 

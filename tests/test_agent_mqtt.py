@@ -354,3 +354,47 @@ def test_session_finishes_writing_when_the_socket_was_full(broker):
 
     received, acked = asyncio.run(scenario())
     assert (received, acked) == (count, count)
+
+
+def test_outbox_drops_a_message_paho_refuses_and_sends_the_rest(broker, tmp_path):
+    """A message that can never be published (a wildcard in its topic) is dropped and counted,
+    not retried forever; the messages queued behind it still go out, in order."""
+    import aiomqtt
+
+    from agent.config import BrokerConfig
+    from agent.mqtt_session import MqttSession
+    from agent.outbox import Outbox, OutboxStore
+
+    async def scenario() -> tuple[list[bytes], int, int]:
+        session = MqttSession(BrokerConfig(host="127.0.0.1", port=broker.port), "poison", "t/status", b"{}")
+        store = OutboxStore(tmp_path / "outbox.db")
+        outbox = Outbox(session, asyncio.get_running_loop(), store, store.load())
+        tasks = [asyncio.create_task(session.run()), asyncio.create_task(outbox.run())]
+        await asyncio.wait_for(session.connected.wait(), 10)
+        got: list[bytes] = []
+        async with aiomqtt.Client("127.0.0.1", broker.port) as sub:
+            await sub.subscribe("out/#", qos=1)
+            outbox.put_many(
+                [("out/1", b"one", 1, None), ("out/+/bad", b"poison", 1, None), ("out/2", b"two", 1, None)]
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    async for message in sub.messages:
+                        got.append(bytes(message.payload))
+                        if len(got) == 2:
+                            break
+        flushed = await outbox.flush(5.0)
+        await session.stop()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        outbox.close()
+        return got, outbox.dropped, int(flushed)
+
+    got, dropped, flushed = asyncio.run(scenario())
+    assert got == [b"one", b"two"]
+    assert dropped == 1 and flushed == 1
+    left = OutboxStore(tmp_path / "outbox.db").load()
+    assert left == [], "the dropped message must not come back at the next start"
