@@ -77,6 +77,10 @@ class SchedulerConfig(Section):
     queue_depth: int = Field(default=64, ge=1, le=100_000)
     overload_policy: Literal["drop_oldest", "reject_new"] = "drop_oldest"
     drain_timeout_s: float = Field(default=10.0, ge=0)
+    # A batch whose runtime call has not returned after this long is answered `internal` and its
+    # instance taken out of service until the call returns (a hung accelerator). Far above any
+    # real batch: a batch of 8 lite0 frames takes ~54 ms on one core of the 2-core test machine.
+    infer_timeout_s: float = Field(default=60.0, gt=0)
 
 
 class MetricsConfig(Section):

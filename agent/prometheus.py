@@ -33,6 +33,8 @@ def render(t: Telemetry) -> str:
         "# TYPE edge_agent_errors_total counter",
         "# HELP edge_agent_drops_total Frames dropped by the overload policy.",
         "# TYPE edge_agent_drops_total counter",
+        "# HELP edge_agent_stalls_total Batches answered because the runtime call hung.",
+        "# TYPE edge_agent_stalls_total counter",
         "# HELP edge_agent_throughput_fps Results per second over the telemetry window.",
         "# TYPE edge_agent_throughput_fps gauge",
         "# HELP edge_agent_latency_ms End-to-end latency in the agent (receive to result).",
@@ -48,6 +50,7 @@ def render(t: Telemetry) -> str:
         lines.append(f"edge_agent_frames_out_total{_labels(**lab)} {tenant.frames_out}")
         lines.append(f"edge_agent_errors_total{_labels(**lab)} {tenant.errors}")
         lines.append(f"edge_agent_drops_total{_labels(**lab)} {tenant.drops}")
+        lines.append(f"edge_agent_stalls_total{_labels(**lab)} {tenant.stalls}")
         lines.append(f"edge_agent_throughput_fps{_labels(**lab)} {tenant.fps:.3f}")
         for q, v in tenant.latency_ms.items():
             lines.append(f"edge_agent_latency_ms{_labels(**lab, quantile=q)} {v:.3f}")

@@ -199,6 +199,7 @@ class TenantTelemetry(BaseModel):
     frames_out: int
     errors: int
     drops: int
+    stalls: int = 0  # batches answered `internal` because the runtime call hung (check_stalls)
     fps: float
     latency_ms: dict[str, float]
     queue_depth: int

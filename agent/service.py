@@ -46,6 +46,7 @@ from agent.schemas import (
     Status,
     Telemetry,
     TenantSpec,
+    TenantState,
     TenantStatus,
     TenantTelemetry,
 )
@@ -176,6 +177,7 @@ class Agent:
             asyncio.create_task(self.outbox.run(), name="outbox"),
             asyncio.create_task(self._telemetry_loop(), name="telemetry"),
             asyncio.create_task(self._status_loop(), name="status"),
+            asyncio.create_task(self._stall_loop(), name="stalls"),
         ]
         if self.config.metrics.prometheus_listen:
             from agent.prometheus import serve
@@ -634,6 +636,20 @@ class Agent:
                     self.topics.status, self.status().model_dump_json().encode(), qos=1, retain=True
                 )
             await asyncio.sleep(0.2)  # coalesce bursts of changes
+
+    async def _stall_loop(self) -> None:
+        """Once a second: answer batches stuck in a hung runtime call (Tenant.check_stalls), and
+        publish status when a tenant's state changes because instances stalled or recovered."""
+        timeout = self.config.scheduler.infer_timeout_s
+        seen: dict[str, tuple[TenantState, str | None]] = {}
+        while True:
+            await asyncio.sleep(1.0)
+            for tenant in [*self.tenants.values(), *self.draining]:
+                tenant.check_stalls(timeout)
+            now = {t.name: (t.state, t.error) for t in self.tenants.values()}
+            if now != seen:
+                seen = now
+                self._mark_dirty()
 
     def telemetry(self) -> Telemetry:
         window = self.config.metrics.telemetry_interval_s

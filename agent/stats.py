@@ -18,6 +18,7 @@ class TenantStats:
         self.frames_out = 0
         self.errors = 0
         self.drops = 0
+        self.stalls = 0  # batches answered because the runtime call did not return in time
         self._latencies: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)  # (monotonic, ms)
         self._batches: deque[int] = deque(maxlen=1024)
 
@@ -38,6 +39,10 @@ class TenantStats:
         with self._lock:
             self.drops += 1
 
+    def stall(self) -> None:
+        with self._lock:
+            self.stalls += 1
+
     def batch(self, size: int) -> None:
         with self._lock:
             self._batches.append(size)
@@ -47,7 +52,7 @@ class TenantStats:
         with self._lock:
             recent = [ms for t, ms in self._latencies if now - t <= window_s]
             batches = list(self._batches)
-            counts = (self.frames_in, self.frames_out, self.errors, self.drops)
+            counts = (self.frames_in, self.frames_out, self.errors, self.drops, self.stalls)
         lat = np.asarray(recent, np.float64)
         pct = (
             {
@@ -63,6 +68,7 @@ class TenantStats:
             "frames_out": counts[1],
             "errors": counts[2],
             "drops": counts[3],
+            "stalls": counts[4],
             "fps": lat.size / window_s if window_s > 0 else 0.0,
             "latency_ms": {k: round(v, 3) for k, v in pct.items()},
             "batch_size_mean": float(np.mean(batches)) if batches else 0.0,

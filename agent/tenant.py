@@ -3,6 +3,10 @@
 Each instance is its own runtime session (the runtime may share weights between them). Worker
 threads take batches from the tenant's queue, decode and preprocess the frames, run the batch,
 and hand every frame exactly one outcome through `emit`. The event loop never runs any of this.
+
+A runtime call that never returns (a Coral stick pulled out, a wedged GPU driver) must not swallow
+frames: `check_stalls` answers a batch stuck past the inference timeout, takes that instance out of
+service until its call returns, and drops the late results so each frame is still answered once.
 """
 
 from __future__ import annotations
@@ -93,6 +97,11 @@ class Tenant:
         self.error: str | None = None
         self._sessions: list[Session] = []
         self._threads: list[threading.Thread] = []
+        # Stall tracking, under _lock: the batch each instance has in the runtime (since when), and
+        # the instances whose batch was already answered because the runtime call did not return.
+        self._lock = threading.Lock()
+        self._inflight: dict[int, tuple[float, list[Frame]]] = {}
+        self._stalled: set[int] = set()
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
         self._options.setdefault("instances", spec.instances)
@@ -154,14 +163,87 @@ class Tenant:
             self._error(frame, "shutting_down", "the tenant stopped before this frame was served")
         for thread in self._threads:
             thread.join(5.0)  # the batch in flight finishes; runtimes cannot be interrupted
-        for session in self._sessions:
+        # A runtime call that still has not returned: answer its frames now (the late results are
+        # dropped) and leave that session open; closing it under a running call could crash.
+        stuck = self._abandon(lambda index, since: self._threads[index].is_alive())
+        for _, _, frames in stuck:
+            for frame in frames:
+                self._error(frame, "shutting_down", "the agent stopped while this frame's inference hung")
+        for index, session in enumerate(self._sessions):
+            if index < len(self._threads) and self._threads[index].is_alive():
+                log.error(
+                    "tenant %s instance %d: left open, its runtime call never returned", self.name, index
+                )
+                continue
             session.close()
         self._sessions.clear()
+
+    # -- stalls -------------------------------------------------------------------------------
+    def _abandon(self, stuck: Callable[[int, float], bool]) -> list[tuple[int, float, list[Frame]]]:
+        """Mark the in-flight batches `stuck(index, since)` selects as answered elsewhere."""
+        with self._lock:
+            found = [
+                (index, since, frames)
+                for index, (since, frames) in self._inflight.items()
+                if index not in self._stalled and stuck(index, since)
+            ]
+            self._stalled.update(index for index, _, _ in found)
+        return found
+
+    def check_stalls(self, timeout_s: float) -> None:
+        """Answer the frames of any batch in the runtime for over `timeout_s` (thread-safe; the
+        agent calls it every second). The instance serves again once its call returns."""
+        now = time.monotonic()
+        for index, since, frames in self._abandon(lambda _index, since: now - since > timeout_s):
+            log.error(
+                "tenant %s instance %d: inference has not returned for %.0f s; its %d frames are answered "
+                "`internal` and the instance is out of service until the call returns",
+                self.name,
+                index,
+                now - since,
+                len(frames),
+            )
+            self.stats.stall()
+            for frame in frames:
+                self._error(
+                    frame,
+                    "internal",
+                    f"inference on {self.name} instance {index} did not return within {timeout_s:g} s "
+                    "(the accelerator may be hung)",
+                )
+        self._refresh_state()
+
+    def _refresh_state(self) -> None:
+        """ready <-> failed as instances stall and recover; with none left, queued frames are
+        answered `unavailable` at once rather than waiting for a call that may never return."""
+        orphans: list[Frame] = []
+        with self._lock:
+            if self.state not in ("ready", "failed") or not self._sessions:
+                return
+            stalled = sorted(self._stalled)
+            if not stalled:
+                if self.state == "failed" or self.error:
+                    log.warning("tenant %s: every instance serves again", self.name)
+                self.state, self.error = "ready", None
+                return
+            message = (
+                f"instance{'s' if len(stalled) > 1 else ''} {', '.join(map(str, stalled))} of "
+                f"{len(self._sessions)} stuck in inference (the runtime call has not returned)"
+            )
+            if len(stalled) == len(self._sessions):
+                self.state = "failed"
+                orphans = self.queue.take_all()
+            self.error = message
+        for frame in orphans:
+            self._error(frame, "unavailable", f"tenant {self.name} cannot serve: {message}")
 
     # -- frames -------------------------------------------------------------------------------
     def submit(self, frame: Frame) -> None:
         """Queue a frame; every frame gets exactly one outcome, now or later."""
         self.stats.frame_in()
+        if self.state == "failed":
+            self._error(frame, "unavailable", f"tenant {self.name} cannot serve: {self.error}")
+            return
         try:
             dropped = self.queue.put(frame)
         except QueueFull:
@@ -237,13 +319,36 @@ class Tenant:
         if not ready:
             return
         preprocessed = time.monotonic()
+        with self._lock:
+            self._inflight[index] = (preprocessed, ready)
+        failure: str | None = None
         try:
             logits = session.infer(buffer[: len(ready)])
         except BackendError as exc:
-            for frame in ready:
-                self._error(frame, "internal", str(exc))
-            return
+            failure = str(exc)
+        except Exception as exc:  # a runtime bug: these frames are still answered once, below
+            log.exception("tenant %s instance %d: inference raised", self.name, index)
+            failure = f"inference failed: {type(exc).__name__}: {exc}"
         done = time.monotonic()
+        with self._lock:
+            del self._inflight[index]
+            abandoned = index in self._stalled
+            self._stalled.discard(index)
+        if abandoned:
+            log.warning(
+                "tenant %s instance %d: inference returned after %.0f s; its %d frames were already "
+                "answered, the instance serves again",
+                self.name,
+                index,
+                done - preprocessed,
+                len(ready),
+            )
+            self._refresh_state()
+            return
+        if failure is not None:
+            for frame in ready:
+                self._error(frame, "internal", failure)
+            return
         self.stats.batch(len(ready))
         per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
         infer_ms = (done - preprocessed) * 1000.0

@@ -2,6 +2,7 @@
 
 Never a substitute for a real runtime in a test that claims a runtime works.
 Options: `delay_ms` per batch, `per_item_ms` per frame, `fail_load` (a message) to make load fail.
+A test hangs a session by setting its `gate` to an unset Event: `infer` then blocks until it is set.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ class FakeSession:
         self.batches: list[int] = []  # batch sizes seen, for tests
         self._lock = threading.Lock()
         self.closed = False
+        self.gate: threading.Event | None = None  # a hung runtime call, for stall tests
 
     def infer(self, batch: np.ndarray) -> np.ndarray:
+        gate = self.gate
+        if gate is not None:
+            gate.wait()
         time.sleep(self.delay_s + self.per_item_s * len(batch))
         with self._lock:
             self.batches.append(len(batch))

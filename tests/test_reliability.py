@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import os
@@ -19,8 +20,11 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent.config import AgentConfig
 from agent.local_broker import LocalBroker, free_port
-from tests.conftest import AgentProcess, Collector, passwd_file, sample
+from agent.service import Agent
+from backends import registry
+from tests.conftest import MODELS, AgentProcess, Collector, passwd_file, sample
 
 pytestmark = pytest.mark.timeout(400)
 
@@ -335,3 +339,65 @@ def test_overload_5x_for_a_minute_memory_bounded_drops_answered_watchdog_kept(br
         f"{codes['ok']} served, {codes['overloaded']} shed, RSS {min(settled):.0f}-{max(settled):.0f} MB, "
         f"max watchdog gap {max(gaps):.2f}s"
     )
+
+
+def props(request_id: str) -> Properties:
+    p = Properties(PacketTypes.PUBLISH)
+    p.UserProperty = [("request_id", request_id)]
+    return p
+
+
+def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector, tmp_path, monkeypatch):
+    """The agent's stall loop (scheduler.infer_timeout_s) answers a batch whose runtime call never
+    returns, reports the tenant failed in status, and serves again once the call returns. In-process
+    with the fake backend: no real runtime can be made to hang on purpose."""
+    monkeypatch.setattr(registry, "names", lambda include_hidden=False: list(registry.BUILTIN))
+    config = AgentConfig(
+        device_id="stall",
+        state_dir=tmp_path,
+        models_dir=MODELS,
+        broker={"host": "127.0.0.1", "port": broker.port},
+        scheduler={"infer_timeout_s": 1.0},
+        placement={"generation": 1, "tenants": [{"model": "efficientnet-lite0", "backend": "fake"}]},
+    )
+    agent = Agent(config, backend_options={"fake": {"per_item_ms": 1.0}})
+    started: dict[str, object] = {}
+
+    async def main() -> None:
+        started["stop"], started["loop"] = asyncio.Event(), asyncio.get_running_loop()
+        await agent.run(started["stop"])  # type: ignore[arg-type]
+
+    thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
+    thread.start()
+    c = collector(["edge/stall/result", "edge/stall/status"])
+    gate = threading.Event()
+    try:
+        c.wait_for(lambda s: any(m.get("online") for m in s), "edge/stall/status")
+        tenant = agent.tenants["efficientnet-lite0"]
+        tenant.backend.sessions[-1].gate = gate  # type: ignore[attr-defined]
+        for i in range(3):
+            c.publish("edge/stall/infer", sample("cat.jpg"), properties=props(f"h{i}"))
+        got = c.wait_for(lambda r: len(r) >= 3, "edge/stall/result", timeout=15)
+        codes = {r["request_id"]: r["error"]["code"] for r in got}
+        assert codes == {"h0": "internal", "h1": "unavailable", "h2": "unavailable"}, got
+        assert "did not return within 1 s" in got[0]["error"]["message"]
+
+        def tenant_state(statuses: list[dict]) -> tuple[str, str | None]:
+            t = statuses[-1]["placement"]["tenants"][0]
+            return t["state"], t.get("error")
+
+        statuses = c.wait_for(lambda s: tenant_state(s)[0] == "failed", "edge/stall/status", timeout=10)
+        assert "stuck in inference" in (tenant_state(statuses)[1] or "")
+
+        gate.set()  # the call returns: the tenant serves again, the late result is not sent
+        c.wait_for(lambda s: tenant_state(s) == ("ready", None), "edge/stall/status", timeout=10)
+        c.publish("edge/stall/infer", sample("cat.jpg"), properties=props("h3"))
+        got = c.wait_for(lambda r: any(m["request_id"] == "h3" for m in r), "edge/stall/result")
+        assert "top" in got[-1] and len(got) == 4, "each frame answered exactly once"
+        assert agent.telemetry().tenants[0].stalls == 1
+    finally:
+        gate.set()
+        loop = started.get("loop")
+        if isinstance(loop, asyncio.AbstractEventLoop):
+            loop.call_soon_threadsafe(started["stop"].set)  # type: ignore[union-attr]
+        thread.join(30)

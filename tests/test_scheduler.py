@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections import Counter
@@ -257,3 +258,123 @@ def test_warmup_covers_the_batch_sizes_dynamic_batching_makes():
     assert warmup_batch_sizes(8) == [1, 2, 3, 4, 5, 6, 7, 8]
     assert warmup_batch_sizes(64) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64]
     assert warmup_batch_sizes(100) == [1, 2, 3, 4, 5, 6, 7, 8, 16, 32, 64, 100]
+
+
+# -- a runtime call that never returns (hung accelerator) ------------------------------------------
+def hang(tenant: Tenant, instance: int) -> threading.Event:
+    """Make that instance's next runtime call block until the returned Event is set."""
+    gate = threading.Event()
+    tenant.backend.sessions[instance].gate = gate  # type: ignore[attr-defined]
+    return gate
+
+
+class Watchdog:
+    """Calls check_stalls as the agent's once-a-second loop does, 20 times faster."""
+
+    def __init__(self, tenant: Tenant, timeout_s: float) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(tenant, timeout_s), daemon=True)
+        self.thread.start()
+
+    def _run(self, tenant: Tenant, timeout_s: float) -> None:
+        while not self.stop.wait(0.05):
+            tenant.check_stalls(timeout_s)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+def codes_of(sink: Sink) -> dict[str, str]:
+    return {rid: (o.error.code if isinstance(o, ErrorResult) else "ok") for rid, o in sink.outcomes}
+
+
+def wait_until(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@contextlib.contextmanager
+def hung_tenant(lite0, sink: Sink, instances: int, per_item_ms: float):
+    """A tenant whose instance 0 hangs in its next runtime call, watched with a 0.3 s timeout."""
+    tenant = make_tenant(lite0, sink, instances=instances, per_item_ms=per_item_ms)
+    gate = hang(tenant, 0)
+    watchdog = Watchdog(tenant, 0.3)
+    try:
+        yield tenant, gate
+    finally:
+        gate.set()
+        watchdog.close()
+        tenant.drain(5.0)
+
+
+def test_a_hung_instance_is_answered_and_the_others_keep_serving(lite0):
+    sink = Sink()
+    with hung_tenant(lite0, sink, instances=2, per_item_ms=20.0) as (tenant, gate):
+        for i in range(20):
+            tenant.submit(frame(i))
+        sink.wait(20)
+        codes = codes_of(sink)
+        stuck = [rid for rid, code in codes.items() if code == "internal"]
+        assert len(stuck) == 1, codes  # the one frame instance 0 took into its hung call
+        message = dict(sink.outcomes)[stuck[0]].error.message
+        assert "did not return within 0.3 s" in message and "instance 0" in message
+        assert Counter(codes.values())["ok"] == 19
+        assert {o.tenant.instance for _, o in sink.outcomes if isinstance(o, InferResult)} == {1}
+        assert tenant.state == "ready" and "stuck" in (tenant.error or "")
+        assert tenant.stats.stalls == 1
+
+        gate.set()  # the call returns: its late result is dropped, the instance serves again
+        assert wait_until(lambda: tenant.error is None), tenant.error
+        for i in range(20, 28):
+            tenant.submit(frame(i))
+        sink.wait(28)
+        time.sleep(0.2)
+        ids = Counter(rid for rid, _ in sink.outcomes)
+        assert len(ids) == 28 and set(ids.values()) == {1}, "every frame answered exactly once"
+        late = [o for rid, o in sink.outcomes if rid not in codes]
+        assert {o.tenant.instance for o in late if isinstance(o, InferResult)} == {0, 1}
+
+
+def test_with_every_instance_hung_frames_get_unavailable_until_one_returns(lite0):
+    sink = Sink()
+    with hung_tenant(lite0, sink, instances=1, per_item_ms=1.0) as (tenant, gate):
+        for i in range(5):
+            tenant.submit(frame(i))
+        sink.wait(5)
+        assert codes_of(sink) == {
+            "r0": "internal",
+            "r1": "unavailable",
+            "r2": "unavailable",
+            "r3": "unavailable",
+            "r4": "unavailable",
+        }
+        assert tenant.state == "failed" and "stuck in inference" in (tenant.error or "")
+        tenant.submit(frame(5))  # refused at once, not queued behind a call that may never return
+        assert codes_of(sink)["r5"] == "unavailable"
+
+        gate.set()
+        assert wait_until(lambda: tenant.state == "ready"), tenant.state
+        tenant.submit(frame(6))
+        sink.wait(7)
+        assert codes_of(sink)["r6"] == "ok"
+        assert sorted(Counter(rid for rid, _ in sink.outcomes).values()) == [1] * 7
+
+
+def test_drain_answers_a_batch_whose_call_never_returns(lite0):
+    sink = Sink()
+    tenant = make_tenant(lite0, sink, instances=1, per_item_ms=1.0)
+    gate = hang(tenant, 0)
+    session = tenant.backend.sessions[0]  # type: ignore[attr-defined]
+    for i in range(3):
+        tenant.submit(frame(i))
+    assert wait_until(lambda: len(tenant.queue) == 2)  # r0 is inside the hung call
+    tenant.drain(timeout_s=0.1)
+    assert codes_of(sink) == {"r0": "shutting_down", "r1": "shutting_down", "r2": "shutting_down"}
+    assert "hung" in dict(sink.outcomes)["r0"].error.message
+    assert not session.closed, "a session is not closed under a running call"
+    gate.set()
+    time.sleep(0.3)
+    assert len(sink.outcomes) == 3, "the late result is dropped"
