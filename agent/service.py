@@ -645,7 +645,10 @@ class Agent:
         while True:
             await asyncio.sleep(1.0)
             for tenant in [*self.tenants.values(), *self.draining]:
-                tenant.check_stalls(timeout)
+                try:
+                    tenant.check_stalls(timeout)
+                except Exception:  # a bug here must not stop the agent (Agent.run stops on a crash)
+                    log.exception("stall check of tenant %s failed", tenant.name)
             now = {t.name: (t.state, t.error) for t in self.tenants.values()}
             if now != seen:
                 seen = now

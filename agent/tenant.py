@@ -102,6 +102,8 @@ class Tenant:
         self._lock = threading.Lock()
         self._inflight: dict[int, tuple[float, list[Frame]]] = {}
         self._stalled: set[int] = set()
+        self._draining = False  # drain() began: state stays draining whatever instances do
+        self._closed = False  # drain() gave up waiting: a batch not yet in the runtime is not run
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
         self._options.setdefault("instances", spec.instances)
@@ -151,26 +153,32 @@ class Tenant:
     def drain(self, timeout_s: float) -> None:
         """Stop taking frames, finish the queued ones within `timeout_s`, then close the sessions.
 
-        Frames still queued at the deadline are answered `shutting_down`: nothing is left unanswered.
+        Frames still queued at the deadline are answered `shutting_down`, and so is a batch whose
+        runtime call has still not returned 5 s later: nothing is left unanswered.
         """
-        if self.state != "failed":
-            self.state = "draining"
+        with self._lock:
+            self._draining = True
+            if self.state != "failed":
+                self.state = "draining"
         self.queue.close()
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
         for frame in self.queue.take_all():
             self._error(frame, "shutting_down", "the tenant stopped before this frame was served")
+        deadline = time.monotonic() + 5.0  # the batches in flight finish; runtimes cannot be interrupted
         for thread in self._threads:
-            thread.join(5.0)  # the batch in flight finishes; runtimes cannot be interrupted
-        # A runtime call that still has not returned: answer its frames now (the late results are
-        # dropped) and leave that session open; closing it under a running call could crash.
-        stuck = self._abandon(lambda index, since: self._threads[index].is_alive())
-        for _, _, frames in stuck:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        # A call that still has not returned: answer its frames now (its late results are dropped),
+        # and any batch a worker is still preparing is answered instead of run (_run_batch).
+        with self._lock:
+            self._closed = True
+        for _, _, frames in self._abandon(lambda index, since: self._threads[index].is_alive()):
             for frame in frames:
                 self._error(frame, "shutting_down", "the agent stopped while this frame's inference hung")
         for index, session in enumerate(self._sessions):
             if index < len(self._threads) and self._threads[index].is_alive():
+                # Closing a session under a running call could crash the process.
                 log.error(
                     "tenant %s instance %d: left open, its runtime call never returned", self.name, index
                 )
@@ -196,7 +204,7 @@ class Tenant:
         now = time.monotonic()
         for index, since, frames in self._abandon(lambda _index, since: now - since > timeout_s):
             log.error(
-                "tenant %s instance %d: inference has not returned for %.0f s; its %d frames are answered "
+                "tenant %s instance %d: inference has not returned for %.1f s; its %d frames are answered "
                 "`internal` and the instance is out of service until the call returns",
                 self.name,
                 index,
@@ -218,7 +226,7 @@ class Tenant:
         answered `unavailable` at once rather than waiting for a call that may never return."""
         orphans: list[Frame] = []
         with self._lock:
-            if self.state not in ("ready", "failed") or not self._sessions:
+            if self._draining or self.state not in ("ready", "failed") or not self._sessions:
                 return
             stalled = sorted(self._stalled)
             if not stalled:
@@ -230,8 +238,8 @@ class Tenant:
                 f"instance{'s' if len(stalled) > 1 else ''} {', '.join(map(str, stalled))} of "
                 f"{len(self._sessions)} stuck in inference (the runtime call has not returned)"
             )
-            if len(stalled) == len(self._sessions):
-                self.state = "failed"
+            self.state = "failed" if len(stalled) == len(self._sessions) else "ready"
+            if self.state == "failed":
                 orphans = self.queue.take_all()
             self.error = message
         for frame in orphans:
@@ -294,33 +302,51 @@ class Tenant:
             batch = self.queue.get_batch(spec.batch.max_size, max_delay_s)
             if batch is None:
                 return
+            settled: set[int] = set()  # id() of the frames of this batch already answered
             try:
-                self._run_batch(batch, session, buffer, ref, index)
-            except Exception:  # a bug must not kill the instance nor lose the frames
+                self._run_batch(batch, session, buffer, ref, index, settled)
+            except Exception:  # a bug must not kill the instance nor lose (or re-answer) frames
                 log.exception("tenant %s instance %d: batch failed", self.name, index)
                 for frame in batch:
-                    self._error(frame, "internal", "internal error while serving this frame")
+                    if id(frame) not in settled:
+                        self._error(frame, "internal", "internal error while serving this frame")
 
     def _run_batch(
-        self, batch: list[Frame], session: Session, buffer: np.ndarray, ref: TenantRef, index: int
+        self,
+        batch: list[Frame],
+        session: Session,
+        buffer: np.ndarray,
+        ref: TenantRef,
+        index: int,
+        settled: set[int],
     ) -> None:
+        def fail(frames: list[Frame], code: ErrorCode, message: str) -> None:
+            for frame in frames:
+                settled.add(id(frame))
+                self._error(frame, code, message)
+
         started = time.monotonic()
         ready: list[Frame] = []
         for frame in batch:
             if frame.expires_at is not None and started > frame.expires_at:
-                self._error(frame, "expired", "message expiry passed before inference")
+                fail([frame], "expired", "message expiry passed before inference")
                 continue
             try:
                 self.preprocessor(frame.image, out=buffer[len(ready)])
             except BadImage as exc:
-                self._error(frame, "bad_image", str(exc))
+                fail([frame], "bad_image", str(exc))
                 continue
             ready.append(frame)
         if not ready:
             return
         preprocessed = time.monotonic()
         with self._lock:
-            self._inflight[index] = (preprocessed, ready)
+            closed = self._closed
+            if not closed:
+                self._inflight[index] = (preprocessed, ready)
+        if closed:  # drain() stopped waiting for this instance: do not start a call now
+            fail(ready, "shutting_down", "the tenant stopped before this frame was served")
+            return
         failure: str | None = None
         try:
             logits = session.infer(buffer[: len(ready)])
@@ -334,9 +360,10 @@ class Tenant:
             del self._inflight[index]
             abandoned = index in self._stalled
             self._stalled.discard(index)
-        if abandoned:
+        if abandoned:  # check_stalls or drain answered these frames while the call hung
+            settled.update(id(frame) for frame in ready)
             log.warning(
-                "tenant %s instance %d: inference returned after %.0f s; its %d frames were already "
+                "tenant %s instance %d: inference returned after %.1f s; its %d frames were already "
                 "answered, the instance serves again",
                 self.name,
                 index,
@@ -346,8 +373,10 @@ class Tenant:
             self._refresh_state()
             return
         if failure is not None:
-            for frame in ready:
-                self._error(frame, "internal", failure)
+            fail(ready, "internal", failure)
+            return
+        if len(logits) != len(ready):
+            fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
             return
         self.stats.batch(len(ready))
         per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
@@ -369,5 +398,6 @@ class Tenant:
             )
             self.stats.served(timing.total)
             self._emit(frame, result)
+            settled.add(id(frame))
             if self._record:
                 self._record(self._row(frame, "ok", index, timing))

@@ -378,3 +378,26 @@ def test_drain_answers_a_batch_whose_call_never_returns(lite0):
     gate.set()
     time.sleep(0.3)
     assert len(sink.outcomes) == 3, "the late result is dropped"
+
+
+def test_a_tenant_serves_again_when_one_of_its_hung_instances_returns(lite0):
+    sink = Sink()
+    tenant = make_tenant(lite0, sink, instances=2, per_item_ms=1.0)
+    gates = [hang(tenant, 0), hang(tenant, 1)]
+    watchdog = Watchdog(tenant, 0.3)
+    try:
+        for i in range(2):
+            tenant.submit(frame(i))
+        assert wait_until(lambda: tenant.state == "failed"), tenant.state
+        gates[1].set()  # instance 1 returns, instance 0 stays stuck
+        assert wait_until(lambda: tenant.state == "ready"), (tenant.state, tenant.error)
+        assert "instance 0 of 2 stuck" in (tenant.error or "")
+        tenant.submit(frame(2))
+        sink.wait(3)
+        assert codes_of(sink) == {"r0": "internal", "r1": "internal", "r2": "ok"}
+        tenant.drain(0.1)
+        assert tenant.state == "draining", "a draining tenant stays draining"
+    finally:
+        for gate in gates:
+            gate.set()
+        watchdog.close()
