@@ -81,6 +81,10 @@ class SchedulerConfig(Section):
     # instance taken out of service until the call returns (a hung accelerator). Far above any
     # real batch: a batch of 8 lite0 frames takes ~54 ms on one core of the 2-core test machine.
     infer_timeout_s: float = Field(default=60.0, gt=0)
+    # Loading a tenant (compile, engine build, warm-up) that takes longer is abandoned: the tenant is
+    # `failed` and the current placement keeps serving. Generous: a TensorRT engine build on a
+    # Jetson takes minutes.
+    load_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class MetricsConfig(Section):

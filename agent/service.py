@@ -13,8 +13,10 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 from collections import Counter, deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,51 @@ log = logging.getLogger(__name__)
 
 class PlacementRefused(Exception):
     """A placement document that cannot be applied; the current placement keeps serving."""
+
+
+async def call_with_deadline(fn: Callable[[], None], timeout_s: float, on_late: Callable[[], None]) -> None:
+    """Run blocking `fn` on a daemon thread of its own and wait at most `timeout_s` (TimeoutError).
+
+    For calls into a runtime that may hang (a model load on a wedged accelerator): the placement
+    then goes on without it, and the process can still exit (asyncio.to_thread's executor threads
+    are joined at exit). If `fn` completes after the deadline, `on_late` runs to release what it made.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[None] = loop.create_future()
+    lock = threading.Lock()
+    flags = {"abandoned": False, "finished": False}
+
+    def settle(error: BaseException | None) -> None:
+        if not future.done():
+            future.set_result(None) if error is None else future.set_exception(error)
+
+    def run() -> None:
+        error: BaseException | None = None
+        try:
+            fn()
+        except BaseException as exc:  # handed to the awaiting coroutine
+            error = exc
+        with lock:
+            flags["finished"] = True
+            late = flags["abandoned"]
+        if late:
+            if error is None:
+                with contextlib.suppress(Exception):
+                    on_late()
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+            loop.call_soon_threadsafe(settle, error)
+
+    threading.Thread(target=run, name="runtime-call", daemon=True).start()
+    try:
+        await asyncio.wait_for(asyncio.shield(future), timeout_s)
+    except TimeoutError:
+        with lock:
+            flags["abandoned"] = True
+            finished = flags["finished"]
+        if finished:  # it completed just now, its result already on the way: release it there
+            future.add_done_callback(lambda f: on_late() if f.exception() is None else None)
+        raise
 
 
 def frame_meta(props: Properties | None) -> FrameMeta:
@@ -524,7 +571,18 @@ class Agent:
                 record=self.metrics.record,
                 backend_options=self.backend_options.get(spec.backend),
             )
-            await asyncio.to_thread(tenant.load)
+            timeout = self.config.scheduler.load_timeout_s
+            try:
+                await call_with_deadline(
+                    tenant.load,
+                    timeout,
+                    on_late=lambda: tenant.abandon("it finished loading after the timeout"),
+                )
+            except TimeoutError:
+                raise BackendError(
+                    f"loading did not finish within {timeout:g} s (the accelerator may be hung); "
+                    "abandoned, the current placement keeps serving"
+                ) from None
         except (BackendError, ModelError, OSError) as exc:
             message = str(exc)
             log.error("tenant %s on %s:%s failed: %s", spec.model, spec.backend, spec.device, message)

@@ -135,6 +135,11 @@ class Tenant:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise BackendError(self.error) from exc
 
+    def abandon(self, message: str) -> None:
+        """Close what a load made after the agent stopped waiting for it (see call_with_deadline)."""
+        log.warning("tenant %s: %s; its sessions are closed", self.name, message)
+        self._fail(message)
+
     def _fail(self, message: str) -> None:
         self.state, self.error = "failed", message
         for session in self._sessions:

@@ -2,7 +2,8 @@
 
 Never a substitute for a real runtime in a test that claims a runtime works.
 Options: `delay_ms` per batch, `per_item_ms` per frame, `fail_load` (a message) to make load fail.
-A test hangs a session by setting its `gate` to an unset Event: `infer` then blocks until it is set.
+A test hangs a session by setting its `gate` to an unset Event: `infer` then blocks until it is set;
+option `load_gate` (an Event) hangs `load` the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +63,8 @@ class FakeBackend(Backend):
         if options.get("fail_load"):
             raise ModelLoadError(str(options["fail_load"]))
         time.sleep(float(options.get("load_ms", 0)) / 1000.0)
+        if options.get("load_gate") is not None:  # a load that hangs until the test sets the Event
+            options["load_gate"].wait()
         session = FakeSession(
             model.num_classes, float(options.get("delay_ms", 1.0)), float(options.get("per_item_ms", 0.0))
         )

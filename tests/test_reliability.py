@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import os
@@ -347,20 +348,21 @@ def props(request_id: str) -> Properties:
     return p
 
 
-def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector, tmp_path, monkeypatch):
-    """The agent's stall loop (scheduler.infer_timeout_s) answers a batch whose runtime call never
-    returns, reports the tenant failed in status, and serves again once the call returns. In-process
-    with the fake backend: no real runtime can be made to hang on purpose."""
-    monkeypatch.setattr(registry, "names", lambda include_hidden=False: list(registry.BUILTIN))
-    config = AgentConfig(
-        device_id="stall",
-        state_dir=tmp_path,
-        models_dir=MODELS,
-        broker={"host": "127.0.0.1", "port": broker.port},
-        scheduler={"infer_timeout_s": 1.0},
-        placement={"generation": 1, "tenants": [{"model": "efficientnet-lite0", "backend": "fake"}]},
+@contextlib.contextmanager
+def agent_in_process(broker: LocalBroker, tmp_path: Path, backend_options: dict, **config: object):
+    """The agent on a thread of this process, so that a test can reach into its fake backend.
+    Leaving the block stops it, and fails the test if it does not stop within 30 s."""
+    agent = Agent(
+        AgentConfig(
+            device_id="stall",
+            state_dir=tmp_path,
+            models_dir=MODELS,
+            broker={"host": "127.0.0.1", "port": broker.port},
+            placement={"generation": 1, "tenants": [{"model": "efficientnet-lite0", "backend": "fake"}]},
+            **config,
+        ),
+        backend_options={"fake": backend_options},
     )
-    agent = Agent(config, backend_options={"fake": {"per_item_ms": 1.0}})
     started: dict[str, object] = {}
 
     async def main() -> None:
@@ -369,35 +371,85 @@ def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector,
 
     thread = threading.Thread(target=asyncio.run, args=(main(),), daemon=True)
     thread.start()
-    c = collector(["edge/stall/result", "edge/stall/status"])
-    gate = threading.Event()
     try:
-        c.wait_for(lambda s: any(m.get("online") for m in s), "edge/stall/status")
-        tenant = agent.tenants["efficientnet-lite0"]
-        tenant.backend.sessions[-1].gate = gate  # type: ignore[attr-defined]
-        for i in range(3):
-            c.publish("edge/stall/infer", sample("cat.jpg"), properties=props(f"h{i}"))
-        got = c.wait_for(lambda r: len(r) >= 3, "edge/stall/result", timeout=15)
-        codes = {r["request_id"]: r["error"]["code"] for r in got}
-        assert codes == {"h0": "internal", "h1": "unavailable", "h2": "unavailable"}, got
-        assert "did not return within 1 s" in got[0]["error"]["message"]
+        yield agent
+    finally:
+        deadline = time.monotonic() + 10
+        while "loop" not in started and time.monotonic() < deadline:
+            time.sleep(0.05)
+        loop = started["loop"]
+        assert isinstance(loop, asyncio.AbstractEventLoop)
+        loop.call_soon_threadsafe(started["stop"].set)  # type: ignore[union-attr]
+        thread.join(30)
+        assert not thread.is_alive(), "the agent did not stop"
 
-        def tenant_state(statuses: list[dict]) -> tuple[str, str | None]:
-            t = statuses[-1]["placement"]["tenants"][0]
-            return t["state"], t.get("error")
 
-        statuses = c.wait_for(lambda s: tenant_state(s)[0] == "failed", "edge/stall/status", timeout=10)
-        assert "stuck in inference" in (tenant_state(statuses)[1] or "")
+def tenant_state(statuses: list[dict]) -> tuple[str, str | None]:
+    t = statuses[-1]["placement"]["tenants"][0]
+    return t["state"], t.get("error")
 
-        gate.set()  # the call returns: the tenant serves again, the late result is not sent
-        c.wait_for(lambda s: tenant_state(s) == ("ready", None), "edge/stall/status", timeout=10)
-        c.publish("edge/stall/infer", sample("cat.jpg"), properties=props("h3"))
-        got = c.wait_for(lambda r: any(m["request_id"] == "h3" for m in r), "edge/stall/result")
-        assert "top" in got[-1] and len(got) == 4, "each frame answered exactly once"
-        assert agent.telemetry().tenants[0].stalls == 1
+
+def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector, tmp_path, monkeypatch):
+    """The agent's stall loop (scheduler.infer_timeout_s) answers a batch whose runtime call never
+    returns, reports the tenant failed in status, and serves again once the call returns. In-process
+    with the fake backend: no real runtime can be made to hang on purpose."""
+    monkeypatch.setattr(registry, "names", lambda include_hidden=False: list(registry.BUILTIN))
+    gate = threading.Event()
+    with agent_in_process(
+        broker, tmp_path, {"per_item_ms": 1.0}, scheduler={"infer_timeout_s": 1.0}
+    ) as agent:
+        c = collector(["edge/stall/result", "edge/stall/status"])
+        try:
+            c.wait_for(lambda s: any(m.get("online") for m in s), "edge/stall/status")
+            tenant = agent.tenants["efficientnet-lite0"]
+            tenant.backend.sessions[-1].gate = gate  # type: ignore[attr-defined]
+            for i in range(3):
+                c.publish("edge/stall/infer", sample("cat.jpg"), properties=props(f"h{i}"))
+            got = c.wait_for(lambda r: len(r) >= 3, "edge/stall/result", timeout=15)
+            codes = {r["request_id"]: r["error"]["code"] for r in got}
+            assert codes == {"h0": "internal", "h1": "unavailable", "h2": "unavailable"}, got
+            assert "did not return within 1 s" in got[0]["error"]["message"]
+            statuses = c.wait_for(lambda s: tenant_state(s)[0] == "failed", "edge/stall/status", timeout=10)
+            assert "stuck in inference" in (tenant_state(statuses)[1] or "")
+
+            gate.set()  # the call returns: the tenant serves again, the late result is not sent
+            c.wait_for(lambda s: tenant_state(s) == ("ready", None), "edge/stall/status", timeout=10)
+            c.publish("edge/stall/infer", sample("cat.jpg"), properties=props("h3"))
+            got = c.wait_for(lambda r: any(m["request_id"] == "h3" for m in r), "edge/stall/result")
+            assert "top" in got[-1] and len(got) == 4, "each frame answered exactly once"
+            assert agent.telemetry().tenants[0].stalls == 1
+        finally:
+            gate.set()
+
+
+def test_a_model_load_that_hangs_is_abandoned_and_the_agent_still_stops(
+    broker, collector, tmp_path, monkeypatch
+):
+    """scheduler.load_timeout_s: a load that never returns leaves the tenant `failed` with the reason,
+    frames for it are answered, the agent stops on request, and what the load makes later is closed."""
+    monkeypatch.setattr(registry, "names", lambda include_hidden=False: list(registry.BUILTIN))
+    gate = threading.Event()
+    fake = registry.get("fake")
+    sessions_before = len(fake.sessions)  # type: ignore[attr-defined]
+    try:
+        with agent_in_process(broker, tmp_path, {"load_gate": gate}, scheduler={"load_timeout_s": 0.5}):
+            c = collector(["edge/stall/result", "edge/stall/status"])
+            statuses = c.wait_for(lambda s: any(m.get("online") for m in s), "edge/stall/status")
+            state, error = tenant_state(statuses)
+            assert state == "failed" and "did not finish within 0.5 s" in (error or ""), statuses[-1]
+            c.publish("edge/stall/infer", sample("cat.jpg"), properties=props("l0"))
+            got = c.wait_for(lambda r: len(r) >= 1, "edge/stall/result")
+            assert got[0]["error"]["code"] == "unavailable" and "did not finish" in got[0]["error"]["message"]
+        # The agent stopped although the load is still hanging; now let the load finish.
+        gate.set()
+        assert wait_for_condition(lambda: len(fake.sessions) > sessions_before)  # type: ignore[attr-defined]
+        assert wait_for_condition(lambda: fake.sessions[-1].closed), "a late load's session is closed"  # type: ignore[attr-defined]
     finally:
         gate.set()
-        loop = started.get("loop")
-        if isinstance(loop, asyncio.AbstractEventLoop):
-            loop.call_soon_threadsafe(started["stop"].set)  # type: ignore[union-attr]
-        thread.join(30)
+
+
+def wait_for_condition(condition, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return bool(condition())
