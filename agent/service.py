@@ -102,7 +102,7 @@ async def call_with_deadline(fn: Callable[[], None], timeout_s: float, on_late: 
     threading.Thread(target=run, name="runtime-call", daemon=True).start()
     try:
         await asyncio.wait_for(asyncio.shield(future), timeout_s)
-    except TimeoutError:
+    except (TimeoutError, asyncio.CancelledError):  # cancelled: the agent is stopping
         with lock:
             flags["abandoned"] = True
             finished = flags["finished"]
