@@ -708,6 +708,9 @@ class Agent:
                 except Exception:  # a bug here must not stop the agent (Agent.run stops on a crash)
                     log.exception("stall check of tenant %s failed", tenant.name)
             now = {t.name: (t.state, t.error) for t in self.tenants.values()}
+            for name, (_state, error) in now.items():
+                if error and seen.get(name, (None, None))[1] != error:
+                    self._note_error(f"{name}: {error}")  # kept in status.errors, with the time
             if now != seen:
                 seen = now
                 self._mark_dirty()

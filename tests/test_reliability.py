@@ -411,6 +411,7 @@ def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector,
             assert "did not return within 1 s" in got[0]["error"]["message"]
             statuses = c.wait_for(lambda s: tenant_state(s)[0] == "failed", "edge/stall/status", timeout=10)
             assert "stuck in inference" in (tenant_state(statuses)[1] or "")
+            assert any("stuck in inference" in e for e in statuses[-1]["errors"]), "kept in the error history"
 
             gate.set()  # the call returns: the tenant serves again, the late result is not sent
             c.wait_for(lambda s: tenant_state(s) == ("ready", None), "edge/stall/status", timeout=10)
