@@ -42,10 +42,25 @@ def _config_from_args(args: argparse.Namespace) -> AgentConfig:
     return load_config(args.config, overrides=overrides, broker_url=getattr(args, "broker", None))
 
 
+def _check_dirs(config: AgentConfig) -> None:
+    """A state dir the agent cannot use, or no model repository: a config error (exit 2, one line),
+    not a traceback and a systemd restart loop."""
+    state = config.state_dir
+    try:
+        state.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"state_dir {state}: cannot create it: {exc.strerror or exc}") from exc
+    if not os.access(state, os.W_OK | os.X_OK):
+        raise ConfigError(f"state_dir {state}: not writable by this user (uid {os.getuid()})")
+    if not config.models_dir.is_dir():
+        raise ConfigError(f"models_dir {config.models_dir}: no such folder (the model repository)")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from agent.service import Agent
 
     config = _config_from_args(args)
+    _check_dirs(config)
     setup_logging(config.log_level)
     log.info(
         "edge-agent %s starting as device %s (broker %s:%d)",
@@ -147,11 +162,7 @@ def cmd_place(args: argparse.Namespace) -> int:
         if not args.model:
             print("error: give --file or --model", file=sys.stderr)
             return EXIT_CONFIG
-        keep = [
-            {k: t[k] for k in ("model", "backend", "device", "instances", "threads", "batch") if k in t}
-            for t in current.get("tenants", [])
-            if t.get("state") != "draining" and t["model"] != args.model
-        ]
+        keep = _tenants_to_keep(current.get("tenants", []), args.model)
         tenant: dict[str, Any] = {
             "model": args.model,
             "backend": args.backend,
@@ -172,14 +183,27 @@ def cmd_place(args: argparse.Namespace) -> int:
     if args.sign_key:
         from agent.signing import load_private_key, sign
 
-        doc = sign(doc, load_private_key(Path(args.sign_key)), valid_s=args.valid_s)
+        try:
+            key = load_private_key(Path(args.sign_key))
+        except (OSError, ValueError) as exc:
+            print(f"error: --sign-key {args.sign_key}: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        doc = sign(doc, key, valid_s=args.valid_s)
     print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
     applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout, tls_context=tls))
     placement = status.get("placement") or {}
     if applied:
+        failed = []
         for t in placement.get("tenants", []):
             extra = f" ({t['error']})" if t.get("error") else ""
             print(f"  {t['model']:20s} {t['backend']}:{t['device']} x{t['instances']}  {t['state']}{extra}")
+            if t.get("state") == "failed":
+                failed.append(t["model"])
+        if failed:
+            # The agent applied the document, but a tenant in it did not start (an old one, if any,
+            # keeps serving that model): not a success for whoever asked.
+            print(f"applied generation {doc['generation']}, but failed to start: {', '.join(failed)}")
+            return 1
         print(f"applied generation {doc['generation']}")
         return 0
     refused = placement.get("refused") or {}
@@ -188,6 +212,26 @@ def cmd_place(args: argparse.Namespace) -> int:
     else:
         print(f"no answer from {device_id} within {args.timeout}s (is it online?)")
     return 1
+
+
+def _tenants_to_keep(tenants: list[dict[str, Any]], replaced: str) -> list[dict[str, Any]]:
+    """The other models' specs, from the device's status, for a `place --model` document.
+
+    Every spec field is kept (precision, threads, batch...). A model can be listed twice (a move
+    that failed: the old tenant serving plus the failed one); the serving one is kept.
+    """
+    from agent.schemas import TenantSpec
+
+    fields = set(TenantSpec.model_fields)
+    chosen: dict[str, dict[str, Any]] = {}
+    for t in tenants:
+        model = t.get("model")
+        if not model or model == replaced or t.get("state") == "draining":
+            continue
+        if model in chosen and t.get("state") == "failed":
+            continue  # the serving tenant wins over a failed move
+        chosen[model] = {k: v for k, v in t.items() if k in fields and v is not None}
+    return list(chosen.values())
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -298,6 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     doctor.add_argument("--no-broker", action="store_true", help="skip the broker check")
     doctor.set_defaults(func=cmd_doctor)
 
+    keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signed placements")
+    keygen.add_argument("--out", required=True, help="folder for the key pair")
+    keygen.set_defaults(func=cmd_keygen)
+
     backends = sub.add_parser("backends", help="list inference runtimes and devices on this machine")
     backends.set_defaults(func=cmd_backends)
 
@@ -329,3 +377,20 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        # The client commands (infer, status, place) reach a broker: say so in one line, not a traceback.
+        if args.command in ("infer", "status", "place") and _is_connection_error(exc):
+            where = getattr(args, "broker", None) or "the configured broker"
+            print(
+                f"edge-agent: cannot talk to the broker at {where}: {exc} "
+                "(is it running, and is it mqtt:// or mqtts://? `edge-agent doctor` checks)",
+                file=sys.stderr,
+            )
+            return 1
+        raise
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    import aiomqtt
+
+    return isinstance(exc, (aiomqtt.MqttError, OSError, TimeoutError))

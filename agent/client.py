@@ -30,7 +30,7 @@ def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs
     For `mqtts://` without a context, the system's CA store verifies the broker.
     """
     broker = parse_broker_url(broker_url)
-    if tls_context is None and broker.get("tls"):
+    if tls_context is None and broker["tls"]["enabled"]:
         tls_context = ssl.create_default_context()
     return aiomqtt.Client(
         broker["host"],

@@ -169,12 +169,13 @@ def parse_broker_url(url: str) -> dict[str, Any]:
         raise ConfigError(f"--broker {url!r}: no host")
     tls = parts.scheme in ("mqtts", "ssl")
     try:
-        port = parts.port or (8883 if tls else 1883)
+        port = parts.port if parts.port is not None else (8883 if tls else 1883)
     except ValueError as exc:
         raise ConfigError(f"--broker {url!r}: {exc}") from exc
-    out: dict[str, Any] = {"host": parts.hostname, "port": port}
-    if tls:
-        out["tls"] = {"enabled": True}
+    if port == 0:
+        raise ConfigError(f"--broker {url!r}: port 0 is not a port")
+    # The scheme decides TLS, also against a config file that enables it (its CA and cert stay).
+    out: dict[str, Any] = {"host": parts.hostname, "port": port, "tls": {"enabled": tls}}
     if parts.username:
         out["username"] = unquote(parts.username)
     if parts.password:
@@ -203,7 +204,7 @@ def load_config(
         path = DEFAULT_CONFIG_PATH
     if path is not None:
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+            raise ConfigError(f"config file {path} {'is a directory' if path.is_dir() else 'does not exist'}")
         try:
             tomllib.loads(path.read_text())
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:

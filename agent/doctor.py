@@ -28,6 +28,8 @@ class Check:
 
 
 def check_state_dir(path: Path) -> Check:
+    if path.exists() and not path.is_dir():
+        return Check("fail", f"state dir {path}", "is a file, not a folder", "point state_dir at a folder")
     probe = path if path.exists() else path.parent
     if not probe.exists():
         return Check("fail", f"state dir {path}", "neither it nor its parent exists", f"mkdir -p {path}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -89,7 +90,15 @@ def parse_frame(
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             detail = f"{where}: {first['msg']}" if where else first["msg"]
-            raise IngestError("bad_request", f"bad JSON envelope: {detail}", provisional_id, model) from exc
+            # Echo the caller's own id (and model) when the JSON has them, so an MQTT 3.1.1 client
+            # can match this error to its request.
+            echoed_id, echoed_model = _envelope_ids(payload)
+            raise IngestError(
+                "bad_request",
+                f"bad JSON envelope: {detail}",
+                request_id or echoed_id or provisional_id,
+                model or echoed_model,
+            ) from exc
         request_id = request_id or envelope.request_id
         provisional_id = request_id or provisional_id
         model = model or envelope.model
@@ -110,7 +119,8 @@ def parse_frame(
     model = model or default_model
     if not valid_model_name(model):
         raise IngestError("unknown_model", f"{model[:80]!r} is not a valid model name", provisional_id)
-    expires_at = received + meta.expiry_s if meta.expiry_s is not None else None
+    # An expiry interval of 0 is "no expiry" (some brokers pass an explicit 0 through).
+    expires_at = received + meta.expiry_s if meta.expiry_s else None
     return Frame(
         request_id=provisional_id,
         model=model,
@@ -120,3 +130,17 @@ def parse_frame(
         correlation_data=meta.correlation_data,
         expires_at=expires_at,
     )
+
+
+def _envelope_ids(payload: bytes) -> tuple[str | None, str | None]:
+    """request_id and model from an envelope that failed validation, where they are usable."""
+    try:
+        doc = json.loads(payload)
+    except ValueError:
+        return None, None
+    if not isinstance(doc, dict):
+        return None, None
+    rid, model = doc.get("request_id"), doc.get("model")
+    rid = rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None
+    model = model if isinstance(model, str) and valid_model_name(model) else None
+    return rid, model

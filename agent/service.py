@@ -215,7 +215,6 @@ class Agent:
             await self.apply_placement(
                 initial, source="saved" if initial is not self.config.placement else "config"
             )
-            self._applied_signature = initial.signature  # so its retained copy is known on redelivery
         except PlacementRefused as exc:
             self._note_error(f"initial placement refused: {exc}")
         self.ready.set()
@@ -256,10 +255,25 @@ class Agent:
         self.accepting = False
         notify("STOPPING=1\nSTATUS=draining queued frames")
         timeout = self.config.scheduler.drain_timeout_s
-        tenants = list(self.tenants.values()) + self.draining
+        # A placement being applied stops at its next step (a load in flight is abandoned and
+        # closed when it ends), so no tenant starts after the drain below.
+        applying = [t for t in self._background if t.get_name() == "apply-placement"]
+        for task in applying:
+            task.cancel()
+        for task in applying:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        tenants = list(self.tenants.values()) + self.draining  # drain() runs once per tenant
         await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in tenants))
         if self.outbox is not None and self.session.connected.is_set():
             await self.outbox.flush(timeout_s=5.0)
+        # Nothing may publish "online" after the final offline status below.
+        loops = [t for t in self._tasks if t.get_name() in ("status", "telemetry", "stalls")]
+        for task in loops:
+            task.cancel()
+        for task in loops:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
         await self.session.stop(final=(self.topics.status, self._offline_payload()))
         tasks = [*self._tasks, *self._background]
         for task in tasks:
@@ -293,11 +307,9 @@ class Agent:
         tenant = self.tenants.get(frame.model)
         if tenant is None:
             if frame.model in self.failed:
-                self._refuse(
-                    frame,
-                    "unavailable",
-                    f"model {frame.model!r} failed to load: {self.failed[frame.model].error}",
-                )
+                entry = self.failed[frame.model]
+                why = "is still loading" if entry.state == "loading" else f"failed to load: {entry.error}"
+                self._refuse(frame, "unavailable", f"model {frame.model!r} {why}")
             else:
                 served = ", ".join(sorted(self.tenants)) or "none"
                 self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
@@ -377,17 +389,27 @@ class Agent:
         except PlacementRefused as exc:
             self.refused = Refusal(generation=placement.generation, reason=str(exc))
             self._note_error(f"placement generation {placement.generation} refused: {exc}")
-            return
-        self._applied_signature = placement.signature
+        except Exception as exc:  # a bug or a runtime error: reported, not a silently dead task
+            log.exception("placement generation %d failed", placement.generation)
+            reason = f"internal error while applying: {type(exc).__name__}: {exc}"
+            self.refused = Refusal(generation=placement.generation, reason=reason)
+            self._note_error(f"placement generation {placement.generation}: {reason}")
 
     def _verify_signature(self, doc: Any, key: Ed25519PublicKey) -> None:
         if not isinstance(doc, dict):
             raise SignatureRefused("unsigned: not a JSON object")
-        verify(doc, key, self.config.security.placement_max_age_s)
         generation = doc.get("generation")
+        # The applied document redelivered (reconnect, restart) is recognised by its signature
+        # before expiry is checked: it may have expired since, and that is not a refusal.
+        if (
+            self.applied_generation is not None
+            and generation == self.applied_generation
+            and self._applied_signature
+            and doc.get("signature") == self._applied_signature
+        ):
+            raise _Redelivery
+        verify(doc, key, self.config.security.placement_max_age_s)
         if self.applied_generation is not None and generation == self.applied_generation:
-            if doc.get("signature") == self._applied_signature:
-                raise _Redelivery
             raise SignatureRefused(f"replayed: generation {generation} is already applied")
         if (
             self.applied_generation is not None
@@ -420,6 +442,7 @@ class Agent:
 
     async def apply_placement(self, placement: Placement, source: str) -> None:
         """Reconcile running tenants to `placement`, make-before-break: start new, then drain old."""
+        signature = placement.signature
         async with self._placement_lock:
             if self.applied_generation is not None and placement.generation < self.applied_generation:
                 raise PlacementRefused(
@@ -435,6 +458,7 @@ class Agent:
             for spec in placement.tenants:
                 current = self.tenants.get(spec.model)
                 if current is not None and current.spec.key() == spec.key():
+                    self.failed.pop(spec.model, None)  # a failed move back to what serves: cleared
                     continue
                 tenant = await self._start_tenant(spec)
                 if tenant is None:
@@ -451,7 +475,16 @@ class Agent:
                 if model not in wanted:
                     del self.failed[model]
             self.applied_generation = placement.generation
-            await asyncio.to_thread(self._save_placement, placement)
+            self._applied_signature = signature  # its retained copy, redelivered, is not a replay
+            # Saved for the next start: what serves now. A model whose move failed is saved as the
+            # tenant that kept serving it, so a restart does not turn a working model into a failed one.
+            serving = [self.tenants[m].spec if m in self.tenants else spec for m, spec in wanted.items()]
+            try:
+                await asyncio.to_thread(
+                    self._save_placement, placement.model_copy(update={"tenants": serving})
+                )
+            except OSError as exc:
+                self._note_error(f"could not save the placement for the next start: {exc}")
             log.info(
                 "placement generation %d applied (%s): %s",
                 placement.generation,

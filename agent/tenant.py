@@ -104,6 +104,8 @@ class Tenant:
         self._stalled: set[int] = set()
         self._draining = False  # drain() began: state stays draining whatever instances do
         self._closed = False  # drain() gave up waiting: a batch not yet in the runtime is not run
+        self._drain_lock = threading.Lock()
+        self._drained = False
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
         self._options.setdefault("instances", spec.instances)
@@ -161,6 +163,13 @@ class Tenant:
         Frames still queued at the deadline are answered `shutting_down`, and so is a batch whose
         runtime call has still not returned 5 s later: nothing is left unanswered.
         """
+        with self._drain_lock:  # a second caller (retire, then shutdown) waits for the first
+            if self._drained:
+                return
+            self._drain(timeout_s)
+            self._drained = True
+
+    def _drain(self, timeout_s: float) -> None:
         with self._lock:
             self._draining = True
             if self.state != "failed":

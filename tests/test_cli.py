@@ -88,3 +88,44 @@ def test_demo_shows_correct_labels():
     assert len(pids) == 2, done.stdout  # the agent and the console
     for pid in pids:
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_keygen_writes_a_key_pair_the_agent_accepts(tmp_path):
+    done = edge_agent("keygen", "--out", str(tmp_path / "keys"))
+    assert done.returncode == 0, done.stderr
+    from agent.signing import load_private_key, load_public_key
+
+    load_private_key(tmp_path / "keys" / "placement-signing.key")
+    public = done.stdout.split("placement_public_key): ")[1].strip()
+    load_public_key(public)
+
+
+def test_client_commands_without_a_broker_say_so_in_one_line(tmp_path):
+    from agent.local_broker import free_port
+
+    url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
+    for args in (
+        ["status"],
+        ["infer", str(SAMPLES / "cat.jpg")],
+        ["place", "--model", "efficientnet-lite0", "--timeout", "2"],
+    ):
+        done = edge_agent(*args, "--broker", url, "--device-id", "x", timeout=60)
+        assert done.returncode == 1, (args, done.stderr)
+        assert "Traceback" not in done.stderr, done.stderr
+        assert f"cannot talk to the broker at {url}" in done.stderr
+
+
+@pytest.mark.parametrize("problem", ["state_dir_is_a_file", "no_models_dir"])
+def test_unusable_folders_are_config_errors(tmp_path, problem):
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    args = ["run", "--broker", "mqtt://127.0.0.1:1", "--device-id", "d"]
+    if problem == "state_dir_is_a_file":
+        args += ["--state-dir", str(afile / "sub")]
+        needle = "state_dir"
+    else:
+        args += ["--state-dir", str(tmp_path / "state"), "--models", str(tmp_path / "nomodels")]
+        needle = "models_dir"
+    done = edge_agent(*args, timeout=60)
+    assert done.returncode == 2, done.stderr
+    assert needle in done.stderr and "Traceback" not in done.stderr

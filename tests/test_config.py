@@ -42,17 +42,20 @@ def test_defaults_device_id_is_hostname_and_default_placement():
 @pytest.mark.parametrize(
     ("url", "expected"),
     [
-        ("mqtt://h:1", {"host": "h", "port": 1}),
-        ("h", {"host": "h", "port": 1883}),
+        ("mqtt://h:1", {"host": "h", "port": 1, "tls": {"enabled": False}}),
+        ("h", {"host": "h", "port": 1883, "tls": {"enabled": False}}),
         ("mqtts://h", {"host": "h", "port": 8883, "tls": {"enabled": True}}),
-        ("mqtt://user:pw@h:2", {"host": "h", "port": 2, "username": "user", "password": "pw"}),
+        (
+            "mqtt://user:pw@h:2",
+            {"host": "h", "port": 2, "tls": {"enabled": False}, "username": "user", "password": "pw"},
+        ),
     ],
 )
 def test_broker_urls(url, expected):
     assert parse_broker_url(url) == expected
 
 
-@pytest.mark.parametrize("url", ["http://h:1", "mqtt://:1", "mqtt://h:99999"])
+@pytest.mark.parametrize("url", ["http://h:1", "mqtt://:1", "mqtt://h:99999", "mqtt://h:0"])
 def test_bad_broker_urls(url):
     with pytest.raises(ConfigError):
         parse_broker_url(url)
@@ -92,3 +95,15 @@ def test_missing_config_file_exit_2(tmp_path):
     )
     assert done.returncode == 2
     assert "does not exist" in done.stderr
+
+
+def test_a_plain_broker_url_turns_off_the_config_files_tls(tmp_path):
+    """`edge-agent status --broker mqtt://localhost:1883` on a device whose agent.toml enables TLS."""
+    cfg = tmp_path / "agent.toml"
+    cfg.write_text(
+        '[broker]\nhost = "b"\nusername = "u"\n[broker.tls]\nenabled = true\nca_file = "/ca.pem"\n'
+    )
+    plain = load_config(cfg, broker_url="mqtt://127.0.0.1:1884")
+    assert (plain.broker.host, plain.broker.port, plain.broker.tls.enabled) == ("127.0.0.1", 1884, False)
+    assert plain.broker.username == "u" and str(plain.broker.tls.ca_file) == "/ca.pem"
+    assert load_config(cfg, broker_url="mqtts://127.0.0.1").broker.tls.enabled

@@ -47,6 +47,19 @@ def test_expiry_becomes_a_deadline():
         JPEG, FrameMeta(expiry_s=5), topic_model=None, default_model="m", max_bytes=100, now=10.0
     )
     assert frame.expires_at == 15.0
+    unset = parse_frame(JPEG, FrameMeta(expiry_s=0), topic_model=None, default_model="m", max_bytes=100)
+    assert unset.expires_at is None, "an expiry interval of 0 means no expiry"
+
+
+@pytest.mark.parametrize(
+    "envelope",
+    [{"request_id": "r1"}, {"request_id": "r1", "model": "m1", "image_b64": "aGk=", "extra": 1}],
+)
+def test_a_bad_envelope_is_answered_with_the_callers_own_request_id(envelope):
+    with pytest.raises(IngestError) as err:
+        parse(json.dumps(envelope).encode())
+    assert err.value.code == "bad_request" and err.value.request_id == "r1"
+    assert err.value.model == envelope.get("model")
 
 
 @pytest.mark.parametrize(

@@ -196,6 +196,52 @@ def test_place_cli_applies_and_reports_refusals(agent_factory, broker):
     assert "refused" in done.stdout and "unknown backend" in done.stdout
 
 
+def test_place_cli_keeps_the_other_models_whole_and_reports_a_failed_move(agent_factory, broker, tmp_path):
+    agent = agent_factory("pc2").start()
+    agent.wait_ready()
+    base = [sys.executable, "-m", "agent", "place", "--broker", broker.url, "--device-id", "pc2"]
+
+    def place(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*base, *args], capture_output=True, text=True, timeout=120)
+
+    doc = tmp_path / "p.json"
+    doc.write_text(
+        json.dumps(
+            {
+                "tenants": [
+                    {
+                        "model": "efficientnet-lite0",
+                        "backend": "openvino",
+                        "device": "CPU",
+                        "precision": "fp32",
+                    }
+                ]
+            }
+        )
+    )
+    done = place("--file", str(doc))
+    assert done.returncode == 0, done.stdout + done.stderr
+    # A move the device cannot make (no Edge TPU here): applied, the old tenant keeps serving, exit 1.
+    done = place("--model", "efficientnet-lite0", "--backend", "edgetpu", "--device", "usb")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "failed to start: efficientnet-lite0" in done.stdout
+    # The next --model document keeps lite0 as it serves (once, with its precision), adds lite1.
+    done = place("--model", "efficientnet-lite1", "--backend", "onnxruntime")
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "agent", "status", "--broker", broker.url, "--device-id", "pc2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )
+    tenants = {t["model"]: t for t in status["placement"]["tenants"] if t["state"] != "draining"}
+    assert tenants["efficientnet-lite0"]["backend"] == "openvino"
+    assert tenants["efficientnet-lite0"]["precision"] == "fp32"
+    assert tenants["efficientnet-lite1"]["state"] == "ready"
+
+
 def test_auto_placement_profiles_and_explains(agent_factory, broker):
     agent = agent_factory("au1").start()
     agent.wait_ready()
@@ -238,3 +284,29 @@ def test_choose_spreads_over_separate_accelerators_and_not_over_one_cpu():
     assert set(choose({"a": cpu_only, "b": cpu_only}).values()) == {("openvino", "CPU")}
     assert resource_of("openvino", "CPU") == resource_of("onnxruntime", "cpu") == "cpu"
     assert resource_of("onnxruntime", "tensorrt:1") == resource_of("torch", "cuda:1")
+
+
+def test_a_failed_move_survives_a_restart_with_the_model_still_served(agent_factory, broker, collector):
+    """The saved placement is what serves: after a move that failed (no Edge TPU here) and a restart,
+    the model is still answered by the tenant that kept serving it, not `unavailable`."""
+    agent = agent_factory("fm1").start()
+    agent.wait_ready()
+    assert place(broker, "fm1", [lite0("openvino", "CPU")], 1)[0]
+    applied, status = place(broker, "fm1", [lite0("edgetpu", "usb")], 2)
+    assert applied, status
+    states = {(t["backend"], t["state"]) for t in status["placement"]["tenants"]}
+    assert states == {("openvino", "ready"), ("edgetpu", "failed")}, states
+    saved = json.loads((agent.state_dir / "placement.json").read_text())
+    assert saved["generation"] == 2 and saved["tenants"][0]["backend"] == "openvino"
+    agent.stop()
+    agent.start()
+    c = collector(["edge/fm1/result", "edge/fm1/status"])
+
+    def openvino_serves(statuses: list[dict]) -> bool:
+        tenants = statuses[-1]["placement"]["tenants"] if statuses and statuses[-1].get("online") else []
+        return ("openvino", "ready") in {(t["backend"], t["state"]) for t in tenants}
+
+    c.wait_for(openvino_serves, "edge/fm1/status", timeout=60)
+    c.publish("edge/fm1/infer", sample("cat.jpg"))
+    result = c.wait_for(lambda r: len(r) >= 1, "edge/fm1/result", timeout=60)[0]
+    assert result.get("tenant", {}).get("backend") == "openvino", result

@@ -272,3 +272,42 @@ def test_tampered_artifact_refused_previous_placement_keeps_serving(broker, tmp_
         c.close()
         agent.stop()
     assert got["tenant"]["backend"] == "onnxruntime" and got["top"][0]["index"] in CAT_CLASSES
+
+
+def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp_path):
+    """The retained, applied document comes back at every reconnect and restart; once its signature
+    has expired that is still a redelivery, not a refusal (the console signs for an hour)."""
+    import asyncio
+
+    from agent.client import publish_placement
+    from agent.signing import generate_keypair, load_private_key, sign
+
+    private, public = generate_keypair(tmp_path)
+    config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
+    agent = AgentProcess(broker, tmp_path, "sig2", config).start()
+    agent.wait_ready()
+    doc = {
+        "generation": 1,
+        "tenants": [{"model": "efficientnet-lite0", "backend": "openvino", "device": "CPU"}],
+    }
+    try:
+        applied, status = asyncio.run(
+            publish_placement(
+                broker.url, "sig2", sign(doc, load_private_key(private), valid_s=2), timeout_s=60
+            )
+        )
+        assert applied, status
+    finally:
+        agent.stop()
+    time.sleep(2.5)  # the signature expires while the agent is down
+    agent.start()
+    try:
+        status = agent.wait_ready()
+        time.sleep(1.0)  # the retained copy has been delivered and judged by now
+        status = agent.wait_ready()
+        assert status["placement"]["applied_generation"] == 1
+        assert status["placement"].get("refused") is None, status["placement"]["refused"]
+        assert not [e for e in status["errors"] if "expired" in e], status["errors"]
+        assert status["placement"]["tenants"][0]["backend"] == "openvino"
+    finally:
+        agent.stop()
