@@ -324,7 +324,9 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--device", default="cpu")
     place.add_argument("--instances", type=int, default=1)
     place.add_argument("--batch-size", type=int)
-    place.add_argument("--max-delay-ms", type=float, default=2.0)
+    place.add_argument(
+        "--max-delay-ms", type=float, default=0.0, help="batch wait (0: batch what is queued; best on CPUs)"
+    )
     place.add_argument("--generation", type=int, help="default: one above the device's current")
     place.add_argument("--timeout", type=float, default=120.0)
     place.add_argument("--sign-key", help="Ed25519 private key (PEM) to sign the placement with")

@@ -47,6 +47,10 @@ class Outgoing:
         return props
 
 
+def _size(message: Outgoing) -> int:
+    return len(message.payload) + len(message.topic) + len(message.correlation_data or b"")
+
+
 class OutboxStore:
     """SQLite persistence for the outbox, written by one thread in batches (cheap on the hot path)."""
 
@@ -138,6 +142,7 @@ class Outbox:
         unsent: list[Outgoing] | None = None,
         max_inflight: int = 256,
         max_pending: int = 200_000,
+        max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
         self._session = session
         self._loop = loop
@@ -151,6 +156,10 @@ class Outbox:
         self._pumping = False
         self._max_inflight = max_inflight
         self._max_pending = max_pending
+        # Bytes held (pending + in flight): senders choose correlation data and response topics of up
+        # to 64 KiB each, so a count alone does not bound memory.
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._seq = itertools.count(1)
         self.sent = 0
         self.retried = 0
@@ -158,6 +167,7 @@ class Outbox:
         session.on_disconnect.append(self.abort_inflight)
         for message in unsent or []:  # left by an earlier run (OutboxStore.load, read off the loop)
             heapq.heappush(self._pending, message)
+            self._bytes += _size(message)
         if self._pending:
             log.info("outbox: %d unsent messages from the last run will be sent", len(self._pending))
             self._seq = itertools.count(max(m.seq for m in self._pending) + 1)
@@ -196,12 +206,18 @@ class Outbox:
 
     def _append(self, topic: str, payload: bytes, qos: int, correlation_data: bytes | None) -> None:
         message = Outgoing(next(self._seq), topic, payload, qos, False, correlation_data)
-        if len(self._pending) >= self._max_pending:
-            oldest = heapq.heappop(self._pending)  # a bounded spool: an outage cannot fill the disk
+        size = _size(message)
+        # A bounded spool: an outage can fill neither the memory nor the disk. The oldest go first.
+        while self._pending and (
+            len(self._pending) >= self._max_pending or self._bytes + size > self._max_bytes
+        ):
+            oldest = heapq.heappop(self._pending)
+            self._bytes -= _size(oldest)
             self.dropped += 1
             if self._store is not None:
                 self._store.ack(oldest.seq)
         heapq.heappush(self._pending, message)
+        self._bytes += size
         if self._store is not None:
             self._store.add(message)
 
@@ -241,6 +257,7 @@ class Outbox:
                 return
             except Exception:  # a message paho will never take (e.g. an oversized topic)
                 self._inflight.pop(message.seq, None)
+                self._bytes -= _size(message)
                 self.dropped += 1
                 if self._store is not None:
                     self._store.ack(message.seq)  # or it would fail again at every start
@@ -266,6 +283,7 @@ class Outbox:
     def _acked(self, message: Outgoing) -> None:
         if self._inflight.pop(message.seq, None) is None:
             return
+        self._bytes -= _size(message)
         self.sent += 1
         if self._store is not None:
             self._store.ack(message.seq)

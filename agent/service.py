@@ -180,6 +180,8 @@ class Agent:
         self.accepting = True
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
         self._placement_lock = asyncio.Lock()
+        self._next_placement: bytes | None = None  # the newest document not yet applied
+        self._placement_worker: asyncio.Task[None] | None = None
         self._status_dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []  # long-lived: session, outbox, telemetry, status...
         self._background: set[asyncio.Task[Any]] = set()  # placements being applied, tenants draining
@@ -360,8 +362,18 @@ class Agent:
     def _on_placement(self, message: Incoming) -> None:
         if not message.payload:
             return  # retained placement cleared: keep serving what runs
-        # Applying loads models (seconds): run it beside dispatch so frames keep flowing.
-        self._spawn(self._apply_document(message.payload), "apply-placement")
+        # Applying loads models (seconds): run it beside dispatch so frames keep flowing. Documents
+        # that arrive meanwhile are not queued one by one: only the newest is applied next.
+        self._next_placement = message.payload
+        if self._placement_worker is None or self._placement_worker.done():
+            self._placement_worker = asyncio.create_task(self._apply_newest(), name="apply-placement")
+            self._background.add(self._placement_worker)
+            self._placement_worker.add_done_callback(self._background.discard)
+
+    async def _apply_newest(self) -> None:
+        while self._next_placement is not None:
+            payload, self._next_placement = self._next_placement, None
+            await self._apply_document(payload)
 
     async def _apply_document(self, payload: bytes) -> None:
         try:
@@ -449,7 +461,8 @@ class Agent:
                     f"generation {placement.generation} is older than the applied {self.applied_generation}"
                 )
             placement, choices = await self._resolve_auto(placement)
-            self._check(placement)
+            # Off the loop: listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO).
+            await asyncio.to_thread(self._check, placement)
             self.auto_choices = choices
             self.refused = None
             self.desired_generation = placement.generation

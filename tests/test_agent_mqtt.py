@@ -398,3 +398,24 @@ def test_outbox_drops_a_message_paho_refuses_and_sends_the_rest(broker, tmp_path
     assert dropped == 1 and flushed == 1
     left = OutboxStore(tmp_path / "outbox.db").load()
     assert left == [], "the dropped message must not come back at the next start"
+
+
+def test_outbox_holds_at_most_its_byte_budget_dropping_the_oldest():
+    """Senders choose correlation data (up to 64 KiB) per frame: the spool is bounded in bytes, not
+    only in messages, so a long outage cannot exhaust memory. The newest answers are kept."""
+    from agent.config import BrokerConfig
+    from agent.mqtt_session import MqttSession
+    from agent.outbox import Outbox
+
+    async def scenario() -> tuple[list[bytes], int, int]:
+        session = MqttSession(BrokerConfig(host="127.0.0.1", port=1), "budget", "t/status", b"{}")
+        outbox = Outbox(session, asyncio.get_running_loop(), None, max_bytes=10_000)
+        for i in range(20):  # the broker is away: everything waits in the outbox
+            outbox.put(f"out/{i}", b"x" * 100, 1, correlation_data=bytes([i]) * 1900)
+        await asyncio.sleep(0.1)  # the hand-over from "worker threads" happens on the loop
+        kept = [(m.correlation_data or b"")[:1] for m in sorted(outbox._pending)]
+        return kept, outbox.dropped, outbox._bytes
+
+    kept, dropped, held = asyncio.run(scenario())
+    assert held <= 10_000 and dropped == 20 - len(kept) and len(kept) == 4
+    assert kept == [bytes([i]) for i in range(16, 20)], "the oldest are dropped first"

@@ -310,3 +310,33 @@ def test_a_failed_move_survives_a_restart_with_the_model_still_served(agent_fact
     c.publish("edge/fm1/infer", sample("cat.jpg"))
     result = c.wait_for(lambda r: len(r) >= 1, "edge/fm1/result", timeout=60)[0]
     assert result.get("tenant", {}).get("backend") == "openvino", result
+
+
+def test_documents_arriving_during_a_placement_collapse_to_the_newest(agent_factory, broker):
+    """A console clicking quickly (or a replayed backlog) must not make the device load every
+    intermediate placement: while one applies, only the newest of those that arrive is applied next."""
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    agent = agent_factory("pb1").start()
+    agent.wait_ready()
+    client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
+    client.connect("127.0.0.1", broker.port)
+    client.loop_start()
+    try:
+        for generation, spec in (
+            (2, lite0("openvino", "CPU", 2)),
+            (3, lite0()),
+            (4, lite0("openvino", "CPU")),
+        ):
+            doc = json.dumps({"generation": generation, "tenants": [spec]})
+            client.publish("edge/pb1/placement", doc, qos=1, retain=True).wait_for_publish(10)
+        deadline = time.monotonic() + 60
+        while "generation 4 applied" not in agent.log() and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    log = agent.log()
+    assert "placement generation 2 applied" in log and "placement generation 4 applied" in log, log[-2000:]
+    assert "placement generation 3 applied" not in log, "the superseded document was loaded"
