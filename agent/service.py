@@ -18,7 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from paho.mqtt.properties import Properties
@@ -60,32 +60,39 @@ from backends import registry
 from backends.base import BackendError, UnknownDevice
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class PlacementRefused(Exception):
     """A placement document that cannot be applied; the current placement keeps serving."""
 
 
-async def call_with_deadline(fn: Callable[[], None], timeout_s: float, on_late: Callable[[], None]) -> None:
+async def call_with_deadline(fn: Callable[[], T], timeout_s: float, on_late: Callable[[T], None] | None) -> T:
     """Run blocking `fn` on a daemon thread of its own and wait at most `timeout_s` (TimeoutError).
 
     For calls into a runtime that may hang (a model load on a wedged accelerator): the placement
     then goes on without it, and the process can still exit (asyncio.to_thread's executor threads
-    are joined at exit). If `fn` completes after the deadline, `on_late` runs to release what it made.
+    are joined at exit). If `fn` completes after the deadline, `on_late` gets its result to release.
     """
     loop = asyncio.get_running_loop()
-    future: asyncio.Future[None] = loop.create_future()
+    future: asyncio.Future[T] = loop.create_future()
     lock = threading.Lock()
     flags = {"abandoned": False, "finished": False}
 
-    def settle(error: BaseException | None) -> None:
+    def settle(value: Any, error: BaseException | None) -> None:
         if not future.done():
-            future.set_result(None) if error is None else future.set_exception(error)
+            future.set_result(value) if error is None else future.set_exception(error)
+
+    def release(value: Any) -> None:
+        if on_late is not None:
+            with contextlib.suppress(Exception):
+                on_late(value)
 
     def run() -> None:
+        value: Any = None
         error: BaseException | None = None
         try:
-            fn()
+            value = fn()
         except BaseException as exc:  # handed to the awaiting coroutine
             error = exc
         with lock:
@@ -93,21 +100,20 @@ async def call_with_deadline(fn: Callable[[], None], timeout_s: float, on_late: 
             late = flags["abandoned"]
         if late:
             if error is None:
-                with contextlib.suppress(Exception):
-                    on_late()
+                release(value)
             return
         with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            loop.call_soon_threadsafe(settle, error)
+            loop.call_soon_threadsafe(settle, value, error)
 
     threading.Thread(target=run, name="runtime-call", daemon=True).start()
     try:
-        await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        return await asyncio.wait_for(asyncio.shield(future), timeout_s)
     except (TimeoutError, asyncio.CancelledError):  # cancelled: the agent is stopping
         with lock:
             flags["abandoned"] = True
             finished = flags["finished"]
         if finished:  # it completed just now, its result already on the way: release it there
-            future.add_done_callback(lambda f: on_late() if f.exception() is None else None)
+            future.add_done_callback(lambda f: release(f.result()) if f.exception() is None else None)
         raise
 
 
@@ -601,7 +607,13 @@ class Agent:
         self._mark_dirty()
         try:
             backend = registry.get(spec.backend)
-            ok, reason = await asyncio.to_thread(backend.available)
+            timeout = self.config.scheduler.load_timeout_s
+            try:  # asks the runtime and its driver, which can hang on a wedged device
+                ok, reason = await call_with_deadline(backend.available, timeout, None)
+            except TimeoutError:
+                raise BackendError(
+                    f"backend {spec.backend} did not say whether it is available within {timeout:g} s"
+                ) from None
             if not ok:
                 raise BackendError(f"backend {spec.backend} unavailable: {reason}")
             model = await asyncio.to_thread(self.repo.load, spec.model)
@@ -617,12 +629,11 @@ class Agent:
                 record=self.metrics.record,
                 backend_options=self.backend_options.get(spec.backend),
             )
-            timeout = self.config.scheduler.load_timeout_s
             try:
                 await call_with_deadline(
                     tenant.load,
                     timeout,
-                    on_late=lambda: tenant.abandon("it finished loading after the timeout"),
+                    on_late=lambda _: tenant.abandon("it finished loading after the timeout"),
                 )
             except TimeoutError:
                 raise BackendError(
