@@ -437,6 +437,11 @@ def create_app(console: Console) -> FastAPI:
         outcome = await console.move_model(
             body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name
         )
+        if not outcome.published and not outcome.skipped:
+            where = f"{body.from_backend}:{body.from_device}" if body.from_device else body.from_backend
+            raise HTTPException(
+                404, f"no device runs {body.model} on {where} (or it is already on {body.to_backend})"
+            )
         return MoveResponse.model_validate({"published": outcome.published, "skipped": outcome.skipped})
 
     @api.get("/stats", tags=["health"])

@@ -85,12 +85,28 @@ def refusal_for(generation: int, errors: list[str], published_at: float | None) 
 
 
 def _same_tenant(spec: TenantSpec, status: TenantStatus) -> bool:
+    """`status` runs `spec`. An "auto" backend or device matches what the agent chose for it."""
+    chosen = status.auto is not None
     return (
         spec.model == status.model
-        and spec.backend == status.backend
-        and spec.device.lower() == status.device.lower()
+        and (spec.backend == status.backend or (spec.backend == "auto" and chosen))
+        and (spec.device.lower() == status.device.lower() or (spec.device.lower() == "auto" and chosen))
         and spec.instances == status.instances
     )
+
+
+def _resolved(spec: TenantSpec, status: Status | None) -> TenantSpec:
+    """An "auto" tenant as the agent placed it (so that an edit or a move starts from what runs)."""
+    if (
+        (spec.backend != "auto" and spec.device.lower() != "auto")
+        or status is None
+        or status.placement is None
+    ):
+        return spec.model_copy(deep=True)
+    for t in status.placement.tenants:
+        if t.state in ("ready", "loading") and _same_tenant(spec, t):
+            return spec.model_copy(update={"backend": t.backend, "device": t.device}, deep=True)
+    return spec.model_copy(deep=True)
 
 
 def track(desired: DesiredPlacement | None, status: Status | None) -> Tracking:
@@ -142,7 +158,7 @@ def current_tenants(status: Status | None, desired: DesiredPlacement | None) -> 
     if desired is not None:
         state = track(desired, status).state
         if state in ("pending", "applied", "failed"):
-            return [t.model_copy(deep=True) for t in desired.tenants]
+            return [_resolved(t, status) for t in desired.tenants]
     if status is None or status.placement is None:
         return []
     rank = {"ready": 0, "loading": 1, "failed": 2}
@@ -237,6 +253,6 @@ def move_tenants(
             moved = True
         else:
             out.append(spec)
-    if not moved:
+    if not moved or out == tenants:  # not there, or already where it is asked to go
         return None
     return check_against(caps, out)

@@ -596,6 +596,10 @@ def test_fleet_wide_move(fleet):
     assert data["published"] == []
     assert {s["device_id"] for s in data["skipped"]} == {"sim-0002", "sim-0006", "sim-0010"}
     assert all("unavailable" in s["reason"] for s in data["skipped"])
+    # A typo (or a move to where it already is) is not a silent success.
+    typo = {"model": "efficientnet-lite9", "from_backend": "tensorrt", "to_backend": "torch"}
+    status, data = admin.call("POST", "/api/fleet/move", typo)
+    assert status == 404 and "no device runs efficientnet-lite9" in str(data), data
 
 
 def test_live_events_stream_telemetry(fleet):
@@ -726,8 +730,19 @@ def test_real_agent_placement_and_auto_place(agent_factory, broker, collector, t
             "the agent's answer to auto-place",
             timeout=90,
         )
-        if tracking["state"] == "refused":
-            assert "auto" in tracking["reason"]
+        assert tracking["state"] == "applied", tracking  # this agent knows "auto"
+        # The edit starting point is what the agent chose, so a fleet move from it reaches edge1.
+        chosen = device_detail(admin, "edge1")["editable_tenants"][0]
+        assert chosen["backend"] != "auto", chosen
+        target = "onnxruntime" if chosen["backend"] != "onnxruntime" else "openvino"
+        move = {"model": "efficientnet-lite0", "from_backend": chosen["backend"], "to_backend": target}
+        status, data = admin.call("POST", "/api/fleet/move", move)
+        assert status == 200 and [p["device_id"] for p in data["published"]] == ["edge1"], data
+        wait_until(
+            lambda: tracking_state(admin, "edge1", data["published"][0]["generation"], {"applied"}),
+            "the move applied",
+            timeout=90,
+        )
     finally:
         assert console.stop() == 0, console.log()[-2000:]
 
