@@ -12,6 +12,8 @@ Security model:
 from __future__ import annotations
 
 import asyncio
+import hmac
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -28,7 +30,7 @@ from pydantic import BaseModel, Field
 
 from agent.schemas import Placement, TenantSpec
 from cloud_console import pages
-from cloud_console.auth import Session, verify_password
+from cloud_console.auth import Session, password_binding, verify_password
 from cloud_console.config import Role
 from cloud_console.events import format_event
 from cloud_console.mqtt import PublishFailed
@@ -62,8 +64,13 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
+MAX_BODY_BYTES = 1024 * 1024  # the largest real request, a placement for 32 tenants, is ~10 KB
+
+
 class SecurityHeaders:
-    """Pure ASGI middleware (no buffering, so event streams flow): adds the headers above."""
+    """Pure ASGI middleware (no buffering, so event streams flow): adds the headers above, and
+    answers a request body over MAX_BODY_BYTES with 413 before it is held in memory (login takes
+    bodies before anyone is authenticated)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -72,13 +79,41 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > MAX_BODY_BYTES:  # a chunked body that keeps going
+                    raise _TooLarge
+            return message
 
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 message["headers"] = list(message.get("headers", [])) + SECURITY_HEADERS
             await send(message)
 
-        await self.app(scope, receive, send_with_headers)
+        try:
+            await self.app(scope, limited, send_with_headers)
+        except _TooLarge:
+            await self._too_large(send)
+
+    @staticmethod
+    async def _too_large(send: Send) -> None:
+        body = json.dumps({"detail": f"request body over {MAX_BODY_BYTES} bytes"}).encode()
+        headers = [(b"content-type", b"application/json"), *SECURITY_HEADERS]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+class _TooLarge(Exception):
+    pass
 
 
 # -- API models (also the OpenAPI document) -------------------------------------------------------
@@ -198,8 +233,8 @@ def principal(request: Request) -> Principal | None:
     if session is None:
         return None
     user = console.users.get(session.user)
-    if user is None:
-        return None
+    if user is None or not hmac.compare_digest(session.key, password_binding(user.password_hash)):
+        return None  # unknown user, or the password changed since this session logged in
     return Principal(user.name, user.role, session)
 
 
@@ -266,7 +301,7 @@ def create_app(console: Console) -> FastAPI:
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     def set_session_cookie(response: Response, user: str) -> SessionInfo:
-        cookie, session = console.signer.issue(user)
+        cookie, session = console.signer.issue(user, password_binding(console.users[user].password_hash))
         response.set_cookie(
             COOKIE,
             cookie,
@@ -450,12 +485,13 @@ def create_app(console: Console) -> FastAPI:
         return console.stats()
 
     @api.get("/events", tags=["fleet"], response_class=StreamingResponse)
-    async def api_events(_who: User, device: str | None = None) -> StreamingResponse:
+    async def api_events(request: Request, _who: User, device: str | None = None) -> StreamingResponse:
         """Server-sent events: `fleet` (changed rows, once a second) or, with `device`, its `device`
-        (status changed) and `telemetry` events."""
+        (status changed) and `telemetry` events. The stream ends when its session does (logout)."""
         sub = console.hub.subscribe(device)
 
         async def stream() -> AsyncIterator[str]:
+            checked = time.monotonic()
             try:
                 yield "retry: 2000\n\n"
                 yield format_event("hello", {"device": device})
@@ -463,10 +499,13 @@ def create_app(console: Console) -> FastAPI:
                     try:
                         text = await asyncio.wait_for(sub.queue.get(), timeout=15.0)
                     except TimeoutError:
-                        yield ": keepalive\n\n"
-                        continue
+                        text = ": keepalive\n\n"
                     if text is None:
                         return
+                    if time.monotonic() - checked > 2.0:
+                        checked = time.monotonic()
+                        if principal(request) is None:
+                            return
                     yield text
             finally:
                 console.hub.unsubscribe(sub)

@@ -17,9 +17,11 @@ import hmac
 import json
 import logging
 import secrets
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -67,25 +69,45 @@ class Session:
     user: str
     sid: str
     expires: float
+    key: str = ""  # a digest of the user's password hash at login: a password change ends the session
+
+
+def password_binding(password_hash: str) -> str:
+    """Short digest of a user's stored hash, carried in the cookie (not the hash itself)."""
+    return _b64(hashlib.sha256(b"edge-console-binding:" + password_hash.encode()).digest()[:12])
 
 
 class SessionSigner:
     """Issues and checks signed session cookies and the CSRF tokens bound to them."""
 
-    def __init__(self, secret: bytes, max_age_s: int) -> None:
+    def __init__(self, secret: bytes, max_age_s: int, revocations: Path | None = None) -> None:
         self._key = hashlib.sha256(b"edge-console-session:" + secret).digest()
         self._csrf_key = hashlib.sha256(b"edge-console-csrf:" + secret).digest()
         self.max_age_s = max_age_s
         self._revoked: dict[str, float] = {}  # sid -> expiry, so the set does not grow forever
         self._lock = threading.Lock()
+        # Logouts are also kept in SQLite (the console's database): they outlive a restart, and
+        # workers sharing the database and the secret honour each other's logouts.
+        self._db: sqlite3.Connection | None = None
+        if revocations is not None:
+            revocations.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(revocations, timeout=10.0, check_same_thread=False)
+            self._db.execute("PRAGMA busy_timeout=10000")
+            with self._db:
+                self._db.execute(
+                    "CREATE TABLE IF NOT EXISTS revoked_sessions"
+                    " (sid TEXT PRIMARY KEY, expires REAL NOT NULL)"
+                )
 
     def _sign(self, data: bytes) -> str:
         return _b64(hmac.new(self._key, data, hashlib.sha256).digest())
 
-    def issue(self, user: str) -> tuple[str, Session]:
+    def issue(self, user: str, key: str = "") -> tuple[str, Session]:
         expires = float(int(time.time() + self.max_age_s))  # whole seconds, as the cookie holds it
-        session = Session(user=user, sid=secrets.token_urlsafe(16), expires=expires)
-        payload = json.dumps({"u": session.user, "s": session.sid, "e": int(session.expires)}).encode()
+        session = Session(user=user, sid=secrets.token_urlsafe(16), expires=expires, key=key)
+        payload = json.dumps(
+            {"u": session.user, "s": session.sid, "e": int(session.expires), "k": session.key}
+        ).encode()
         return f"{_b64(payload)}.{self._sign(payload)}", session
 
     def read(self, cookie: str | None) -> Session | None:
@@ -101,7 +123,9 @@ class SessionSigner:
             return None
         try:
             data = json.loads(payload)
-            session = Session(user=str(data["u"]), sid=str(data["s"]), expires=float(data["e"]))
+            session = Session(
+                user=str(data["u"]), sid=str(data["s"]), expires=float(data["e"]), key=str(data.get("k", ""))
+            )
         except (ValueError, KeyError, TypeError):
             return None
         if session.expires < time.time():
@@ -109,6 +133,15 @@ class SessionSigner:
         with self._lock:
             if session.sid in self._revoked:
                 return None
+            if self._db is not None:
+                try:
+                    row = self._db.execute("SELECT 1 FROM revoked_sessions WHERE sid = ?", (session.sid,))
+                    if row.fetchone() is not None:
+                        self._revoked[session.sid] = session.expires
+                        return None
+                except sqlite3.Error:
+                    log.exception("session revocations unreadable; refusing the session")
+                    return None
         return session
 
     def revoke(self, session: Session) -> None:
@@ -116,6 +149,16 @@ class SessionSigner:
         with self._lock:
             self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
             self._revoked[session.sid] = session.expires
+            if self._db is not None:
+                try:
+                    with self._db:
+                        self._db.execute("DELETE FROM revoked_sessions WHERE expires < ?", (now,))
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO revoked_sessions VALUES (?, ?)",
+                            (session.sid, session.expires),
+                        )
+                except sqlite3.Error:
+                    log.exception("could not store a logout (it holds in this process only)")
 
     def csrf_token(self, session: Session) -> str:
         return _b64(hmac.new(self._csrf_key, b"csrf:" + session.sid.encode(), hashlib.sha256).digest())

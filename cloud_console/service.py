@@ -58,7 +58,7 @@ class Console:
         self.prefix = config.topic_prefix
         self.users: dict[str, UserConfig] = {u.name: u for u in config.users}
         secret = session_secret or (config.web.session_secret or "").encode() or secrets.token_bytes(32)
-        self.signer = SessionSigner(secret, config.web.session_max_age_s)
+        self.signer = SessionSigner(secret, config.web.session_max_age_s, revocations=config.storage.db)
         self.fleet = Fleet(config.stale_after_s)
         self.hub = Hub()
         self.store = ConsoleStore(

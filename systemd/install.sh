@@ -50,7 +50,11 @@ if [ "$LIVE" = 1 ] && [ "$(id -u)" != 0 ]; then
 fi
 
 units="edge-agent.service"
-[ "$CONSOLE" = 1 ] && units="$units edge-console.service"
+# An upgrade also updates (and restarts) a console installed earlier, or it would run old units
+# against the replaced code.
+if [ "$CONSOLE" = 1 ] || [ -f "$UNITS/edge-console.service" ]; then
+  units="$units edge-console.service"
+fi
 
 if [ "$ACTION" = uninstall ]; then
   if [ "$LIVE" = 1 ]; then
@@ -91,8 +95,12 @@ fi
 mkdir -p "$DEST"
 rm -rf "$DEST/src.new"
 mkdir -p "$DEST/src.new"
+# The project, not what a checkout collects around it (venvs, caches, build output, GPU bundles,
+# databases and state from runs).
 ( cd "$SRC" && tar cf - --exclude=.venv --exclude=.git --exclude='__pycache__' --exclude='*.egg-info' \
-    --exclude=bench/out --exclude=.pytest_cache --exclude=.mypy_cache --exclude=.ruff_cache . ) \
+    --exclude=bench/out --exclude=.pytest_cache --exclude=.mypy_cache --exclude=.ruff_cache \
+    --exclude=.hypothesis --exclude=./build --exclude=./dist --exclude=.whl --exclude=.gpu-broker \
+    --exclude=.gpu-stash --exclude='*.db' --exclude='*.db-wal' --exclude='*.db-shm' --exclude=./state . ) \
   | ( cd "$DEST/src.new" && tar xf - )
 rm -rf "$DEST/src"
 mv "$DEST/src.new" "$DEST/src"
@@ -128,6 +136,10 @@ say "installed units: $units"
 
 if [ "$LIVE" = 1 ]; then
   chown -R root:edge-agent "$ETC"
+  # The console runs as its own user: its config (0640) must be readable by that user's group.
+  if [ -f "$ETC/console.toml" ] && id edge-console >/dev/null 2>&1; then
+    chgrp edge-console "$ETC/console.toml"
+  fi
   systemctl daemon-reload
   for u in $units; do
     systemctl enable "$u" >/dev/null

@@ -227,6 +227,24 @@ def test_session_cookie_rejects_tampering_expiry_and_logout():
     assert signer.read(cookie) is None
 
 
+def test_a_logout_outlives_a_restart_and_reaches_other_workers(tmp_path):
+    """Revocations live in the console's database: a worker started later with the same secret and
+    database (a restart, or a second worker) refuses the logged-out cookie too."""
+    db = tmp_path / "console.db"
+    first = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
+    other_worker = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
+    cookie, session = first.issue("alice", auth.password_binding("scrypt$old"))
+    kept, _ = first.issue("alice")
+    assert other_worker.read(cookie) == session
+    first.revoke(session)
+    assert other_worker.read(cookie) is None
+    restarted = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
+    assert restarted.read(cookie) is None and restarted.read(kept) is not None
+    # The cookie carries a digest of the password hash at login; a changed password ends it.
+    assert session.key == auth.password_binding("scrypt$old") != auth.password_binding("scrypt$new")
+    assert "scrypt" not in cookie
+
+
 def test_config_file_users_and_errors(tmp_path):
     good = tmp_path / "console.toml"
     hashed = auth.hash_password("s3cret-pass", n=2**10)
@@ -791,3 +809,35 @@ def test_shared_subscription_splits_telemetry_between_workers(broker, tmp_path):
         for worker in workers:
             worker.stop()
         sim.stop()
+
+
+def test_oversized_bodies_are_refused_before_they_are_read(broker, tmp_path):
+    """Login takes bodies from anyone: a huge one is a 413, not hundreds of MB of console memory."""
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    try:
+        big = b'{"username": "admin", "password": "' + b"a" * 5_000_000 + b'"}'
+        conn = http.client.HTTPConnection("127.0.0.1", console.port, timeout=60)
+        conn.request("POST", "/api/login", body=big, headers={"Content-Type": "application/json"})
+        res = conn.getresponse()
+        assert res.status == 413 and len(res.read()) < 1000
+        conn.close()
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: counted as it arrives
+            yield b"username=admin&password="
+            for _ in range(40):
+                yield b"a" * 65536
+
+        conn = http.client.HTTPConnection("127.0.0.1", console.port, timeout=60)
+        conn.request(
+            "POST",
+            "/login",
+            body=chunks(),
+            headers={"Content-Type": "application/x-www-form-urlencoded", "Origin": console.base},
+            encode_chunked=True,
+        )
+        assert conn.getresponse().status == 413
+        conn.close()
+        admin = console.client("admin")  # still serving
+        assert admin.get("/api/session")["user"] == "admin"
+    finally:
+        assert console.stop() == 0, console.log()[-2000:]

@@ -169,11 +169,18 @@ def test_install_script_stages_upgrades_and_uninstalls(tmp_path):
         timeout=60,
     )
     assert check.returncode == 0, check.stdout + check.stderr
-    # Upgrade keeps the operator's config.
+    # Only the project is copied, not what a checkout collects (caches, GPU bundles, databases).
+    staged = {p.name for p in (prefix / "src").iterdir()}
+    assert not staged & {".venv", ".git", ".hypothesis", ".whl", ".gpu-broker", ".mypy_cache"}, staged
+    assert not list((prefix / "src").rglob("*.db"))
+    # Upgrade keeps the operator's config, and updates a console installed earlier.
+    (stage / "etc/systemd/system/edge-console.service").write_text("[Unit]\n# stale\n")
     config.write_text(config.read_text() + "\n# edited by the operator\n")
     done = subprocess.run(script, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0 and "kept existing" in done.stdout
     assert "edited by the operator" in config.read_text()
+    console_unit = (stage / "etc/systemd/system/edge-console.service").read_text()
+    assert "stale" not in console_unit and "ExecStart=" in console_unit
     done = subprocess.run([*script, "--uninstall"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0
     assert not prefix.exists() and not (stage / "etc/systemd/system/edge-agent.service").exists()
