@@ -26,7 +26,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from agent.schemas import Placement, TenantSpec
 from cloud_console import pages
@@ -129,8 +129,10 @@ class SessionInfo(BaseModel):
 
 
 class PlacementRequest(BaseModel):
-    """The tenants wanted on the device; the console picks the generation."""
+    """The tenants wanted on the device; the console picks the generation (a field it does not
+    know, `generation` included, is a 422, not silently ignored)."""
 
+    model_config = ConfigDict(extra="forbid")
     tenants: list[TenantSpec] = Field(max_length=64)
 
 
@@ -149,6 +151,7 @@ class PlacementResponse(BaseModel):
 
 
 class MoveRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     model: str
     from_backend: str
     to_backend: str

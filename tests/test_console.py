@@ -562,6 +562,8 @@ def test_placement_the_device_cannot_run_is_refused_by_the_console(fleet):
         assert status == 422 and message in data["detail"], data
     status, _ = admin.call("PUT", "/api/devices/sim-0001/placement", {"tenants": [{"model": "../x"}]})
     assert status == 422
+    chosen = {"generation": 99, "tenants": [{"model": "efficientnet-lite0"}]}  # the console picks it
+    assert admin.call("PUT", "/api/devices/sim-0001/placement", chosen)[0] == 422
     assert admin.call("PUT", "/api/devices/nope/placement", {"tenants": []})[0] == 404
     assert admin.get("/api/devices/sim-0001")["desired"] is None
 
