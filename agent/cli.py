@@ -193,11 +193,12 @@ def cmd_place(args: argparse.Namespace) -> int:
     applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout, tls_context=tls))
     placement = status.get("placement") or {}
     if applied:
+        placed = {args.model} if not args.file else {t.get("model") for t in doc.get("tenants", [])}
         failed = []
         for t in placement.get("tenants", []):
             extra = f" ({t['error']})" if t.get("error") else ""
             print(f"  {t['model']:20s} {t['backend']}:{t['device']} x{t['instances']}  {t['state']}{extra}")
-            if t.get("state") == "failed":
+            if t.get("state") == "failed" and t["model"] in placed:
                 failed.append(t["model"])
         if failed:
             # The agent applied the document, but a tenant in it did not start (an old one, if any,
@@ -226,11 +227,14 @@ def _tenants_to_keep(tenants: list[dict[str, Any]], replaced: str) -> list[dict[
     chosen: dict[str, dict[str, Any]] = {}
     for t in tenants:
         model = t.get("model")
-        if not model or model == replaced or t.get("state") == "draining":
+        # A failed tenant is not carried over: the tenant still serving that model is, if any (a
+        # failed move); a model that never started is left out rather than retried on every place.
+        if not model or model == replaced or t.get("state") in ("draining", "failed"):
             continue
-        if model in chosen and t.get("state") == "failed":
-            continue  # the serving tenant wins over a failed move
         chosen[model] = {k: v for k, v in t.items() if k in fields and v is not None}
+    dropped = sorted({t["model"] for t in tenants if t.get("state") == "failed"} - set(chosen) - {replaced})
+    if dropped:
+        print(f"not carried over (they failed to start): {', '.join(dropped)}")
     return list(chosen.values())
 
 

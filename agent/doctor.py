@@ -13,6 +13,8 @@ from typing import Literal
 
 from agent.config import AgentConfig
 from agent.model_repo import ModelError, ModelRepository
+from agent.schemas import Placement
+from agent.topics import valid_model_name
 
 Level = Literal["ok", "warn", "fail"]
 MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
@@ -43,19 +45,43 @@ def check_state_dir(path: Path) -> Check:
     return Check("ok", f"state dir {path}", "writable")
 
 
+def placed_models(config: AgentConfig) -> set[str]:
+    """What the agent serves at its next start: the saved placement if there is one, else the config's."""
+    saved = config.state_dir / "placement.json"
+    try:
+        return {t.model for t in Placement.model_validate_json(saved.read_text()).tenants}
+    except (OSError, ValueError):
+        return {t.model for t in config.placement.tenants}
+
+
 def check_models(config: AgentConfig) -> list[Check]:
+    """Placed models must load (fail); the default model and the rest of the repository are checked
+    too (warn): a model added for later should not wait for its placement to show its problem."""
     repo = ModelRepository(config.models_dir)
-    names = sorted({t.model for t in config.placement.tenants} | {config.ingest.default_model})
+    placed = placed_models(config)
+    others = set(repo.names()) | {config.ingest.default_model}
     out = []
-    for name in names:
+    for name in sorted(placed) + sorted(others - placed):
         try:
             model = repo.load(name)  # parses the manifest and verifies every artifact's sha256
             detail = f"{', '.join(model.artifacts.files)} sha256 verified"
             if model.artifacts.missing:
                 detail += f"; not installed here: {', '.join(model.artifacts.missing.values())}"
-            out.append(Check("ok", f"model {name}", detail))
+            out.append(Check("ok", f"model {name}", detail + ("" if name in placed else " (not placed)")))
         except ModelError as exc:
-            out.append(Check("fail", f"model {name}", str(exc), f"check {config.models_dir / name}"))
+            level: Literal["fail", "warn"] = "fail" if name in placed else "warn"
+            out.append(Check(level, f"model {name}", str(exc), f"check {config.models_dir / name}"))
+    if config.models_dir.is_dir():
+        for folder in sorted(p for p in config.models_dir.iterdir() if p.is_dir()):
+            if not valid_model_name(folder.name) and not folder.name.startswith("."):
+                out.append(
+                    Check(
+                        "warn",
+                        f"folder {folder.name}",
+                        "not a valid model name, so not a model",
+                        "lowercase letters, digits, '.', '_' and '-' (^[a-z0-9][a-z0-9._-]{0,63}$)",
+                    )
+                )
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from agent.topics import MODEL_NAME_RE, valid_model_name
 from backends.base import ModelArtifacts
@@ -51,7 +51,13 @@ class InputSpec(_Strict):
 
 class ArtifactSpec(_Strict):
     file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="`sha256sum FILE`; any case")
+
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _lowercase(cls, value: object) -> object:
+        return value.strip().lower() if isinstance(value, str) else value
+
     # The artifact's own input layout when it differs from [input] (e.g. NHWC int8 TFLite for the
     # Edge TPU); the backend converts the agent's tensor to it.
     layout: Literal["NCHW", "NHWC"] | None = None
@@ -143,7 +149,13 @@ class ModelRepository:
             else:
                 raise ModelError(f"unknown model {name!r} (available: {', '.join(self.names()) or 'none'})")
             manifest = Manifest.model_validate(raw)
-        except (OSError, tomllib.TOMLDecodeError, json.JSONDecodeError, ValidationError) as exc:
+        except (
+            OSError,
+            UnicodeDecodeError,
+            tomllib.TOMLDecodeError,
+            json.JSONDecodeError,
+            ValidationError,
+        ) as exc:
             raise ModelError(f"model {name!r}: bad manifest: {exc}") from exc
         if manifest.name != name:
             raise ModelError(f"model folder {name!r} holds a manifest named {manifest.name!r}")
@@ -152,8 +164,16 @@ class ModelRepository:
     def load(self, name: str, verify: bool = True) -> Model:
         """The verified model `name`. Blocking file I/O: call it from a worker thread."""
         folder, manifest = self.manifest(name)
-        labels_path = self._model_file(folder, manifest.labels, "labels file")
-        labels = tuple(line.strip() for line in labels_path.read_text().splitlines() if line.strip())
+        try:
+            labels_path = self._model_file(folder, manifest.labels, "labels file")
+            text = labels_path.read_text(encoding="utf-8")
+        except ModelError as exc:
+            raise ModelError(f"model {name!r}: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ModelError(
+                f"model {name!r}: labels file {manifest.labels!r} unreadable (UTF-8 expected): {exc}"
+            ) from exc
+        labels = tuple(line.strip() for line in text.splitlines() if line.strip())
         files: dict[str, Path] = {}
         missing: dict[str, str] = {}
         for fmt, spec in manifest.artifacts.items():

@@ -466,6 +466,10 @@ class Agent:
                 raise PlacementRefused(
                     f"generation {placement.generation} is older than the applied {self.applied_generation}"
                 )
+            # Models added to the repository since the start are known from now on (status, console).
+            models = await asyncio.to_thread(self.repo.names)
+            if models != self.capabilities.models:
+                self.capabilities = self.capabilities.model_copy(update={"models": models})
             placement, choices = await self._resolve_auto(placement)
             # Off the loop: listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO).
             await asyncio.to_thread(self._check, placement)
@@ -640,8 +644,11 @@ class Agent:
                     f"loading did not finish within {timeout:g} s (the accelerator may be hung); "
                     "abandoned, the current placement keeps serving"
                 ) from None
-        except (BackendError, ModelError, OSError) as exc:
-            message = str(exc)
+        except Exception as exc:  # whatever it is, the tenant is `failed` with the reason, not stuck loading
+            expected = isinstance(exc, BackendError | ModelError | OSError)
+            message = str(exc) if expected else f"{type(exc).__name__}: {exc}"
+            if not expected:
+                log.exception("tenant %s on %s:%s: unexpected error", spec.model, spec.backend, spec.device)
             log.error("tenant %s on %s:%s failed: %s", spec.model, spec.backend, spec.device, message)
             self.failed[spec.model] = TenantStatus(**spec.model_dump(), state="failed", error=message)
             self._note_error(f"{spec.model} on {spec.backend}:{spec.device}: {message}")

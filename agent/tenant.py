@@ -35,7 +35,7 @@ from agent.schemas import (
     TopK,
 )
 from agent.stats import TenantStats
-from backends.base import Backend, BackendError, Session
+from backends.base import Backend, BackendError, ModelLoadError, Session
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,14 @@ EmitFn = Callable[[Frame, Outcome], None]
 
 
 def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[TopK]:
-    """Softmax scores of the k best classes, best first."""
+    """Scores of the k best classes, best first: softmax of logits, or the model's own
+    probabilities when it already outputs them (non-negative, summing to 1)."""
     logits = logits.astype(np.float64, copy=False)
-    exp = np.exp(logits - logits.max())
-    probs = exp / exp.sum()
+    if logits.min() >= 0.0 and abs(logits.sum() - 1.0) < 1e-3:
+        probs = logits
+    else:
+        exp = np.exp(logits - logits.max())
+        probs = exp / exp.sum()
     k = min(k, probs.size)
     best = np.argpartition(-probs, k - 1)[:k]
     best = best[np.argsort(-probs[best])]
@@ -129,13 +133,35 @@ class Tenant:
                 # The first run at each batch size compiles kernels or re-plans memory (OpenVINO's
                 # dynamic shapes: ~100 ms of stalled frames measured). Do it now, not on frames.
                 for size in warmup_batch_sizes(self.spec.batch.max_size):
-                    session.infer(np.zeros((size, *item), np.dtype(self.model.input.dtype)))
+                    try:
+                        out = session.infer(np.zeros((size, *item), np.dtype(self.model.input.dtype)))
+                    except BackendError as exc:
+                        raise ModelLoadError(
+                            f"warm-up at batch {size} failed: {exc} (check [input] size, layout and dtype "
+                            "in model.toml, and the tenant's batch.max_size, against the model)"
+                        ) from exc
+                    self._check_output(np.asarray(out), size)
         except BackendError as exc:
             self._fail(str(exc))
             raise
         except Exception as exc:
             self._fail(f"{type(exc).__name__}: {exc}")
             raise BackendError(self.error) from exc
+
+    def _check_output(self, out: np.ndarray, size: int) -> None:
+        """A classifier answers (batch, classes), one class per label: refused at load, not
+        discovered frame by frame. Trailing 1-sized dimensions (N, C, 1, 1) are accepted."""
+        if out.ndim < 2 or out.shape[0] != size or any(d != 1 for d in out.shape[2:]):
+            raise ModelLoadError(
+                f"the model answers a batch of {size} with shape {tuple(out.shape)}; "
+                "a classifier must output (batch, classes)"
+            )
+        labels = len(self.model.labels)
+        if labels and out.shape[1] != labels:
+            raise ModelLoadError(
+                f"the model outputs {out.shape[1]} classes but {self.model.manifest.labels} has {labels} "
+                "labels: one label per class, in output order"
+            )
 
     def abandon(self, message: str) -> None:
         """Close what a load made after the agent stopped waiting for it (see call_with_deadline)."""
@@ -392,6 +418,7 @@ class Tenant:
         if len(logits) != len(ready):
             fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
             return
+        logits = np.asarray(logits).reshape(len(ready), -1)  # (N, C, 1, 1) heads, checked at load
         self.stats.batch(len(ready))
         per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
         infer_ms = (done - preprocessed) * 1000.0
