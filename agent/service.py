@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import itertools
 import json
@@ -217,7 +218,14 @@ class Agent:
         unsent = await asyncio.to_thread(store.load)
         self.outbox = Outbox(self.session, self._loop, store, unsent)
         await asyncio.to_thread(self.metrics.start)
-        self.capabilities = await asyncio.to_thread(self._probe_capabilities)
+        # A wedged device can hang its runtime's probe: start without it rather than never (systemd
+        # would kill a start that takes minutes). Placements list devices again, under a deadline.
+        probe_s = min(60.0, self.config.scheduler.load_timeout_s)
+        try:
+            self.capabilities = await call_with_deadline(self._probe_capabilities, probe_s, None)
+        except TimeoutError:
+            self.capabilities = Capabilities(models=await asyncio.to_thread(self.repo.names))
+            self._note_error(f"probing the backends took over {probe_s:g} s (a device or driver may be hung)")
         initial = await asyncio.to_thread(self._saved_placement) or self.config.placement
         try:
             await self.apply_placement(
@@ -472,7 +480,7 @@ class Agent:
                 self.capabilities = self.capabilities.model_copy(update={"models": models})
             placement, choices = await self._resolve_auto(placement)
             # Off the loop: listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO).
-            await asyncio.to_thread(self._check, placement)
+            await self._runtime_call(functools.partial(self._check, placement), "checking the placement")
             self.auto_choices = choices
             self.refused = None
             self.desired_generation = placement.generation
@@ -517,6 +525,17 @@ class Agent:
             self._mark_dirty()
             settle_heap()
 
+    async def _runtime_call(self, fn: Callable[[], T], what: str) -> T:
+        """A call that asks runtimes or drivers (devices, profiling) during a placement, under the
+        load deadline: a wedged device refuses the placement instead of holding it for ever."""
+        timeout = self.config.scheduler.load_timeout_s
+        try:
+            return await call_with_deadline(fn, timeout, None)
+        except TimeoutError:
+            raise PlacementRefused(
+                f"{what} did not finish within {timeout:g} s (a device or driver may be hung)"
+            ) from None
+
     async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
         """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
         autos = [
@@ -533,11 +552,15 @@ class Agent:
                 model = await asyncio.to_thread(self.repo.load, spec.model)
             except ModelError as exc:
                 raise PlacementRefused(str(exc)) from exc
-            cands = await asyncio.to_thread(candidates_for, spec.backend, spec.device)
+            cands = await self._runtime_call(
+                functools.partial(candidates_for, spec.backend, spec.device),
+                f"listing devices for {spec.model}",
+            )
             figures = {}
             for backend, device in cands:
-                figures[(backend, device)] = await asyncio.to_thread(
-                    self.profiler.measure, model, backend, device, spec.instances
+                figures[(backend, device)] = await self._runtime_call(
+                    functools.partial(self.profiler.measure, model, backend, device, spec.instances),
+                    f"measuring {spec.model} on {backend}:{device}",
                 )
             figures = {c: f for c, f in figures.items() if f > 0}
             if not figures:
@@ -596,11 +619,14 @@ class Agent:
         totals: dict[str, float] = {}
         best, best_total = picks, -1.0
         for combo in combos:
-            figures = await asyncio.to_thread(
-                self.profiler.measure_together,
-                [(models[n], b, d, instances[n]) for n, (b, d) in zip(names, combo, strict=True)],
-            )
             label = " + ".join(f"{n}@{b}:{d}" for n, (b, d) in zip(names, combo, strict=True))
+            figures = await self._runtime_call(
+                functools.partial(
+                    self.profiler.measure_together,
+                    [(models[n], b, d, instances[n]) for n, (b, d) in zip(names, combo, strict=True)],
+                ),
+                f"measuring {label} together",
+            )
             totals[label] = round(sum(figures), 1)
             if sum(figures) > best_total:
                 best, best_total = dict(zip(names, combo, strict=True)), sum(figures)

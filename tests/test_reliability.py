@@ -454,3 +454,23 @@ def wait_for_condition(condition, timeout: float = 10.0) -> bool:
     while not condition() and time.monotonic() < deadline:
         time.sleep(0.02)
     return bool(condition())
+
+
+def test_call_with_deadline_returns_raises_times_out_and_releases_late_results():
+    """The guard around runtime calls that may hang (loads, device listing, profiling)."""
+    from agent.service import call_with_deadline
+
+    async def main() -> list[str]:
+        assert await call_with_deadline(lambda: 7, 5.0, None) == 7
+        with pytest.raises(ValueError):
+            await call_with_deadline(lambda: int("x"), 5.0, None)
+        gate, late = threading.Event(), []
+        with pytest.raises(TimeoutError):
+            await call_with_deadline(lambda: (gate.wait(), "made")[1], 0.1, late.append)
+        gate.set()  # the hung call ends after the deadline: what it made is handed to on_late
+        deadline = time.monotonic() + 5
+        while not late and time.monotonic() < deadline:  # noqa: ASYNC110 (on_late runs on a thread)
+            await asyncio.sleep(0.01)
+        return late
+
+    assert asyncio.run(main()) == ["made"]
