@@ -397,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _is_connection_error(exc: BaseException) -> bool:
+    """Reaching the broker failed (not, say, a CA file that does not exist: that traceback stays)."""
+    import socket
+
     import aiomqtt
 
-    return isinstance(exc, (aiomqtt.MqttError, OSError, TimeoutError))
+    return isinstance(exc, (aiomqtt.MqttError, ConnectionError, socket.gaierror, ssl.SSLError, TimeoutError))

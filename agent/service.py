@@ -187,7 +187,7 @@ class Agent:
         self.accepting = True
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
         self._placement_lock = asyncio.Lock()
-        self._next_placement: bytes | None = None  # the newest document not yet applied
+        self._pending_placements: list[bytes] = []  # arrived while a placement was being applied
         self._placement_worker: asyncio.Task[None] | None = None
         self._status_dirty = asyncio.Event()
         self._tasks: list[asyncio.Task[Any]] = []  # long-lived: session, outbox, telemetry, status...
@@ -221,6 +221,7 @@ class Agent:
         # A wedged device can hang its runtime's probe: start without it rather than never (systemd
         # would kill a start that takes minutes). Placements list devices again, under a deadline.
         probe_s = min(60.0, self.config.scheduler.load_timeout_s)
+        self._extend_start(probe_s)
         try:
             self.capabilities = await call_with_deadline(self._probe_capabilities, probe_s, None)
         except TimeoutError:
@@ -274,6 +275,7 @@ class Agent:
         # A placement being applied stops at its next step (a load in flight is abandoned and
         # closed when it ends), so no tenant starts after the drain below.
         applying = [t for t in self._background if t.get_name() == "apply-placement"]
+        self._pending_placements.clear()
         for task in applying:
             task.cancel()
         for task in applying:
@@ -374,29 +376,34 @@ class Agent:
 
     # -- placement ------------------------------------------------------------------------------
     def _on_placement(self, message: Incoming) -> None:
-        if not message.payload:
-            return  # retained placement cleared: keep serving what runs
+        if not message.payload or not self.accepting:
+            return  # retained placement cleared (keep serving what runs), or the agent is stopping
         # Applying loads models (seconds): run it beside dispatch so frames keep flowing. Documents
-        # that arrive meanwhile are not queued one by one: only the newest is applied next.
-        self._next_placement = message.payload
+        # that arrive meanwhile are not applied one by one: each is checked (refusals reported),
+        # and the newest valid one is applied next.
+        self._pending_placements.append(message.payload)
         if self._placement_worker is None or self._placement_worker.done():
             self._placement_worker = asyncio.create_task(self._apply_newest(), name="apply-placement")
             self._background.add(self._placement_worker)
             self._placement_worker.add_done_callback(self._background.discard)
 
     async def _apply_newest(self) -> None:
-        while self._next_placement is not None:
-            payload, self._next_placement = self._next_placement, None
-            await self._apply_document(payload)
+        while self._pending_placements and self.accepting:
+            batch, self._pending_placements = self._pending_placements, []
+            valid = [p for p in map(self._parse_document, batch) if p is not None]
+            if valid:
+                newest = max(reversed(valid), key=lambda p: p.generation)  # the later of equals
+                await self._apply_document(newest)
 
-    async def _apply_document(self, payload: bytes) -> None:
+    def _parse_document(self, payload: bytes) -> Placement | None:
+        """The placement in `payload`, or None: refused (reported in status) or a redelivery."""
         try:
             doc = json.loads(payload)
             if self._verify_key is not None:
                 self._verify_signature(doc, self._verify_key)
-            placement = Placement.model_validate(doc)
+            return Placement.model_validate(doc)
         except _Redelivery:
-            return  # the retained document we already applied, delivered again on reconnect
+            return None  # the retained document we already applied, delivered again on reconnect
         except (ValueError, SignatureRefused) as exc:
             if isinstance(exc, ValidationError):
                 problems = "; ".join(
@@ -409,7 +416,9 @@ class Agent:
                 problems = f"invalid JSON: {exc}"
             self.refused = Refusal(generation=_generation_of(payload), reason=problems)
             self._note_error(f"placement refused: {problems}")
-            return
+            return None
+
+    async def _apply_document(self, placement: Placement) -> None:
         try:
             await self.apply_placement(placement, source="mqtt")
         except PlacementRefused as exc:
@@ -469,6 +478,7 @@ class Agent:
     async def apply_placement(self, placement: Placement, source: str) -> None:
         """Reconcile running tenants to `placement`, make-before-break: start new, then drain old."""
         signature = placement.signature
+        asked = placement  # as published: "auto" stays auto in the saved copy (re-chosen at start)
         async with self._placement_lock:
             if self.applied_generation is not None and placement.generation < self.applied_generation:
                 raise PlacementRefused(
@@ -478,6 +488,8 @@ class Agent:
             models = await asyncio.to_thread(self.repo.names)
             if models != self.capabilities.models:
                 self.capabilities = self.capabilities.model_copy(update={"models": models})
+            if not self.capabilities.backends:  # the probe at start gave up (a hung device): again
+                self.capabilities = await self._runtime_call(self._probe_capabilities, "probing the backends")
             placement, choices = await self._resolve_auto(placement)
             # Off the loop: listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO).
             await self._runtime_call(functools.partial(self._check, placement), "checking the placement")
@@ -509,11 +521,13 @@ class Agent:
             self._applied_signature = signature  # its retained copy, redelivered, is not a replay
             # Saved for the next start: what serves now. A model whose move failed is saved as the
             # tenant that kept serving it, so a restart does not turn a working model into a failed one.
-            serving = [self.tenants[m].spec if m in self.tenants else spec for m, spec in wanted.items()]
+            saved = []
+            for spec in asked.tenants:
+                running = self.tenants.get(spec.model)
+                failed_move = running is not None and running.spec.key() != wanted[spec.model].key()
+                saved.append(running.spec if failed_move and running is not None else spec)
             try:
-                await asyncio.to_thread(
-                    self._save_placement, placement.model_copy(update={"tenants": serving})
-                )
+                await asyncio.to_thread(self._save_placement, asked.model_copy(update={"tenants": saved}))
             except OSError as exc:
                 self._note_error(f"could not save the placement for the next start: {exc}")
             log.info(
@@ -525,10 +539,17 @@ class Agent:
             self._mark_dirty()
             settle_heap()
 
+    def _extend_start(self, seconds: float) -> None:
+        """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise
+        restart an agent whose first TensorRT build, or a deadline on a hung device, runs long)."""
+        if not self.ready.is_set():
+            notify(f"EXTEND_TIMEOUT_USEC={int((seconds + 30.0) * 1_000_000)}")
+
     async def _runtime_call(self, fn: Callable[[], T], what: str) -> T:
         """A call that asks runtimes or drivers (devices, profiling) during a placement, under the
         load deadline: a wedged device refuses the placement instead of holding it for ever."""
         timeout = self.config.scheduler.load_timeout_s
+        self._extend_start(timeout)
         try:
             return await call_with_deadline(fn, timeout, None)
         except TimeoutError:
@@ -598,7 +619,7 @@ class Agent:
                 spec = spec.model_copy(update={"backend": backend, "device": device})
             tenants.append(spec)
         log.info("auto placement: %s", {m: f"{c.backend}:{c.device}" for m, c in choices.items()})
-        return Placement(generation=placement.generation, tenants=tenants), choices
+        return placement.model_copy(update={"tenants": tenants}), choices
 
     async def _choose_together(
         self,
@@ -638,6 +659,7 @@ class Agent:
         try:
             backend = registry.get(spec.backend)
             timeout = self.config.scheduler.load_timeout_s
+            self._extend_start(2 * timeout)  # the availability check, then the load
             try:  # asks the runtime and its driver, which can hang on a wedged device
                 ok, reason = await call_with_deadline(backend.available, timeout, None)
             except TimeoutError:

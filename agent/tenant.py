@@ -43,11 +43,18 @@ Outcome = InferResult | ErrorResult
 EmitFn = Callable[[Frame, Outcome], None]
 
 
-def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int) -> list[TopK]:
+def outputs_probabilities(rows: np.ndarray) -> bool:
+    """A model whose outputs are already probabilities (non-negative, each row summing to 1, within
+    what uint8 quantisation loses); decided once per tenant at warm-up, not frame by frame."""
+    rows = rows.reshape(rows.shape[0], -1).astype(np.float64)
+    return bool(rows.min() >= 0.0 and np.abs(rows.sum(axis=1) - 1.0).max() < 0.02)
+
+
+def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int, probabilities: bool = False) -> list[TopK]:
     """Scores of the k best classes, best first: softmax of logits, or the model's own
-    probabilities when it already outputs them (non-negative, summing to 1)."""
+    probabilities when it outputs them."""
     logits = logits.astype(np.float64, copy=False)
-    if logits.min() >= 0.0 and abs(logits.sum() - 1.0) < 1e-3:
+    if probabilities:
         probs = logits
     else:
         exp = np.exp(logits - logits.max())
@@ -109,6 +116,7 @@ class Tenant:
         self._draining = False  # drain() began: state stays draining whatever instances do
         self._closed = False  # drain() gave up waiting: a batch not yet in the runtime is not run
         self._drain_lock = threading.Lock()
+        self._probabilities: bool | None = None  # the model outputs probabilities, not logits
         self._drained = False
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
@@ -156,6 +164,8 @@ class Tenant:
                 f"the model answers a batch of {size} with shape {tuple(out.shape)}; "
                 "a classifier must output (batch, classes)"
             )
+        if self._probabilities is None:
+            self._probabilities = outputs_probabilities(out)
         labels = len(self.model.labels)
         if labels and out.shape[1] != labels:
             raise ModelLoadError(
@@ -433,7 +443,7 @@ class Tenant:
                 request_id=frame.request_id,
                 model=frame.model,
                 tenant=ref,
-                top=top_k(row, self.model.labels, self._top_k),
+                top=top_k(row, self.model.labels, self._top_k, bool(self._probabilities)),
                 timing_ms=timing,
                 batch_size=len(ready),
             )

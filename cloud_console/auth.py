@@ -92,7 +92,8 @@ class SessionSigner:
         if revocations is not None:
             revocations.parent.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(revocations, timeout=10.0, check_same_thread=False)
-            self._db.execute("PRAGMA busy_timeout=10000")
+            # Checked on the event loop for every request: never wait long behind the store's writer.
+            self._db.execute("PRAGMA busy_timeout=2000")
             with self._db:
                 self._db.execute(
                     "CREATE TABLE IF NOT EXISTS revoked_sessions"

@@ -142,7 +142,10 @@ if [ "$LIVE" = 1 ]; then
   fi
   systemctl daemon-reload
   for u in $units; do
-    systemctl enable "$u" >/dev/null
+    # A console installed earlier is updated, but enabled only when asked for (--console).
+    if [ "$u" != edge-console.service ] || [ "$CONSOLE" = 1 ]; then
+      systemctl enable "$u" >/dev/null
+    fi
     if [ "$START" = 1 ] || systemctl is-active --quiet "$u"; then
       systemctl restart "$u"
       say "(re)started $u"

@@ -312,31 +312,54 @@ def test_a_failed_move_survives_a_restart_with_the_model_still_served(agent_fact
     assert result.get("tenant", {}).get("backend") == "openvino", result
 
 
-def test_documents_arriving_during_a_placement_collapse_to_the_newest(agent_factory, broker):
-    """A console clicking quickly (or a replayed backlog) must not make the device load every
-    intermediate placement: while one applies, only the newest of those that arrive is applied next."""
+def publish_at_once(broker, topic: str, payloads: list[str]) -> None:
+    """Documents back to back on one connection, as a quick console or a replayed backlog sends them."""
     import paho.mqtt.client as paho
     from paho.mqtt.enums import CallbackAPIVersion
 
-    agent = agent_factory("pb1").start()
-    agent.wait_ready()
     client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
     client.connect("127.0.0.1", broker.port)
     client.loop_start()
     try:
-        for generation, spec in (
-            (2, lite0("openvino", "CPU", 2)),
-            (3, lite0()),
-            (4, lite0("openvino", "CPU")),
-        ):
-            doc = json.dumps({"generation": generation, "tenants": [spec]})
-            client.publish("edge/pb1/placement", doc, qos=1, retain=True).wait_for_publish(10)
-        deadline = time.monotonic() + 60
-        while "generation 4 applied" not in agent.log() and time.monotonic() < deadline:
-            time.sleep(0.2)
+        for payload in payloads:
+            client.publish(topic, payload, qos=1, retain=True).wait_for_publish(10)
     finally:
         client.loop_stop()
         client.disconnect()
+
+
+def test_documents_arriving_during_a_placement_collapse_to_the_newest(agent_factory, broker):
+    """A console clicking quickly (or a replayed backlog) must not make the device load every
+    intermediate placement: while one applies, only the newest of those that arrive is applied next."""
+    agent = agent_factory("pb1").start()
+    agent.wait_ready()
+    docs = [(2, lite0("openvino", "CPU", 2)), (3, lite0()), (4, lite0("openvino", "CPU"))]
+    publish_at_once(
+        broker, "edge/pb1/placement", [json.dumps({"generation": g, "tenants": [t]}) for g, t in docs]
+    )
+    deadline = time.monotonic() + 60
+    while "generation 4 applied" not in agent.log() and time.monotonic() < deadline:
+        time.sleep(0.2)
     log = agent.log()
     assert "placement generation 2 applied" in log and "placement generation 4 applied" in log, log[-2000:]
     assert "placement generation 3 applied" not in log, "the superseded document was loaded"
+
+
+def test_a_bad_document_behind_a_valid_one_does_not_drop_it(agent_factory, broker):
+    """While one placement applies, a valid document and then a malformed one arrive: the malformed
+    one is refused (reported), and the valid one is still applied."""
+    agent = agent_factory("pb2").start()
+    agent.wait_ready()
+    docs = [
+        json.dumps({"generation": 2, "tenants": [lite0("openvino", "CPU", 2)]}),
+        json.dumps({"generation": 3, "tenants": [lite0()]}),
+        "{not json",
+    ]
+    publish_at_once(broker, "edge/pb2/placement", docs)
+    deadline = time.monotonic() + 60
+    status = agent.wait_ready()
+    while status["placement"]["applied_generation"] != 3 and time.monotonic() < deadline:
+        time.sleep(0.3)
+        status = agent.wait_ready()
+    assert status["placement"]["applied_generation"] == 3, status["placement"]
+    assert any("invalid JSON" in e for e in status["errors"]), status["errors"]

@@ -311,3 +311,38 @@ def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp
         assert status["placement"]["tenants"][0]["backend"] == "openvino"
     finally:
         agent.stop()
+
+
+def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
+    """The saved copy keeps the document's signature and its "auto" (re-chosen from the cached
+    profiles at start): the redelivered retained document is then recognised, not refused, and the
+    status still explains the choice (the console tracks auto tenants by it)."""
+    import asyncio
+
+    from agent.client import publish_placement
+    from agent.signing import generate_keypair, load_private_key, sign
+
+    private, public = generate_keypair(tmp_path)
+    config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
+    agent = AgentProcess(broker, tmp_path, "sig3", config).start()
+    agent.wait_ready()
+    doc = {"generation": 1, "tenants": [{"model": "efficientnet-lite0", "backend": "auto", "device": "auto"}]}
+    try:
+        applied, status = asyncio.run(
+            publish_placement(broker.url, "sig3", sign(doc, load_private_key(private)), timeout_s=120)
+        )
+        assert applied, status
+        chosen = status["placement"]["tenants"][0]
+        assert chosen["auto"] is not None and chosen["backend"] != "auto"
+    finally:
+        agent.stop()
+    agent.start()
+    try:
+        agent.wait_ready(timeout=120)
+        time.sleep(1.0)  # the retained copy has been delivered and judged by now
+        status = agent.wait_ready()
+        assert status["placement"].get("refused") is None, status["placement"]["refused"]
+        tenant = status["placement"]["tenants"][0]
+        assert (tenant["backend"], tenant["auto"] is not None) == (chosen["backend"], True), tenant
+    finally:
+        agent.stop()

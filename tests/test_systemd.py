@@ -61,6 +61,10 @@ def test_ready_and_watchdog_datagrams_even_with_broker_down(tmp_path):
         ready = [m for m in got if "READY=1" in m]
         assert ready, got
         assert "serving efficientnet-lite0" in ready[0]
+        before_ready = got[: got.index(ready[0])]
+        assert any("EXTEND_TIMEOUT_USEC=" in m for m in before_ready), (
+            "long start steps extend the start timeout"
+        )
         assert got.index(ready[0]) < min(i for i, m in enumerate(got) if "WATCHDOG=1" in m) + 1
         assert sum("WATCHDOG=1" in m for m in got) >= 3
         agent.proc.send_signal(signal.SIGTERM)
