@@ -133,7 +133,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.client import read_retained
-    from agent.topics import Topics
+    from agent.protocol.topics import Topics
 
     url, device_id, tls = _device_args(args)
     status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout, tls))
@@ -146,12 +146,16 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_place(args: argparse.Namespace) -> int:
     from agent.client import publish_placement, read_retained
-    from agent.schemas import Placement
-    from agent.topics import Topics
+    from agent.protocol import editing
+    from agent.protocol.schemas import Placement, Status
+    from agent.protocol.topics import Topics
 
     url, device_id, tls = _device_args(args)
     status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0, tls)) or {}
-    current = status.get("placement") or {}
+    try:  # the same editing rules as the console's (agent.protocol.editing)
+        reported = Status.model_validate(status) if status else None
+    except ValueError:
+        reported = None  # not an agent's status: start from nothing
     if args.file:
         try:
             doc = json.loads(Path(args.file).read_text())
@@ -162,7 +166,11 @@ def cmd_place(args: argparse.Namespace) -> int:
         if not args.model:
             print("error: give --file or --model", file=sys.stderr)
             return EXIT_CONFIG
-        keep = _tenants_to_keep(current.get("tenants", []), args.model)
+        others, failed = editing.without_failed(editing.current_tenants(reported, None), reported)
+        dropped = [m for m in failed if m != args.model]
+        if dropped:
+            print(f"not carried over (they failed to start): {', '.join(dropped)}")
+        keep = [t.model_dump(exclude_none=True) for t in others if t.model != args.model]
         tenant: dict[str, Any] = {
             "model": args.model,
             "backend": args.backend,
@@ -173,15 +181,15 @@ def cmd_place(args: argparse.Namespace) -> int:
             tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
         doc = {"tenants": [*keep, tenant]}
     if "generation" not in doc or args.generation is not None:
-        known = [g for g in (current.get("generation"), current.get("applied_generation")) if g is not None]
-        doc["generation"] = args.generation if args.generation is not None else max(known, default=0) + 1
+        default = editing.next_generation(reported, None)
+        doc["generation"] = args.generation if args.generation is not None else default
     try:
         Placement.model_validate(doc)
     except ValueError as exc:
         print(f"error: invalid placement: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.sign_key:
-        from agent.signing import load_private_key, sign
+        from agent.protocol.signing import load_private_key, sign
 
         try:
             key = load_private_key(Path(args.sign_key))
@@ -215,36 +223,15 @@ def cmd_place(args: argparse.Namespace) -> int:
     return 1
 
 
-def _tenants_to_keep(tenants: list[dict[str, Any]], replaced: str) -> list[dict[str, Any]]:
-    """The other models' specs, from the device's status, for a `place --model` document.
-
-    Every spec field is kept (precision, threads, batch...). A model can be listed twice (a move
-    that failed: the old tenant serving plus the failed one); the serving one is kept.
-    """
-    from agent.schemas import TenantSpec
-
-    fields = set(TenantSpec.model_fields)
-    chosen: dict[str, dict[str, Any]] = {}
-    for t in tenants:
-        model = t.get("model")
-        # A failed tenant is not carried over: the tenant still serving that model is, if any (a
-        # failed move); a model that never started is left out rather than retried on every place.
-        if not model or model == replaced or t.get("state") in ("draining", "failed"):
-            continue
-        chosen[model] = {k: v for k, v in t.items() if k in fields and v is not None}
-    dropped = sorted({t["model"] for t in tenants if t.get("state") == "failed"} - set(chosen) - {replaced})
-    if dropped:
-        print(f"not carried over (they failed to start): {', '.join(dropped)}")
-    return list(chosen.values())
-
-
 def cmd_keygen(args: argparse.Namespace) -> int:
-    from agent.signing import generate_keypair
+    from agent.protocol.signing import generate_keypair
 
     folder = Path(args.out)
     folder.mkdir(parents=True, exist_ok=True)
     private, public = generate_keypair(folder)
-    print(f"private key (keep it with the console): {private}")
+    print(
+        f"private key (keep it with whoever publishes placements: `edge-agent place --sign-key`): {private}"
+    )
     print(f"public key (for every device's security.placement_public_key): {public.read_text().strip()}")
     return 0
 
@@ -271,21 +258,17 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from agent.demo import run_demo
+    from agent.devtools.demo import run_demo
 
     keep = True if args.keep_running else (False if args.exit else None)
     return run_demo(keep_running=keep, instances=args.instances)
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    setup_logging("WARNING")
-    if args.placement:
-        from bench.placement import run as run_placement
+def cmd_bench(argv: list[str]) -> int:
+    """The benchmark is a dev tool, loaded only when called: nothing on the `run` path imports bench/."""
+    from bench.cli import main as bench_main
 
-        return run_placement(args)
-    from bench.concurrency import run
-
-    return run(args)
+    return bench_main(argv, prog="edge-agent bench")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -366,15 +349,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--instances", type=int, default=2)
     demo.set_defaults(func=cmd_demo)
-    bench = sub.add_parser("bench", help="concurrency benchmark: raw runtime vs pipeline vs MQTT vs naive")
-    from bench import add_arguments
-
-    add_arguments(bench)
-    bench.set_defaults(func=cmd_bench)
+    bench = sub.add_parser(
+        "bench",
+        add_help=False,  # its options (and --help) belong to bench.cli, parsed when it runs
+        help="concurrency benchmark: raw runtime vs pipeline vs MQTT vs naive (`edge-agent bench --help`)",
+    )
+    bench.set_defaults(func=lambda _args: cmd_bench([]))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:  # its options are bench.cli's own
+        return cmd_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -19,9 +19,9 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import parse_broker_url
+from agent.protocol.broker import parse_broker_url
 from agent.mqtt_session import NO_DELAY
-from agent.topics import Topics
+from agent.protocol.topics import Topics
 
 
 def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> aiomqtt.Client:
@@ -30,14 +30,14 @@ def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs
     For `mqtts://` without a context, the system's CA store verifies the broker.
     """
     broker = parse_broker_url(broker_url)
-    if tls_context is None and broker["tls"]["enabled"]:
+    if tls_context is None and broker.tls:
         tls_context = ssl.create_default_context()
     return aiomqtt.Client(
-        broker["host"],
-        broker["port"],
+        broker.host,
+        broker.port,
         protocol=aiomqtt.ProtocolVersion.V5,
-        username=broker.get("username"),
-        password=broker.get("password"),
+        username=broker.username,
+        password=broker.password,
         tls_context=tls_context,
         socket_options=NO_DELAY,
         **kwargs,

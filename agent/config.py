@@ -12,7 +12,6 @@ import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
@@ -22,8 +21,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agent.schemas import Placement, TenantSpec
-from agent.topics import DEVICE_ID_RE, valid_device_id
+from agent.protocol.broker import BrokerUrlError
+from agent.protocol.broker import parse_broker_url as parse_address
+from agent.protocol.schemas import Placement, TenantSpec
+from agent.protocol.topics import DEVICE_ID_RE, valid_device_id
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
@@ -157,29 +158,17 @@ class AgentConfig(BaseSettings):
 
 
 def parse_broker_url(url: str) -> dict[str, Any]:
-    """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> broker settings."""
+    """`--broker URL` as config overrides (agent.protocol.broker parses it; the scheme decides TLS,
+    also against a config file that enables it: its CA and certificate stay)."""
     try:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
-    except ValueError as exc:
-        raise ConfigError(f"--broker {url!r}: {exc}") from exc
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConfigError(f"--broker {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConfigError(f"--broker {url!r}: no host")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port if parts.port is not None else (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConfigError(f"--broker {url!r}: {exc}") from exc
-    if port == 0:
-        raise ConfigError(f"--broker {url!r}: port 0 is not a port")
-    # The scheme decides TLS, also against a config file that enables it (its CA and cert stay).
-    out: dict[str, Any] = {"host": parts.hostname, "port": port, "tls": {"enabled": tls}}
-    if parts.username:
-        out["username"] = unquote(parts.username)
-    if parts.password:
-        out["password"] = unquote(parts.password)
+        address = parse_address(url)
+    except BrokerUrlError as exc:
+        raise ConfigError(f"--{exc}") from exc
+    out: dict[str, Any] = {"host": address.host, "port": address.port, "tls": {"enabled": address.tls}}
+    if address.username:
+        out["username"] = address.username
+    if address.password:
+        out["password"] = address.password
     return out
 
 

@@ -13,8 +13,8 @@ from typing import Literal
 
 from agent.config import AgentConfig
 from agent.model_repo import ModelError, ModelRepository
-from agent.schemas import Placement
-from agent.topics import valid_model_name
+from agent.protocol.schemas import Placement
+from agent.protocol.topics import valid_model_name
 
 Level = Literal["ok", "warn", "fail"]
 MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}

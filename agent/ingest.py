@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from agent.schemas import Envelope, ErrorCode
-from agent.topics import valid_model_name
+from agent.protocol.schemas import Envelope, ErrorCode
+from agent.protocol.topics import valid_model_name
 
 
 class IngestError(Exception):

@@ -21,7 +21,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from agent.topics import MODEL_NAME_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
 from backends.base import ModelArtifacts
 
 log = logging.getLogger(__name__)

@@ -30,6 +30,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
+from agent.protocol.broker import tls_context
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +63,10 @@ class Subscription:
 
 
 def build_tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
-    """Reads certificate files: blocking, so it runs in a thread, not on the event loop."""
+    """The agent's TLS settings as a context (agent.protocol.broker): blocking, run it in a thread."""
     if not cfg.tls.enabled:
         return None
-    ctx = ssl.create_default_context(cafile=str(cfg.tls.ca_file) if cfg.tls.ca_file else None)
-    if cfg.tls.cert_file:
-        ctx.load_cert_chain(str(cfg.tls.cert_file), str(cfg.tls.key_file) if cfg.tls.key_file else None)
-    if cfg.tls.insecure:
-        ctx.check_hostname = False
-    return ctx
+    return tls_context(cfg.tls.ca_file, cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.insecure)
 
 
 class MqttSession:

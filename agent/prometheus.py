@@ -10,7 +10,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 
-from agent.schemas import Telemetry
+from agent.protocol.schemas import Telemetry
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ from agent.model_repo import ModelError, ModelRepository
 from agent.mqtt_session import Incoming, MqttSession
 from agent.outbox import Outbox, OutboxStore
 from agent.placer import Profiler, candidates_for, choose, shortlist
-from agent.schemas import (
+from agent.protocol.schemas import (
     AutoChoice,
     BackendCapability,
     Capabilities,
@@ -54,9 +54,9 @@ from agent.schemas import (
     TenantTelemetry,
 )
 from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
-from agent.signing import SignatureRefused, load_public_key, verify
+from agent.protocol.signing import SignatureRefused, load_public_key, verify
 from agent.tenant import Tenant
-from agent.topics import Topics
+from agent.protocol.topics import Topics
 from backends import registry
 from backends.base import BackendError, UnknownDevice
 

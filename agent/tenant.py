@@ -23,7 +23,7 @@ from agent.ingest import Frame
 from agent.model_repo import Model
 from agent.preprocess import BadImage, Preprocessor
 from agent.scheduler import BatchQueue, QueueClosed, QueueFull
-from agent.schemas import (
+from agent.protocol.schemas import (
     ErrorCode,
     ErrorInfo,
     ErrorResult,

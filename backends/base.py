@@ -81,7 +81,7 @@ class Backend(ABC):
     def canonical_device(self, device: str) -> str:
         """Match a user's device name case-insensitively against `devices()`; raise UnknownDevice.
 
-        A kind without an index means the first of that kind (DESIGN.md: `cuda` is `cuda:0`,
+        A kind without an index means the first of that kind (docs/protocol.md: `cuda` is `cuda:0`,
         `usb` is `usb:0`), for every backend.
         """
         wanted = device.strip().lower()

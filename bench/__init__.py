@@ -1,27 +1,5 @@
-"""Benchmarks: numbers measured side by side in one run and printed as ratios (not tests)."""
+"""Benchmarks and dev tools: numbers measured side by side in one run and printed as ratios (not tests).
 
-from __future__ import annotations
-
-import argparse
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`edge-agent bench` options (kept here so the CLI does not import the benchmark to parse)."""
-    parser.add_argument("--backends", type=lambda s: s.split(","), default=["onnxruntime", "openvino"])
-    parser.add_argument("--instances", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
-    parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per configuration")
-    parser.add_argument("--model", default="efficientnet-lite0")
-    parser.add_argument(
-        "--device", help="one device for every backend (e.g. cuda:0); default: each one's CPU"
-    )
-    parser.add_argument(
-        "--precision", choices=["fp32", "fp16", "int8"], help="tenant precision (e.g. fp16 on a GPU)"
-    )
-    parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
-    parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument(
-        "--placement",
-        action="store_true",
-        help="instead: the placement benchmark (two models, same backend vs spread vs auto)",
-    )
+Nothing in agent/, backends/ or cloud_console/ imports this package (`make lint` checks it);
+`edge-agent bench` loads `bench.cli` only when that command is run.
+"""

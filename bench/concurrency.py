@@ -30,14 +30,15 @@ import numpy as np
 from PIL import Image
 
 from agent.client import read_retained
-from agent.demo import start_agent, wait_ready
+from agent.devtools.demo import start_agent, wait_ready
 from agent.ingest import Frame
-from agent.local_broker import LocalBroker
+from agent.devtools.local_broker import LocalBroker
+from agent.protocol.broker import parse_broker_url
 from agent.model_repo import ModelRepository
 from agent.preprocess import Preprocessor
-from agent.schemas import BatchSpec, Placement, TenantSpec
+from agent.protocol.schemas import BatchSpec, Placement, TenantSpec
 from agent.tenant import Tenant
-from agent.topics import Topics
+from agent.protocol.topics import Topics
 from backends import registry
 from bench.loadgen import LoadGenerator, Tally
 
@@ -221,21 +222,17 @@ def measure_pipeline(
 def generator(
     url: str, device_id: str, model: str | None = None, name: str = "edge-bench-camera"
 ) -> LoadGenerator:
-    from agent.config import parse_broker_url
-
     b = parse_broker_url(url)
-    return LoadGenerator(b["host"], b["port"], device_id, model, name)
+    return LoadGenerator(b.host, b.port, device_id, model, name)
 
 
 async def apply_placement(broker_url: str, generation: int, tenants: list[TenantSpec]) -> None:
     """Publish a retained placement and wait until the agent reports it applied and ready."""
     import aiomqtt
 
-    from agent.config import parse_broker_url
-
     doc = Placement(generation=generation, tenants=tenants).model_dump_json()
     b = parse_broker_url(broker_url)
-    async with aiomqtt.Client(b["host"], b["port"], protocol=aiomqtt.ProtocolVersion.V5) as c:
+    async with aiomqtt.Client(b.host, b.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
         await c.publish(Topics(DEVICE).placement, doc, qos=1, retain=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -611,8 +608,6 @@ def _plot(rows: list[Row], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    from bench import add_arguments
+    from bench.cli import main
 
-    p = argparse.ArgumentParser(description=__doc__)
-    add_arguments(p)
-    raise SystemExit(run(p.parse_args()))
+    raise SystemExit(main())

@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.demo import start_agent
-from agent.local_broker import LocalBroker
+from agent.devtools.demo import start_agent
+from agent.devtools.local_broker import LocalBroker
 from agent.model_repo import ModelRepository
-from agent.schemas import TenantSpec
+from agent.protocol.schemas import TenantSpec
 from backends import registry
 from bench.concurrency import BENCH_AGENT_CONFIG, DEVICE, apply_placement, generator, jpeg_frames
 
@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _placed(url: str) -> str:
     from agent.client import read_retained
-    from agent.topics import Topics
+    from agent.protocol.topics import Topics
 
     status = asyncio.run(read_retained(url, Topics(DEVICE).status, 2.0)) or {}
     tenants = (status.get("placement") or {}).get("tenants", [])

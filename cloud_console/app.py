@@ -28,13 +28,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Stre
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
-from agent.schemas import Placement, TenantSpec
+from agent.protocol.schemas import Placement, TenantSpec
 from cloud_console import pages
 from cloud_console.auth import Session, password_binding, verify_password
 from cloud_console.config import Role
 from cloud_console.events import format_event
 from cloud_console.mqtt import PublishFailed
-from cloud_console.placement import PlacementInvalid
+from agent.protocol.editing import PlacementInvalid
 from cloud_console.service import Console, UnknownDevice
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,7 @@ def create_app(console: Console) -> FastAPI:
     app = FastAPI(
         title="edge-agent console",
         version="0.1.0",
-        description="Fleet view and placement control for edge-agent devices, over MQTT (DESIGN.md).",
+        description="Fleet view and placement control for edge-agent devices, over MQTT (docs/protocol.md).",
         lifespan=lifespan,
         docs_url=None,  # Swagger UI loads from a CDN; the console serves no third-party origin
         redoc_url=None,

@@ -1,10 +1,9 @@
-"""`edge-console`: serve the web console, simulate a fleet, hash a password, check the load.
+"""`edge-console`: serve the web console, simulate a fleet, hash a password.
 
     edge-console serve --broker mqtt://HOST:PORT [--listen 127.0.0.1:8080] [--db console.db]
                        [--config console.toml] [--shared-group NAME] [--demo-users [admin=PW,viewer=PW]]
     edge-console simulate --broker mqtt://HOST:PORT --devices 500 [--interval 2]
     edge-console hash-password            (prompts; or --stdin)
-    edge-console loadcheck [--devices 500] [--duration 30]
 
 `edge-console --broker ...` without a command means `serve`.
 """
@@ -38,7 +37,7 @@ from cloud_console.config import (
 )
 
 EXIT_CONFIG = 2
-COMMANDS = ("serve", "simulate", "hash-password", "loadcheck")
+COMMANDS = ("serve", "simulate", "hash-password")
 log = logging.getLogger("cloud_console")
 
 
@@ -212,18 +211,6 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_loadcheck(args: argparse.Namespace) -> int:
-    from cloud_console.loadcheck import run_loadcheck
-
-    setup_logging(args.log_level)
-    return run_loadcheck(
-        devices=args.devices,
-        duration_s=args.duration,
-        interval_s=args.interval,
-        chromium=not args.no_chromium,
-    )
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edge-console", description="The edge-agent fleet console.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -262,13 +249,6 @@ def build_parser() -> argparse.ArgumentParser:
     hashpw.add_argument("--stdin", action="store_true", help="read the password from stdin")
     hashpw.set_defaults(func=cmd_hash_password)
 
-    load = sub.add_parser("loadcheck", help="private broker + console + N simulated devices: print figures")
-    load.add_argument("--devices", type=int, default=500)
-    load.add_argument("--duration", type=float, default=30.0)
-    load.add_argument("--interval", type=float, default=1.0, help="simulated telemetry interval, seconds")
-    load.add_argument("--no-chromium", action="store_true", help="skip the in-browser page load timing")
-    load.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    load.set_defaults(func=cmd_loadcheck)
     return parser
 
 

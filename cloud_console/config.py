@@ -2,19 +2,20 @@
 
 Validated once at start (`extra="forbid"`, no I/O in validators); a bad file is one `ConsoleConfigError`
 that the CLI turns into exit code 2. The console has its own config (it does not import the agent's):
-it knows agents only through the MQTT topics of DESIGN.md.
+it knows agents only through the wire contract (docs/protocol.md, package agent.protocol).
 """
 
 from __future__ import annotations
 
 import re
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
-from urllib.parse import unquote, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agent.protocol.broker import BrokerAddress, BrokerUrlError
+from agent.protocol.broker import parse_broker_url as parse_address
 
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -95,38 +96,12 @@ class ConsoleConfig(Section):
         return users
 
 
-@dataclass(frozen=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-
 def parse_broker_url(url: str) -> BrokerAddress:
-    """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> where to connect."""
+    """`mqtt://host:port`, `mqtts://host:port` or `host:port` -> where to connect (the agent's parser)."""
     try:
-        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
-        parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
-    except ValueError as exc:
-        raise ConsoleConfigError(f"broker {url!r}: {exc}") from exc
-    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
-        raise ConsoleConfigError(f"broker {url!r}: scheme must be mqtt:// or mqtts://")
-    if not parts.hostname:
-        raise ConsoleConfigError(f"broker {url!r}: no host")
-    tls = parts.scheme in ("mqtts", "ssl")
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError as exc:
-        raise ConsoleConfigError(f"broker {url!r}: {exc}") from exc
-    return BrokerAddress(
-        host=parts.hostname,
-        port=port,
-        tls=tls,
-        username=unquote(parts.username) if parts.username else None,
-        password=unquote(parts.password) if parts.password else None,
-    )
+        return parse_address(url)
+    except BrokerUrlError as exc:
+        raise ConsoleConfigError(str(exc)) from exc
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -18,8 +18,9 @@ from collections.abc import Callable
 
 import aiomqtt
 
-from agent.topics import fleet_filter
-from cloud_console.config import BrokerAddress, BrokerSettings
+from agent.protocol.broker import BrokerAddress, tls_context
+from agent.protocol.topics import fleet_filter
+from cloud_console.config import BrokerSettings
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +36,7 @@ def build_tls_context(address: BrokerAddress, settings: BrokerSettings) -> ssl.S
     """Reads certificate files: blocking, so it runs in a thread, not on the event loop."""
     if not address.tls:
         return None
-    ctx = ssl.create_default_context(cafile=str(settings.ca_file) if settings.ca_file else None)
-    if settings.tls_insecure:
-        ctx.check_hostname = False
-    return ctx
+    return tls_context(ca_file=settings.ca_file, insecure=settings.tls_insecure)
 
 
 class ConsoleMqtt:

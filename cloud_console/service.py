@@ -18,14 +18,14 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.schemas import Placement, Status, Telemetry, TenantSpec
-from agent.topics import Topics, valid_device_id
+from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
+from agent.protocol.topics import Topics, valid_device_id
 from cloud_console.auth import SessionSigner
 from cloud_console.config import ConsoleConfig, UserConfig, parse_broker_url
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.mqtt import ConsoleMqtt, PublishFailed
-from cloud_console.placement import (
+from agent.protocol.editing import (
     DesiredPlacement,
     PlacementInvalid,
     Tracking,

@@ -1,7 +1,7 @@
 """A fleet of lightweight fake agents for demos and load checks: `edge-console simulate`.
 
-Each simulated device speaks the wire contract of DESIGN.md with the same payload models as the real
-agent (agent.schemas): a retained status (capabilities, placement with generation and
+Each simulated device speaks the wire contract of docs/protocol.md with the same payload models as the real
+agent (agent.protocol.schemas): a retained status (capabilities, placement with generation and
 applied_generation, tenants with state, errors), telemetry every `interval_s`, and it applies the
 retained placement published to it, refusing what the real agent refuses (a document that does not
 validate, an older generation, an unknown model or backend: "auto" too, as the agent does today),
@@ -30,7 +30,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
-from agent.schemas import (
+from agent.protocol.schemas import (
     BackendCapability,
     Capabilities,
     DeviceTelemetry,
@@ -43,7 +43,7 @@ from agent.schemas import (
     TenantStatus,
     TenantTelemetry,
 )
-from agent.topics import Topics
+from agent.protocol.topics import Topics
 
 log = logging.getLogger(__name__)
 

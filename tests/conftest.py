@@ -19,7 +19,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.local_broker import LocalBroker
+from agent.devtools.local_broker import LocalBroker
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "agent" / "samples"

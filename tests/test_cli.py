@@ -93,7 +93,7 @@ def test_demo_shows_correct_labels():
 def test_keygen_writes_a_key_pair_the_agent_accepts(tmp_path):
     done = edge_agent("keygen", "--out", str(tmp_path / "keys"))
     assert done.returncode == 0, done.stderr
-    from agent.signing import load_private_key, load_public_key
+    from agent.protocol.signing import load_private_key, load_public_key
 
     load_private_key(tmp_path / "keys" / "placement-signing.key")
     public = done.stdout.split("placement_public_key): ")[1].strip()
@@ -101,7 +101,7 @@ def test_keygen_writes_a_key_pair_the_agent_accepts(tmp_path):
 
 
 def test_client_commands_without_a_broker_say_so_in_one_line(tmp_path):
-    from agent.local_broker import free_port
+    from agent.devtools.local_broker import free_port
 
     url = f"mqtt://127.0.0.1:{free_port()}"  # nobody listens there
     for args in (

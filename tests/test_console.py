@@ -24,8 +24,8 @@ from typing import Any
 
 import pytest
 
-from agent.local_broker import LocalBroker, free_port
-from agent.schemas import (
+from agent.devtools.local_broker import LocalBroker, free_port
+from agent.protocol.schemas import (
     BackendCapability,
     Capabilities,
     PlacementStatus,
@@ -35,7 +35,7 @@ from agent.schemas import (
 )
 from cloud_console import auth, cli
 from cloud_console.config import ConsoleConfigError, load_console_config
-from cloud_console.placement import (
+from agent.protocol.editing import (
     DesiredPlacement,
     PlacementInvalid,
     check_against,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from agent.ingest import FrameMeta, IngestError, parse_frame
-from agent.schemas import Placement
+from agent.protocol.schemas import Placement
 
 JPEG = b"\xff\xd8\xff\xe0fake-but-sniffable"
 

@@ -14,7 +14,7 @@ import pytest
 
 from agent.ingest import Frame
 from agent.model_repo import ModelRepository
-from agent.schemas import ErrorResult, InferResult, TenantSpec
+from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
 from agent.tenant import Tenant
 from backends.fake import FakeBackend
 from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, REPO, sample

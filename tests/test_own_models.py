@@ -13,7 +13,7 @@ import pytest
 
 from agent.ingest import Frame
 from agent.model_repo import ModelError, ModelRepository
-from agent.schemas import ErrorResult, InferResult, TenantSpec
+from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
 from agent.tenant import Tenant
 from backends import registry
 from backends.base import BackendError

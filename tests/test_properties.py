@@ -14,7 +14,7 @@ from PIL import Image
 from agent.config import ConfigError, load_config, parse_broker_url
 from agent.model_repo import ModelError, ModelRepository
 from agent.preprocess import BadImage, Preprocessor
-from agent.signing import SignatureRefused, load_public_key, verify
+from agent.protocol.signing import SignatureRefused, load_public_key, verify
 from tests.conftest import MODELS, sample
 
 SPEC = ModelRepository(MODELS).load("efficientnet-lite0").input

@@ -22,7 +22,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
-from agent.local_broker import LocalBroker, free_port
+from agent.devtools.local_broker import LocalBroker, free_port
 from agent.service import Agent
 from backends import registry
 from tests.conftest import MODELS, AgentProcess, Collector, passwd_file, sample

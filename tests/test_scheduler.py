@@ -12,7 +12,7 @@ import pytest
 from agent.ingest import Frame
 from agent.model_repo import ModelRepository
 from agent.scheduler import BatchQueue, QueueClosed, QueueFull
-from agent.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
+from agent.protocol.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
 from agent.tenant import Tenant, warmup_batch_sizes
 from backends.base import BackendError
 from backends.fake import FakeBackend

@@ -11,7 +11,7 @@ import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from agent.local_broker import LocalBroker
+from agent.devtools.local_broker import LocalBroker
 from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, passwd_file, sample
 from tests.pki import make_pki
 
@@ -163,7 +163,7 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
     import json
 
     from agent.client import publish_placement
-    from agent.signing import generate_keypair, load_private_key, sign
+    from agent.protocol.signing import generate_keypair, load_private_key, sign
 
     private, public = generate_keypair(tmp_path)
     key = load_private_key(private)
@@ -280,7 +280,7 @@ def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp
     import asyncio
 
     from agent.client import publish_placement
-    from agent.signing import generate_keypair, load_private_key, sign
+    from agent.protocol.signing import generate_keypair, load_private_key, sign
 
     private, public = generate_keypair(tmp_path)
     config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
@@ -320,7 +320,7 @@ def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
     import asyncio
 
     from agent.client import publish_placement
-    from agent.signing import generate_keypair, load_private_key, sign
+    from agent.protocol.signing import generate_keypair, load_private_key, sign
 
     private, public = generate_keypair(tmp_path)
     config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'

@@ -18,7 +18,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.local_broker import LocalBroker, free_port
+from agent.devtools.local_broker import LocalBroker, free_port
 from tests.conftest import REPO, AgentProcess, Collector, sample
 
 pytestmark = pytest.mark.timeout(300)

@@ -1,4 +1,4 @@
-"""Take the README screenshots: `python -m cloud_console.screenshot`.
+"""Take the console screenshots (docs/console.md): `python -m bench.screenshots`.
 
 A private Mosquitto, the console and 40 simulated devices; a few placement actions so the table
 shows every state (applied, refused, a tenant moved), then the fleet page (and one device page)
@@ -15,11 +15,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from agent.local_broker import LocalBroker, free_port
-from cloud_console.loadcheck import CHROMIUM, CHROMIUM_ARGS, Http, wait_healthy
+from agent.devtools.local_broker import LocalBroker, free_port
+from bench.console_load import CHROMIUM, CHROMIUM_ARGS, Http, wait_healthy
 from cloud_console.simulator import FleetSimulator
 
-HERE = Path(__file__).resolve().parent
+# The screenshots live with the console they show.
+HERE = Path(__file__).resolve().parent.parent / "cloud_console"
 
 
 def main(argv: list[str] | None = None) -> int:

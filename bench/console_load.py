@@ -1,4 +1,4 @@
-"""`edge-console loadcheck`: does the console keep up with a fleet? Prints figures, not a pass/fail test.
+"""`python -m bench.console_load`: does the console keep up with a fleet? Prints figures, not a pass/fail test.
 
 Starts a private Mosquitto, the console (`edge-console serve`, a subprocess as in production) and the
 simulator (`edge-console simulate`, another subprocess) with N devices, then for `duration_s`:
@@ -10,6 +10,7 @@ every device) when Playwright and /usr/bin/chromium are present.
 
 from __future__ import annotations
 
+import argparse
 import http.cookiejar
 import json
 import logging
@@ -27,7 +28,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from agent.local_broker import LocalBroker, free_port
+from agent.devtools.local_broker import LocalBroker, free_port
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +273,27 @@ def run_loadcheck(
     )
     shutil.rmtree(workdir, ignore_errors=True)
     return 0 if kept_up and fast else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.console_load",
+        description="private broker + console + N simulated devices: print figures",
+    )
+    parser.add_argument("--devices", type=int, default=500)
+    parser.add_argument("--duration", type=float, default=30.0)
+    parser.add_argument("--interval", type=float, default=1.0, help="simulated telemetry interval, seconds")
+    parser.add_argument("--no-chromium", action="store_true", help="skip the in-browser page load timing")
+    parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return run_loadcheck(
+        devices=args.devices,
+        duration_s=args.duration,
+        interval_s=args.interval,
+        chromium=not args.no_chromium,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

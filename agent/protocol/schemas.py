@@ -1,4 +1,4 @@
-"""Wire payloads of DESIGN.md as pydantic models: the one thing agent and console share."""
+"""Wire payloads of docs/protocol.md as pydantic models: the one thing agent and console share."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from agent.topics import MODEL_NAME_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate

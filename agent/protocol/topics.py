@@ -1,4 +1,4 @@
-"""Every MQTT topic of the wire contract (DESIGN.md), built and parsed in one place."""
+"""Every MQTT topic of the wire contract (docs/protocol.md), built and parsed in one place."""
 
 from __future__ import annotations
 

@@ -1,7 +1,9 @@
-"""Placement logic of the console, kept pure (no I/O) so it is easy to test.
+"""Editing placements, pure (no I/O): the rules `edge-agent place` and the console share.
 
-The console publishes a desired placement (retained, QoS 1) on edge/<id>/placement and learns the
-outcome only from the agent's retained status: `applied_generation` reaching the published generation
+Where an edit starts from (`current_tenants`), which generation comes next (`next_generation`), moving
+a tenant, and whether a published placement was applied (`track`). Whoever publishes a desired
+placement (retained, QoS 1) on edge/<id>/placement learns the outcome only from the agent's retained
+status (docs/protocol.md): `applied_generation` reaching the published generation
 with the tenants ready means applied; an entry in `status.errors` naming that generation means refused.
 """
 
@@ -13,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Literal
 
-from agent.schemas import Capabilities, Placement, Status, TenantSpec, TenantStatus
+from agent.protocol.schemas import Capabilities, Placement, Status, TenantSpec, TenantStatus
 
 AUTO = "auto"
 # Agent error lines: "<UTC timestamp> placement generation 7 refused: <reason>"
@@ -172,6 +174,20 @@ def current_tenants(status: Status | None, desired: DesiredPlacement | None) -> 
     return [
         TenantSpec.model_validate(t.model_dump(include=set(TenantSpec.model_fields))) for t in best.values()
     ]
+
+
+def without_failed(tenants: list[TenantSpec], status: Status | None) -> tuple[list[TenantSpec], list[str]]:
+    """`tenants` less the models whose only entry in `status` is a failed tenant, and those models.
+
+    For edits made without a person looking at them (`edge-agent place --model`): a model that never
+    started is left out rather than retried on every edit. A failed move is not affected: the tenant
+    still serving that model is kept.
+    """
+    if status is None or status.placement is None:
+        return tenants, []
+    serving = {t.model for t in status.placement.tenants if t.state in ("ready", "loading")}
+    failed = {t.model for t in status.placement.tenants if t.state == "failed"} - serving
+    return [t for t in tenants if t.model not in failed], sorted(failed)
 
 
 def _device_match(devices: list[str], wanted: str) -> str | None:

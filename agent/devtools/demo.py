@@ -15,8 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from agent.client import InferClient, read_retained
-from agent.local_broker import LocalBroker, free_port
-from agent.topics import Topics
+from agent.devtools.local_broker import LocalBroker, free_port
+from agent.protocol.topics import Topics
 
 SAMPLES = Path(__file__).resolve().parent / "samples"
 DEVICE_ID = "demo-device"

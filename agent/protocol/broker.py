@@ -1,0 +1,79 @@
+"""Where the broker is and how to talk TLS to it: the one parser and TLS setup for agent, CLI and console.
+
+Before this module the agent and the console each parsed broker URLs and built TLS contexts, and
+their rules drifted (one accepted port 0). Both now call these two functions.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+SCHEMES_PLAIN = ("mqtt", "tcp")
+SCHEMES_TLS = ("mqtts", "ssl")
+
+
+class BrokerUrlError(ValueError):
+    """A broker URL that cannot be used; the message names the URL and what is wrong."""
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    """A parsed `mqtt://` / `mqtts://` URL. The scheme decides TLS."""
+
+    host: str
+    port: int
+    tls: bool
+    username: str | None = None
+    password: str | None = None
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """`mqtt://[user:pw@]host[:port]`, `mqtts://...` or `host[:port]` -> where to connect.
+
+    Default ports 1883 (plain) and 8883 (TLS); port 0 and out-of-range ports are errors.
+    """
+    try:
+        parts = urlsplit(url if "://" in url else f"mqtt://{url}")
+        parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
+    except ValueError as exc:
+        raise BrokerUrlError(f"broker {url!r}: {exc}") from exc
+    if parts.scheme not in SCHEMES_PLAIN + SCHEMES_TLS:
+        raise BrokerUrlError(f"broker {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise BrokerUrlError(f"broker {url!r}: no host")
+    tls = parts.scheme in SCHEMES_TLS
+    try:
+        port = parts.port if parts.port is not None else (8883 if tls else 1883)
+    except ValueError as exc:
+        raise BrokerUrlError(f"broker {url!r}: {exc}") from exc
+    if port == 0:
+        raise BrokerUrlError(f"broker {url!r}: port 0 is not a port")
+    return BrokerAddress(
+        host=parts.hostname,
+        port=port,
+        tls=tls,
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password else None,
+    )
+
+
+def tls_context(
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext:
+    """A client TLS context: the CA file (else the system store), an optional client certificate.
+
+    Reads certificate files, so callers on an event loop run it in a thread. `insecure` skips the
+    hostname check only (self-signed lab brokers); the chain is still verified.
+    """
+    ctx = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    if cert_file:
+        ctx.load_cert_chain(str(cert_file), str(key_file) if key_file else None)
+    if insecure:
+        ctx.check_hostname = False
+    return ctx

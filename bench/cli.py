@@ -1,0 +1,49 @@
+"""`edge-agent bench` / `python -m bench`: the concurrency benchmark, or with --placement the placement one."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """`edge-agent bench` options."""
+    parser.add_argument("--backends", type=lambda s: s.split(","), default=["onnxruntime", "openvino"])
+    parser.add_argument("--instances", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
+    parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per configuration")
+    parser.add_argument("--model", default="efficientnet-lite0")
+    parser.add_argument(
+        "--device", help="one device for every backend (e.g. cuda:0); default: each one's CPU"
+    )
+    parser.add_argument(
+        "--precision", choices=["fp32", "fp16", "int8"], help="tenant precision (e.g. fp16 on a GPU)"
+    )
+    parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument(
+        "--placement",
+        action="store_true",
+        help="instead: the placement benchmark (two models, same backend vs spread vs auto)",
+    )
+
+
+def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="concurrency benchmark: raw runtime vs pipeline vs MQTT vs naive"
+    )
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if args.placement:
+        from bench.placement import run as run_placement
+
+        return run_placement(args)
+    from bench.concurrency import run
+
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
