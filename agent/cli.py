@@ -57,7 +57,7 @@ def _check_dirs(config: AgentConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.service import Agent
+    from agent.daemon import Agent
 
     config = _config_from_args(args)
     _check_dirs(config)

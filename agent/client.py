@@ -19,8 +19,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.protocol.broker import parse_broker_url
 from agent.mqtt_session import NO_DELAY
+from agent.protocol.broker import parse_broker_url
 from agent.protocol.topics import Topics
 
 

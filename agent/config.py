@@ -21,6 +21,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from agent.errors import AgentError
 from agent.protocol.broker import BrokerUrlError
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
@@ -34,7 +35,7 @@ BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_path", default=None)
 
 
-class ConfigError(Exception):
+class ConfigError(AgentError):
     """The configuration cannot be used; the message says what to fix."""
 
 

@@ -16,11 +16,14 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
+from agent.errors import AgentError
 from agent.protocol.schemas import Envelope, ErrorCode
 from agent.protocol.topics import valid_model_name
 
 
-class IngestError(Exception):
+class IngestError(AgentError):
+    """A frame refused before it is queued; `code` is its error result's code (docs/protocol.md)."""
+
     def __init__(self, code: ErrorCode, message: str, request_id: str, model: str | None = None) -> None:
         super().__init__(message)
         self.code: ErrorCode = code

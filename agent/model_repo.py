@@ -21,13 +21,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from agent.errors import AgentError
 from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
 from backends.base import ModelArtifacts
 
 log = logging.getLogger(__name__)
 
 
-class ModelError(Exception):
+class ModelError(AgentError):
     """A model that cannot be served: unknown, malformed manifest, unsafe path or bad checksum."""
 
 

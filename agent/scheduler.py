@@ -89,3 +89,14 @@ class BatchQueue(Generic[T]):
             items = list(self._items)
             self._items.clear()
             return items
+
+
+def warmup_batch_sizes(max_size: int) -> list[int]:
+    """Every size up to 8, then powers of two, and the largest: the sizes dynamic batching makes."""
+    sizes = set(range(1, min(max_size, 8) + 1))
+    size = 16
+    while size < max_size:
+        sizes.add(size)
+        size *= 2
+    sizes.add(max_size)
+    return sorted(sizes)

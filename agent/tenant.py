@@ -21,8 +21,8 @@ import numpy as np
 
 from agent.ingest import Frame
 from agent.model_repo import Model
+from agent.postprocess import outputs_probabilities, top_k
 from agent.preprocess import BadImage, Preprocessor
-from agent.scheduler import BatchQueue, QueueClosed, QueueFull
 from agent.protocol.schemas import (
     ErrorCode,
     ErrorInfo,
@@ -32,8 +32,8 @@ from agent.protocol.schemas import (
     TenantSpec,
     TenantState,
     Timing,
-    TopK,
 )
+from agent.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
 from agent.stats import TenantStats
 from backends.base import Backend, BackendError, ModelLoadError, Session
 
@@ -41,42 +41,6 @@ log = logging.getLogger(__name__)
 
 Outcome = InferResult | ErrorResult
 EmitFn = Callable[[Frame, Outcome], None]
-
-
-def outputs_probabilities(rows: np.ndarray) -> bool:
-    """A model whose outputs are already probabilities (non-negative, each row summing to 1, within
-    what uint8 quantisation loses); decided once per tenant at warm-up, not frame by frame."""
-    rows = rows.reshape(rows.shape[0], -1).astype(np.float64)
-    return bool(rows.min() >= 0.0 and np.abs(rows.sum(axis=1) - 1.0).max() < 0.02)
-
-
-def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int, probabilities: bool = False) -> list[TopK]:
-    """Scores of the k best classes, best first: softmax of logits, or the model's own
-    probabilities when it outputs them."""
-    logits = logits.astype(np.float64, copy=False)
-    if probabilities:
-        probs = logits
-    else:
-        exp = np.exp(logits - logits.max())
-        probs = exp / exp.sum()
-    k = min(k, probs.size)
-    best = np.argpartition(-probs, k - 1)[:k]
-    best = best[np.argsort(-probs[best])]
-    return [
-        TopK(index=int(i), label=labels[i] if i < len(labels) else str(i), score=round(float(probs[i]), 6))
-        for i in best
-    ]
-
-
-def warmup_batch_sizes(max_size: int) -> list[int]:
-    """Every size up to 8, then powers of two, and the largest: the sizes dynamic batching makes."""
-    sizes = set(range(1, min(max_size, 8) + 1))
-    size = 16
-    while size < max_size:
-        sizes.add(size)
-        size *= 2
-    sizes.add(max_size)
-    return sorted(sizes)
 
 
 class Tenant:

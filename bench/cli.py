@@ -1,4 +1,4 @@
-"""`edge-agent bench` / `python -m bench`: the concurrency benchmark, or with --placement the placement one."""
+"""`edge-agent bench` / `python -m bench`: the concurrency benchmark (--placement: the placement one)."""
 
 from __future__ import annotations
 

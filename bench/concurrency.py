@@ -31,14 +31,14 @@ from PIL import Image
 
 from agent.client import read_retained
 from agent.devtools.demo import start_agent, wait_ready
-from agent.ingest import Frame
 from agent.devtools.local_broker import LocalBroker
-from agent.protocol.broker import parse_broker_url
+from agent.ingest import Frame
 from agent.model_repo import ModelRepository
 from agent.preprocess import Preprocessor
+from agent.protocol.broker import parse_broker_url
 from agent.protocol.schemas import BatchSpec, Placement, TenantSpec
-from agent.tenant import Tenant
 from agent.protocol.topics import Topics
+from agent.tenant import Tenant
 from backends import registry
 from bench.loadgen import LoadGenerator, Tally
 

@@ -1,4 +1,4 @@
-"""`python -m bench.console_load`: does the console keep up with a fleet? Prints figures, not a pass/fail test.
+"""`python -m bench.console_load`: does the console keep up with a fleet? Prints figures, not a test.
 
 Starts a private Mosquitto, the console (`edge-console serve`, a subprocess as in production) and the
 simulator (`edge-console simulate`, another subprocess) with N devices, then for `duration_s`:

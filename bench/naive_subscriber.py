@@ -56,7 +56,9 @@ def main() -> None:
         )
 
     def on_connect(client: mqtt.Client, *_: Any) -> None:
-        client.socket().setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock = client.socket()
+        if isinstance(sock, socket.socket):  # None only before a connection exists
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         client.subscribe(f"edge/{args.device_id}/infer", qos=1)
         client.publish(f"edge/{args.device_id}/status", json.dumps({"online": True}), qos=1, retain=True)
 

@@ -1,1 +1,1 @@
-"""The fleet web console: knows agents only through the MQTT topics of docs/protocol.md (package agent.protocol)."""
+"""The fleet web console: knows agents only through docs/protocol.md (the package agent.protocol)."""

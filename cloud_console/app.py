@@ -28,13 +28,13 @@ from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, Stre
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
+from agent.protocol.editing import PlacementInvalid
 from agent.protocol.schemas import Placement, TenantSpec
 from cloud_console import pages
 from cloud_console.auth import Session, password_binding, verify_password
 from cloud_console.config import Role
 from cloud_console.events import format_event
 from cloud_console.mqtt import PublishFailed
-from agent.protocol.editing import PlacementInvalid
 from cloud_console.service import Console, UnknownDevice
 
 log = logging.getLogger(__name__)

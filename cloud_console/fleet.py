@@ -11,8 +11,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from agent.protocol.schemas import Capabilities, PlacementStatus, Status, Telemetry, TenantSpec
 from agent.protocol.editing import DesiredPlacement, current_tenants, next_generation, track
+from agent.protocol.schemas import Capabilities, PlacementStatus, Status, Telemetry, TenantSpec
 
 SORT_KEYS = {
     "device_id",

@@ -18,13 +18,6 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
-from agent.protocol.topics import Topics, valid_device_id
-from cloud_console.auth import SessionSigner
-from cloud_console.config import ConsoleConfig, UserConfig, parse_broker_url
-from cloud_console.events import Hub
-from cloud_console.fleet import Device, Fleet
-from cloud_console.mqtt import ConsoleMqtt, PublishFailed
 from agent.protocol.editing import (
     DesiredPlacement,
     PlacementInvalid,
@@ -35,6 +28,13 @@ from agent.protocol.editing import (
     move_tenants,
     track,
 )
+from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
+from agent.protocol.topics import Topics, valid_device_id
+from cloud_console.auth import SessionSigner
+from cloud_console.config import ConsoleConfig, UserConfig, parse_broker_url
+from cloud_console.events import Hub
+from cloud_console.fleet import Device, Fleet
+from cloud_console.mqtt import ConsoleMqtt, PublishFailed
 from cloud_console.store import ConsoleStore
 
 log = logging.getLogger(__name__)

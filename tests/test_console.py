@@ -25,6 +25,14 @@ from typing import Any
 import pytest
 
 from agent.devtools.local_broker import LocalBroker, free_port
+from agent.protocol.editing import (
+    DesiredPlacement,
+    PlacementInvalid,
+    check_against,
+    move_tenants,
+    next_generation,
+    track,
+)
 from agent.protocol.schemas import (
     BackendCapability,
     Capabilities,
@@ -35,14 +43,6 @@ from agent.protocol.schemas import (
 )
 from cloud_console import auth, cli
 from cloud_console.config import ConsoleConfigError, load_console_config
-from agent.protocol.editing import (
-    DesiredPlacement,
-    PlacementInvalid,
-    check_against,
-    move_tenants,
-    next_generation,
-    track,
-)
 from cloud_console.simulator import PROFILES, FleetSimulator, SimDevice
 
 pytestmark = pytest.mark.timeout(180)

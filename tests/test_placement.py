@@ -16,7 +16,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.client import publish_placement
-from agent.placer import choose, resource_of
+from agent.placement.auto import choose, resource_of
 from tests.conftest import CAT_CLASSES, Collector, sample
 
 pytestmark = pytest.mark.timeout(240)

@@ -22,8 +22,8 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import AgentConfig
+from agent.daemon import Agent
 from agent.devtools.local_broker import LocalBroker, free_port
-from agent.service import Agent
 from backends import registry
 from tests.conftest import MODELS, AgentProcess, Collector, passwd_file, sample
 
@@ -401,7 +401,7 @@ def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector,
         c = collector(["edge/stall/result", "edge/stall/status"])
         try:
             c.wait_for(lambda s: any(m.get("online") for m in s), "edge/stall/status")
-            tenant = agent.tenants["efficientnet-lite0"]
+            tenant = agent.table.get("efficientnet-lite0")
             tenant.backend.sessions[-1].gate = gate  # type: ignore[attr-defined]
             for i in range(3):
                 c.publish("edge/stall/infer", sample("cat.jpg"), properties=props(f"h{i}"))
@@ -418,7 +418,7 @@ def test_frames_of_a_hung_runtime_call_are_answered_over_mqtt(broker, collector,
             c.publish("edge/stall/infer", sample("cat.jpg"), properties=props("h3"))
             got = c.wait_for(lambda r: any(m["request_id"] == "h3" for m in r), "edge/stall/result")
             assert "top" in got[-1] and len(got) == 4, "each frame answered exactly once"
-            assert agent.telemetry().tenants[0].stalls == 1
+            assert agent.reporter.telemetry().tenants[0].stalls == 1
         finally:
             gate.set()
 
@@ -458,7 +458,7 @@ def wait_for_condition(condition, timeout: float = 10.0) -> bool:
 
 def test_call_with_deadline_returns_raises_times_out_and_releases_late_results():
     """The guard around runtime calls that may hang (loads, device listing, profiling)."""
-    from agent.service import call_with_deadline
+    from agent.deadline import call_with_deadline
 
     async def main() -> list[str]:
         assert await call_with_deadline(lambda: 7, 5.0, None) == 7

@@ -11,9 +11,9 @@ import pytest
 
 from agent.ingest import Frame
 from agent.model_repo import ModelRepository
-from agent.scheduler import BatchQueue, QueueClosed, QueueFull
 from agent.protocol.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
-from agent.tenant import Tenant, warmup_batch_sizes
+from agent.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
+from agent.tenant import Tenant
 from backends.base import BackendError
 from backends.fake import FakeBackend
 from tests.conftest import MODELS, sample

@@ -117,7 +117,7 @@ class TenantSpec(Strict):
 class Placement(Strict):
     generation: int = Field(default=0, ge=0)
     tenants: list[TenantSpec] = Field(default_factory=list, max_length=64)
-    # Present when the console signs placements (see agent/signing.py); required by devices that
+    # Present when the console signs placements (see agent/protocol/signing.py); required by devices that
     # are configured with the console's public key.
     signed_at: float | None = None
     expires_at: float | None = None

@@ -65,8 +65,10 @@ def load_public_key(value: str) -> Ed25519PublicKey:
         raise ValueError(f"not an Ed25519 public key (base64 of 32 bytes): {exc}") from exc
 
 
-def sign(doc: dict[str, Any], key: Ed25519PrivateKey, valid_s: float = 3600.0) -> dict[str, Any]:
-    now = time.time()
+def sign(
+    doc: dict[str, Any], key: Ed25519PrivateKey, valid_s: float = 3600.0, now: float | None = None
+) -> dict[str, Any]:
+    now = time.time() if now is None else now
     signed = {**doc, "signed_at": round(now, 3), "expires_at": round(now + valid_s, 3)}
     signed.pop("signature", None)
     signed["signature"] = base64.b64encode(key.sign(canonical(signed))).decode()

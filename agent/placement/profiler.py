@@ -1,20 +1,17 @@
-"""Auto-placement: profile a model on every available backend/device, then place tenants.
+"""The profiler behind auto-placement: how fast a model runs on one backend/device, measured here.
 
-The paper's second technique: put each model where it runs best and spread competing models across
-accelerators. Profiles are short warm benchmarks (the tenant's instance count, batch 1, pre-made
+Profiles are short warm benchmarks (the tenant's instance count, batch 1, pre-made
 tensors), cached in SQLite keyed by model sha256, backend, device and instances, so a placement is
 profiled once per model version and machine.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +24,6 @@ from backends.base import BackendError
 log = logging.getLogger(__name__)
 
 Candidate = tuple[str, str]  # (backend, device)
-
-
-def resource_of(backend: str, device: str) -> str:
-    """The physical resource a backend/device runs on: backends on the host CPU share it."""
-    d = device.lower()
-    if d in ("cpu", "auto") or d.startswith("cpu"):
-        return "cpu"
-    if d.startswith(("cuda", "tensorrt")):
-        return "cuda:" + (d.split(":", 1)[1] if ":" in d else "0")
-    return f"{backend}:{d}"
 
 
 class Profiler:
@@ -154,68 +141,3 @@ class Profiler:
         for (index, _, _), count in zip(loaded, counts, strict=True):
             per_tenant[index] += count / elapsed
         return per_tenant
-
-
-def candidates_for(backend: str, device: str) -> list[Candidate]:
-    """Backend/device pairs an auto tenant may use: every available one, or one backend's devices."""
-    out: list[Candidate] = []
-    for name, (ok, devices, _reason) in registry.capabilities().items():
-        if not ok or backend not in ("auto", name):
-            continue
-        for d in devices:
-            if name == "openvino" and d.upper() == "AUTO":
-                continue  # OpenVINO's own AUTO plugin re-picks a device we profile anyway
-            if device.lower() != "auto" and d.lower() != device.lower():
-                continue
-            out.append((name, d))
-    return out
-
-
-def choose(
-    tenants: Mapping[str, Mapping[Candidate, float]], fixed: Mapping[str, Candidate] | None = None
-) -> dict[str, Candidate]:
-    """Assign each auto tenant a candidate to maximise estimated total throughput.
-
-    Tenants sharing a physical resource split its time evenly, so two models on the same CPU each
-    get half of their solo rate; on different accelerators each keeps its own. `fixed` tenants
-    (explicit placements) occupy their resource too. Exhaustive for small fleets, greedy beyond.
-    """
-    fixed = dict(fixed or {})
-    names = sorted(tenants)
-
-    def score(assignment: Mapping[str, Candidate]) -> float:
-        load: dict[str, int] = {}
-        for cand in list(assignment.values()) + list(fixed.values()):
-            res = resource_of(*cand)
-            load[res] = load.get(res, 0) + 1
-        return sum(tenants[n][c] / load[resource_of(*c)] for n, c in assignment.items())
-
-    options = [sorted(tenants[n], key=lambda c: -tenants[n][c]) for n in names]
-    combos = 1
-    for o in options:
-        combos *= max(1, len(o))
-    if combos <= 20_000:
-        best: dict[str, Candidate] = {}
-        best_score = -1.0
-        for pick in itertools.product(*options):
-            assignment = dict(zip(names, pick, strict=True))
-            value = score(assignment)
-            if value > best_score:
-                best, best_score = assignment, value
-        return best
-    greedy: dict[str, Candidate] = {}
-    for n, opts in sorted(zip(names, options, strict=True), key=lambda p: -max(tenants[p[0]].values())):
-        greedy[n] = max(opts, key=lambda c: score({**greedy, n: c}))
-    return greedy
-
-
-def shortlist(
-    measured: Mapping[str, Mapping[Candidate, float]], per_tenant: int = 2
-) -> dict[str, list[Candidate]]:
-    """Each tenant's best solo candidates: what is worth measuring together."""
-    return {
-        name: sorted(figures, key=lambda c: -figures[c])[:per_tenant] for name, figures in measured.items()
-    }
-
-
-ProfileFn = Callable[[Model, str, str, int], float]

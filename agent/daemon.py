@@ -1,0 +1,204 @@
+"""The agent daemon: builds the parts, starts them in order, and stops them in order.
+
+    MQTT session -> router (frames) -> tenants -> outbox -> MQTT
+                 -> reconciler (placements) -> tenant table <- reporting (status, telemetry, stalls)
+
+Router, placement and reporting never import one another: they meet in the tenant table and here.
+Event loop: receives messages, validates them cheaply, routes frames to tenant queues, publishes.
+Worker threads: decode, preprocess and infer (tenants), write SQLite (metrics), load models.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+from agent.config import AgentConfig, ConfigError
+from agent.deadline import call_with_deadline
+from agent.errors import PlacementRefused
+from agent.metrics import MetricsStore
+from agent.model_repo import Model, ModelRepository
+from agent.mqtt_session import MqttSession
+from agent.outbox import Outbox, OutboxStore
+from agent.placement.intake import Intake
+from agent.placement.reconciler import Reconciler
+from agent.protocol.schemas import BackendCapability, Capabilities, TenantSpec
+from agent.protocol.signing import load_public_key
+from agent.protocol.topics import Topics
+from agent.reporting import Reporter
+from agent.router import FrameRouter
+from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
+from agent.tenant import Tenant
+from agent.tenant_table import TenantTable
+from backends import registry
+from backends.base import Backend
+
+log = logging.getLogger(__name__)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, backend_options: dict[str, dict[str, Any]] | None = None) -> None:
+        self.config = config
+        self.topics = Topics(config.device_id, config.broker.topic_prefix)
+        self.repo = ModelRepository(config.models_dir)
+        # Extra options per backend name (tests give the fake backend its delay here).
+        self.backend_options = backend_options or {}
+        key = config.security.placement_public_key
+        try:
+            public_key = load_public_key(key) if key else None
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"security.placement_public_key: {exc}") from exc
+        self.table = TenantTable()
+        self.router = FrameRouter(self.topics, config.ingest, self.table)
+        self.reporter = Reporter(config, self.topics, self.table, lambda: self.router.rejected)
+        self.reconciler = Reconciler(
+            config,
+            self.table,
+            self.repo,
+            make_tenant=self._make_tenant,
+            probe=self._probe_capabilities,
+            note_error=self.reporter.note_error,
+            extend_start=self._extend_start,
+            intake=Intake(public_key, config.security.placement_max_age_s),
+        )
+        self.metrics = MetricsStore(
+            config.metrics_db, config.metrics.retention_hours * 3600.0, config.metrics.flush_interval_s
+        )
+        self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
+        self._tasks: list[asyncio.Task[Any]] = []  # long-lived: session, outbox, telemetry, status...
+        self.session = MqttSession(
+            config.broker,
+            config.broker.client_id or f"edge-agent-{config.device_id}",
+            will_topic=self.topics.status,
+            will_payload=self.reporter.offline_payload(),
+            on_connect=self._on_connect,
+        )
+        self.session.subscribe(self.topics.infer, self.router.on_frame, qos=1)
+        self.session.subscribe(self.topics.infer_any_model, self.router.on_frame, qos=1)
+        self.session.subscribe(self.topics.placement, lambda m: self.reconciler.submit(m.payload), qos=1)
+        self.outbox: Outbox | None = None
+
+    def _make_tenant(self, spec: TenantSpec, model: Model, backend: Backend) -> Tenant:
+        scheduler, ingest = self.config.scheduler, self.config.ingest
+        return Tenant(
+            spec,
+            model,
+            backend,
+            self.router.emit,
+            queue_depth=scheduler.queue_depth,
+            overload_policy=scheduler.overload_policy,
+            max_pixels=ingest.max_pixels,
+            top_k=ingest.top_k,
+            record=self.metrics.record,
+            backend_options=self.backend_options.get(spec.backend),
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Everything up to serving: state dir, metrics, capabilities, initial placement, MQTT."""
+        loop = asyncio.get_running_loop()
+        await asyncio.to_thread(self.config.state_dir.mkdir, parents=True, exist_ok=True)
+        store = OutboxStore(self.config.state_dir / "outbox.db")
+        unsent = await asyncio.to_thread(store.load)
+        self.outbox = Outbox(self.session, loop, store, unsent)
+        self.router.outbox = self.outbox
+        await asyncio.to_thread(self.metrics.start)
+        # A wedged device can hang its runtime's probe: start without it rather than never (systemd
+        # would kill a start that takes minutes). Placements list devices again, under a deadline.
+        probe_s = min(60.0, self.config.scheduler.load_timeout_s)
+        self._extend_start(probe_s)
+        try:
+            self.table.set_capabilities(await call_with_deadline(self._probe_capabilities, probe_s, None))
+        except TimeoutError:
+            self.table.set_capabilities(Capabilities(models=await asyncio.to_thread(self.repo.names)))
+            self.reporter.note_error(
+                f"probing the backends took over {probe_s:g} s (a device or driver may be hung)"
+            )
+        saved = await asyncio.to_thread(self.reconciler.saved)
+        try:
+            await self.reconciler.apply(
+                saved or self.config.placement, source="saved" if saved is not None else "config"
+            )
+        except PlacementRefused as exc:
+            self.reporter.note_error(f"initial placement refused: {exc}")
+        self.ready.set()
+        self._tasks = [
+            asyncio.create_task(self.session.run(), name="mqtt"),
+            asyncio.create_task(self.outbox.run(), name="outbox"),
+            asyncio.create_task(self.reporter.telemetry_loop(self.outbox), name="telemetry"),
+            asyncio.create_task(self.reporter.status_loop(self.session), name="status"),
+            asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
+        ]
+        if self.config.metrics.prometheus_listen:
+            from agent.prometheus import serve
+
+            self._tasks.append(
+                asyncio.create_task(
+                    serve(self.config.metrics.prometheus_listen, self.reporter.telemetry), name="prometheus"
+                )
+            )
+        interval = watchdog_interval_s()
+        if interval is not None:
+            self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
+        tenants = ", ".join(t.name for t in self.table.serving()) or "no tenants"
+        notify(f"READY=1\nSTATUS=serving {tenants}")
+
+    async def run(self, stop: asyncio.Event) -> None:
+        await self.start()
+        stop_task = asyncio.create_task(stop.wait())
+        # A crashed internal task is a bug: stop (non-zero exit) rather than limp on.
+        done, _ = await asyncio.wait([stop_task, *self._tasks], return_when=asyncio.FIRST_COMPLETED)
+        crashed = [t for t in done if t is not stop_task and t.exception() is not None]
+        stop_task.cancel()
+        await self.shutdown()
+        if crashed:
+            raise RuntimeError(f"internal task {crashed[0].get_name()} failed") from crashed[0].exception()
+
+    async def shutdown(self) -> None:
+        """Stop taking frames, answer what is queued, publish the final status, flush SQLite."""
+        self.router.accepting = False
+        notify("STOPPING=1\nSTATUS=draining queued frames")
+        await self.reconciler.stop_applying()
+        timeout = self.config.scheduler.drain_timeout_s
+        # drain() runs once per tenant: those already draining are waited for, not drained twice.
+        await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in self.table.live()))
+        if self.outbox is not None and self.session.connected.is_set():
+            await self.outbox.flush(timeout_s=5.0)
+        # Nothing may publish "online" after the final offline status below.
+        loops = [t for t in self._tasks if t.get_name() in ("status", "telemetry", "stalls")]
+        await _cancel(loops)
+        await self.session.stop(final=(self.topics.status, self.reporter.offline_payload()))
+        await _cancel(self._tasks)
+        await self.reconciler.cancel_background()
+        if self.outbox is not None:
+            await asyncio.to_thread(self.outbox.close)
+        await asyncio.to_thread(self.metrics.stop)
+        log.info("stopped")
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _probe_capabilities(self) -> Capabilities:
+        """Which runtimes and devices this machine has (blocking: runtimes ask their drivers)."""
+        caps = {
+            name: BackendCapability(available=ok, devices=devices, reason=reason)
+            for name, (ok, devices, reason) in registry.capabilities().items()
+        }
+        return Capabilities(backends=caps, models=self.repo.names())
+
+    def _extend_start(self, seconds: float) -> None:
+        """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise
+        restart an agent whose first TensorRT build, or a deadline on a hung device, runs long)."""
+        if not self.ready.is_set():
+            notify(f"EXTEND_TIMEOUT_USEC={int((seconds + 30.0) * 1_000_000)}")
+
+    async def _on_connect(self) -> None:
+        self.table.touch()  # (re)publish the retained status on every connect
+
+
+async def _cancel(tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task

@@ -1,0 +1,214 @@
+"""Auto-placement: put each model where it runs best, spreading competing models across accelerators.
+
+The paper's second technique. `backend: "auto"` (or `device: "auto"`) tenants are profiled on every
+candidate (profiler.py, cached), then `choose` assigns candidates to maximise the estimated total;
+several auto tenants are also measured side by side, since solo figures cannot predict how runtimes
+share cores. The choice and its reason are reported in status (docs/protocol.md, `auto`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
+
+from agent.errors import PlacementRefused
+from agent.model_repo import ModelError, ModelRepository
+from agent.placement.profiler import Candidate, Profiler
+from agent.protocol.schemas import AutoChoice, Placement, TenantSpec
+from backends import registry
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+# Runs a blocking call that may hang (a runtime, a driver) under the load deadline; `what` names it.
+RuntimeCall = Callable[[Callable[[], Any], str], Awaitable[Any]]
+
+
+def is_auto(spec: TenantSpec) -> bool:
+    """OpenVINO's own `AUTO` device is a real device name there, not a request to profile."""
+    return spec.backend == "auto" or (spec.device.lower() == "auto" and spec.backend != "openvino")
+
+
+def resource_of(backend: str, device: str) -> str:
+    """The physical resource a backend/device runs on: backends on the host CPU share it."""
+    d = device.lower()
+    if d in ("cpu", "auto") or d.startswith("cpu"):
+        return "cpu"
+    if d.startswith(("cuda", "tensorrt")):
+        return "cuda:" + (d.split(":", 1)[1] if ":" in d else "0")
+    return f"{backend}:{d}"
+
+
+def candidates_for(backend: str, device: str) -> list[Candidate]:
+    """Backend/device pairs an auto tenant may use: every available one, or one backend's devices."""
+    out: list[Candidate] = []
+    for name, (ok, devices, _reason) in registry.capabilities().items():
+        if not ok or backend not in ("auto", name):
+            continue
+        for d in devices:
+            if name == "openvino" and d.upper() == "AUTO":
+                continue  # OpenVINO's own AUTO plugin re-picks a device we profile anyway
+            if device.lower() != "auto" and d.lower() != device.lower():
+                continue
+            out.append((name, d))
+    return out
+
+
+def choose(
+    tenants: Mapping[str, Mapping[Candidate, float]], fixed: Mapping[str, Candidate] | None = None
+) -> dict[str, Candidate]:
+    """Assign each auto tenant a candidate to maximise estimated total throughput.
+
+    Tenants sharing a physical resource split its time evenly, so two models on the same CPU each
+    get half of their solo rate; on different accelerators each keeps its own. `fixed` tenants
+    (explicit placements) occupy their resource too. Exhaustive for small fleets, greedy beyond.
+    """
+    fixed = dict(fixed or {})
+    names = sorted(tenants)
+
+    def score(assignment: Mapping[str, Candidate]) -> float:
+        load: dict[str, int] = {}
+        for cand in list(assignment.values()) + list(fixed.values()):
+            res = resource_of(*cand)
+            load[res] = load.get(res, 0) + 1
+        return sum(tenants[n][c] / load[resource_of(*c)] for n, c in assignment.items())
+
+    options = [sorted(tenants[n], key=lambda c: -tenants[n][c]) for n in names]
+    combos = 1
+    for o in options:
+        combos *= max(1, len(o))
+    if combos <= 20_000:
+        best: dict[str, Candidate] = {}
+        best_score = -1.0
+        for pick in itertools.product(*options):
+            assignment = dict(zip(names, pick, strict=True))
+            value = score(assignment)
+            if value > best_score:
+                best, best_score = assignment, value
+        return best
+    greedy: dict[str, Candidate] = {}
+    for n, opts in sorted(zip(names, options, strict=True), key=lambda p: -max(tenants[p[0]].values())):
+        greedy[n] = max(opts, key=lambda c: score({**greedy, n: c}))
+    return greedy
+
+
+def shortlist(
+    measured: Mapping[str, Mapping[Candidate, float]], per_tenant: int = 2
+) -> dict[str, list[Candidate]]:
+    """Each tenant's best solo candidates: what is worth measuring together."""
+    return {
+        name: sorted(figures, key=lambda c: -figures[c])[:per_tenant] for name, figures in measured.items()
+    }
+
+
+class AutoPlacer:
+    """Resolves the auto tenants of a placement into measured (backend, device) choices."""
+
+    def __init__(self, repo: ModelRepository, profiler: Profiler, runtime_call: RuntimeCall) -> None:
+        self.repo = repo
+        self.profiler = profiler
+        self.runtime_call = runtime_call
+
+    async def resolve(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
+        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
+        autos = [t for t in placement.tenants if is_auto(t)]
+        if not autos:
+            return placement, {}
+        fixed = {t.model: (t.backend, t.device) for t in placement.tenants if t not in autos}
+        measured: dict[str, dict[Candidate, float]] = {}
+        for spec in autos:
+            try:
+                model = await asyncio.to_thread(self.repo.load, spec.model)
+            except ModelError as exc:
+                raise PlacementRefused(str(exc)) from exc
+            cands: list[Candidate] = await self.runtime_call(
+                functools.partial(candidates_for, spec.backend, spec.device),
+                f"listing devices for {spec.model}",
+            )
+            figures: dict[Candidate, float] = {}
+            for backend, device in cands:
+                figures[(backend, device)] = await self.runtime_call(
+                    functools.partial(self.profiler.measure, model, backend, device, spec.instances),
+                    f"measuring {spec.model} on {backend}:{device}",
+                )
+            figures = {c: f for c, f in figures.items() if f > 0}
+            if not figures:
+                raise PlacementRefused(f"auto placement of {spec.model}: no available backend could run it")
+            measured[spec.model] = figures
+        picks = choose(measured, fixed)
+        together: dict[str, float] | None = None
+        if len(autos) >= 2:
+            picks, together = await self._choose_together(autos, measured, picks)
+        choices = {model: explain(model, pick, measured, together) for model, pick in picks.items()}
+        tenants = [
+            spec.model_copy(
+                update={"backend": choices[spec.model].backend, "device": choices[spec.model].device}
+            )
+            if spec.model in choices
+            else spec
+            for spec in placement.tenants
+        ]
+        log.info("auto placement: %s", {m: f"{c.backend}:{c.device}" for m, c in choices.items()})
+        return placement.model_copy(update={"tenants": tenants}), choices
+
+    async def _choose_together(
+        self,
+        autos: list[TenantSpec],
+        measured: dict[str, dict[Candidate, float]],
+        picks: dict[str, Candidate],
+    ) -> tuple[dict[str, Candidate], dict[str, float] | None]:
+        """Several auto tenants compete: run the shortlisted combinations side by side and keep the
+        best total. Solo figures cannot predict how runtimes share cores (measured: two models
+        spread over ONNX Runtime and OpenVINO beat both on the solo-fastest one by 12%)."""
+        names = [t.model for t in autos]
+        short = shortlist(measured)
+        combos = list(itertools.product(*(short[n] for n in names)))
+        if len(combos) > 16:
+            return picks, None  # too many to measure; the even-split estimate stands
+        models = {n: await asyncio.to_thread(self.repo.load, n) for n in names}
+        instances = {t.model: t.instances for t in autos}
+        totals: dict[str, float] = {}
+        best, best_total = picks, -1.0
+        for combo in combos:
+            label = " + ".join(f"{n}@{b}:{d}" for n, (b, d) in zip(names, combo, strict=True))
+            figures: list[float] = await self.runtime_call(
+                functools.partial(
+                    self.profiler.measure_together,
+                    [(models[n], b, d, instances[n]) for n, (b, d) in zip(names, combo, strict=True)],
+                ),
+                f"measuring {label} together",
+            )
+            totals[label] = round(sum(figures), 1)
+            if sum(figures) > best_total:
+                best, best_total = dict(zip(names, combo, strict=True)), sum(figures)
+        return best, totals
+
+
+def explain(
+    model: str,
+    pick: Candidate,
+    measured: Mapping[str, Mapping[Candidate, float]],
+    together: dict[str, float] | None,
+) -> AutoChoice:
+    """The choice for `model` with the reason status shows for it."""
+    figures = measured[model]
+    solo_best = max(figures, key=lambda c: figures[c])
+    if together is not None:
+        reason = (
+            f"measured together with the other auto tenants: the best of {len(together)} "
+            f"combinations, {max(together.values()):.0f} img/s in total"
+        )
+    elif pick == solo_best:
+        reason = "fastest measured here"
+    else:
+        reason = "spread: its fastest device is busy with another tenant; this maximises the total"
+    return AutoChoice(
+        backend=pick[0],
+        device=pick[1],
+        reason=reason,
+        candidates={f"{b}:{d}": round(f, 1) for (b, d), f in figures.items()},
+        together=together,
+    )

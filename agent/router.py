@@ -1,0 +1,115 @@
+"""Frame routing: a frame in -> refused with a coded error, or queued on the tenant serving its model.
+
+Every frame gets exactly one answer (docs/protocol.md, "A result"): an ingest error or a refusal is
+answered here at once; a queued frame is answered by its tenant through `emit`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+
+from paho.mqtt.properties import Properties
+
+from agent.config import IngestConfig
+from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
+from agent.mqtt_session import Incoming
+from agent.outbox import Outbox
+from agent.protocol.schemas import ErrorCode, ErrorInfo, ErrorResult, InferResult
+from agent.protocol.topics import Topics
+from agent.tenant_table import TenantTable
+
+
+def frame_meta(props: Properties | None) -> FrameMeta:
+    """What MQTT 5 properties say about a frame (request id, model, where to answer, expiry)."""
+    if props is None:
+        return FrameMeta()
+    user = {str(k): str(v) for k, v in (getattr(props, "UserProperty", None) or [])}
+    response_topic = getattr(props, "ResponseTopic", None)
+    if response_topic and ("+" in response_topic or "#" in response_topic):
+        response_topic = None  # a wildcard topic cannot be published to
+    return FrameMeta(
+        correlation_data=getattr(props, "CorrelationData", None),
+        response_topic=response_topic or None,
+        user_properties=user,
+        expiry_s=getattr(props, "MessageExpiryInterval", None),
+    )
+
+
+class FrameRouter:
+    def __init__(self, topics: Topics, ingest: IngestConfig, table: TenantTable) -> None:
+        self.topics = topics
+        self.ingest = ingest
+        self.table = table
+        self.accepting = True
+        self.rejected: Counter[str] = Counter()  # error code -> frames refused here (telemetry)
+        self.outbox: Outbox | None = None  # attached at start, once the event loop runs
+
+    def on_frame(self, message: Incoming) -> None:
+        """A message on edge/<id>/infer[/<model>] (event loop: cheap checks only, no decoding)."""
+        meta = frame_meta(message.properties)
+        try:
+            frame = parse_frame(
+                message.payload,
+                meta,
+                topic_model=self.topics.model_from_topic(message.topic),
+                default_model=self.ingest.default_model,
+                max_bytes=self.ingest.max_payload_bytes,
+            )
+        except IngestError as exc:
+            self.rejected[exc.code] += 1
+            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message)
+            return
+        if not self.accepting:
+            self._refuse(frame, "shutting_down", "the agent is stopping")
+            return
+        tenant = self.table.get(frame.model)
+        if tenant is None:
+            why = self.table.unavailable_reason(frame.model)
+            if why is not None:
+                self._refuse(frame, "unavailable", f"model {frame.model!r} {why}")
+            else:
+                served = ", ".join(self.table.served_models()) or "none"
+                self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
+            return
+        tenant.submit(frame)
+
+    def _refuse(self, frame: Frame, code: ErrorCode, message: str) -> None:
+        self.rejected[code] += 1
+        self.emit(
+            frame,
+            ErrorResult(
+                request_id=frame.request_id, model=frame.model, error=ErrorInfo(code=code, message=message)
+            ),
+        )
+
+    def _answer_unqueued(
+        self, request_id: str, model: str | None, meta: FrameMeta, code: ErrorCode, message: str
+    ) -> None:
+        frame = Frame(
+            request_id=request_id,
+            model=model or "",
+            image=b"",
+            received=time.monotonic(),
+            response_topic=meta.response_topic,
+            correlation_data=meta.correlation_data,
+        )
+        self.emit(
+            frame,
+            ErrorResult(request_id=request_id, model=model, error=ErrorInfo(code=code, message=message)),
+        )
+
+    def emit(self, frame: Frame, outcome: InferResult | ErrorResult) -> None:
+        """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
+        if self.outbox is None:
+            return
+        payload = outcome.model_dump_json(exclude_none=True).encode()
+        if frame.response_topic:
+            self.outbox.put_many(
+                [
+                    (self.topics.result, payload, 1, None),
+                    (frame.response_topic, payload, 1, frame.correlation_data),
+                ]
+            )
+        else:
+            self.outbox.put(self.topics.result, payload)

@@ -1,0 +1,134 @@
+"""The tenant table: the one owner of what this device serves and why.
+
+Serving, failed (or still loading) and draining tenants, the placement generations and the device's
+capabilities. Only the reconciler changes tenants (through these methods); the router and the
+reporting read. Every change sets `changed`, which the status loop publishes. Event-loop only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from agent.protocol.schemas import AutoChoice, Capabilities, Refusal, TenantSpec, TenantStatus
+from agent.tenant import Tenant
+
+
+class TenantTable:
+    def __init__(self) -> None:
+        self._serving: dict[str, Tenant] = {}  # model -> the tenant serving it now
+        self._failed: dict[str, TenantStatus] = {}  # model -> loading, or why its tenant could not start
+        self._draining: list[Tenant] = []
+        self.capabilities = Capabilities()
+        self.generation: int | None = None  # the newest placement accepted for applying
+        self.applied_generation: int | None = None
+        self.applied_signature: str | None = None  # its retained copy, redelivered, is not a replay
+        self.refused: Refusal | None = None
+        self.auto_choices: dict[str, AutoChoice] = {}  # model -> why auto placed it there
+        self.changed = asyncio.Event()
+
+    # -- reads (router, reporting) ----------------------------------------------------------------
+    def get(self, model: str) -> Tenant | None:
+        return self._serving.get(model)
+
+    def unavailable_reason(self, model: str) -> str | None:
+        """Why a placed model serves nothing right now (loading, failed), or None if unknown here."""
+        entry = self._failed.get(model)
+        if entry is None:
+            return None
+        return "is still loading" if entry.state == "loading" else f"failed to load: {entry.error}"
+
+    def served_models(self) -> list[str]:
+        return sorted(self._serving)
+
+    def serving(self) -> list[Tenant]:
+        return list(self._serving.values())
+
+    def serving_specs(self) -> dict[str, TenantSpec]:
+        return {model: t.spec for model, t in self._serving.items()}
+
+    def failed_models(self) -> frozenset[str]:
+        return frozenset(self._failed)
+
+    def draining(self) -> list[Tenant]:
+        return list(self._draining)
+
+    def live(self) -> list[Tenant]:
+        """Every tenant with threads: serving and draining (stall checks, shutdown drain)."""
+        return [*self._serving.values(), *self._draining]
+
+    def statuses(self) -> list[TenantStatus]:
+        """The `placement.tenants` list of status (docs/protocol.md)."""
+
+        def spec(t: Tenant) -> dict[str, Any]:
+            return {**t.spec.model_dump(), "device": t.device}  # the canonical device name
+
+        out = [
+            TenantStatus(**spec(t), state=t.state, error=t.error, auto=self.auto_choices.get(t.spec.model))
+            for t in self._serving.values()
+        ]
+        out += [TenantStatus(**spec(t), state="draining") for t in self._draining]
+        out += list(self._failed.values())
+        return out
+
+    # -- changes (reconciler, daemon) ---------------------------------------------------------------
+    def touch(self) -> None:
+        """Something status shows changed: publish it."""
+        self.changed.set()
+
+    def loading(self, spec: TenantSpec) -> None:
+        self._failed[spec.model] = TenantStatus(**spec.model_dump(), state="loading")
+        self.touch()
+
+    def failed(self, spec: TenantSpec, error: str) -> None:
+        self._failed[spec.model] = TenantStatus(**spec.model_dump(), state="failed", error=error)
+        self.touch()
+
+    def clear_failed(self, model: str) -> None:
+        if self._failed.pop(model, None) is not None:
+            self.touch()
+
+    def install(self, tenant: Tenant) -> Tenant | None:
+        """`tenant` serves its model from now on; returns the tenant it replaces (to retire)."""
+        model = tenant.spec.model
+        old = self._serving.get(model)
+        self._serving[model] = tenant  # new frames go to the new tenant from here on
+        self._failed.pop(model, None)
+        self.touch()
+        return old
+
+    def remove(self, model: str) -> Tenant | None:
+        tenant = self._serving.pop(model, None)
+        self.touch()
+        return tenant
+
+    def start_draining(self, tenant: Tenant) -> None:
+        self._draining.append(tenant)
+        self.touch()
+
+    def drained(self, tenant: Tenant) -> bool:
+        """`tenant` finished draining; True when no tenant drains any more."""
+        if tenant in self._draining:
+            self._draining.remove(tenant)
+        self.touch()
+        return not self._draining
+
+    def set_capabilities(self, capabilities: Capabilities) -> None:
+        self.capabilities = capabilities
+        self.touch()
+
+    def accepted(self, generation: int, choices: dict[str, AutoChoice]) -> None:
+        """A placement passed every check and is being applied."""
+        self.auto_choices = choices
+        self.refused = None
+        self.generation = generation
+        self.touch()
+
+    def applied(self, generation: int, signature: str | None) -> None:
+        self.applied_generation = generation
+        self.applied_signature = signature
+        self.touch()
+
+    def refuse(self, refusal: Refusal) -> None:
+        self.refused = refusal
+        self.touch()
