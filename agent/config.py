@@ -98,7 +98,7 @@ class MetricsConfig(Section):
 
 
 class SecurityConfig(Section):
-    # The console's Ed25519 public key (base64 of 32 bytes, or a file holding it). When set, only
+    # The placement signer's Ed25519 public key (base64 of 32 bytes, or a file holding it). When set, only
     # placements signed with the matching private key, recently, for a newer generation are applied.
     placement_public_key: str | None = None
     placement_max_age_s: float = Field(default=86400.0, gt=0)

@@ -6,7 +6,7 @@ A handler that raises is logged and counted; it never stops message dispatch. Th
 retained `{"online": false}` on the status topic.
 
 The per-message path is kept short because every frame crosses it on the event loop (measured in
-the README's performance notes): handlers are called from paho's own topic-filtered callbacks with a
+docs/performance.md): handlers are called from paho's own topic-filtered callbacks with a
 small `Incoming` record, not through aiomqtt's message queue and `Message`/`Topic` objects; and
 packets paho queues on the loop are written on the loop's next turn, not through a cross-thread
 wake-up and a writer registration per burst.

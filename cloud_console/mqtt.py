@@ -57,7 +57,8 @@ class ConsoleMqtt:
         self.subscriptions: list[tuple[str, int]] = [
             (fleet_filter("status", prefix), 1),
             (fleet_filter("placement", prefix), 1),
-            # Telemetry is QoS 0 from the agents; a shared group splits it between console workers.
+            # Telemetry is live-only here (agents publish it at QoS 1; QoS 0 is enough for a live view).
+            # A shared group splits it between console workers.
             (f"$share/{shared_group}/{telemetry}" if shared_group else telemetry, 0),
         ]
         self.connected = asyncio.Event()

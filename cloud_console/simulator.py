@@ -1,11 +1,11 @@
 """A fleet of lightweight fake agents for demos and load checks: `edge-console simulate`.
 
-Each simulated device speaks the wire contract of docs/protocol.md with the same payload models as the real
-agent (agent.protocol.schemas): a retained status (capabilities, placement with generation and
+Each simulated device speaks the wire contract of docs/protocol.md with the same payload models as
+the real agent (agent.protocol.schemas): a retained status (capabilities, placement with generation and
 applied_generation, tenants with state, errors), telemetry every `interval_s`, and it applies the
 retained placement published to it, refusing what the real agent refuses (a document that does not
-validate, an older generation, an unknown model or backend: "auto" too, as the agent does today),
-and failing a tenant whose backend or device it does not have.
+validate, an older generation, an unknown model or backend; it also refuses "auto", which it cannot
+profile), and failing a tenant whose backend or device it does not have.
 
 Connections: devices share a few MQTT connections (`per_connection` devices each, 100 by default),
 not one TCP connection per device. 500 devices are 5 connections, 5 network threads: light enough to

@@ -18,7 +18,7 @@ from agent.client import InferClient, read_retained
 from agent.devtools.local_broker import LocalBroker, free_port
 from agent.protocol.topics import Topics
 
-SAMPLES = Path(__file__).resolve().parent / "samples"
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"  # agent/samples (package data)
 DEVICE_ID = "demo-device"
 
 
@@ -115,6 +115,8 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
     if keep_running is None:
         keep_running = sys.stdin.isatty()
     photos = sorted(SAMPLES.glob("*.jpg"))
+    if not photos:
+        raise FileNotFoundError(f"no sample photos in {SAMPLES}")
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-demo-") as tmp:
         state = Path(tmp)
         print(f"* private Mosquitto on {broker.url}")

@@ -118,7 +118,11 @@ def track(desired: DesiredPlacement | None, status: Status | None) -> Tracking:
     gen = desired.generation
     if status is None or status.placement is None:
         return Tracking(gen, "pending", "no status from the device yet")
-    reason = refusal_for(gen, status.errors, desired.published_at)
+    refused = status.placement.refused  # the agent's own record of the last refusal, if it names gen
+    if refused is not None and refused.generation == gen:
+        reason: str | None = refused.reason
+    else:
+        reason = refusal_for(gen, status.errors, desired.published_at)
     applied = status.placement.applied_generation
     if reason is not None and (applied is None or applied < gen):
         return Tracking(gen, "refused", reason)

@@ -117,8 +117,8 @@ class TenantSpec(Strict):
 class Placement(Strict):
     generation: int = Field(default=0, ge=0)
     tenants: list[TenantSpec] = Field(default_factory=list, max_length=64)
-    # Present when the console signs placements (see agent/protocol/signing.py); required by devices that
-    # are configured with the console's public key.
+    # Present on signed placements (agent/protocol/signing.py); required by devices configured with
+    # a placement public key.
     signed_at: float | None = None
     expires_at: float | None = None
     signature: str | None = Field(default=None, max_length=200)

@@ -1,5 +1,5 @@
-"""Signed placements (Ed25519): a device holding the console's public key obeys only documents
-the console signed, recently, for a newer generation.
+"""Signed placements (Ed25519): a device holding a public key obeys only documents signed with the
+matching private key (today `edge-agent place --sign-key`), recently, for a newer generation.
 
 Signature: over the document without its `signature` field, serialised canonically
 (`json.dumps(sort_keys=True, separators=(",", ":"))`). `signed_at` and `expires_at` are Unix times.
@@ -80,12 +80,14 @@ def verify(doc: dict[str, Any], key: Ed25519PublicKey, max_age_s: float, now: fl
     now = time.time() if now is None else now
     signature = doc.get("signature")
     if not isinstance(signature, str) or not signature:
-        raise SignatureRefused("unsigned: this device accepts only placements signed by the console")
+        raise SignatureRefused(
+            "unsigned: this device accepts only signed placements ([security] placement_public_key)"
+        )
     try:
         key.verify(base64.b64decode(signature, validate=True), canonical(doc))
     except (InvalidSignature, ValueError) as exc:
         raise SignatureRefused(
-            "forged or altered: the signature does not verify with the console's key"
+            "forged or altered: the signature does not verify with this device's placement key"
         ) from exc
     signed_at, expires_at = doc.get("signed_at"), doc.get("expires_at")
     if not isinstance(signed_at, int | float) or not isinstance(expires_at, int | float):
