@@ -3,7 +3,6 @@ see the agent apply it; a viewer cannot change anything; changes without the CSR
 
 from __future__ import annotations
 
-import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
