@@ -65,6 +65,11 @@ class BrokerConfig(Section):
     session_expiry_s: int = Field(default=3600, ge=0)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    # 2: results (and the frames subscription) at QoS 2, for consumers that must see each answer once
+    # even across broker restarts; costs a second round trip per result (docs/reliability.md).
+    results_qos: Literal[1, 2] = 1
+    # MQTT 5 Receive Maximum: QoS 1/2 frames the broker may send before the agent acknowledged them.
+    receive_maximum: int = Field(default=1000, ge=1, le=65535)
 
 
 class IngestConfig(Section):
@@ -73,6 +78,12 @@ class IngestConfig(Section):
     max_pixels: int = Field(default=40_000_000, ge=1024)
     default_model: str = "efficientnet-lite0"
     top_k: int = Field(default=5, ge=1, le=100)
+    # Frames sent again with the same request id (a broker's redelivery, a camera's retry) are not
+    # run again for this long after they arrived (0: off). The broker redelivers at most a session
+    # expiry after the first delivery (broker.session_expiry_s, 3600 s by default).
+    dedup_window_s: float = Field(default=3600.0, ge=0)
+    # At most this many remembered ids (about 1 KB each with the answer).
+    dedup_entries: int = Field(default=20_000, ge=0, le=1_000_000)
 
 
 class SchedulerConfig(Section):

@@ -51,8 +51,14 @@ class Agent:
         except (OSError, ValueError) as exc:
             raise ConfigError(f"security.placement_public_key: {exc}") from exc
         self.table = TenantTable()
-        self.router = FrameRouter(self.topics, config.ingest, self.table)
-        self.reporter = Reporter(config, self.topics, self.table, lambda: self.router.rejected)
+        self.router = FrameRouter(self.topics, config.ingest, self.table, config.broker.results_qos)
+        self.reporter = Reporter(
+            config,
+            self.topics,
+            self.table,
+            rejected=lambda: self.router.rejected,
+            duplicates=lambda: self.router.duplicates,
+        )
         self.reconciler = Reconciler(
             config,
             self.table,
@@ -75,8 +81,10 @@ class Agent:
             will_payload=self.reporter.offline_payload(),
             on_connect=self._on_connect,
         )
-        self.session.subscribe(self.topics.infer, self.router.on_frame, qos=1)
-        self.session.subscribe(self.topics.infer_any_model, self.router.on_frame, qos=1)
+        # QoS 2 end to end when results are: a QoS 2 camera's frame then arrives once, too.
+        frames_qos = config.broker.results_qos
+        self.session.subscribe(self.topics.infer, self.router.on_frame, qos=frames_qos)
+        self.session.subscribe(self.topics.infer_any_model, self.router.on_frame, qos=frames_qos)
         self.session.subscribe(self.topics.placement, lambda m: self.reconciler.submit(m.payload), qos=1)
         self.outbox: Outbox | None = None
 

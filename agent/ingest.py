@@ -51,6 +51,8 @@ class Frame:
     response_topic: str | None = None
     correlation_data: bytes | None = None
     expires_at: float | None = None  # monotonic deadline from MQTT 5 message expiry
+    caller_id: bool = False  # the request id is the caller's own (recognisable when sent again)
+    tracked: bool = False  # remembered by the router's duplicate check until answered
 
 
 def request_id_from_correlation(data: bytes) -> str:
@@ -132,6 +134,7 @@ def parse_frame(
         response_topic=meta.response_topic,
         correlation_data=meta.correlation_data,
         expires_at=expires_at,
+        caller_id=request_id is not None,
     )
 
 

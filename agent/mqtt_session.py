@@ -2,6 +2,9 @@
 
 aiomqtt does not reconnect by itself; this is the one place that does, with exponential backoff and
 jitter. Subscriptions are data, replayed on every connect (also when the broker lost the session).
+One client object lives as long as the session: after a reconnect paho itself sends again what the
+broker had not acknowledged, with the same packet id and the DUP flag (QoS 1), or finishes the QoS 2
+handshake where it stopped, so the broker delivers a QoS 2 result once (docs/reliability.md).
 A handler that raises is logged and counted; it never stops message dispatch. The last will is a
 retained `{"online": false}` on the status topic.
 
@@ -45,6 +48,7 @@ class Incoming:
     topic: str
     payload: bytes
     properties: Properties | None
+    dup: bool = False  # the broker says it is sending this again (its ack may have been lost)
 
 
 # Handlers run on the event loop and must not block; long work is spawned as a task.
@@ -87,11 +91,13 @@ class MqttSession:
         self.handler_errors = 0
         self.refused_publishes = 0
         self._on_connect = on_connect
-        # Called when a live connection ends: the outbox re-queues what was in flight at once,
-        # instead of waiting for acks that the dead connection will never deliver.
+        # Called when a live connection ends (what was in flight stays with paho, which sends it
+        # again after the reconnect).
         self.on_disconnect: list[Callable[[], None]] = []
         self._client: aiomqtt.Client | None = None
-        self._acks: dict[int, Callable[[], None]] = {}  # paho message id -> called on PUBACK
+        # paho message id -> called on PUBACK (QoS 1) or PUBCOMP (QoS 2). One table for the client's
+        # lifetime: ids are unique within it, and unacknowledged ones are sent again after a reconnect.
+        self._acks: dict[int, Callable[[], None]] = {}
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
@@ -107,28 +113,9 @@ class MqttSession:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         backoff = self.cfg.reconnect_min_s
+        client = self._new_client(tls)
+        self._hook_paho(client)
         while not self._stopping:
-            connect_props = Properties(PacketTypes.CONNECT)
-            connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
-            client = aiomqtt.Client(
-                hostname=self.cfg.host,
-                port=self.cfg.port,
-                identifier=self.client_id,
-                username=self.cfg.username,
-                password=self.cfg.password,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                will=self.will,
-                keepalive=self.cfg.keepalive_s,
-                clean_start=False,
-                properties=connect_props,
-                tls_context=tls,
-                timeout=10.0,
-                max_queued_incoming_messages=10_000,
-                socket_options=NO_DELAY,
-            )
-            # The outbox keeps up to 64 results in flight on purpose; aiomqtt warns above 10.
-            client.pending_calls_threshold = 10_000
-            self._hook_paho(client)
             try:
                 async with client:
                     self._client = client
@@ -155,6 +142,33 @@ class MqttSession:
             finally:
                 self._down()
 
+    def _new_client(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
+        connect_props = Properties(PacketTypes.CONNECT)
+        connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
+        # How many QoS 1/2 frames the broker may send before their acks: a deliberate window rather
+        # than MQTT 5's default of 65535, so a burst waits at the broker within its queue limits
+        # (docs/operations.md, "The broker").
+        connect_props.ReceiveMaximum = self.cfg.receive_maximum
+        client = aiomqtt.Client(
+            hostname=self.cfg.host,
+            port=self.cfg.port,
+            identifier=self.client_id,
+            username=self.cfg.username,
+            password=self.cfg.password,
+            protocol=aiomqtt.ProtocolVersion.V5,
+            will=self.will,
+            keepalive=self.cfg.keepalive_s,
+            clean_start=False,
+            properties=connect_props,
+            tls_context=tls,
+            timeout=10.0,
+            max_queued_incoming_messages=10_000,
+            socket_options=NO_DELAY,
+        )
+        # The outbox keeps up to 256 results in flight on purpose; aiomqtt warns above 10.
+        client.pending_calls_threshold = 10_000
+        return client
+
     def _hook_paho(self, client: aiomqtt.Client) -> None:
         """Take the hot paths from aiomqtt to paho, before connecting.
 
@@ -168,10 +182,7 @@ class MqttSession:
         for sub in self.subscriptions:
             paho.message_callback_add(sub.filter, self._paho_callback(sub))
         aiomqtt_on_publish: Any = paho.on_publish
-        # One ack table per connection: message ids restart at 1 on each new client, and a PUBACK
-        # still buffered on a dead connection must not acknowledge the new one's message.
-        acks: dict[int, Callable[[], None]] = {}
-        self._acks = acks
+        acks = self._acks
 
         def on_publish(c: Any, userdata: Any, mid: int, reason_code: Any, properties: Any) -> None:
             done = acks.pop(mid, None)
@@ -222,7 +233,7 @@ class MqttSession:
     def _paho_callback(self, sub: Subscription) -> Callable[[Any, Any, Any], None]:
         def on_message(_client: Any, _userdata: Any, message: Any) -> None:
             try:
-                sub.handler(Incoming(message.topic, message.payload, message.properties))
+                sub.handler(Incoming(message.topic, message.payload, message.properties, bool(message.dup)))
             except Exception:
                 self.handler_errors += 1
                 log.exception("handler for %s failed on %s", sub.filter, message.topic)
@@ -256,7 +267,6 @@ class MqttSession:
         was_up = self.connected.is_set()
         self.connected.clear()
         self._client = None
-        self._acks.clear()
         if was_up:
             for callback in self.on_disconnect:
                 callback()

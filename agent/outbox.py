@@ -1,12 +1,13 @@
 """Outgoing results and telemetry: every message waits, on disk, until the broker has it.
 
 Worker threads hand messages in with `put` (thread-safe). One task publishes them in order with a
-bounded number in flight (results at QoS 1: done when the broker's PUBACK arrives). A publish that
-fails because the broker went away goes back into the queue in its original order and is sent after
-the reconnect. Every message is also written to SQLite (`outbox.db` in the state dir) by a writer
-thread in small batches, and deleted once acknowledged, so answers survive a broker outage of any
-length and an agent restart: Mosquitto saves its own state only periodically, so the agent does not
-rely on the broker to keep its results.
+bounded number in flight (done when the broker's PUBACK, or PUBCOMP at QoS 2, arrives). A message in
+flight when the connection drops stays with the session's MQTT client, which sends it again after the
+reconnect with the same packet id (so a QoS 2 result is still delivered once); what was not handed
+to the client yet waits here, in order. Every message is also written to SQLite (`outbox.db` in the
+state dir) by a writer thread in small batches, and deleted once acknowledged, so answers survive a
+broker outage of any length and an agent restart: Mosquitto saves its own state only periodically,
+so the agent does not rely on the broker to keep its results.
 """
 
 from __future__ import annotations
@@ -162,9 +163,7 @@ class Outbox:
         self._bytes = 0
         self._seq = itertools.count(1)
         self.sent = 0
-        self.retried = 0
         self.dropped = 0
-        session.on_disconnect.append(self.abort_inflight)
         for message in unsent or []:  # left by an earlier run (OutboxStore.load, read off the loop)
             heapq.heappush(self._pending, message)
             self._bytes += _size(message)
@@ -289,19 +288,6 @@ class Outbox:
             self._store.ack(message.seq)
         if self._pending:
             self._pump()  # room in flight again
-
-    def abort_inflight(self) -> None:
-        """The connection died: what was in flight goes back in the queue, in order, to be resent."""
-        for message in self._inflight.values():
-            self._requeue(message)
-        self._inflight.clear()
-
-    def _requeue(self, message: Outgoing) -> None:
-        # QoS 1 is at-least-once: if the broker had it but the ack was lost, a subscriber may see it
-        # twice (same request_id); nothing is lost.
-        self.retried += 1
-        heapq.heappush(self._pending, message)
-        self._wake.set()
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is acknowledged (or the timeout); True when empty."""

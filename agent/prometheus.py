@@ -63,6 +63,9 @@ def render(t: Telemetry) -> str:
             f"edge_agent_rejected_total{_labels(device_id=t.device_id, code=c)} {n}"
             for c, n in t.rejected.items()
         ),
+        "# HELP edge_agent_duplicates_total Frames not run again: their request id was served or in flight.",
+        "# TYPE edge_agent_duplicates_total counter",
+        f"edge_agent_duplicates_total{_labels(device_id=t.device_id)} {t.duplicates}",
         "# TYPE edge_agent_cpu_percent gauge",
         f"edge_agent_cpu_percent{_labels(device_id=t.device_id)} {t.device.cpu_percent}",
         "# TYPE edge_agent_rss_megabytes gauge",

@@ -40,11 +40,13 @@ class Reporter:
         topics: Topics,
         table: TenantTable,
         rejected: Callable[[], Mapping[str, int]],
+        duplicates: Callable[[], int] = lambda: 0,
     ) -> None:
         self.config = config
         self.topics = topics
         self.table = table
         self.rejected = rejected  # frames refused before a tenant, by error code
+        self.duplicates = duplicates  # frames not run again (a repeated request id)
         self.started_at = time.time()
         self.errors: deque[str] = deque(maxlen=20)
         self.device_stats = DeviceStats()
@@ -102,6 +104,7 @@ class Reporter:
                 load_1m=self.device_stats.load_1m(),
             ),
             rejected=dict(self.rejected()),
+            duplicates=self.duplicates(),
         )
 
     # -- loops (started by the daemon, stopped before the final offline status) -------------------

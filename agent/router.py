@@ -1,7 +1,8 @@
 """Frame routing: a frame in -> refused with a coded error, or queued on the tenant serving its model.
 
 Every frame gets exactly one answer (docs/protocol.md, "A result"): an ingest error or a refusal is
-answered here at once; a queued frame is answered by its tenant through `emit`.
+answered here at once; a queued frame is answered by its tenant through `emit`. A frame that arrives
+again with its caller's request id is not run again (agent/dedup.py, docs/protocol.md "Duplicates").
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections import Counter
 from paho.mqtt.properties import Properties
 
 from agent.config import IngestConfig
+from agent.dedup import Answered, First, RecentRequests
 from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.mqtt_session import Incoming
 from agent.outbox import Outbox
@@ -37,12 +39,17 @@ def frame_meta(props: Properties | None) -> FrameMeta:
 
 
 class FrameRouter:
-    def __init__(self, topics: Topics, ingest: IngestConfig, table: TenantTable) -> None:
+    def __init__(
+        self, topics: Topics, ingest: IngestConfig, table: TenantTable, results_qos: int = 1
+    ) -> None:
         self.topics = topics
+        self.results_qos = results_qos
         self.ingest = ingest
         self.table = table
         self.accepting = True
         self.rejected: Counter[str] = Counter()  # error code -> frames refused here (telemetry)
+        self.recent: RecentRequests[Frame] = RecentRequests(ingest.dedup_entries, ingest.dedup_window_s)
+        self.duplicates = 0  # frames not run because their request id was served or in flight
         self.outbox: Outbox | None = None  # attached at start, once the event loop runs
 
     def on_frame(self, message: Incoming) -> None:
@@ -63,6 +70,8 @@ class FrameRouter:
         if not self.accepting:
             self._refuse(frame, "shutting_down", "the agent is stopping")
             return
+        if frame.caller_id and self.recent.enabled and not self._first(frame, message.dup):
+            return
         tenant = self.table.get(frame.model)
         if tenant is None:
             why = self.table.unavailable_reason(frame.model)
@@ -73,6 +82,19 @@ class FrameRouter:
                 self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
             return
         tenant.submit(frame)
+
+    def _first(self, frame: Frame, redelivered: bool) -> bool:
+        """True: run it. Else a repeat: a broker's redelivery (DUP) is dropped, since the first
+        arrival's answer is in the outbox already; a caller that asks again gets the same answer
+        (the stored result, or the one in flight when it comes)."""
+        seen = self.recent.arrive((frame.model, frame.request_id), None if redelivered else frame)
+        if isinstance(seen, First):
+            frame.tracked = True
+            return True
+        self.duplicates += 1
+        if isinstance(seen, Answered) and not redelivered:
+            self._publish(frame, seen.answer)
+        return False
 
     def _refuse(self, frame: Frame, code: ErrorCode, message: str) -> None:
         self.rejected[code] += 1
@@ -101,15 +123,24 @@ class FrameRouter:
 
     def emit(self, frame: Frame, outcome: InferResult | ErrorResult) -> None:
         """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
+        payload = outcome.model_dump_json(exclude_none=True).encode()
+        repeats: list[Frame] = []
+        if frame.tracked:  # a served result is kept to answer repeats; an error is forgotten (retry runs)
+            served = payload if isinstance(outcome, InferResult) else None
+            repeats = self.recent.settle((frame.model, frame.request_id), served)
+        self._publish(frame, payload)
+        for repeat in repeats:
+            self._publish(repeat, payload)
+
+    def _publish(self, frame: Frame, payload: bytes) -> None:
         if self.outbox is None:
             return
-        payload = outcome.model_dump_json(exclude_none=True).encode()
         if frame.response_topic:
             self.outbox.put_many(
                 [
-                    (self.topics.result, payload, 1, None),
-                    (frame.response_topic, payload, 1, frame.correlation_data),
+                    (self.topics.result, payload, self.results_qos, None),
+                    (frame.response_topic, payload, self.results_qos, frame.correlation_data),
                 ]
             )
         else:
-            self.outbox.put(self.topics.result, payload)
+            self.outbox.put(self.topics.result, payload, self.results_qos)

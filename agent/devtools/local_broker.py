@@ -41,6 +41,7 @@ class LocalBroker:
         extra_config: str = "",
         workdir: Path | None = None,
         anonymous: bool = True,
+        persistence: bool = False,
     ) -> None:
         exe = shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None
@@ -54,6 +55,8 @@ class LocalBroker:
         self.workdir = workdir or Path(self._tmp.name)  # type: ignore[union-attr]
         self.extra_config = extra_config
         self.anonymous = anonymous
+        # Sessions, subscriptions and queued messages saved across a restart (a SIGTERM saves them).
+        self.persistence = persistence
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -62,10 +65,18 @@ class LocalBroker:
 
     def _write_config(self) -> Path:
         conf = self.workdir / "mosquitto.conf"
+        persistence = "persistence false\n"
+        if self.persistence:
+            # Mosquitto started as root drops to its own user: it must reach and write this folder.
+            store = self.workdir / "persist"
+            store.mkdir(exist_ok=True)
+            store.chmod(0o777)
+            self.workdir.chmod(0o755)
+            persistence = f"persistence true\npersistence_location {store}/\nautosave_interval 1\n"
         conf.write_text(
             f"listener {self.port} {self.host}\n"
             f"allow_anonymous {'true' if self.anonymous else 'false'}\n"
-            "persistence false\n"
+            f"{persistence}"
             "max_queued_messages 100000\n"
             "message_size_limit 0\n"
             "set_tcp_nodelay true\n"

@@ -220,3 +220,5 @@ class Telemetry(BaseModel):
     tenants: list[TenantTelemetry]
     device: DeviceTelemetry
     rejected: dict[str, int] = Field(default_factory=dict)
+    # Frames that arrived again with a request id already served or in flight: not run again.
+    duplicates: int = 0
