@@ -113,12 +113,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--queue-limits", default="1000,10000")
     parser.add_argument("--receive-maximums", default="20,1000,65535")
     args = parser.parse_args(argv)
-    print(
-        f"burst of {args.frames} frames at QoS 1, back to back ({SAMPLE.name}, {SAMPLE.stat().st_size} bytes)"
-    )
-    print(
-        f"{'max_queued_messages':>20} {'receive_maximum':>16} {'answered':>9} {'lost':>6} {'$SYS dropped':>13}"
-    )
+    size = SAMPLE.stat().st_size
+    print(f"burst of {args.frames} frames at QoS 1, back to back ({SAMPLE.name}, {size} bytes)")
+    header = ("max_queued_messages", "receive_maximum", "answered", "lost", "$SYS dropped")
+    print(f"{header[0]:>20} {header[1]:>16} {header[2]:>9} {header[3]:>6} {header[4]:>13}")
     for limit in (int(x) for x in args.queue_limits.split(",")):
         for receive_maximum in (int(x) for x in args.receive_maximums.split(",")):
             answered, dropped = one(args.frames, limit, receive_maximum)
