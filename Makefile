@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
 
-.PHONY: all deps venv demo test test-fast lint format bench install uninstall gpu-wheels gpu-broker gpu-stage gpu-unstage clean
+.PHONY: all deps venv demo test test-all lint format bench install uninstall gpu-wheels gpu-broker gpu-stage gpu-unstage clean
 
 all: test
 
@@ -32,11 +32,13 @@ venv: $(VENV)/.installed
 demo: deps venv
 	$(VENV)/bin/edge-agent demo
 
+# The suite CI runs. Tests marked `slow` (repetitions, soak, wall-clock and memory bounds) run in
+# `make test-all`.
 test: deps venv
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra -m "not slow"
 
-test-fast: venv
-	$(PY) -m pytest -q -m "not slow"
+test-all: deps venv
+	$(PY) -m pytest -q -ra
 
 lint: venv
 	$(VENV)/bin/ruff check .

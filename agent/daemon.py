@@ -26,7 +26,7 @@ from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
 from agent.protocol.schemas import BackendCapability, Capabilities, TenantSpec
 from agent.protocol.signing import load_public_key
-from agent.protocol.topics import Topics
+from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.reporting import Reporter
 from agent.router import FrameRouter
 from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
@@ -86,6 +86,8 @@ class Agent:
         self.session.subscribe(self.topics.infer, self.router.on_frame, qos=frames_qos)
         self.session.subscribe(self.topics.infer_any_model, self.router.on_frame, qos=frames_qos)
         self.session.subscribe(self.topics.placement, lambda m: self.reconciler.submit(m.payload), qos=1)
+        # Where the broker tells (Mosquitto, unless an ACL hides $SYS): frames it dropped unseen.
+        self.session.subscribe(BROKER_DROPPED, self.reporter.on_broker_dropped, qos=0)
         self.outbox: Outbox | None = None
 
     def _make_tenant(self, spec: TenantSpec, model: Model, backend: Backend) -> Tenant:

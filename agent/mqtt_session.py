@@ -145,9 +145,8 @@ class MqttSession:
     def _new_client(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
-        # How many QoS 1/2 frames the broker may send before their acks: a deliberate window rather
-        # than MQTT 5's default of 65535, so a burst waits at the broker within its queue limits
-        # (docs/operations.md, "The broker").
+        # How many QoS 1/2 frames the broker may send before their acks (config.BrokerConfig says
+        # why wide; docs/operations.md, "The broker").
         connect_props.ReceiveMaximum = self.cfg.receive_maximum
         client = aiomqtt.Client(
             hostname=self.cfg.host,

@@ -66,6 +66,15 @@ def render(t: Telemetry) -> str:
         "# HELP edge_agent_duplicates_total Frames not run again: their request id was served or in flight.",
         "# TYPE edge_agent_duplicates_total counter",
         f"edge_agent_duplicates_total{_labels(device_id=t.device_id)} {t.duplicates}",
+        *(
+            [
+                "# HELP edge_agent_broker_dropped_total Publishes the broker dropped, all clients ($SYS).",
+                "# TYPE edge_agent_broker_dropped_total counter",
+                f"edge_agent_broker_dropped_total{_labels(device_id=t.device_id)} {t.broker_dropped}",
+            ]
+            if t.broker_dropped is not None
+            else []
+        ),
         "# TYPE edge_agent_cpu_percent gauge",
         f"edge_agent_cpu_percent{_labels(device_id=t.device_id)} {t.device.cpu_percent}",
         "# TYPE edge_agent_rss_megabytes gauge",

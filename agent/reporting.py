@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping
 from agent import __version__
 from agent.config import AgentConfig
 from agent.device_stats import DeviceStats
-from agent.mqtt_session import MqttSession
+from agent.mqtt_session import Incoming, MqttSession
 from agent.outbox import Outbox
 from agent.protocol.schemas import (
     DeviceTelemetry,
@@ -50,6 +50,12 @@ class Reporter:
         self.started_at = time.time()
         self.errors: deque[str] = deque(maxlen=20)
         self.device_stats = DeviceStats()
+        self.broker_dropped: int | None = None
+
+    def on_broker_dropped(self, message: Incoming) -> None:
+        """The broker's own count of dropped publishes ($SYS), where it publishes one."""
+        with contextlib.suppress(ValueError):
+            self.broker_dropped = int(message.payload)
 
     def note_error(self, message: str) -> None:
         """Log it and keep it, time-stamped, in status.errors (the console's error list)."""
@@ -105,6 +111,7 @@ class Reporter:
             ),
             rejected=dict(self.rejected()),
             duplicates=self.duplicates(),
+            broker_dropped=self.broker_dropped,
         )
 
     # -- loops (started by the daemon, stopped before the final offline status) -------------------

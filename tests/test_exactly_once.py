@@ -10,6 +10,7 @@ consumer sees each answer exactly once.
 from __future__ import annotations
 
 import json
+import signal
 import sqlite3
 import threading
 import time
@@ -223,6 +224,7 @@ def test_a_frame_sent_again_is_answered_again_not_run_again(agent_factory, colle
     assert len(first) >= 2
     telemetry = c.wait_for(lambda t: bool(t) and t[-1].get("duplicates") == 2, "edge/dup1/telemetry")
     assert telemetry[-1]["duplicates"] == 2
+    assert telemetry[-1]["broker_dropped"] == 0, "Mosquitto's $SYS count of dropped publishes"
     rows = agent_rows(agent.state_dir, "same")
     assert rows == ["efficientnet-lite0", "efficientnet-lite1"], "the repeated frame ran once per model"
 
@@ -238,3 +240,88 @@ def agent_rows(state_dir: Path, request_id: str) -> list[str]:
         if len(rows) >= 2 or time.monotonic() > deadline:
             return rows
         time.sleep(0.2)
+
+
+def count_rows(db: Path, sql: str) -> int:
+    if not db.exists():
+        return 0
+    with sqlite3.connect(db) as conn:
+        try:
+            return int(conn.execute(sql).fetchone()[0])
+        except sqlite3.OperationalError:  # the table is not created yet
+            return 0
+
+
+def wait_rows(db: Path, sql: str, at_least: int, what: str, timeout: float = 120.0) -> int:
+    """Poll an SQLite file the agent writes (it has no other way to tell) until `at_least` rows."""
+    deadline = time.monotonic() + timeout
+    while (n := count_rows(db, sql)) < at_least:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}: {n} < {at_least}")
+        time.sleep(0.1)
+    return n
+
+
+def test_agent_killed_while_the_broker_is_down_sends_its_spool_once(shared_dir):
+    """Frames in, broker stopped while the agent answers them (answers spooled), agent SIGKILLed,
+    restarted while the broker is still down, broker back: every answer arrives, once."""
+    frames = 120
+    workdir, state = shared_dir / "broker", shared_dir / "agent"
+    workdir.mkdir()
+    state.mkdir()
+    config = (
+        "[broker]\nreconnect_min_s = 0.2\nreconnect_max_s = 1\n"
+        "[scheduler]\nqueue_depth = 1000\n[metrics]\nflush_interval_s = 0.1\n"
+        '[placement]\ngeneration = 0\n[[placement.tenants]]\nmodel = "efficientnet-lite1"\n'
+    )
+    with LocalBroker(workdir=workdir, persistence=True) as broker:
+        agent = AgentProcess(broker, state, "spool1", config).start()
+        agent.wait_ready()
+        consumer = Consumer(broker.port, "edge/spool1/result", 1)
+        camera = Camera(broker.port, "edge/spool1/infer/efficientnet-lite1", 1)
+        try:
+            image = sample("palace.jpg")
+            infos = []
+            for i in range(frames):
+                props = Properties(PacketTypes.PUBLISH)
+                props.CorrelationData = f"s{i}".encode()
+                infos.append(camera.client.publish(camera.topic, image, qos=1, properties=props))
+            for info in infos:
+                info.wait_for_publish(30)  # the broker has every frame
+            metrics, outbox = state / "metrics.db", state / "outbox.db"
+            wait_rows(metrics, "SELECT COUNT(*) FROM inferences", 1, "the first frame served")
+            broker.stop()  # the agent goes on answering what it has queued: into its spool
+            outage = time.time()  # answered after this, the broker cannot have had it
+            wait_rows(metrics, "SELECT COUNT(*) FROM inferences", frames, "every frame served")
+            spooled = wait_rows(
+                outbox, "SELECT COUNT(*) FROM outbox WHERE topic = 'edge/spool1/result'", 1, "answers spooled"
+            )
+            agent.stop(signal.SIGKILL)
+            assert (
+                count_rows(outbox, "SELECT COUNT(*) FROM outbox WHERE topic = 'edge/spool1/result'")
+                >= spooled
+            )
+            agent = AgentProcess(broker, state, "spool1", config).start()  # the broker is still down
+            deadline = time.monotonic() + 60
+            while "unsent messages from the last run will be sent" not in agent.log():
+                assert time.monotonic() < deadline, agent.log()[-2000:]
+                time.sleep(0.1)
+            broker.start()
+            consumer.wait(lambda: len(consumer.answers) >= frames, "every answer", timeout=120)
+        finally:
+            camera.close()
+            consumer.close()
+            agent.stop()
+    answers = consumer.answers
+    assert set(answers) == {f"s{i}" for i in range(frames)}, "every answer arrived"
+    served_twice = {rid for rid, p in answers.items() if len(set(p)) > 1}
+    assert not served_twice, f"served more than once: {served_twice}"
+    # Answered while the broker was down: only in the spool, so they must arrive exactly once. An
+    # answer in flight when the broker went away may arrive twice (QoS 1: the broker may have had it).
+    with sqlite3.connect(state / "metrics.db") as db:
+        spooled = {r[0] for r in db.execute("SELECT request_id FROM inferences WHERE ts > ?", (outage,))}
+    assert spooled, "some answers were produced during the outage"
+    twice = {rid: len(answers[rid]) for rid in spooled if len(answers[rid]) > 1}
+    assert not twice, f"spooled answers delivered more than once: {twice}"
+    labels = {json.loads(p[0])["top"][0]["label"] for p in answers.values()}
+    assert labels == {"palace"}

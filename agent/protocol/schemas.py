@@ -222,3 +222,6 @@ class Telemetry(BaseModel):
     rejected: dict[str, int] = Field(default_factory=dict)
     # Frames that arrived again with a request id already served or in flight: not run again.
     duplicates: int = 0
+    # Publishes the broker dropped (its queue or in-flight limits), all clients together, since it
+    # started: Mosquitto's $SYS/broker/publish/messages/dropped. None where the broker does not say.
+    broker_dropped: int | None = None

@@ -17,6 +17,10 @@ def valid_model_name(name: str) -> bool:
     return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
 
 
+# Mosquitto's count of publishes it dropped (queue and in-flight limits), published every sys_interval.
+BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
+
+
 class Topics:
     """Topic names for one device; `prefix` is `edge` unless configured otherwise."""
 
