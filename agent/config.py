@@ -106,6 +106,9 @@ class SchedulerConfig(Section):
 
 class MetricsConfig(Section):
     retention_hours: float = Field(default=72.0, gt=0)
+    # metrics.db is also bounded by size (an SD card at 30 fps would fill ~1.5 GB in 72 h): above
+    # this, the oldest rows go first. About 12 h of rows at 30 fps per 256 MB.
+    max_db_mb: float = Field(default=256.0, gt=0)
     flush_interval_s: float = Field(default=1.0, gt=0)
     telemetry_interval_s: float = Field(default=5.0, gt=0)
     # "127.0.0.1:9108" to serve Prometheus text format on /metrics; off by default.

@@ -70,7 +70,10 @@ class Agent:
             intake=Intake(public_key, config.security.placement_max_age_s),
         )
         self.metrics = MetricsStore(
-            config.metrics_db, config.metrics.retention_hours * 3600.0, config.metrics.flush_interval_s
+            config.metrics_db,
+            config.metrics.retention_hours * 3600.0,
+            config.metrics.flush_interval_s,
+            max_bytes=int(config.metrics.max_db_mb * 1024 * 1024),
         )
         self.ready = asyncio.Event()  # initial placement loaded (systemd READY=1)
         self._tasks: list[asyncio.Task[Any]] = []  # long-lived: session, outbox, telemetry, status...

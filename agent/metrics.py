@@ -1,8 +1,10 @@
 """Per-inference metrics in SQLite (sqlite-utils): one row per frame, written in batches.
 
 Workers hand rows to a thread-safe queue; one writer thread owns the connection (SQLite connections
-are per thread), inserts in batches every `flush_interval_s`, and deletes rows past the retention.
-WAL and busy_timeout let `sqlite3 metrics.db` readers in while the agent writes.
+are per thread), inserts in batches every `flush_interval_s`, and deletes rows past the retention
+or, oldest first, beyond the size bound (freed pages are reused, so the file stops growing there).
+WAL and busy_timeout let `sqlite3 metrics.db` readers in while the agent writes. A database made by
+an older version gets the columns it lacks (a schema change migrates, it does not fail every insert).
 """
 
 from __future__ import annotations
@@ -45,10 +47,17 @@ def open_db(path: Path) -> sqlite_utils.Database:
 
 
 class MetricsStore:
-    def __init__(self, path: Path, retention_s: float, flush_interval_s: float = 1.0) -> None:
+    def __init__(
+        self,
+        path: Path,
+        retention_s: float,
+        flush_interval_s: float = 1.0,
+        max_bytes: int = 256 * 1024 * 1024,
+    ) -> None:
         self.path = path
         self.retention_s = retention_s
         self.flush_interval_s = flush_interval_s
+        self.max_bytes = max_bytes
         self._rows: queue.Queue[dict[str, Any]] = queue.Queue(MAX_PENDING)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -70,6 +79,16 @@ class MetricsStore:
             table.create(COLUMNS, pk=None)
             table.create_index(["ts"])
             table.create_index(["request_id"])
+            return
+        have = set(table.columns_dict)
+        for name, kind in COLUMNS.items():
+            if name not in have:  # made by an older version: rows written before stay, with NULL here
+                log.info(
+                    "metrics: adding column %s to %s",
+                    name,
+                    db.conn.execute("PRAGMA database_list").fetchone()[2],
+                )
+                table.add_column(name, kind)
 
     def record(self, row: dict[str, Any]) -> None:
         """Thread-safe, non-blocking."""
@@ -116,8 +135,34 @@ class MetricsStore:
         try:
             with db.conn:
                 db.execute("DELETE FROM inferences WHERE ts < ?", [cutoff])
+            self._bound_size(db)
         except sqlite3.Error:
             log.exception("metrics: retention delete failed")
+
+    def used_bytes(self, db: sqlite_utils.Database) -> int:
+        """Bytes in use by the database (pages minus free pages: the file's size once it is full)."""
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        pages = db.execute("PRAGMA page_count").fetchone()[0]
+        free = db.execute("PRAGMA freelist_count").fetchone()[0]
+        return int((pages - free) * page_size)
+
+    def _bound_size(self, db: sqlite_utils.Database) -> None:
+        """Delete the oldest rows until the data fits in 90% of `max_bytes` (room to grow before the
+        next check, without deleting on every one)."""
+        used = self.used_bytes(db)
+        if used <= self.max_bytes:
+            return
+        rows = db.execute("SELECT COUNT(*) FROM inferences").fetchone()[0]
+        if not rows:
+            return
+        excess = used - int(self.max_bytes * 0.9)
+        drop = min(rows, int(excess / (used / rows)) + 1)
+        with db.conn:
+            db.execute(
+                "DELETE FROM inferences WHERE rowid IN (SELECT rowid FROM inferences ORDER BY ts LIMIT ?)",
+                [drop],
+            )
+        log.info("metrics: %s over %d MB: deleted the oldest %d rows", self.path, self.max_bytes >> 20, drop)
 
     def stop(self) -> None:
         """Flush what is queued and close."""

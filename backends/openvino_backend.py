@@ -112,6 +112,11 @@ class OpenVinoBackend(Backend):
             config["INFERENCE_PRECISION_HINT"] = "f32" if precision == "fp32" else "f16"
         if threads and device.upper().startswith("CPU"):
             config["INFERENCE_NUM_THREADS"] = int(threads) * instances
+        # Compiled blobs cached across restarts (a GPU/NPU compile takes seconds to minutes): where
+        # the service says (systemd's CacheDirectory=, via EDGE_AGENT_CACHE_DIR), not by default.
+        cache_root = os.environ.get("EDGE_AGENT_CACHE_DIR")
+        if cache_root:
+            config["CACHE_DIR"] = os.path.join(cache_root, "openvino")
         try:
             core = self._get_core()
             return core.compile_model(core.read_model(os.fspath(path)), device, config)
