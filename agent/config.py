@@ -65,6 +65,10 @@ class BrokerConfig(Section):
     session_expiry_s: int = Field(default=3600, ge=0)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    # "auto": MQTT 5, and 3.1.1 when the broker refuses 5 (said once in the log and in status).
+    # MQTT 5-only features (response topic, correlation data, user properties, message expiry,
+    # session expiry, Receive Maximum) are not available over 3.1.1 (docs/protocol.md).
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
     # 2: results (and the frames subscription) at QoS 2, for consumers that must see each answer once
     # even across broker restarts; costs a second round trip per result (docs/reliability.md).
     results_qos: Literal[1, 2] = 1

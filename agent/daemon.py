@@ -58,6 +58,7 @@ class Agent:
             self.table,
             rejected=lambda: self.router.rejected,
             duplicates=lambda: self.router.duplicates,
+            mqtt_protocol=lambda: self.session.protocol,
         )
         self.reconciler = Reconciler(
             config,

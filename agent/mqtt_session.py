@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiomqtt
+from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
@@ -101,6 +102,10 @@ class MqttSession:
         self._stopping = False
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread = 0
+        # The MQTT version in use: 5 unless configured or the broker refused it ("auto").
+        self.protocol = "3.1.1" if cfg.protocol == "3.1.1" else "5"
+        self._v5_timeouts = 0  # MQTT 5 CONNECTs in a row that got no CONNACK (auto: then try 3.1.1)
+        self._settled = cfg.protocol != "auto"  # a connection succeeded with the version in use
 
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
         """Filters must not overlap: paho calls every matching callback, so a message matching two
@@ -113,12 +118,16 @@ class MqttSession:
         self._loop = asyncio.get_running_loop()
         self._loop_thread = threading.get_ident()
         backoff = self.cfg.reconnect_min_s
-        client = self._new_client(tls)
+        client, client_protocol = self._new_client(tls), self.protocol
         self._hook_paho(client)
         while not self._stopping:
             try:
+                if client_protocol != self.protocol:  # auto: trying the other MQTT version
+                    client, client_protocol = self._new_client(tls), self.protocol
+                    self._hook_paho(client)
                 async with client:
                     self._client = client
+                    self._settle_protocol()
                     for sub in self.subscriptions:
                         await client.subscribe(sub.filter, qos=sub.qos)
                     self.connects += 1
@@ -134,6 +143,8 @@ class MqttSession:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
+                if self._try_other_version(exc):
+                    continue
                 delay = backoff * (0.5 + random.random())  # jitter spreads a fleet's reconnects
                 log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
                 self._down()
@@ -142,7 +153,61 @@ class MqttSession:
             finally:
                 self._down()
 
+    def _try_other_version(self, exc: aiomqtt.MqttError) -> bool:
+        """`broker.protocol = "auto"`, before the first connection: True to retry at once with the
+        other version. A broker refuses MQTT 5 with "unsupported protocol version", or (some 3.1.1
+        brokers) never answers its CONNECT: two such timeouts in a row also try 3.1.1. If 3.1.1 then
+        fails too, the next attempt is MQTT 5 again."""
+        if self._settled:
+            return False
+        if self.protocol == "3.1.1":
+            self.protocol = "5"
+            return False
+        if isinstance(exc, MqttConnectError):
+            rc = getattr(exc, "rc", None)
+            refused = getattr(rc, "value", rc) in (1, 0x84) or "protocol version" in str(exc).lower()
+        else:
+            self._v5_timeouts = self._v5_timeouts + 1 if "timed out" in str(exc).lower() else 0
+            refused = self._v5_timeouts >= 2
+        if refused:
+            log.info("the broker did not accept an MQTT 5 connection (%s): trying MQTT 3.1.1", exc)
+            self.protocol = "3.1.1"
+        return refused
+
+    def _settle_protocol(self) -> None:
+        """Connected: the version in use is the broker's. Said once when it is 3.1.1 by fallback."""
+        if self._settled:
+            return
+        self._settled = True
+        if self.protocol == "3.1.1":
+            log.warning(
+                "the broker at %s:%d does not speak MQTT 5: using MQTT 3.1.1 (no response topics, "
+                "correlation data, user properties or message expiry)",
+                self.cfg.host,
+                self.cfg.port,
+            )
+
     def _new_client(self, tls: ssl.SSLContext | None) -> aiomqtt.Client:
+        if self.protocol == "3.1.1":
+            # A persistent session (clean session off): frames wait at the broker while the agent is
+            # away, as with MQTT 5's session expiry (for as long as the broker keeps sessions).
+            client = aiomqtt.Client(
+                hostname=self.cfg.host,
+                port=self.cfg.port,
+                identifier=self.client_id,
+                username=self.cfg.username,
+                password=self.cfg.password,
+                protocol=aiomqtt.ProtocolVersion.V311,
+                will=self.will,
+                keepalive=self.cfg.keepalive_s,
+                clean_session=False,
+                tls_context=tls,
+                timeout=10.0,
+                max_queued_incoming_messages=10_000,
+                socket_options=NO_DELAY,
+            )
+            client.pending_calls_threshold = 10_000
+            return client
         connect_props = Properties(PacketTypes.CONNECT)
         connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
         # How many QoS 1/2 frames the broker may send before their acks (config.BrokerConfig says
@@ -254,6 +319,8 @@ class MqttSession:
         client = self._client
         if client is None or not self.connected.is_set():
             raise NotConnected(topic)
+        if self.protocol == "3.1.1":
+            properties = None  # (an answer spooled by an MQTT 5 run: its response topic copy has none)
         info = client._client.publish(topic, payload, qos, retain, properties)
         if info.rc != 0:
             raise NotConnected(f"{topic}: paho error {info.rc}")

@@ -41,12 +41,14 @@ class Reporter:
         table: TenantTable,
         rejected: Callable[[], Mapping[str, int]],
         duplicates: Callable[[], int] = lambda: 0,
+        mqtt_protocol: Callable[[], str] = lambda: "5",
     ) -> None:
         self.config = config
         self.topics = topics
         self.table = table
         self.rejected = rejected  # frames refused before a tenant, by error code
         self.duplicates = duplicates  # frames not run again (a repeated request id)
+        self.mqtt_protocol = mqtt_protocol
         self.started_at = time.time()
         self.errors: deque[str] = deque(maxlen=20)
         self.device_stats = DeviceStats()
@@ -77,6 +79,7 @@ class Reporter:
                 refused=self.table.refused,
             ),
             errors=list(self.errors),
+            mqtt_protocol=self.mqtt_protocol(),
         )
 
     def offline_payload(self) -> bytes:

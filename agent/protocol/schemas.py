@@ -187,6 +187,8 @@ class Status(BaseModel):
     placement: PlacementStatus | None = None
     errors: list[str] = Field(default_factory=list)
     ts: float = Field(default_factory=time.time)
+    # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
+    mqtt_protocol: str | None = None
 
 
 class TenantTelemetry(BaseModel):
