@@ -125,6 +125,11 @@ class MqttSession:
                 if client_protocol != self.protocol:  # auto: trying the other MQTT version
                     client, client_protocol = self._new_client(tls), self.protocol
                     self._hook_paho(client)
+                if client._connected.done():
+                    # aiomqtt keeps the last connection's CONNACK after a connection is lost: without
+                    # a fresh future the next `async with` returns before the broker answers, and a
+                    # refusal (a revoked password) shows as a 10 s timeout instead.
+                    client._connected = asyncio.get_running_loop().create_future()
                 async with client:
                     self._client = client
                     self._settle_protocol()

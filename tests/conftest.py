@@ -243,3 +243,20 @@ def passwd_file(folder: Path, users: dict[str, str]) -> Path:
 
 def sample(name: str) -> bytes:
     return (SAMPLES / name).read_bytes()
+
+
+def wait_for_log(agent: AgentProcess, needle: str, count: int = 1, timeout: float = 60.0) -> str:
+    """Wait until the agent's log holds `needle` at least `count` times (the log file is appended to
+    across restarts: pass the count expected after this start). Fails if the agent exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = agent.log()
+        if text.count(needle) >= count:
+            return text
+        if agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{text[-3000:]}")
+        if time.monotonic() > deadline:
+            raise AssertionError(
+                f"no {count}x {needle!r} in the agent's log after {timeout:g} s:\n{text[-3000:]}"
+            )
+        time.sleep(0.05)  # polls the log file for the line (the event), bounded by the deadline

@@ -25,6 +25,8 @@ def test_mosquitto_pub_photo_gets_right_label(agent_factory, collector, broker):
     agent.wait_ready()
     sub = subprocess.Popen(
         [
+            "stdbuf",  # line-buffered stdout through the pipe: each line arrives when it is printed
+            "-oL",
             "mosquitto_sub",
             "-h",
             "127.0.0.1",
@@ -36,11 +38,17 @@ def test_mosquitto_pub_photo_gets_right_label(agent_factory, collector, broker):
             "2",
             "-W",
             "60",
+            "-d",  # debug lines on stdout too: the SUBACK says when publishing may start
         ],
         stdout=subprocess.PIPE,
         text=True,
     )
-    time.sleep(0.5)
+    assert sub.stdout is not None
+    for line in sub.stdout:  # ends when mosquitto_sub does (-W 60): then the assert below fails
+        if "received SUBACK" in line:
+            break
+    else:
+        raise AssertionError("mosquitto_sub ended before it was subscribed")
     for name in ("cat.jpg", "espresso.jpg"):
         subprocess.run(
             [
@@ -59,7 +67,7 @@ def test_mosquitto_pub_photo_gets_right_label(agent_factory, collector, broker):
             check=True,
         )
     out, _ = sub.communicate(timeout=60)
-    results = [json.loads(line) for line in out.splitlines()]
+    results = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
     assert len(results) == 2
     assert results[0]["top"][0]["index"] in CAT_CLASSES
     assert results[1]["top"][0]["index"] == ESPRESSO
@@ -238,7 +246,7 @@ def test_agent_reconnects_after_broker_restart(agent_factory, collector, broker)
     agent = agent_factory("rc1").start()
     agent.wait_ready()
     broker.stop(kill=True)
-    time.sleep(2.0)
+    time.sleep(2.0)  # the outage itself (on purpose): the agent retries meanwhile
     broker.start()  # same port, empty state: the agent must resubscribe by itself
     agent.wait_ready(timeout=60)
     c = collector(["edge/rc1/result"])
@@ -333,7 +341,9 @@ def test_session_finishes_writing_when_the_socket_was_full(broker):
             try:
                 for i in range(count):
                     session.publish_nowait(f"big/{i}", bytes([i]) * size, 1, False, None, done)
-                await asyncio.sleep(1.0)  # the loop keeps writing what the kernel takes, then waits
+                # On purpose, while the broker is frozen: the loop keeps writing what the kernel
+                # takes, then waits for the socket to drain (nothing to wait for but time here).
+                await asyncio.sleep(1.0)
             finally:
                 os.kill(broker.proc.pid, signal.SIGCONT)
             received = 0
@@ -412,7 +422,12 @@ def test_outbox_holds_at_most_its_byte_budget_dropping_the_oldest():
         outbox = Outbox(session, asyncio.get_running_loop(), None, max_bytes=10_000)
         for i in range(20):  # the broker is away: everything waits in the outbox
             outbox.put(f"out/{i}", b"x" * 100, 1, correlation_data=bytes([i]) * 1900)
-        await asyncio.sleep(0.1)  # the hand-over from "worker threads" happens on the loop
+        # The hand-over from "worker threads" happens on the loop: wait until each message was taken
+        # in, kept or dropped (a bounded number of loop turns, no clock).
+        for _ in range(1000):
+            if len(outbox) + outbox.dropped == 20:
+                break
+            await asyncio.sleep(0)
         kept = [(m.correlation_data or b"")[:1] for m in sorted(outbox._pending)]
         return kept, outbox.dropped, outbox._bytes
 

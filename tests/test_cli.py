@@ -90,14 +90,47 @@ def test_demo_shows_correct_labels():
         assert not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
 
 
-def test_keygen_writes_a_key_pair_the_agent_accepts(tmp_path):
+def test_keygen_writes_a_key_pair_the_agent_accepts(agent_factory, broker, tmp_path):
+    """`edge-agent keygen`, then `edge-agent place --sign-key` with the key it wrote: an agent holding
+    the printed public key applies that placement, and refuses one signed with any other key."""
+    from agent.protocol.signing import (
+        SignatureRefused,
+        generate_keypair,
+        load_private_key,
+        load_public_key,
+        sign,
+        verify,
+    )
+
     done = edge_agent("keygen", "--out", str(tmp_path / "keys"))
     assert done.returncode == 0, done.stderr
-    from agent.protocol.signing import load_private_key, load_public_key
-
-    load_private_key(tmp_path / "keys" / "placement-signing.key")
+    private = tmp_path / "keys" / "placement-signing.key"
     public = done.stdout.split("placement_public_key): ")[1].strip()
-    load_public_key(public)
+    assert (tmp_path / "keys" / "placement-signing.pub").read_text().strip() == public
+    (tmp_path / "other").mkdir()
+    other = generate_keypair(tmp_path / "other")[0]
+    # The two halves belong together: what the private key signs verifies with the printed public key.
+    doc = {
+        "generation": 2,
+        "tenants": [{"model": "efficientnet-lite0", "backend": "openvino", "device": "CPU"}],
+    }
+    verify(sign(doc, load_private_key(private)), load_public_key(public), max_age_s=3600)
+    with pytest.raises(SignatureRefused, match="forged"):
+        verify(sign(doc, load_private_key(other)), load_public_key(public), max_age_s=3600)
+    # The real agent, configured with that public key, obeys the CLI's signed placements only.
+    agent = agent_factory("key1", config=f'[security]\nplacement_public_key = "{public}"\n').start()
+    agent.wait_ready()
+    place = ["place", "--broker", broker.url, "--device-id", "key1", "--model", "efficientnet-lite0"]
+    place += ["--backend", "openvino", "--device", "CPU", "--timeout", "60"]
+    forged = edge_agent(*place, "--generation", "2", "--sign-key", str(other))
+    assert forged.returncode == 1, forged.stdout + forged.stderr
+    assert "refused: signature: forged" in forged.stdout, forged.stdout
+    placed = edge_agent(*place, "--generation", "3", "--sign-key", str(private))
+    assert placed.returncode == 0, placed.stdout + placed.stderr
+    assert "applied generation 3" in placed.stdout
+    status = agent.wait_ready()
+    assert status["placement"]["applied_generation"] == 3
+    assert [(t["backend"], t["state"]) for t in status["placement"]["tenants"]] == [("openvino", "ready")]
 
 
 def test_client_commands_without_a_broker_say_so_in_one_line(tmp_path):

@@ -17,7 +17,7 @@ from paho.mqtt.properties import Properties
 
 from agent.client import publish_placement
 from agent.placement.auto import choose, resource_of
-from tests.conftest import CAT_CLASSES, Collector, sample
+from tests.conftest import CAT_CLASSES, Collector, sample, wait_for_log
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -56,7 +56,7 @@ class Streamer(threading.Thread):
             self.c.client.publish(self.topic, image, qos=1, properties=props)
             self.sent.append(f"s{i}")
             i += 1
-            time.sleep(self.interval)
+            time.sleep(self.interval)  # pacing
 
 
 def test_moves_while_streaming_every_frame_answered_exactly_once(agent_factory, collector, broker):
@@ -72,9 +72,21 @@ def test_moves_while_streaming_every_frame_answered_exactly_once(agent_factory, 
         lite0("onnxruntime", "CPU", instances=1),
     ]
     for generation, tenant in enumerate(moves, start=1):
+        before = len(c.json("edge/mv1/result"))
         applied, status = place(broker, "mv1", [tenant], generation)
         assert applied, status
-        time.sleep(1.0)  # keep streaming on the new tenant for a while
+
+        def new_tenant_serves(results, before=before, tenant=tenant) -> bool:
+            # Consecutive moves alternate the backend, so answers from this one come from the new
+            # tenant; with two instances, both of them answer.
+            mine = [
+                r["tenant"]
+                for r in results[before:]
+                if r.get("tenant", {}).get("backend") == tenant["backend"]
+            ]
+            return len(mine) >= 10 and {t["instance"] for t in mine} == set(range(tenant["instances"]))
+
+        c.wait_for(new_tenant_serves, "edge/mv1/result", timeout=60)  # streaming on the new tenant
     streamer.stop.set()
     streamer.join()
     sent = set(streamer.sent)
@@ -143,9 +155,7 @@ def test_restart_while_broker_down_serves_saved_placement_then_retained_wins(age
     assert agent.stop() == 0
     broker.stop()
     agent.start()  # broker is down: the saved placement must load anyway
-    deadline = time.monotonic() + 60
-    while "placement generation 5 applied (saved)" not in agent.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_log(agent, "placement generation 5 applied (saved)")
     assert "placement generation 5 applied (saved)" in agent.log()
     broker.start()  # empty: no retained state survived the restart
     status = agent.wait_ready(timeout=60)  # back online by itself, already serving the saved placement
@@ -337,9 +347,7 @@ def test_documents_arriving_during_a_placement_collapse_to_the_newest(agent_fact
     publish_at_once(
         broker, "edge/pb1/placement", [json.dumps({"generation": g, "tenants": [t]}) for g, t in docs]
     )
-    deadline = time.monotonic() + 60
-    while "generation 4 applied" not in agent.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_for_log(agent, "placement generation 4 applied")
     log = agent.log()
     assert "placement generation 2 applied" in log and "placement generation 4 applied" in log, log[-2000:]
     assert "placement generation 3 applied" not in log, "the superseded document was loaded"
@@ -355,11 +363,20 @@ def test_a_bad_document_behind_a_valid_one_does_not_drop_it(agent_factory, broke
         json.dumps({"generation": 3, "tenants": [lite0()]}),
         "{not json",
     ]
-    publish_at_once(broker, "edge/pb2/placement", docs)
-    deadline = time.monotonic() + 60
-    status = agent.wait_ready()
-    while status["placement"]["applied_generation"] != 3 and time.monotonic() < deadline:
-        time.sleep(0.3)
-        status = agent.wait_ready()
+    c = Collector(broker.port, ["edge/pb2/status"])
+    try:
+        publish_at_once(broker, "edge/pb2/placement", docs)
+        status = wait_status(
+            c,
+            "pb2",
+            lambda s: (
+                s["placement"]["applied_generation"] == 3
+                and all(t["state"] == "ready" for t in s["placement"]["tenants"])
+                and any("invalid JSON" in e for e in s["errors"])
+            ),
+            timeout=60,
+        )
+    finally:
+        c.close()
     assert status["placement"]["applied_generation"] == 3, status["placement"]
     assert any("invalid JSON" in e for e in status["errors"]), status["errors"]

@@ -84,10 +84,15 @@ def test_jpeg_variants_decode_and_classify(lite0, session, variant):
         assert lite0.labels[int(logits.argmax())] == "espresso"
 
 
-def test_png_accepted(lite0):
-    out = Preprocessor(lite0.input, 40_000_000)(badimages.png_photo())
+def test_png_accepted(lite0, session):
+    """A PNG of a real photo takes the PNG decoder and still gets the photo's label from the model."""
+    png = badimages.png_photo()  # espresso.jpg, re-encoded losslessly as PNG
+    assert png.startswith(b"\x89PNG\r\n\x1a\n")
+    out = Preprocessor(lite0.input, 40_000_000)(png)
     assert out.shape == (3, 224, 224) and out.dtype == np.float32
     assert out.min() >= -1.01 and out.max() <= 1.01
+    logits = session.run(None, {"input": out[None]})[0][0]
+    assert lite0.labels[int(logits.argmax())] == "espresso"
 
 
 def test_grayscale_and_rgba_become_rgb(lite0):

@@ -34,7 +34,7 @@ def test_batch_collects_frames_arriving_within_the_delay():
 
     def feed() -> None:
         for i in range(1, 4):
-            time.sleep(0.01)
+            time.sleep(0.01)  # pacing: frames trickle in, well within the 2 s delay
             q.put(i)
 
     threading.Thread(target=feed).start()
@@ -331,7 +331,7 @@ def test_a_hung_instance_is_answered_and_the_others_keep_serving(lite0):
         for i in range(20, 28):
             tenant.submit(frame(i))
         sink.wait(28)
-        time.sleep(0.2)
+        tenant.drain(5.0)  # its workers have ended: no answer can come after this
         ids = Counter(rid for rid, _ in sink.outcomes)
         assert len(ids) == 28 and set(ids.values()) == {1}, "every frame answered exactly once"
         late = [o for rid, o in sink.outcomes if rid not in codes]
@@ -375,8 +375,11 @@ def test_drain_answers_a_batch_whose_call_never_returns(lite0):
     assert codes_of(sink) == {"r0": "shutting_down", "r1": "shutting_down", "r2": "shutting_down"}
     assert "hung" in dict(sink.outcomes)["r0"].error.message
     assert not session.closed, "a session is not closed under a running call"
+    calls = len(session.batches)  # the warm-up's, so far: the hung call has not returned
     gate.set()
-    time.sleep(0.3)
+    # The hung call returns; its worker then handles the late result and ends (the queue is closed).
+    assert wait_until(lambda: not any(t.is_alive() for t in tenant._threads)), "the worker ended"
+    assert len(session.batches) == calls + 1, "the hung call did return"
     assert len(sink.outcomes) == 3, "the late result is dropped"
 
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import ssl
 import subprocess
+import threading
 import time
 
 import paho.mqtt.client as paho
@@ -12,7 +14,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.devtools.local_broker import LocalBroker
-from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, passwd_file, sample
+from tests.conftest import CAT_CLASSES, REPO, AgentProcess, Collector, passwd_file, sample, wait_for_log
 from tests.pki import make_pki
 
 pytestmark = pytest.mark.timeout(180)
@@ -99,23 +101,30 @@ def test_mutual_tls_and_password(shared_dir, tmp_path):
         plain = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
         plain.tls_set(ca_certs=str(pki["ca"]))
         plain.username_pw_set("tester", "t3st")
-        accepted: list[object] = []
-        plain.on_connect = lambda *args: accepted.append(args)
+        outcome: list[str] = []  # what ended the attempt: waited for, not a fixed time
+        plain.on_connect = lambda *args: outcome.append("accepted")
+        plain.on_disconnect = lambda *args: outcome.append("dropped")
         try:
-            plain.connect("127.0.0.1", broker.port)
-            for _ in range(20):
-                plain.loop(0.1)
-        except (OSError, ssl.SSLError):
-            pass
-        assert not accepted, "a client without a certificate is not let in"
+            plain.connect("127.0.0.1", broker.port)  # TLS 1.3: the broker's refusal comes after it
+            deadline = time.monotonic() + 30
+            while not outcome and time.monotonic() < deadline:
+                if plain.loop(0.1) != paho.MQTT_ERR_SUCCESS:
+                    outcome.append("dropped")
+        except (OSError, ssl.SSLError) as exc:
+            outcome.append(f"refused: {exc}")
+        assert outcome, "the broker neither let the client in nor refused it"
+        assert outcome[0] != "accepted", "a client without a certificate is not let in"
 
 
-def _client(port: int, user: str, password: str) -> paho.Client:
+def _client(port: int, user: str, password: str) -> tuple[paho.Client, threading.Event]:
+    """A connected client, and an Event set when the broker acknowledged its (one) subscription."""
     c = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5, client_id=f"{user}-{os.getpid()}")
     c.username_pw_set(user, password)
+    subscribed = threading.Event()
+    c.on_subscribe = lambda *_: subscribed.set()
     c.connect("127.0.0.1", port)
     c.loop_start()
-    return c
+    return c, subscribed
 
 
 def test_shipped_acl_keeps_devices_to_their_own_topics(shared_dir):
@@ -125,17 +134,25 @@ def test_shipped_acl_keeps_devices_to_their_own_topics(shared_dir):
     users = {"cam-01": "a", "cam-02": "b", "console": "c", "camera-cam-01": "d"}
     pw = passwd_file(shared_dir, users)
     with LocalBroker(anonymous=False, extra_config=f"password_file {pw}\nacl_file {acl}\n") as broker:
-        got: dict[str, list[str]] = {u: [] for u in users}
+        got: dict[str, list[tuple[str, bytes]]] = {u: [] for u in users}
+        cond = threading.Condition()
+
+        def on_message(user: str, m: paho.MQTTMessage) -> None:
+            with cond:
+                got[user].append((m.topic, m.payload))
+                cond.notify_all()
+
         clients = {}
         for user, password in users.items():
-            c = _client(broker.port, user, password)
-            c.on_message = lambda _c, _u, m, user=user: got[user].append(m.topic)
+            c, subscribed = _client(broker.port, user, password)
+            c.on_message = lambda _c, _u, m, user=user: on_message(user, m)
             c.subscribe("edge/#", qos=1)
-            clients[user] = c
-        time.sleep(0.5)
+            clients[user] = (c, subscribed)
+        for user, (_c, subscribed) in clients.items():
+            assert subscribed.wait(10), f"{user}: no SUBACK"
 
-        def pub(user: str, topic: str) -> None:
-            clients[user].publish(topic, b"{}", qos=1).wait_for_publish(5)
+        def pub(user: str, topic: str, payload: bytes = b"{}") -> None:
+            clients[user][0].publish(topic, payload, qos=1).wait_for_publish(5)
 
         pub("console", "edge/cam-01/placement")  # allowed: cam-01 reads it
         pub("cam-02", "edge/cam-01/placement")  # not allowed: only the console places
@@ -145,22 +162,76 @@ def test_shipped_acl_keeps_devices_to_their_own_topics(shared_dir):
         pub("camera-cam-01", "edge/cam-01/infer")  # allowed
         pub("camera-cam-01", "edge/cam-02/infer")  # refused: not its device
         pub("cam-02", "edge/cam-02/status")  # allowed: console reads it
-        time.sleep(1.0)
-        for c in clients.values():
+        # Every publish above was acknowledged, so Mosquitto (one thread) had already queued each of
+        # them to its subscribers. A marker each subscriber may read, published now, is queued behind
+        # them: once every subscriber has its marker, it has every message it will ever get above.
+        markers = {
+            "cam-01": ("console", "edge/cam-01/placement"),
+            "cam-02": ("console", "edge/cam-02/placement"),
+            "console": ("cam-02", "edge/cam-02/status"),
+            "camera-cam-01": ("cam-01", "edge/cam-01/result"),
+        }
+        for publisher, topic in markers.values():
+            pub(publisher, topic, b"marker")
+        with cond:
+            assert cond.wait_for(
+                lambda: all((topic, b"marker") in got[user] for user, (_p, topic) in markers.items()), 10
+            ), got
+        for c, _subscribed in clients.values():
             c.loop_stop()
             c.disconnect()
-    assert got["cam-01"].count("edge/cam-01/placement") == 1, got["cam-01"]
-    assert got["cam-01"].count("edge/cam-01/infer") == 1
-    assert "edge/cam-02/infer" not in got["cam-02"], "a camera cannot feed another device"
-    assert got["camera-cam-01"] == ["edge/cam-01/result"], "one genuine result; the forged one was dropped"
+    topics = {user: [t for t, payload in msgs if payload != b"marker"] for user, msgs in got.items()}
+    assert topics["cam-01"].count("edge/cam-01/placement") == 1, topics["cam-01"]
+    assert topics["cam-01"].count("edge/cam-01/infer") == 1
+    assert "edge/cam-02/infer" not in topics["cam-02"], "a camera cannot feed another device"
+    assert topics["camera-cam-01"] == ["edge/cam-01/result"], "one genuine result; the forged one was dropped"
     # The console reads status, telemetry and (its own) placements; never frames or results.
-    assert sorted(got["console"]) == ["edge/cam-01/placement", "edge/cam-02/status"]
-    assert not any(t.startswith("edge/cam-01/") for t in got["cam-02"]), "devices do not see each other"
+    assert sorted(topics["console"]) == ["edge/cam-01/placement", "edge/cam-02/status"]
+    assert not any(t.startswith("edge/cam-01/") for t in topics["cam-02"]), "devices do not see each other"
+
+
+MARKER = 999_999  # the generation of the unsigned marker document (see judged_after_restart)
+
+
+def connects(agent: AgentProcess) -> int:
+    """How often the agent has logged a completed (re)connect: every subscription acknowledged."""
+    return agent.log().count("connected to mqtt")
+
+
+def judged_after_restart(agent: AgentProcess, connects_before: int) -> dict:
+    """Wait until the retained placement redelivered at this start has been judged; return a status
+    made after that judgement.
+
+    A redelivered, applied, signed document is a `Redelivery` (agent/placement/intake.py): the agent
+    publishes and logs nothing for it, so its judgement leaves no trace to wait for. A marker does:
+    the agent logs "connected to mqtt" only once every SUBSCRIBE has its SUBACK, and Mosquitto
+    queued the retained copy to it while handling that SUBSCRIBE. An unsigned marker published after
+    the line is therefore delivered behind the retained copy, and the reconciler judges documents in
+    the order they arrive (Reconciler.submit/_apply_newest). The status reporting the marker's
+    refusal was made after the retained copy's judgement; had that copy been refused (expired,
+    replayed), its refusal would be in `errors` too.
+    """
+    wait_for_log(agent, "connected to mqtt", count=connects_before + 1)
+    topic = f"edge/{agent.device_id}/status"
+    c = Collector(agent.broker.port, [topic])
+    try:
+        marker = json.dumps({"generation": MARKER, "tenants": []}).encode()
+        c.publish(f"edge/{agent.device_id}/placement", marker)  # not retained: only this start sees it
+
+        def marker_refused(statuses: list[dict]) -> bool:
+            refused = (statuses[-1].get("placement") or {}).get("refused") or {} if statuses else {}
+            return refused.get("generation") == MARKER
+
+        status = c.wait_for(marker_refused, topic, timeout=60)[-1]
+    finally:
+        c.close()
+    refusals = [e for e in status["errors"] if "refused" in e]
+    assert len(refusals) == 1 and "unsigned" in refusals[0], status["errors"]
+    return status
 
 
 def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, tmp_path):
     import asyncio
-    import json
 
     from agent.client import publish_placement
     from agent.protocol.signing import generate_keypair, load_private_key, sign
@@ -214,11 +285,12 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
     finally:
         agent.stop()
     # A restart re-reads the saved, signed placement; its retained copy is not taken for a replay.
+    before = connects(agent)
     agent.start()
     try:
-        status = agent.wait_ready()
+        status = judged_after_restart(agent, before)
         assert status["placement"]["applied_generation"] == 5
-        assert status["placement"].get("refused") is None
+        assert [(t["backend"], t["state"]) for t in status["placement"]["tenants"]] == [("openvino", "ready")]
     finally:
         agent.stop()
 
@@ -280,7 +352,8 @@ def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp
     import asyncio
 
     from agent.client import publish_placement
-    from agent.protocol.signing import generate_keypair, load_private_key, sign
+    from agent.placement.intake import Applied, Intake, Refused
+    from agent.protocol.signing import generate_keypair, load_private_key, load_public_key, sign
 
     private, public = generate_keypair(tmp_path)
     config = f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
@@ -290,25 +363,24 @@ def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp
         "generation": 1,
         "tenants": [{"model": "efficientnet-lite0", "backend": "openvino", "device": "CPU"}],
     }
+    signed = sign(doc, load_private_key(private), valid_s=2)
     try:
-        applied, status = asyncio.run(
-            publish_placement(
-                broker.url, "sig2", sign(doc, load_private_key(private), valid_s=2), timeout_s=60
-            )
-        )
+        applied, status = asyncio.run(publish_placement(broker.url, "sig2", signed, timeout_s=60))
         assert applied, status
     finally:
         agent.stop()
-    time.sleep(2.5)  # the signature expires while the agent is down
+    while time.time() <= signed["expires_at"] + 0.1:
+        time.sleep(0.05)  # the signature expires while the agent is down (waits for the clock itself)
+    # Now expired indeed: as a new document (nothing applied), intake refuses it for that.
+    outcome = Intake(load_public_key(public.read_text())).check(json.dumps(signed).encode(), Applied())
+    assert isinstance(outcome, Refused) and "expired" in outcome.reason, outcome
+    before = connects(agent)
     agent.start()
     try:
-        status = agent.wait_ready()
-        time.sleep(1.0)  # the retained copy has been delivered and judged by now
-        status = agent.wait_ready()
+        status = judged_after_restart(agent, before)
         assert status["placement"]["applied_generation"] == 1
-        assert status["placement"].get("refused") is None, status["placement"]["refused"]
         assert not [e for e in status["errors"] if "expired" in e], status["errors"]
-        assert status["placement"]["tenants"][0]["backend"] == "openvino"
+        assert [(t["backend"], t["state"]) for t in status["placement"]["tenants"]] == [("openvino", "ready")]
     finally:
         agent.stop()
 
@@ -336,12 +408,12 @@ def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
         assert chosen["auto"] is not None and chosen["backend"] != "auto"
     finally:
         agent.stop()
+    before = connects(agent)
     agent.start()
     try:
         agent.wait_ready(timeout=120)
-        time.sleep(1.0)  # the retained copy has been delivered and judged by now
-        status = agent.wait_ready()
-        assert status["placement"].get("refused") is None, status["placement"]["refused"]
+        status = judged_after_restart(agent, before)
+        assert status["placement"]["applied_generation"] == 1
         tenant = status["placement"]["tenants"][0]
         assert (tenant["backend"], tenant["auto"] is not None) == (chosen["backend"], True), tenant
     finally:

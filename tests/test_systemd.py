@@ -87,7 +87,8 @@ def test_sigterm_drain_answers_every_accepted_frame_and_loses_none(broker, tmp_p
             props = Properties(PacketTypes.PUBLISH)
             props.CorrelationData = f"d{i}".encode()
             c.client.publish("edge/drain1/infer", image, qos=1, properties=props)
-        time.sleep(0.3)
+        # Stop once serving has begun (the first answer is in), with most frames still to be served.
+        c.wait_for(lambda r: len(r) >= 1, "edge/drain1/result", timeout=60)
         assert agent.stop() == 0, agent.log()[-2000:]
         first_run = c.json("edge/drain1/result")
         assert first_run, "some frames were served before the stop"
