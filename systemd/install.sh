@@ -102,6 +102,17 @@ mkdir -p "$DEST/src.new"
     --exclude=.hypothesis --exclude=./build --exclude=./dist --exclude=.whl --exclude=.gpu-broker \
     --exclude=.gpu-stash --exclude='*.db' --exclude='*.db-wal' --exclude='*.db-shm' --exclude=./state . ) \
   | ( cd "$DEST/src.new" && tar xf - )
+# Models the operator added to the installed repository are theirs: an upgrade keeps them (a bundled
+# model of the same name is replaced by the new release's).
+if [ -d "$DEST/src/models" ]; then
+  for model in "$DEST/src/models"/*/; do
+    name=$(basename "$model")
+    if [ -d "$model" ] && [ ! -e "$DEST/src.new/models/$name" ]; then
+      cp -a "$model" "$DEST/src.new/models/$name"
+      say "kept model $name (not bundled with this release)"
+    fi
+  done
+fi
 rm -rf "$DEST/src"
 mv "$DEST/src.new" "$DEST/src"
 if [ ! -x "$DEST/venv/bin/python" ]; then

@@ -178,12 +178,22 @@ def test_install_script_stages_upgrades_and_uninstalls(tmp_path):
     staged = {p.name for p in (prefix / "src").iterdir()}
     assert not staged & {".venv", ".git", ".hypothesis", ".whl", ".gpu-broker", ".mypy_cache"}, staged
     assert not list((prefix / "src").rglob("*.db"))
-    # Upgrade keeps the operator's config, and updates a console installed earlier.
+    # Upgrade keeps the operator's config and the models they added, replaces bundled files, and
+    # updates a console installed earlier.
     (stage / "etc/systemd/system/edge-console.service").write_text("[Unit]\n# stale\n")
     config.write_text(config.read_text() + "\n# edited by the operator\n")
+    own = prefix / "src/models/my-model"
+    own.mkdir()
+    (own / "model.toml").write_text("# the operator's own model\n")
+    (prefix / "src/models/efficientnet-lite0/labels.txt").write_text("stale\n")
     done = subprocess.run(script, capture_output=True, text=True, timeout=240, env=env)
     assert done.returncode == 0 and "kept existing" in done.stdout
     assert "edited by the operator" in config.read_text()
+    assert (own / "model.toml").read_text() == "# the operator's own model\n", done.stdout
+    assert "kept model my-model" in done.stdout
+    assert (prefix / "src/models/efficientnet-lite0/labels.txt").read_text().startswith("tench"), (
+        "bundled replaced"
+    )
     console_unit = (stage / "etc/systemd/system/edge-console.service").read_text()
     assert "stale" not in console_unit and "ExecStart=" in console_unit
     done = subprocess.run([*script, "--uninstall"], capture_output=True, text=True, timeout=60)
