@@ -276,11 +276,11 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from backends import registry
+    from agent.capabilities import probe_backends
 
-    for name, (ok, devices, reason) in registry.capabilities().items():
-        state = "available" if ok else "unavailable"
-        detail = ", ".join(devices) if ok else reason
+    for name, cap in probe_backends(timeout_s=120.0).items():  # in a child, as the agent does
+        state = "available" if cap.available else "unavailable"
+        detail = ", ".join(cap.devices) if cap.available else cap.reason
         print(f"{name:14s} {state:12s} {detail}")
     return 0
 

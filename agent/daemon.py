@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
+from agent.capabilities import probe_backends
 from agent.config import AgentConfig, ConfigError
 from agent.deadline import call_with_deadline
 from agent.errors import PlacementRefused
@@ -24,7 +25,7 @@ from agent.mqtt_session import MqttSession
 from agent.outbox import Outbox, OutboxStore
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
-from agent.protocol.schemas import BackendCapability, Capabilities, TenantSpec
+from agent.protocol.schemas import Capabilities, TenantSpec
 from agent.protocol.signing import load_public_key
 from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.reporting import Reporter
@@ -32,7 +33,6 @@ from agent.router import FrameRouter
 from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
 from agent.tenant import Tenant
 from agent.tenant_table import TenantTable
-from backends import registry
 from backends.base import Backend
 
 log = logging.getLogger(__name__)
@@ -193,12 +193,10 @@ class Agent:
 
     # -- helpers ----------------------------------------------------------------------------------
     def _probe_capabilities(self) -> Capabilities:
-        """Which runtimes and devices this machine has (blocking: runtimes ask their drivers)."""
-        caps = {
-            name: BackendCapability(available=ok, devices=devices, reason=reason)
-            for name, (ok, devices, reason) in registry.capabilities().items()
-        }
-        return Capabilities(backends=caps, models=self.repo.names())
+        """Which runtimes and devices this machine has, probed in a child process (blocking: the
+        runtimes ask their drivers); agent/capabilities.py says why a child."""
+        timeout = min(60.0, self.config.scheduler.load_timeout_s)
+        return Capabilities(backends=probe_backends(timeout), models=self.repo.names())
 
     def _extend_start(self, seconds: float) -> None:
         """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise

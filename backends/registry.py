@@ -46,16 +46,18 @@ def get(name: str) -> Backend:
         return backend
 
 
+def capabilities_of(name: str) -> tuple[bool, list[str], str]:
+    """(available, devices, reason) of one backend. Never raises."""
+    try:
+        backend = get(name)
+        ok, reason = backend.available()
+        devices = backend.devices() if ok else []
+    except Exception as exc:  # a broken runtime must not take the agent down
+        log.warning("backend %s probe failed: %s", name, exc)
+        ok, devices, reason = False, [], f"probe failed: {exc}"
+    return ok, devices, reason
+
+
 def capabilities(include_hidden: bool = False) -> dict[str, tuple[bool, list[str], str]]:
     """name -> (available, devices, reason) for every registered backend. Never raises."""
-    out: dict[str, tuple[bool, list[str], str]] = {}
-    for name in names(include_hidden):
-        try:
-            backend = get(name)
-            ok, reason = backend.available()
-            devices = backend.devices() if ok else []
-        except Exception as exc:  # a broken runtime must not take the agent down
-            log.warning("backend %s probe failed: %s", name, exc)
-            ok, devices, reason = False, [], f"probe failed: {exc}"
-        out[name] = (ok, devices, reason)
-    return out
+    return {name: capabilities_of(name) for name in names(include_hidden)}

@@ -1,0 +1,61 @@
+"""Which runtimes and devices this machine has, probed in a child process (`backends/probe.py`).
+
+The agent process then imports only the runtimes it serves (measured: 402 MB idle RSS with one ONNX
+Runtime tenant when every installed runtime was probed in-process), and a runtime that crashes while
+it is imported or lists its devices is reported unavailable, with the reason, instead of taking the
+agent down.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+
+from agent.protocol.schemas import BackendCapability
+from backends import registry
+
+log = logging.getLogger(__name__)
+
+
+def _run(names: list[str], timeout_s: float) -> tuple[dict[str, BackendCapability] | None, str]:
+    """One child probing `names` (all when empty): its answer, or None and why there is none."""
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "backends.probe", *names],
+            capture_output=True,
+            timeout=timeout_s,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return None, f"the probe did not finish within {timeout_s:g} s (a device or driver may be hung)"
+    if done.returncode != 0:
+        if done.returncode < 0:
+            why = f"the runtime crashed while probing ({signal.Signals(-done.returncode).name})"
+        else:
+            tail = done.stderr.decode(errors="replace").strip().splitlines()[-1:] or [""]
+            why = f"the probe exited with {done.returncode}: {tail[0][:200]}"
+        return None, why
+    try:
+        raw = json.loads(done.stdout)
+        return {name: BackendCapability.model_validate(cap) for name, cap in raw.items()}, ""
+    except ValueError as exc:
+        return None, f"the probe printed no usable answer: {exc}"
+
+
+def probe_backends(timeout_s: float) -> dict[str, BackendCapability]:
+    """Every backend's availability and devices. Blocking. If the probe of all fails (a crash),
+    each backend is probed alone, so that only the one that crashes is marked unavailable."""
+    found, why = _run([], timeout_s)
+    if found is not None:
+        return found
+    log.warning("probing the runtimes together failed (%s): probing each alone", why)
+    out: dict[str, BackendCapability] = {}
+    for name in registry.names():
+        one, why = _run([name], timeout_s)
+        out[name] = (one or {}).get(name) or BackendCapability(available=False, reason=why)
+        if one is None:
+            log.error("backend %s: %s", name, why)
+    return out
