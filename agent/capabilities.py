@@ -45,16 +45,16 @@ def _run(names: list[str], timeout_s: float) -> tuple[dict[str, BackendCapabilit
         return None, f"the probe printed no usable answer: {exc}"
 
 
-def probe_backends(timeout_s: float) -> dict[str, BackendCapability]:
-    """Every backend's availability and devices. Blocking. If the probe of all fails (a crash),
-    each backend is probed alone, so that only the one that crashes is marked unavailable."""
+def probe_backends(timeout_s: float = 40.0, each_timeout_s: float = 20.0) -> dict[str, BackendCapability]:
+    """Every backend's availability and devices. Blocking. If the probe of all fails (a crash, a
+    hang), each backend is probed alone, so that only the one at fault is marked unavailable."""
     found, why = _run([], timeout_s)
     if found is not None:
         return found
     log.warning("probing the runtimes together failed (%s): probing each alone", why)
     out: dict[str, BackendCapability] = {}
     for name in registry.names():
-        one, why = _run([name], timeout_s)
+        one, why = _run([name], each_timeout_s)
         out[name] = (one or {}).get(name) or BackendCapability(available=False, reason=why)
         if one is None:
             log.error("backend %s: %s", name, why)

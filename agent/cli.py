@@ -278,7 +278,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 def cmd_backends(args: argparse.Namespace) -> int:
     from agent.capabilities import probe_backends
 
-    for name, cap in probe_backends(timeout_s=120.0).items():  # in a child, as the agent does
+    for name, cap in probe_backends().items():  # in a child, as the agent does
         state = "available" if cap.available else "unavailable"
         detail = ", ".join(cap.devices) if cap.available else cap.reason
         print(f"{name:14s} {state:12s} {detail}")

@@ -36,6 +36,9 @@ from agent.tenant_table import TenantTable
 from backends.base import Backend
 
 log = logging.getLogger(__name__)
+# The runtimes' probe (a child process, agent/capabilities.py) gets this long at start, retries
+# included; a hung device or driver then leaves the agent starting without capabilities.
+PROBE_TIMEOUT_S = 60.0
 
 
 class Agent:
@@ -121,7 +124,7 @@ class Agent:
         await asyncio.to_thread(self.metrics.start)
         # A wedged device can hang its runtime's probe: start without it rather than never (systemd
         # would kill a start that takes minutes). Placements list devices again, under a deadline.
-        probe_s = min(60.0, self.config.scheduler.load_timeout_s)
+        probe_s = PROBE_TIMEOUT_S
         self._extend_start(probe_s)
         try:
             self.table.set_capabilities(await call_with_deadline(self._probe_capabilities, probe_s, None))
@@ -195,8 +198,7 @@ class Agent:
     def _probe_capabilities(self) -> Capabilities:
         """Which runtimes and devices this machine has, probed in a child process (blocking: the
         runtimes ask their drivers); agent/capabilities.py says why a child."""
-        timeout = min(60.0, self.config.scheduler.load_timeout_s)
-        return Capabilities(backends=probe_backends(timeout), models=self.repo.names())
+        return Capabilities(backends=probe_backends(), models=self.repo.names())
 
     def _extend_start(self, seconds: float) -> None:
         """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise
