@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-from agent.cli import JournalFormatter
 from agent.devtools.local_broker import free_port
+from agent.logs import JournalFormatter
 
 
 def test_every_line_of_a_record_carries_its_priority():
