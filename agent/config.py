@@ -120,10 +120,19 @@ class MetricsConfig(Section):
 
 
 class SecurityConfig(Section):
-    # The placement signer's Ed25519 public key (base64 of 32 bytes, or a file holding it). When set, only
-    # placements signed with the matching private key, recently, for a newer generation are applied.
-    placement_public_key: str | None = None
+    # The placement signers' Ed25519 public keys: one key (base64 of 32 bytes, or a file holding keys,
+    # one per line) or a list of them, at most 8: during a key rotation the device holds the old and
+    # the new key. When set, only placements signed with a matching private key, recently, for a
+    # newer generation are applied.
+    placement_public_key: str | list[str] | None = None
     placement_max_age_s: float = Field(default=86400.0, gt=0)
+
+    @field_validator("placement_public_key")
+    @classmethod
+    def _some_keys(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not 1 <= len(value) <= 8:
+            raise ValueError("give 1 to 8 public keys (an empty list would accept unsigned placements)")
+        return value
 
 
 def _default_placement() -> Placement:

@@ -26,7 +26,7 @@ from agent.outbox import Outbox, OutboxStore
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
 from agent.protocol.schemas import Capabilities, TenantSpec
-from agent.protocol.signing import load_public_key
+from agent.protocol.signing import load_public_keys
 from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.reporting import Reporter
 from agent.router import FrameRouter
@@ -50,7 +50,7 @@ class Agent:
         self.backend_options = backend_options or {}
         key = config.security.placement_public_key
         try:
-            public_key = load_public_key(key) if key else None
+            public_key = load_public_keys(key) if key else None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"security.placement_public_key: {exc}") from exc
         self.table = TenantTable()

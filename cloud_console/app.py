@@ -2,9 +2,11 @@
 
 Security model:
 - every page and API call but /login, /healthz and /static needs a signed session cookie
-  (HttpOnly, SameSite=Strict; Secure when `web.secure_cookies`);
-- every POST/PUT/DELETE needs the session's CSRF token in the `X-CSRF-Token` header and, when the
-  browser sends an Origin, the same origin;
+  (HttpOnly, SameSite=Strict; Secure when `web.secure_cookies`); API calls may instead carry an API
+  token (`Authorization: Bearer ect_...`, cloud_console/tokens.py), scoped to a role;
+- every POST/PUT/DELETE with a session needs its CSRF token in the `X-CSRF-Token` header and, when
+  the browser sends an Origin, the same origin (a bearer token needs neither: a browser never adds
+  one to a cross-site request by itself);
 - changing placement needs the admin role (403 for viewers);
 - pages load only the console's own scripts (Content-Security-Policy: 'self', no CDN).
 """
@@ -25,17 +27,19 @@ from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol.editing import PlacementInvalid
 from agent.protocol.schemas import Placement, TenantSpec
 from cloud_console import pages
-from cloud_console.auth import Session, password_binding, verify_password
+from cloud_console.auth import Session, password_binding
 from cloud_console.config import Role
 from cloud_console.events import format_event
 from cloud_console.mqtt import PublishFailed
 from cloud_console.service import Console, UnknownDevice
+from cloud_console.tokens import TokenError, effective_role
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +48,17 @@ COOKIE = "edge_console_session"
 CSRF_HEADER = "X-CSRF-Token"
 UNSAFE_METHODS = {"POST", "PUT", "DELETE", "PATCH"}
 LOGIN_FAILURE_DELAY_S = 0.5
-# Burn the same scrypt work for unknown users, so login timing does not reveal who exists.
-_DUMMY_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+# Burn the same argon2 work for unknown users, so login timing does not reveal who exists.
+_DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$xbqIL1bKqYxvIWFZ9HinSw$i8XWOPMJxTPG4F5b4Su1aYQ1sk+NOTClha418RVEdAw"
+)
+# Both ways in, as the OpenAPI document shows them (the checks are in `principal`).
+BEARER = HTTPBearer(
+    auto_error=False, description="An API token: `edge-console token create` or POST /api/tokens"
+)
+COOKIE_AUTH = APIKeyCookie(
+    name="edge_console_session", auto_error=False, description="The session cookie of POST /api/login"
+)
 SECURITY_HEADERS = [
     (
         b"content-security-policy",
@@ -212,11 +225,32 @@ class DeviceList(BaseModel):
     stats: dict[str, Any]
 
 
+class TokenRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, max_length=64, description="what the token is for (a label)")
+    role: Role | None = Field(default=None, description="at most your own role (default: your role)")
+
+
+class TokenInfo(BaseModel):
+    id: str
+    user: str
+    role: Role
+    name: str
+    created: float
+    last_used: float | None
+    revoked: float | None
+
+
+class TokenCreated(TokenInfo):
+    token: str = Field(description="the bearer token: shown this once, only its hash is kept")
+
+
 @dataclass(frozen=True)
 class Principal:
     name: str
     role: Role
-    session: Session
+    session: Session | None  # None for an API token
+    token_id: str | None = None
 
     @property
     def is_admin(self) -> bool:
@@ -232,6 +266,15 @@ def get_console(request: Request) -> Console:
 
 def principal(request: Request) -> Principal | None:
     console = get_console(request)
+    authorization = request.headers.get("authorization")
+    if authorization is not None:  # a token, and only the token, decides (no fallback to a cookie)
+        scheme, _, credential = authorization.partition(" ")
+        identity = console.tokens.authenticate(credential.strip()) if scheme.lower() == "bearer" else None
+        token_user = console.users.get(identity.user) if identity is not None else None
+        if identity is None or token_user is None:
+            return None
+        role: Role = "admin" if effective_role(identity.role, token_user.role) == "admin" else "viewer"
+        return Principal(token_user.name, role, None, identity.token_id)
     session = console.signer.read(request.cookies.get(COOKIE))
     if session is None:
         return None
@@ -241,10 +284,25 @@ def principal(request: Request) -> Principal | None:
     return Principal(user.name, user.role, session)
 
 
-async def require_user(request: Request) -> Principal:
+async def require_user(
+    request: Request,
+    _bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(BEARER)],
+    _cookie: Annotated[str | None, Depends(COOKIE_AUTH)],
+) -> Principal:
     who = principal(request)
     if who is None:
-        raise HTTPException(401, "log in first")
+        raise HTTPException(
+            401,
+            "log in first" if "authorization" not in request.headers else "invalid or revoked API token",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    return who
+
+
+async def require_session(who: Annotated[Principal, Depends(require_user)]) -> Principal:
+    """Managing tokens needs a login: a token cannot make more tokens."""
+    if who.session is None:
+        raise HTTPException(403, "API tokens are managed from a login session, not with a token")
     return who
 
 
@@ -260,7 +318,11 @@ async def guard_changes(request: Request) -> None:
     """CSRF: every unsafe method carries the session's token (and a same-origin Origin)."""
     if request.method not in UNSAFE_METHODS or request.url.path in ("/api/login", "/login"):
         return
-    who = await require_user(request)
+    who = principal(request)
+    if who is None:
+        raise HTTPException(401, "log in first", headers={"WWW-Authenticate": "Bearer"})
+    if who.session is None:
+        return  # an API token: no cookie, so nothing a cross-site request could ride on
     if not same_origin(request):
         raise HTTPException(403, "cross-origin request refused")
     if not get_console(request).signer.check_csrf(who.session, request.headers.get(CSRF_HEADER)):
@@ -275,6 +337,7 @@ async def require_admin(who: Annotated[Principal, Depends(require_user)]) -> Pri
 
 User = Annotated[Principal, Depends(require_user)]
 Admin = Annotated[Principal, Depends(require_admin)]
+LoggedIn = Annotated[Principal, Depends(require_session)]
 
 
 def create_app(console: Console) -> FastAPI:
@@ -320,8 +383,10 @@ def create_app(console: Console) -> FastAPI:
 
     async def check_login(username: str, password: str) -> bool:
         user = console.users.get(username)
-        # scrypt takes tens of ms of CPU: off the event loop, so ingest keeps flowing.
-        ok = await asyncio.to_thread(verify_password, password, user.password_hash if user else _DUMMY_HASH)
+        # argon2 takes a fraction of a second of CPU: off the event loop, so ingest keeps flowing. An
+        # old (weaker) hash is upgraded once the password is known to be right.
+        stored = user.password_hash if user else _DUMMY_HASH
+        ok = await asyncio.to_thread(console.passwords.login, username[:64], stored, password)
         if not (ok and user):
             log.warning("failed login for %r", username[:64])
             await asyncio.sleep(LOGIN_FAILURE_DELAY_S)
@@ -364,14 +429,14 @@ def create_app(console: Console) -> FastAPI:
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     async def fleet_page(request: Request) -> Response:
         who = principal(request)
-        if who is None:
+        if who is None or who.session is None:  # pages are for a login session, not a token
             return RedirectResponse("/login?next=/", 303)
         return HTMLResponse(pages.fleet(who.name, who.role, console.signer.csrf_token(who.session)))
 
     @app.get("/devices/{device_id}", response_class=HTMLResponse, include_in_schema=False)
     async def device_page(request: Request, device_id: str) -> Response:
         who = principal(request)
-        if who is None:
+        if who is None or who.session is None:
             return RedirectResponse(f"/login?next={quote('/devices/' + device_id)}", 303)
         if device_id not in console.fleet.devices:
             return HTMLResponse(pages.not_found(device_id, who.name, who.role), 404)
@@ -392,14 +457,44 @@ def create_app(console: Console) -> FastAPI:
         return set_session_cookie(response, body.username)
 
     @api.post("/logout", tags=["session"])
-    async def api_logout(who: User, response: Response) -> dict[str, bool]:
+    async def api_logout(who: LoggedIn, response: Response) -> dict[str, bool]:
+        assert who.session is not None  # require_session
         console.signer.revoke(who.session)
         response.delete_cookie(COOKIE, path="/")
         return {"ok": True}
 
     @api.get("/session", response_model=SessionInfo, tags=["session"])
     async def api_session(who: User) -> SessionInfo:
-        return SessionInfo(user=who.name, role=who.role, csrf_token=console.signer.csrf_token(who.session))
+        """Who is asking. With an API token the CSRF token is empty (none is needed)."""
+        csrf = console.signer.csrf_token(who.session) if who.session is not None else ""
+        return SessionInfo(user=who.name, role=who.role, csrf_token=csrf)
+
+    @api.get("/tokens", response_model=list[TokenInfo], tags=["tokens"])
+    async def api_tokens(who: LoggedIn) -> list[dict[str, Any]]:
+        """API tokens with their last use: your own; an admin sees everyone's."""
+        return await asyncio.to_thread(console.tokens.list, None if who.is_admin else who.name)
+
+    @api.post("/tokens", response_model=TokenCreated, status_code=201, tags=["tokens"])
+    async def api_create_token(body: TokenRequest, who: LoggedIn) -> dict[str, Any]:
+        """Make an API token for yourself, scoped to your role or below. The token is in this answer
+        only: send it as `Authorization: Bearer <token>`; no CSRF token is needed with it."""
+        role = body.role or who.role
+        if role == "admin" and not who.is_admin:
+            raise HTTPException(403, "a token cannot have more than your own role")
+        try:
+            token, row = await asyncio.to_thread(console.tokens.create, who.name, role, body.name)
+        except TokenError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return {**row, "token": token}
+
+    @api.delete("/tokens/{token_id}", tags=["tokens"])
+    async def api_revoke_token(token_id: str, who: LoggedIn) -> dict[str, bool]:
+        """Revoke a token (yours; an admin may revoke anyone's). It stops working at once."""
+        owner = await asyncio.to_thread(console.tokens.owner, token_id)
+        if owner is None or (owner != who.name and not who.is_admin):
+            raise HTTPException(404, f"no token {token_id!r}")
+        await asyncio.to_thread(console.tokens.revoke, token_id)
+        return {"ok": True}
 
     @api.get("/devices", tags=["fleet"], responses={200: {"model": DeviceList}})
     async def api_devices(

@@ -1,7 +1,9 @@
-"""Passwords, session cookies and CSRF tokens, with the standard library only.
+"""Passwords, session cookies and CSRF tokens.
 
-- Passwords: `scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>` (hashlib.scrypt, 16-byte random salt).
-  scrypt is memory-hard, so a leaked config is expensive to brute-force.
+- Passwords: argon2id (argon2-cffi, RFC 9106 low-memory profile: 64 MiB, t=3, p=4), memory-hard, so a
+  leaked config is expensive to brute-force. Hashes of earlier versions
+  (`scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>`, N=2^14) still verify and are upgraded at the next
+  login (`PasswordUpgrades`).
 - Sessions: a signed cookie `<payload b64>.<hmac-sha256 b64>` holding user, session id and expiry.
   Stateless, so several console workers sharing `session_secret` accept each other's cookies; the
   role is looked up in the current users on every request (a demoted user loses admin at once).
@@ -23,13 +25,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import argon2
+
 log = logging.getLogger(__name__)
 
-SCRYPT_N = 2**14
-SCRYPT_R = 8
-SCRYPT_P = 1
+# Old hashes (scrypt, N=2^14) verify with the standard library; new ones are argon2id at the RFC 9106
+# "low memory" profile (64 MiB, 3 passes, 4 lanes), above OWASP's minimum (19 MiB, 2 passes).
 SCRYPT_DKLEN = 32
 _MAXMEM = 256 * 1024 * 1024
+ARGON2 = argon2.PasswordHasher.from_parameters(argon2.profiles.RFC_9106_LOW_MEMORY)
 
 
 def _b64(data: bytes) -> str:
@@ -40,15 +44,38 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
-def hash_password(password: str, *, n: int = SCRYPT_N, r: int = SCRYPT_R, p: int = SCRYPT_P) -> str:
-    """A salted scrypt hash for the `password_hash` of a `[[users]]` entry."""
+def hash_password(password: str) -> str:
+    """A salted argon2id hash (`$argon2id$v=19$m=...`) for the `password_hash` of a `[[users]]` entry."""
+    return ARGON2.hash(password)
+
+
+def scrypt_hash(password: str, *, n: int = 2**14, r: int = 8, p: int = 1) -> str:
+    """The format of earlier versions (`scrypt$n$r$p$salt$hash`): still verified, upgraded at login."""
     salt = secrets.token_bytes(16)
     digest = hashlib.scrypt(password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=SCRYPT_DKLEN)
     return f"scrypt${n}${r}${p}${_b64(salt)}${_b64(digest)}"
 
 
+def needs_upgrade(encoded: str) -> bool:
+    """True for a hash below the current parameters (every scrypt hash; a weaker argon2 one)."""
+    if not encoded.startswith("$argon2id$"):
+        return True
+    try:
+        return ARGON2.check_needs_rehash(encoded)
+    except (ValueError, argon2.exceptions.InvalidHashError):
+        return True
+
+
 def verify_password(password: str, encoded: str) -> bool:
     """Constant-time check; a malformed hash is logged and never matches."""
+    if encoded.startswith("$argon2"):
+        try:
+            return ARGON2.verify(encoded, password)
+        except argon2.exceptions.VerifyMismatchError:
+            return False
+        except (argon2.exceptions.VerificationError, argon2.exceptions.InvalidHashError) as exc:
+            log.error("unusable password hash in config (%s)", exc)
+            return False
     try:
         scheme, n_text, r_text, p_text, salt_text, hash_text = encoded.split("$")
         if scheme != "scrypt":
@@ -59,9 +86,78 @@ def verify_password(password: str, encoded: str) -> bool:
             password.encode(), salt=salt, n=n, r=r, p=p, maxmem=_MAXMEM, dklen=len(expected)
         )
     except (ValueError, TypeError) as exc:
-        log.error("unusable password hash in config (%s); expected scrypt$n$r$p$salt$hash", exc)
+        log.error(
+            "unusable password hash in config (%s); expected $argon2id$... or scrypt$n$r$p$salt$hash", exc
+        )
         return False
     return hmac.compare_digest(digest, expected)
+
+
+def open_table(db: Path, create: str) -> sqlite3.Connection:
+    """A connection of its own to the console's database, with `create` (CREATE TABLE IF NOT EXISTS)
+    run. Read on the event loop per request: never wait long behind the store's writer."""
+    db.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db, timeout=10.0, check_same_thread=False)
+    conn.execute("PRAGMA busy_timeout=2000")
+    with conn:
+        conn.execute(create)
+    return conn
+
+
+class PasswordUpgrades:
+    """Stronger hashes of config passwords, made at login, kept in the console's SQLite database.
+
+    The config file stays the source of truth (the operator's file is never rewritten): an upgrade is
+    stored against a digest of the config hash it replaces, so a password changed in the config
+    makes its upgrade void. Workers sharing the database share the upgrades."""
+
+    def __init__(self, db: Path | None) -> None:
+        self._lock = threading.Lock()
+        self._db: sqlite3.Connection | None = None
+        if db is not None:
+            self._db = open_table(
+                db,
+                "CREATE TABLE IF NOT EXISTS password_upgrades"
+                " (user TEXT PRIMARY KEY, replaces TEXT NOT NULL, hash TEXT NOT NULL, ts REAL NOT NULL)",
+            )
+
+    def effective(self, user: str, config_hash: str) -> str:
+        """The hash to check a login against: the upgrade of this config hash, else the config's."""
+        if self._db is None:
+            return config_hash
+        with self._lock:
+            try:
+                row = self._db.execute(
+                    "SELECT hash FROM password_upgrades WHERE user = ? AND replaces = ?",
+                    (user, password_binding(config_hash)),
+                ).fetchone()
+            except sqlite3.Error:
+                log.exception("password upgrades unreadable; using the config's hash")
+                return config_hash
+        return str(row[0]) if row else config_hash
+
+    def store(self, user: str, config_hash: str, new_hash: str) -> None:
+        if self._db is None:
+            return
+        with self._lock:
+            try:
+                with self._db:
+                    self._db.execute(
+                        "INSERT OR REPLACE INTO password_upgrades VALUES (?, ?, ?, ?)",
+                        (user, password_binding(config_hash), new_hash, time.time()),
+                    )
+            except sqlite3.Error:
+                log.exception("could not store an upgraded password hash (tried again at next login)")
+
+    def login(self, user: str, config_hash: str, password: str) -> bool:
+        """Check a password (blocking: argon2/scrypt work); on success upgrade a weak hash."""
+        encoded = self.effective(user, config_hash)
+        if not verify_password(password, encoded):
+            return False
+        if needs_upgrade(encoded) and self._db is not None:
+            self.store(user, config_hash, hash_password(password))
+            log.info("password hash of %s upgraded to argon2id", user)
+        return True
 
 
 @dataclass(frozen=True)
@@ -90,15 +186,10 @@ class SessionSigner:
         # workers sharing the database and the secret honour each other's logouts.
         self._db: sqlite3.Connection | None = None
         if revocations is not None:
-            revocations.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(revocations, timeout=10.0, check_same_thread=False)
-            # Checked on the event loop for every request: never wait long behind the store's writer.
-            self._db.execute("PRAGMA busy_timeout=2000")
-            with self._db:
-                self._db.execute(
-                    "CREATE TABLE IF NOT EXISTS revoked_sessions"
-                    " (sid TEXT PRIMARY KEY, expires REAL NOT NULL)"
-                )
+            self._db = open_table(
+                revocations,
+                "CREATE TABLE IF NOT EXISTS revoked_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL)",
+            )
 
     def _sign(self, data: bytes) -> str:
         return _b64(hmac.new(self._key, data, hashlib.sha256).digest())

@@ -2,8 +2,11 @@
 
     edge-console serve --broker mqtt://HOST:PORT [--listen 127.0.0.1:8080] [--db console.db]
                        [--config console.toml] [--shared-group NAME] [--demo-users [admin=PW,viewer=PW]]
+                       [--sign-key FILE] [--ca-file CA] [--cert-file CERT --key-file KEY]
     edge-console simulate --broker mqtt://HOST:PORT --devices 500 [--interval 2]
     edge-console hash-password            (prompts; or --stdin)
+    edge-console token create --user NAME --name LABEL [--role viewer]   (prints the token once)
+    edge-console token list | token revoke ID          (each takes --config / --db)
 
 `edge-console --broker ...` without a command means `serve`.
 """
@@ -26,6 +29,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.protocol.broker import BrokerUrlError
 from cloud_console.auth import hash_password
 from cloud_console.config import (
     ConsoleConfig,
@@ -37,7 +41,7 @@ from cloud_console.config import (
 )
 
 EXIT_CONFIG = 2
-COMMANDS = ("serve", "simulate", "hash-password")
+COMMANDS = ("serve", "simulate", "hash-password", "token")
 log = logging.getLogger("cloud_console")
 
 
@@ -71,8 +75,19 @@ def build_config(args: argparse.Namespace) -> tuple[ConsoleConfig, dict[str, str
     updates: dict[str, object] = {}
     if args.shared_group is not None:
         updates["shared_group"] = args.shared_group
-    broker = config.broker.model_copy(update={"url": args.broker} if args.broker else {})
-    parse_broker_url(broker.url)  # fail now on a bad URL
+    broker_flags = {"url": args.broker, "ca_file": args.ca_file, "cert_file": args.cert_file}
+    broker_flags["key_file"] = args.key_file
+    broker = config.broker.model_copy(update={k: v for k, v in broker_flags.items() if v is not None})
+    address = parse_broker_url(broker.url)  # fail now on a bad URL
+    from cloud_console.mqtt import build_tls_context
+
+    try:  # and on unusable TLS files (the agent's rules: agent.protocol.broker)
+        build_tls_context(address, broker)
+    except BrokerUrlError as exc:
+        raise ConsoleConfigError(f"broker: {exc}") from exc
+    signing = config.signing.model_copy(
+        update={k: v for k, v in {"key_file": args.sign_key, "valid_s": args.sign_valid_s}.items() if v}
+    )
     web = config.web.model_copy(update={"listen": args.listen} if args.listen else {})
     parse_listen(web.listen)
     storage = config.storage.model_copy(update={"db": args.db} if args.db else {})
@@ -93,6 +108,7 @@ def build_config(args: argparse.Namespace) -> tuple[ConsoleConfig, dict[str, str
                 "broker": broker.model_dump(),
                 "web": web.model_dump(),
                 "storage": storage.model_dump(),
+                "signing": signing.model_dump(),
                 "users": [u.model_dump() for u in users],
             }
         )
@@ -129,12 +145,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config, demo = build_config(args)
     setup_logging(args.log_level)
     host, port = parse_listen(config.web.listen)
-    console = Console(config)
+    console = Console(config)  # raises ConsoleConfigError (exit 2) for an unusable signing key
+    signing = f"signing placements with {config.signing.key_file}" if config.signing.key_file else "unsigned"
     app = create_app(console)
     for role, password in demo.items():
         print(f"edge-console: demo user {role} password {password} (role {role})", flush=True)
     print(
-        f"edge-console: serving http://{host}:{port}/ (broker {config.broker.url}, db {config.storage.db});"
+        f"edge-console: serving http://{host}:{port}/ (broker {config.broker.url}, db {config.storage.db},"
+        f" placements {signing});"
         f" ready when GET /healthz answers",
         flush=True,
     )
@@ -167,6 +185,52 @@ def cmd_hash_password(args: argparse.Namespace) -> int:
         return 1
     print(hash_password(password))
     return 0
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """Make, list or revoke API tokens in the console's database (the config's, or --db)."""
+    from cloud_console.tokens import ROLE_RANK, TokenError, TokenStore
+
+    config = load_console_config(args.config)
+    store = TokenStore(args.db or config.storage.db)
+    users = {u.name: u for u in config.users}
+    try:
+        if args.action == "create":
+            user = users.get(args.user)
+            if user is None and args.config is not None:
+                raise ConsoleConfigError(f"no user {args.user!r} in {args.config}")
+            role = args.role or (user.role if user else "viewer")
+            if user is not None and ROLE_RANK[role] > ROLE_RANK[user.role]:
+                raise ConsoleConfigError(f"{args.user} is a {user.role}: a token cannot have the {role} role")
+            token, row = store.create(args.user, role, args.name)
+            print(token)
+            print(
+                f"token {row['id']} for {row['user']} (role {row['role']}): shown this once, only its"
+                " hash is kept; send it as 'Authorization: Bearer <token>'",
+                file=sys.stderr,
+            )
+        elif args.action == "list":
+            rows = store.list(args.user)
+            print(f"{'id':16}  {'user':16} {'role':6} {'created':20} {'last used':20} {'revoked':20} name")
+            for r in rows:
+                print(
+                    f"{r['id']:16}  {r['user']:16} {r['role']:6} {_when(r['created']):20}"
+                    f" {_when(r['last_used']):20} {_when(r['revoked']):20} {r['name']}"
+                )
+        else:
+            if not store.revoke(args.id):
+                print(f"error: no token {args.id!r}", file=sys.stderr)
+                return 1
+            print(f"token {args.id} revoked")
+    except TokenError as exc:
+        raise ConsoleConfigError(str(exc)) from exc
+    finally:
+        store.close()
+    return 0
+
+
+def _when(ts: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ts)) if ts else "-"
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -230,8 +294,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="admin=PW,viewer=PW",
         help="add users admin and viewer (random passwords unless given), printed at start",
     )
+    serve.add_argument(
+        "--sign-key", type=Path, help="Ed25519 private key (PEM, `edge-agent keygen`): sign every placement"
+    )
+    serve.add_argument(
+        "--sign-valid-s", type=float, help="how long a published placement stays valid (default 86400)"
+    )
+    serve.add_argument("--ca-file", type=Path, help="CA of the broker's certificate (mqtts://)")
+    serve.add_argument("--cert-file", type=Path, help="the console's client certificate (mutual TLS)")
+    serve.add_argument("--key-file", type=Path, help="the key of --cert-file")
     serve.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     serve.set_defaults(func=cmd_serve)
+
+    token = sub.add_parser("token", help="make, list or revoke API tokens (bearer tokens for scripts)")
+    token.add_argument("--config", type=Path, help="console TOML file (its users and storage.db)")
+    token.add_argument("--db", type=Path, help="the console's SQLite file (default: the config's)")
+    token_sub = token.add_subparsers(dest="action", required=True)
+    create = token_sub.add_parser("create", help="make a token; printed once on stdout")
+    create.add_argument("--user", required=True, help="the user the token acts for")
+    create.add_argument("--name", required=True, help="what the token is for (a label)")
+    create.add_argument("--role", choices=["admin", "viewer"], help="default: the user's role")
+    listing = token_sub.add_parser("list", help="tokens with their last use (never the secrets)")
+    listing.add_argument("--user", help="only this user's tokens")
+    revoke = token_sub.add_parser("revoke", help="revoke a token by id (it stops working at once)")
+    revoke.add_argument("id")
+    token.set_defaults(func=cmd_token)
 
     simulate = sub.add_parser("simulate", help="run a fleet of fake agents against a broker")
     simulate.add_argument("--broker", required=True, help="mqtt://HOST:PORT")

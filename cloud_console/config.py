@@ -31,10 +31,11 @@ class Section(BaseModel):
 
 
 class UserConfig(Section):
-    """One login. `password_hash` comes from `edge-console hash-password` (scrypt, salted)."""
+    """One login. `password_hash` comes from `edge-console hash-password` (argon2id; older scrypt
+    hashes are still accepted and upgraded at the user's next login)."""
 
     name: str
-    password_hash: str = Field(pattern=r"^scrypt\$")
+    password_hash: str = Field(pattern=r"^(scrypt\$|\$argon2id\$)")
     role: Role = "viewer"
 
     @field_validator("name")
@@ -53,9 +54,23 @@ class BrokerSettings(Section):
     keepalive_s: int = Field(default=30, ge=5, le=3600)
     reconnect_min_s: float = Field(default=0.5, gt=0)
     reconnect_max_s: float = Field(default=30.0, gt=0)
+    # TLS (an mqtts:// URL): the CA that signed the broker's certificate (default: the system's), and
+    # the console's own client certificate and key for a broker that requires them (mutual TLS).
     ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
     # Skip hostname verification (self-signed lab brokers). Never the default.
     tls_insecure: bool = False
+
+
+class SigningSettings(Section):
+    """The console's placement signing key: every placement it publishes is signed (Ed25519) so
+    devices with `[security] placement_public_key` accept it. Unset: placements go out unsigned."""
+
+    key_file: Path | None = None
+    # How long a published placement stays valid: a device offline longer refuses it as expired
+    # (a newer placement is then needed). At most the devices' `placement_max_age_s` (default 1 day).
+    valid_s: float = Field(default=86400.0, gt=0, le=30 * 86400)
 
 
 class WebSettings(Section):
@@ -84,6 +99,7 @@ class ConsoleConfig(Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)
+    signing: SigningSettings = Field(default_factory=SigningSettings)
     users: list[UserConfig] = Field(default_factory=list)
 
     @field_validator("users")

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import aiomqtt
 
-from agent.protocol.broker import BrokerAddress, tls_context
+from agent.protocol.broker import BrokerAddress, client_tls, credentials
 from agent.protocol.topics import fleet_filter
 from cloud_console.config import BrokerSettings
 
@@ -33,10 +33,9 @@ class PublishFailed(Exception):
 
 
 def build_tls_context(address: BrokerAddress, settings: BrokerSettings) -> ssl.SSLContext | None:
-    """Reads certificate files: blocking, so it runs in a thread, not on the event loop."""
-    if not address.tls:
-        return None
-    return tls_context(ca_file=settings.ca_file, insecure=settings.tls_insecure)
+    """Reads certificate files: blocking, so it runs in a thread, not on the event loop. The agent's
+    rules (agent.protocol.broker); raises BrokerUrlError for unusable files."""
+    return client_tls(address, settings.ca_file, settings.cert_file, settings.key_file, settings.tls_insecure)
 
 
 class ConsoleMqtt:
@@ -77,14 +76,15 @@ class ConsoleMqtt:
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again, until stop()."""
         tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
+        username, password = credentials(self.address, self.settings.username, self.settings.password)
         backoff = self.settings.reconnect_min_s
         while not self._stopping:
             client = aiomqtt.Client(
                 hostname=self.address.host,
                 port=self.address.port,
                 identifier=self.client_id,
-                username=self.address.username or self.settings.username,
-                password=self.address.password or self.settings.password,
+                username=username,
+                password=password,
                 protocol=aiomqtt.ProtocolVersion.V5,
                 keepalive=self.settings.keepalive_s,
                 clean_start=True,

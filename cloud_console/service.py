@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import secrets
 import time
@@ -16,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
 from agent.protocol.editing import (
@@ -29,13 +31,15 @@ from agent.protocol.editing import (
     track,
 )
 from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
+from agent.protocol.signing import load_private_key, sign
 from agent.protocol.topics import Topics, valid_device_id
-from cloud_console.auth import SessionSigner
-from cloud_console.config import ConsoleConfig, UserConfig, parse_broker_url
+from cloud_console.auth import PasswordUpgrades, SessionSigner
+from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.mqtt import ConsoleMqtt, PublishFailed
 from cloud_console.store import ConsoleStore
+from cloud_console.tokens import TokenStore
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +63,14 @@ class Console:
         self.users: dict[str, UserConfig] = {u.name: u for u in config.users}
         secret = session_secret or (config.web.session_secret or "").encode() or secrets.token_bytes(32)
         self.signer = SessionSigner(secret, config.web.session_max_age_s, revocations=config.storage.db)
+        self.passwords = PasswordUpgrades(config.storage.db)
+        self.tokens = TokenStore(config.storage.db)
+        self.sign_key: Ed25519PrivateKey | None = None
+        if config.signing.key_file is not None:
+            try:
+                self.sign_key = load_private_key(config.signing.key_file)
+            except (OSError, ValueError, TypeError) as exc:
+                raise ConsoleConfigError(f"signing key {config.signing.key_file}: {exc}") from exc
         self.fleet = Fleet(config.stale_after_s)
         self.hub = Hub()
         self.store = ConsoleStore(
@@ -371,7 +383,7 @@ class Console:
         device.desired = DesiredPlacement(doc.generation, doc.tenants, time.time(), user, action)
         device.touch()
         self._dirty.add(device_id)
-        payload = doc.model_dump_json().encode()
+        payload = self._wire(doc)
         try:
             await self.mqtt.publish(Topics(device_id, self.prefix).placement, payload, qos=1, retain=True)
         except PublishFailed:
@@ -384,6 +396,14 @@ class Console:
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "device", self.detail(device))
         return doc, track(device.desired, device.effective_status())
+
+    def _wire(self, doc: Placement) -> bytes:
+        """The document as published: signed (expiry and a fresh signed_at) when the console has a
+        signing key; a newer generation than the applied one is the replay protection."""
+        if self.sign_key is None:
+            return doc.model_dump_json().encode()
+        body = doc.model_dump(mode="json", exclude_none=True)
+        return json.dumps(sign(body, self.sign_key, valid_s=self.config.signing.valid_s)).encode()
 
     async def auto_place(self, device_id: str, user: str) -> tuple[Placement, Tracking]:
         device = self.device(device_id)

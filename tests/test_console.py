@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import argon2
 import pytest
 
 from agent.devtools.local_broker import LocalBroker, free_port
@@ -198,12 +199,20 @@ def tracking_state(
 
 # -- unit: passwords, sessions, CSRF ---------------------------------------------------------------
 def test_password_hash_verifies_only_the_right_password():
-    encoded = auth.hash_password("correct horse", n=2**10)
-    assert encoded.startswith("scrypt$1024$8$1$")
+    encoded = auth.hash_password("correct horse")  # the real parameters, no test-only lower cost
+    # Current guidance (OWASP): argon2id with at least 19 MiB and 2 passes.
+    params = argon2.extract_parameters(encoded)
+    assert params.type is argon2.Type.ID and params.memory_cost >= 19 * 1024 and params.time_cost >= 2
+    assert not auth.needs_upgrade(encoded)
     assert auth.verify_password("correct horse", encoded)
     assert not auth.verify_password("correct hors", encoded)
-    assert auth.hash_password("correct horse", n=2**10) != encoded  # salted
+    # The scrypt hashes of earlier versions still verify, and are marked for an upgrade.
+    old = auth.scrypt_hash("correct horse", n=2**10)
+    assert auth.verify_password("correct horse", old) and auth.needs_upgrade(old)
+    assert not auth.verify_password("correct hors", old)
+    assert auth.scrypt_hash("correct horse", n=2**10) != old  # salted
     assert not auth.verify_password("x", "scrypt$garbage")
+    assert not auth.verify_password("x", "$argon2id$garbage")
     assert not auth.verify_password("x", "bcrypt$1$2$3$4$5")
 
 
@@ -247,7 +256,7 @@ def test_a_logout_outlives_a_restart_and_reaches_other_workers(tmp_path):
 
 def test_config_file_users_and_errors(tmp_path):
     good = tmp_path / "console.toml"
-    hashed = auth.hash_password("s3cret-pass", n=2**10)
+    hashed = auth.scrypt_hash("s3cret-pass", n=2**10)  # an old-format hash is still a valid config
     good.write_text(
         f'topic_prefix = "edge"\n[web]\nlisten = "127.0.0.1:9000"\n'
         f'[[users]]\nname = "ops"\npassword_hash = "{hashed}"\nrole = "admin"\n'

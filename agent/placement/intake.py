@@ -12,11 +12,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError
 
 from agent.protocol.schemas import Placement
-from agent.protocol.signing import SignatureRefused, verify
+from agent.protocol.signing import PublicKeys, SignatureRefused, verify
 
 
 @dataclass(frozen=True)
@@ -55,7 +54,7 @@ class Applied:
 class Intake:
     """Checks documents against the device's signing policy (`[security]` in agent.toml)."""
 
-    def __init__(self, public_key: Ed25519PublicKey | None = None, max_age_s: float = 86400.0) -> None:
+    def __init__(self, public_key: PublicKeys | None = None, max_age_s: float = 86400.0) -> None:
         self.public_key = public_key
         self.max_age_s = max_age_s
 

@@ -1,7 +1,9 @@
 """Where the broker is and how to talk TLS to it: the one parser and TLS setup for agent, CLI and console.
 
 Before this module the agent and the console each parsed broker URLs and built TLS contexts, and
-their rules drifted (one accepted port 0). Both now call these two functions.
+their rules drifted (one accepted port 0). Both now call these functions: `parse_broker_url`,
+`tls_context`, and `client_tls` / `credentials` for a client with a URL plus settings (CA, client
+certificate and key, user name and password).
 """
 
 from __future__ import annotations
@@ -77,3 +79,41 @@ def tls_context(
     if insecure:
         ctx.check_hostname = False
     return ctx
+
+
+def client_tls(
+    address: BrokerAddress,
+    ca_file: Path | None = None,
+    cert_file: Path | None = None,
+    key_file: Path | None = None,
+    insecure: bool = False,
+) -> ssl.SSLContext | None:
+    """The TLS context for `address`: None for `mqtt://`; else `tls_context` with these files.
+
+    A client certificate or key for a plain URL is an error rather than silently unused (the broker
+    would then see neither TLS nor the certificate). Reads files: run it off the event loop.
+    """
+    if not address.tls:
+        if cert_file or key_file:
+            raise BrokerUrlError(
+                f"a client certificate/key is set but the broker {address.host}:{address.port} is"
+                " plain mqtt://: use mqtts:// (TLS) for mutual TLS"
+            )
+        return None
+    if key_file and not cert_file:
+        raise BrokerUrlError("a client key without a client certificate: set the certificate too")
+    try:
+        return tls_context(ca_file, cert_file, key_file, insecure)
+    except (OSError, ssl.SSLError) as exc:
+        raise BrokerUrlError(
+            f"TLS files (CA {ca_file}, certificate {cert_file}, key {key_file}): {exc}"
+        ) from exc
+
+
+def credentials(
+    address: BrokerAddress, username: str | None = None, password: str | None = None
+) -> tuple[str | None, str | None]:
+    """User name and password: those in the URL win over the settings'."""
+    if address.username:
+        return address.username, address.password
+    return username, password

@@ -1,5 +1,7 @@
-"""Signed placements (Ed25519): a device holding a public key obeys only documents signed with the
-matching private key (today `edge-agent place --sign-key`), recently, for a newer generation.
+"""Signed placements (Ed25519): a device holding public keys obeys only documents signed with a
+matching private key (the console's `--sign-key`, or `edge-agent place --sign-key`), recently, for a
+newer generation. A device may hold a few keys at once (key rotation: the new key is rolled out to
+the fleet before the signer switches to it, and the old one is removed afterwards).
 
 Signature: over the document without its `signature` field, serialised canonically
 (`json.dumps(sort_keys=True, separators=(",", ":"))`). `signed_at` and `expires_at` are Unix times.
@@ -10,12 +12,16 @@ from __future__ import annotations
 import base64
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+MAX_PUBLIC_KEYS = 8  # a rotation needs two; a few more allow several signers (console, break-glass CLI)
+PublicKeys = Ed25519PublicKey | Sequence[Ed25519PublicKey]
 
 
 class SignatureRefused(Exception):
@@ -55,14 +61,36 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
 
 def load_public_key(value: str) -> Ed25519PublicKey:
     """Base64 of the 32 raw bytes (what `edge-agent keygen` writes), or a path to such a file."""
-    text = value.strip()
-    if "/" in text and Path(text).is_file():
-        text = Path(text).read_text().strip()
-    try:
-        raw = base64.b64decode(text, validate=True)
-        return Ed25519PublicKey.from_public_bytes(raw)
-    except ValueError as exc:
-        raise ValueError(f"not an Ed25519 public key (base64 of 32 bytes): {exc}") from exc
+    keys = load_public_keys(value)
+    if len(keys) != 1:
+        raise ValueError(f"expected one public key, found {len(keys)}")
+    return keys[0]
+
+
+def load_public_keys(value: str | Sequence[str]) -> tuple[Ed25519PublicKey, ...]:
+    """One key or several: each item is base64 of 32 raw bytes or a path to a file holding keys, one
+    per line (`#` comments and blank lines skipped). At least one key, at most MAX_PUBLIC_KEYS."""
+    items = [value] if isinstance(value, str) else list(value)
+    texts: list[str] = []
+    for item in items:
+        text = item.strip()
+        if "/" in text and Path(text).is_file():
+            lines = Path(text).read_text().splitlines()
+            texts += [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+        else:
+            texts.append(text)
+    if not texts:
+        raise ValueError("no public key given")
+    if len(texts) > MAX_PUBLIC_KEYS:
+        raise ValueError(f"{len(texts)} public keys: at most {MAX_PUBLIC_KEYS} (retire old keys)")
+    keys = []
+    for number, text in enumerate(texts, 1):
+        try:
+            keys.append(Ed25519PublicKey.from_public_bytes(base64.b64decode(text, validate=True)))
+        except ValueError as exc:
+            where = f"key {number}: " if len(texts) > 1 else ""
+            raise ValueError(f"{where}not an Ed25519 public key (base64 of 32 bytes): {exc}") from exc
+    return tuple(keys)
 
 
 def sign(
@@ -75,8 +103,19 @@ def sign(
     return signed
 
 
-def verify(doc: dict[str, Any], key: Ed25519PublicKey, max_age_s: float, now: float | None = None) -> None:
-    """Raise SignatureRefused unless `doc` carries a valid, current signature by `key`."""
+def _verifies(keys: PublicKeys, signature: bytes, data: bytes) -> bool:
+    for key in (keys,) if isinstance(keys, Ed25519PublicKey) else keys:
+        try:
+            key.verify(signature, data)
+        except InvalidSignature:
+            continue
+        return True
+    return False
+
+
+def verify(doc: dict[str, Any], key: PublicKeys, max_age_s: float, now: float | None = None) -> None:
+    """Raise SignatureRefused unless `doc` carries a valid, current signature by `key` (or by any one
+    of several keys)."""
     now = time.time() if now is None else now
     signature = doc.get("signature")
     if not isinstance(signature, str) or not signature:
@@ -84,11 +123,13 @@ def verify(doc: dict[str, Any], key: Ed25519PublicKey, max_age_s: float, now: fl
             "unsigned: this device accepts only signed placements ([security] placement_public_key)"
         )
     try:
-        key.verify(base64.b64decode(signature, validate=True), canonical(doc))
-    except (InvalidSignature, ValueError) as exc:
+        valid = _verifies(key, base64.b64decode(signature, validate=True), canonical(doc))
+    except ValueError:
+        valid = False
+    if not valid:
         raise SignatureRefused(
             "forged or altered: the signature does not verify with this device's placement key"
-        ) from exc
+        )
     signed_at, expires_at = doc.get("signed_at"), doc.get("expires_at")
     if not isinstance(signed_at, int | float) or not isinstance(expires_at, int | float):
         raise SignatureRefused("signed document lacks signed_at/expires_at")
