@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = mosquitto mosquitto-clients chromium systemd
+APT_PACKAGES = mosquitto mosquitto-clients chromium systemd \
+	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 
 .PHONY: all deps venv demo test test-all lint format bench install uninstall gpu-wheels gpu-broker gpu-stage gpu-unstage clean
 
@@ -16,6 +17,9 @@ deps:
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v systemd-analyze >/dev/null || missing="$$missing systemd"; \
+	/usr/bin/python3 -c "import gi; gi.require_version('Gst', '1.0'); gi.require_version('GstRtspServer', '1.0'); \
+	  from gi.repository import Gst; Gst.init(None); assert Gst.ElementFactory.find('rtpjpegpay') and Gst.ElementFactory.find('videoconvert')" \
+	  2>/dev/null || missing="$$missing python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \

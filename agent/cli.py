@@ -121,6 +121,39 @@ def cmd_infer(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def cmd_camera(args: argparse.Namespace) -> int:
+    import time
+
+    from agent.camera import CameraRun, SourceError, run_camera, short_side_for, summary
+    from agent.config import BUNDLED_MODELS_DIR
+
+    logging.basicConfig(level=logging.WARNING, format="camera: %(message)s", stream=sys.stderr)
+    url, device_id, tls = _device_args(args)
+    short = args.short_side or short_side_for(args.models or BUNDLED_MODELS_DIR, args.model)
+    run = CameraRun(
+        source=args.source,
+        broker_url=url,
+        device_id=device_id,
+        model=args.model,
+        fps=args.fps,
+        frames=args.frames,
+        short_side=short,
+        max_in_flight=args.max_in_flight,
+        timeout_s=args.timeout,
+        tls_context=tls,
+        as_json=args.json,
+        emit=lambda line: print(line, flush=True),
+    )
+    started = time.monotonic()
+    try:
+        counts = run_camera(run)
+    except SourceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    print(summary(counts, time.monotonic() - started), file=sys.stderr)
+    return 0 if counts.answered and not counts.errors and not counts.lost else 1
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from agent.client import read_retained
     from agent.protocol.topics import Topics
@@ -247,6 +280,13 @@ def cmd_backends(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models(args: argparse.Namespace) -> int:
+    from agent import model_admin
+
+    config = _config_from_args(args)
+    return model_admin.run(args, config.models_dir)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from agent.devtools.demo import run_demo
 
@@ -288,6 +328,21 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true", help="print the raw result JSON")
     infer.set_defaults(func=cmd_infer)
 
+    camera = sub.add_parser(
+        "camera", help="frames from a camera, RTSP/MJPEG stream or video file to an agent; print answers"
+    )
+    common(camera)
+    camera.add_argument("source", help="/dev/video0 (or 0), rtsp://..., http(s)://... MJPEG, or a file")
+    camera.add_argument("--model", help="model name (default: the agent's default model)")
+    camera.add_argument("--fps", type=float, help="frames per second at most (default: as answered)")
+    camera.add_argument("--frames", type=int, help="stop after this many answers (default: run on)")
+    camera.add_argument("--max-in-flight", type=int, default=2, help="frames awaiting an answer")
+    camera.add_argument("--short-side", type=int, help="shrink frames to this (default: from the model)")
+    camera.add_argument("--models", type=Path, help="model repository (for the model's input size)")
+    camera.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer")
+    camera.add_argument("--json", action="store_true", help="one JSON line per answer")
+    camera.set_defaults(func=cmd_camera)
+
     status = sub.add_parser("status", help="print an agent's retained status")
     common(status)
     status.add_argument("--timeout", type=float, default=5.0)
@@ -324,6 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     keygen = sub.add_parser("keygen", help="make an Ed25519 key pair for signed placements")
     keygen.add_argument("--out", required=True, help="folder for the key pair")
     keygen.set_defaults(func=cmd_keygen)
+
+    from agent.model_admin import add_parser as add_models_parser
+
+    add_models_parser(sub).set_defaults(func=cmd_models)
 
     backends = sub.add_parser("backends", help="list inference runtimes and devices on this machine")
     backends.set_defaults(func=cmd_backends)
@@ -362,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # The client commands (infer, status, place) reach a broker: say so in one line, not a traceback.
-        if args.command in ("infer", "status", "place") and _is_connection_error(exc):
+        if args.command in ("infer", "status", "place", "camera") and _is_connection_error(exc):
             where = getattr(args, "broker", None) or "the configured broker"
             print(
                 f"edge-agent: cannot talk to the broker at {where}: {exc} "
