@@ -153,7 +153,7 @@ class Agent:
 
             self._tasks.append(
                 asyncio.create_task(
-                    serve(self.config.metrics.prometheus_listen, self.reporter.telemetry), name="prometheus"
+                    serve(self.config.metrics.prometheus_listen, self.reporter), name="prometheus"
                 )
             )
         interval = watchdog_interval_s()

@@ -411,7 +411,7 @@ class Tenant:
                 timing_ms=timing,
                 batch_size=len(ready),
             )
-            self.stats.served(timing.total)
+            self.stats.served(timing.total, timing.queue, timing.preprocess, timing.infer)
             self._emit(frame, result)
             settled.add(id(frame))
             if self._record:
