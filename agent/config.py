@@ -119,6 +119,22 @@ class MetricsConfig(Section):
     prometheus_listen: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.:\[\]-]*:\d{1,5}$")
 
 
+class FailoverConfig(Section):
+    """Tenants with several candidates (docs/reliability.md, "Failover")."""
+
+    # Runtime errors in a row that make the serving candidate unhealthy (a stall does at once).
+    errors_to_fail: int = Field(default=3, ge=1, le=1000)
+    # A better candidate that failed serves again once it has passed probes for this long (doubled
+    # per failure in a row, up to backoff_max_s: a flapping device is not taken back at once).
+    failback_after_s: float = Field(default=30.0, ge=0)
+    # An unhealthy candidate is probed (one inference, while idle) this often, doubled per failure.
+    probe_interval_s: float = Field(default=5.0, gt=0)
+    backoff_max_s: float = Field(default=300.0, gt=0)
+    # Slow drift: per-frame inference this many times the tenant's own baseline on the candidate
+    # makes it unhealthy (make-before-break). 0 turns the check off.
+    drift_factor: float = Field(default=5.0, ge=0)
+
+
 class SecurityConfig(Section):
     # The placement signers' Ed25519 public keys: one key (base64 of 32 bytes, or a file holding keys,
     # one per line) or a list of them, at most 8: during a key rotation the device holds the old and
@@ -159,6 +175,10 @@ class AgentConfig(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    # Fault injection for chaos tests (agent/faults.py, docs/reliability.md): off unless set, e.g.
+    # EDGE_AGENT_FAULTS="openvino:CPU:hang:after=200". Several are separated by commas.
+    faults: str = ""
     # What to serve before (or without) a placement from the console.
     placement: Placement = Field(default_factory=_default_placement)
 

@@ -121,6 +121,8 @@ class Agent:
         unsent = await asyncio.to_thread(store.load)
         self.outbox = Outbox(self.session, loop, store, unsent)
         self.router.outbox = self.outbox
+        outbox = self.outbox  # failovers announced on edge/<id>/events (not retained)
+        self.reconciler.publish_event = lambda event: outbox.put(self.topics.events, event, qos=1)
         await asyncio.to_thread(self.metrics.start)
         # A wedged device can hang its runtime's probe: start without it rather than never (systemd
         # would kill a start that takes minutes). Placements list devices again, under a deadline.
@@ -147,6 +149,7 @@ class Agent:
             asyncio.create_task(self.reporter.telemetry_loop(self.outbox), name="telemetry"),
             asyncio.create_task(self.reporter.status_loop(self.session), name="status"),
             asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
+            asyncio.create_task(self.reconciler.health_loop(), name="health"),
         ]
         if self.config.metrics.prometheus_listen:
             from agent.prometheus import serve

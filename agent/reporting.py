@@ -99,6 +99,7 @@ class Reporter:
                     instances=t.spec.instances,
                     state=t.state,
                     queue_depth=len(t.queue),
+                    failovers=self.table.failover_counts[t.spec.model],
                     **snap,  # type: ignore[arg-type]
                 )
             )

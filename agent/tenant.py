@@ -7,6 +7,10 @@ and hand every frame exactly one outcome through `emit`. The event loop never ru
 A runtime call that never returns (a Coral stick pulled out, a wedged GPU driver) must not swallow
 frames: `check_stalls` answers a batch stuck past the inference timeout, takes that instance out of
 service until its call returns, and drops the late results so each frame is still answered once.
+
+A tenant with other candidates (failover, docs/reliability.md) hands those frames on instead:
+`on_unhealthy` gives it a `Relay`, and from then on its queued frames, the frames of the hung or
+failed call and every new arrival go there, to be run on the next candidate.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from agent import faults
+from agent.health import DriftWatch, Relay
 from agent.ingest import Frame
 from agent.model_repo import Model
 from agent.postprocess import outputs_probabilities, top_k
@@ -41,6 +47,8 @@ log = logging.getLogger(__name__)
 
 Outcome = InferResult | ErrorResult
 EmitFn = Callable[[Frame, Outcome], None]
+# (tenant, kind: "stall" | "error" | "drift", why) -> where its frames go now, or None (no failover)
+UnhealthyFn = Callable[["Tenant", str, str], Relay | None]
 
 
 class Tenant:
@@ -87,6 +95,14 @@ class Tenant:
         self._options.setdefault("instances", spec.instances)
         self._options.setdefault("precision", spec.precision)
         self._options.setdefault("max_batch", spec.batch.max_size)
+        # Failover (set by the reconciler for tenants with several candidates).
+        self.placed = spec  # the placement entry as asked (spec is its serving candidate)
+        self.on_unhealthy: UnhealthyFn | None = None
+        self.errors_to_fail = 0  # runtime errors in a row that make the candidate unhealthy; 0: never
+        self.drift: DriftWatch | None = None
+        self._handoff: Relay | None = None
+        self._errors_in_row = 0
+        self._fault: faults.Fault | None = None
 
     @property
     def name(self) -> str:
@@ -97,6 +113,7 @@ class Tenant:
         """Load and warm up every instance; on failure close what loaded and set state failed."""
         try:
             self.device = self.backend.canonical_device(self.spec.device)
+            self._fault = faults.active().find(self.spec.backend, self.device)
             h, w = self.model.input.size
             item = (3, h, w) if self.model.input.layout == "NCHW" else (h, w, 3)
             for _ in range(self.spec.instances):
@@ -106,6 +123,8 @@ class Tenant:
                 # dynamic shapes: ~100 ms of stalled frames measured). Do it now, not on frames.
                 for size in warmup_batch_sizes(self.spec.batch.max_size):
                     try:
+                        if self._fault is not None:
+                            self._fault.inject(0)
                         out = session.infer(np.zeros((size, *item), np.dtype(self.model.input.dtype)))
                     except BackendError as exc:
                         raise ModelLoadError(
@@ -178,7 +197,11 @@ class Tenant:
         deadline = time.monotonic() + timeout_s
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
-        for frame in self.queue.take_all():
+        with self._lock:
+            left, relay = self.queue.take_all(), self._handoff
+        if relay is not None:
+            relay.put(left)
+        for frame in left if relay is None else []:
             self._error(frame, "shutting_down", "the tenant stopped before this frame was served")
         deadline = time.monotonic() + 5.0  # the batches in flight finish; runtimes cannot be interrupted
         for thread in self._threads:
@@ -217,6 +240,21 @@ class Tenant:
         agent calls it every second). The instance serves again once its call returns."""
         now = time.monotonic()
         for index, since, frames in self._abandon(lambda _index, since: now - since > timeout_s):
+            relay = self.unhealthy(
+                "stall", f"inference on instance {index} has not returned for {now - since:.1f} s"
+            )
+            if relay is not None:
+                log.error(
+                    "tenant %s instance %d: inference has not returned for %.1f s; its %d frames are "
+                    "handed to the next candidate",
+                    self.name,
+                    index,
+                    now - since,
+                    len(frames),
+                )
+                self.stats.stall()
+                relay.put(frames)
+                continue
             log.error(
                 "tenant %s instance %d: inference has not returned for %.1f s; its %d frames are answered "
                 "`internal` and the instance is out of service until the call returns",
@@ -242,6 +280,8 @@ class Tenant:
         with self._lock:
             if self._draining or self.state not in ("ready", "failed") or not self._sessions:
                 return
+            if self._handoff is not None:  # failing over: it stays failed, its frames go elsewhere
+                return
             stalled = sorted(self._stalled)
             if not stalled:
                 if self.state == "failed" or self.error:
@@ -260,14 +300,46 @@ class Tenant:
             self._error(frame, "unavailable", f"tenant {self.name} cannot serve: {message}")
 
     # -- frames -------------------------------------------------------------------------------
+    def unhealthy(self, kind: str, message: str) -> Relay | None:
+        """This candidate cannot serve (a stall, errors): with another candidate to move to, every
+        frame it holds or gets from now on goes to the relay returned (thread-safe)."""
+        with self._lock:
+            if self._handoff is not None or self.on_unhealthy is None or self._draining:
+                return self._handoff
+        relay = self.on_unhealthy(self, kind, message)
+        if relay is None:
+            return None
+        with self._lock:
+            if self._handoff is not None:  # another thread got there first
+                return self._handoff
+            self._handoff = relay
+            self.state, self.error = "failed", f"{kind}: {message}; moving to the next candidate"
+            left = self.queue.take_all()
+        relay.put(left)
+        return relay
+
+    @property
+    def handing_off(self) -> bool:
+        return self._handoff is not None
+
     def submit(self, frame: Frame) -> None:
         """Queue a frame; every frame gets exactly one outcome, now or later."""
         self.stats.frame_in()
+        with self._lock:
+            relay = self._handoff
+        if relay is not None:
+            relay.put([frame])
+            return
         if self.state == "failed":
             self._error(frame, "unavailable", f"tenant {self.name} cannot serve: {self.error}")
             return
         try:
-            dropped = self.queue.put(frame)
+            with self._lock:  # not queued behind a hand-off that already emptied the queue
+                relay = self._handoff
+                dropped = self.queue.put(frame) if relay is None else None
+            if relay is not None:
+                relay.put([frame])
+                return
         except QueueFull:
             self.stats.dropped()
             self._error(frame, "overloaded", f"queue full ({self.queue.depth} frames); frame refused")
@@ -278,6 +350,10 @@ class Tenant:
         if dropped is not None:
             self.stats.dropped()
             self._error(dropped, "overloaded", f"dropped as the oldest of {self.queue.depth} queued frames")
+
+    def reject(self, frame: Frame, code: ErrorCode, message: str) -> None:
+        """Answer `frame` with an error on this tenant's account (a relay that cannot move it)."""
+        self._error(frame, code, message)
 
     def _error(self, frame: Frame, code: ErrorCode, message: str) -> None:
         self.stats.error()
@@ -304,6 +380,27 @@ class Tenant:
             "total_ms": timing.total if timing else None,
             "status": status,
         }
+
+    def _runtime_error(self, message: str) -> Relay | None:
+        """A runtime call failed: after `errors_to_fail` in a row, the candidate is unhealthy."""
+        with self._lock:
+            self._errors_in_row += 1
+            enough = 0 < self.errors_to_fail <= self._errors_in_row
+        if not enough:
+            return None
+        return self.unhealthy("error", f"{self.errors_to_fail} runtime errors in a row, the last: {message}")
+
+    def _slow(self, recent_ms: float) -> None:
+        """A slow drift: the candidate still answers, so it serves until the next one is ready
+        (make-before-break); reported once per tenant."""
+        baseline = self.drift.baseline_ms if self.drift is not None else None
+        if self.on_unhealthy is not None and baseline is not None and not self.handing_off:
+            self.drift = None
+            self.on_unhealthy(
+                self,
+                "drift",
+                f"inference {recent_ms:.1f} ms per frame against a baseline of {baseline:.1f} ms",
+            )
 
     def _worker(self, index: int, session: Session) -> None:
         spec = self.spec
@@ -363,6 +460,8 @@ class Tenant:
             return
         failure: str | None = None
         try:
+            if self._fault is not None:
+                self._fault.inject(len(ready))
             logits = session.infer(buffer[: len(ready)])
         except BackendError as exc:
             failure = str(exc)
@@ -387,8 +486,19 @@ class Tenant:
             self._refresh_state()
             return
         if failure is not None:
+            relay = self._runtime_error(failure)
+            if relay is not None:  # failing over: these frames run on the next candidate
+                settled.update(id(frame) for frame in ready)
+                relay.put(ready)
+                return
             fail(ready, "internal", failure)
             return
+        with self._lock:
+            self._errors_in_row = 0
+        if self.drift is not None:
+            drifted = self.drift.add((done - preprocessed) * 1000.0 / len(ready))
+            if drifted is not None:
+                self._slow(drifted)
         if len(logits) != len(ready):
             fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
             return

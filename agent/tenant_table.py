@@ -8,9 +8,18 @@ reporting read. Every change sets `changed`, which the status loop publishes. Ev
 from __future__ import annotations
 
 import asyncio
+from collections import Counter, deque
 from typing import Any
 
-from agent.protocol.schemas import AutoChoice, Capabilities, Refusal, TenantSpec, TenantStatus
+from agent.protocol.schemas import (
+    AutoChoice,
+    Candidate,
+    Capabilities,
+    Failover,
+    Refusal,
+    TenantSpec,
+    TenantStatus,
+)
 from agent.tenant import Tenant
 
 
@@ -26,6 +35,9 @@ class TenantTable:
         self.refused: Refusal | None = None
         self.auto_choices: dict[str, AutoChoice] = {}  # model -> why auto placed it there
         self.changed = asyncio.Event()
+        # Moves between candidates, per model: the recent ones (status) and how many (telemetry).
+        self._failovers: dict[str, deque[Failover]] = {}
+        self.failover_counts: Counter[str] = Counter()
 
     # -- reads (router, reporting) ----------------------------------------------------------------
     def get(self, model: str) -> Tenant | None:
@@ -45,7 +57,11 @@ class TenantTable:
         return list(self._serving.values())
 
     def serving_specs(self) -> dict[str, TenantSpec]:
-        return {model: t.spec for model, t in self._serving.items()}
+        """The placement entries that serve (as placed: a failed-over tenant is still its entry)."""
+        return {model: t.placed for model, t in self._serving.items()}
+
+    def failovers(self, model: str) -> list[Failover]:
+        return list(self._failovers.get(model, ()))
 
     def failed_models(self) -> frozenset[str]:
         return frozenset(self._failed)
@@ -61,7 +77,14 @@ class TenantTable:
         """The `placement.tenants` list of status (docs/protocol.md)."""
 
         def spec(t: Tenant) -> dict[str, Any]:
-            return {**t.spec.model_dump(), "device": t.device}  # the canonical device name
+            # backend/device: where it serves (the canonical device name), candidates as placed.
+            out = {**t.placed.model_dump(), "backend": t.spec.backend, "device": t.device}
+            if t.placed.candidates:
+                history = self.failovers(t.spec.model)
+                out["serving"] = Candidate(backend=t.spec.backend, device=t.device)
+                out["last_failover"] = history[-1] if history else None
+                out["failovers"] = history
+            return out
 
         out = [
             TenantStatus(**spec(t), state=t.state, error=t.error, auto=self.auto_choices.get(t.spec.model))
@@ -96,6 +119,12 @@ class TenantTable:
         self._failed.pop(model, None)
         self.touch()
         return old
+
+    def record_failover(self, model: str, move: Failover) -> None:
+        """`model` moved between candidates (status keeps the last 10, telemetry counts them)."""
+        self._failovers.setdefault(model, deque(maxlen=10)).append(move)
+        self.failover_counts[model] += 1
+        self.touch()
 
     def remove(self, model: str) -> Tenant | None:
         tenant = self._serving.pop(model, None)

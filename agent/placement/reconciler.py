@@ -4,6 +4,10 @@ Documents arrive from MQTT (`submit`) or at start (`apply`). Intake (pure) decid
 the plan (pure) what to start, keep and retire; this module does the slow part: auto-choice, checks
 against the installed runtimes, model loads under deadlines, draining retired tenants, saving.
 Errors are reported through `note_error` (status.errors); the table publishes every change.
+
+Tenants with several candidates are also moved here, under the same lock as placements: away from
+a candidate that turned unhealthy (failover) and back once a better one has been healthy long
+enough (failback), announced through `publish_event` (docs/reliability.md, "Failover").
 """
 
 from __future__ import annotations
@@ -13,19 +17,30 @@ import contextlib
 import functools
 import gc
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from agent.config import AgentConfig
+from agent import faults
+from agent.config import AgentConfig, ConfigError
 from agent.deadline import call_with_deadline
 from agent.errors import PlacementRefused
+from agent.health import DriftWatch, Health, Relay, probe
 from agent.model_repo import Model, ModelError, ModelRepository
 from agent.placement.auto import AutoPlacer
 from agent.placement.intake import Applied, Intake, Outcome, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
 from agent.placement.profiler import Profiler
 from agent.placement.store import PlacementStore
-from agent.protocol.schemas import Capabilities, Placement, Refusal, TenantSpec
+from agent.protocol.schemas import (
+    Candidate,
+    Capabilities,
+    Failover,
+    FailoverEvent,
+    Placement,
+    Refusal,
+    TenantSpec,
+)
 from agent.tenant import Tenant
 from agent.tenant_table import TenantTable
 from backends import registry
@@ -34,6 +49,11 @@ from backends.base import Backend, BackendError, UnknownDevice
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 TenantFactory = Callable[[TenantSpec, Model, Backend], Tenant]
+
+
+def serving_candidate(tenant: Tenant) -> Candidate:
+    """The candidate a tenant was started on, as placed (its device name as written there)."""
+    return Candidate(backend=tenant.spec.backend, device=tenant.spec.device)
 
 
 def settle_heap() -> None:
@@ -56,14 +76,17 @@ def check_runnable(placement: Placement, repo: ModelRepository) -> None:
             repo.manifest(spec.model)
         except ModelError as exc:
             raise PlacementRefused(str(exc)) from exc
-        if spec.backend not in registry.names():
-            raise PlacementRefused(f"unknown backend {spec.backend!r} (known: {', '.join(registry.names())})")
-        backend = registry.get(spec.backend)
-        if backend.available()[0]:
-            try:
-                backend.canonical_device(spec.device)
-            except UnknownDevice as exc:
-                raise PlacementRefused(str(exc)) from exc
+        for candidate in spec.candidate_list():
+            if candidate.backend not in registry.names():
+                raise PlacementRefused(
+                    f"unknown backend {candidate.backend!r} (known: {', '.join(registry.names())})"
+                )
+            backend = registry.get(candidate.backend)
+            if backend.available()[0]:
+                try:
+                    backend.canonical_device(candidate.device)
+                except UnknownDevice as exc:
+                    raise PlacementRefused(str(exc)) from exc
         # An installed-but-unavailable runtime is not refused: its tenant shows `failed` with the
         # reason while the others serve.
 
@@ -95,6 +118,16 @@ class Reconciler:
         self._pending: list[bytes] = []  # documents that arrived while a placement was being applied
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()  # the apply worker, tenants draining
+        # Failover: health per accelerator ("backend:device", lower case), where events go.
+        self.health: dict[str, Health] = {}
+        self.publish_event: Callable[[bytes], None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        try:
+            active = faults.configure(config.faults)
+        except ValueError as exc:
+            raise ConfigError(f"faults: {exc}") from exc
+        for fault in active.faults:
+            note_error(f"FAULT INJECTION IS ON: {fault.text}")
 
     # -- documents from MQTT ----------------------------------------------------------------------
     def submit(self, payload: bytes) -> None:
@@ -186,8 +219,25 @@ class Reconciler:
             settle_heap()
 
     async def _start_tenant(self, spec: TenantSpec) -> Tenant | None:
-        """Load and warm up a tenant; None (and the tenant shown `failed` with why) if it cannot."""
+        """Load and warm up a tenant on its first candidate that loads; None (and the tenant shown
+        `failed` with why) if none can."""
+        self._loop = asyncio.get_running_loop()
         self.table.loading(spec)
+        errors = []
+        for candidate in spec.candidate_list():
+            tenant = await self._start_on(spec, candidate)
+            if isinstance(tenant, Tenant):
+                return tenant
+            errors.append(tenant if len(spec.candidate_list()) == 1 else f"{candidate.label}: {tenant}")
+        message = "; ".join(errors)
+        self.table.failed(spec, message)
+        self.note_error(f"{spec.model} on {spec.backend}:{spec.device}: {message}")
+        return None
+
+    async def _start_on(self, placed: TenantSpec, candidate: Candidate) -> Tenant | str:
+        """A tenant of `placed` loaded on `candidate`, started; else why not (the candidate is
+        then unhealthy)."""
+        spec = placed.on(candidate)
         try:
             backend = registry.get(spec.backend)
             timeout = self.config.scheduler.load_timeout_s
@@ -219,12 +269,183 @@ class Reconciler:
             if not expected:
                 log.exception("tenant %s on %s:%s: unexpected error", spec.model, spec.backend, spec.device)
             log.error("tenant %s on %s:%s failed: %s", spec.model, spec.backend, spec.device, message)
-            self.table.failed(spec, message)
-            self.note_error(f"{spec.model} on {spec.backend}:{spec.device}: {message}")
-            return None
+            if placed.candidates:
+                self._health(candidate).fail(f"load failed: {message}", *self._backoff())
+            return message
+        tenant.placed = placed
+        if len(placed.candidate_list()) > 1:
+            failover = self.config.failover
+            tenant.on_unhealthy = self._on_unhealthy
+            tenant.errors_to_fail = failover.errors_to_fail
+            tenant.drift = DriftWatch(failover.drift_factor) if failover.drift_factor > 0 else None
         tenant.start()
         log.info("tenant %s ready", tenant.name)
         return tenant
+
+    # -- failover and failback --------------------------------------------------------------------
+    def _backoff(self) -> tuple[float, float]:
+        return self.config.failover.probe_interval_s, self.config.failover.backoff_max_s
+
+    def _health(self, candidate: Candidate) -> Health:
+        label = candidate.label.lower()
+        return self.health.setdefault(label, Health(label))
+
+    def _on_unhealthy(self, tenant: Tenant, kind: str, reason: str) -> Relay | None:
+        """A tenant's serving candidate turned unhealthy (any thread). A stall or errors: its frames
+        are held in a relay until the next candidate serves; a drift: it serves on meanwhile."""
+        loop = self._loop
+        if loop is None or not self.accepting:
+            return None
+        noticed = time.monotonic()
+        relay = None if kind == "drift" else Relay(tenant.reject, self.config.scheduler.queue_depth)
+        loop.call_soon_threadsafe(
+            lambda: self._spawn(
+                self._fail_over(tenant, kind, reason, relay, noticed), f"failover-{tenant.name}"
+            )
+        )
+        return relay
+
+    async def _fail_over(
+        self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
+    ) -> None:
+        placed, here = tenant.placed, serving_candidate(tenant)
+        self._health(here).fail(f"{kind}: {reason}", *self._backoff())
+        log.error("tenant %s: %s on %s (%s); failing over", placed.model, kind, here.label, reason)
+        async with self._lock:
+            current = self.table.get(placed.model)
+            if current is not tenant:  # a placement or a failback replaced it meanwhile
+                if relay is not None:
+                    relay.connect(current) if current is not None else relay.fail("the tenant was removed")
+                return
+            healthy = [c for c in placed.candidate_list() if self._health(c).healthy]
+            moved = await self._move(tenant, healthy, f"{kind}: {reason}", relay, noticed)
+        if not moved:
+            message = f"no other candidate could serve {placed.model} after a {kind} on {here.label}"
+            if relay is not None:
+                relay.fail(message)
+            self.note_error(message)
+
+    async def _move(
+        self, tenant: Tenant, candidates: list[Candidate], reason: str, relay: Relay | None, noticed: float
+    ) -> bool:
+        """Load the first of `candidates` (other than where `tenant` serves) that loads, install it,
+        hand it the relay's frames, retire `tenant` (it drains what it holds), announce. Under the
+        lock; False when none loaded (`tenant` stays)."""
+        here = serving_candidate(tenant)
+        for candidate in candidates:
+            if candidate.label.lower() == here.label.lower():
+                continue
+            new = await self._start_on(tenant.placed, candidate)
+            if not isinstance(new, Tenant):
+                continue
+            self.table.install(new)
+            if relay is not None:
+                relay.connect(new)
+            self._retire(tenant)
+            self._announce(tenant, new, reason, noticed)
+            return True
+        return False
+
+    def _announce(self, old: Tenant, new: Tenant, reason: str, noticed: float) -> None:
+        """Status (last failover, history), telemetry (count), edge/<id>/events, the log."""
+        ranks = [c.label.lower() for c in old.placed.candidate_list()]
+        source, target = serving_candidate(old), serving_candidate(new)
+        back = ranks.index(target.label.lower()) < ranks.index(source.label.lower())
+        move = Failover.model_validate(
+            {
+                "kind": "failback" if back else "failover",
+                "from": f"{old.spec.backend}:{old.device}",
+                "to": f"{new.spec.backend}:{new.device}",
+                "reason": reason,
+                "recovery_s": None if back else round(time.monotonic() - noticed, 3),
+            }
+        )
+        self.table.record_failover(new.placed.model, move)
+        log.warning(
+            "tenant %s: %s from %s to %s (%s)%s",
+            new.placed.model,
+            move.kind,
+            move.source,
+            move.to,
+            reason,
+            "" if move.recovery_s is None else f", serving again {move.recovery_s:.2f} s after the fault",
+        )
+        if self.publish_event is not None:
+            event = FailoverEvent(
+                **move.model_dump(), device_id=self.config.device_id, model=new.placed.model
+            )
+            self.publish_event(event.model_dump_json().encode())
+
+    async def health_loop(self) -> None:
+        """Once a second: probe unhealthy candidates that are due (backoff), and move tenants back
+        to a better candidate healthy for long enough (or to any that serves, when theirs failed)."""
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.accepting:
+                continue  # stopping: nothing moves any more
+            try:
+                await self._check_health()
+            except Exception:  # a bug here must not stop the agent
+                log.exception("health check failed")
+
+    async def _check_health(self) -> None:
+        failover = self.config.failover
+        now = time.monotonic()
+        for tenant in self.table.serving():
+            placed = tenant.placed
+            if len(placed.candidate_list()) < 2 or (tenant.handing_off and tenant.state != "failed"):
+                continue
+            here = serving_candidate(tenant)
+            ranks = [c.label.lower() for c in placed.candidate_list()]
+            stranded = tenant.state == "failed"  # no candidate could take it: any will do
+            better = [
+                c
+                for c in placed.candidate_list()
+                if stranded or ranks.index(c.label.lower()) < ranks.index(here.label.lower())
+            ]
+            if not stranded and ranks.index(here.label.lower()) == 0:
+                health = self._health(here)
+                if health.failures and now - health.since > failover.backoff_max_s:
+                    health.failures = 0  # serving steadily again: the backoff starts over
+            for candidate in better:
+                health = self._health(candidate)
+                if health.due(now):
+                    await self._probe(tenant, candidate, health)
+                hold = failover.failback_after_s * 2 ** max(0, health.failures - 1)
+                if health.healthy and (stranded or now - health.since >= min(hold, failover.backoff_max_s)):
+                    async with self._lock:
+                        if self.table.get(placed.model) is not tenant:
+                            break
+                        reason = (
+                            f"{candidate.label} healthy again"
+                            if not stranded
+                            else f"{candidate.label} serves again"
+                        )
+                        if await self._move(tenant, [candidate], reason, None, now):
+                            break
+
+    async def _probe(self, tenant: Tenant, candidate: Candidate, health: Health) -> None:
+        """One inference of the tenant's model on the idle candidate, under the inference deadline."""
+        health.probing = True
+        try:
+            backend = registry.get(candidate.backend)
+            device = backend.canonical_device(candidate.device)
+            fault = faults.active().find(candidate.backend, device)
+            timeout = self.config.scheduler.infer_timeout_s + self.config.scheduler.load_timeout_s
+            ms = await call_with_deadline(
+                functools.partial(probe, backend, tenant.model.artifacts, device, fault), timeout, None
+            )
+        except Exception as exc:  # a hang (TimeoutError), a load failure, a runtime error
+            reason = "probe did not return" if isinstance(exc, TimeoutError) else f"probe failed: {exc}"
+            health.fail(reason, *self._backoff())
+            log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, reason)
+        else:
+            health.passed()
+            log.warning(
+                "candidate %s of %s: probe passed (%.1f ms)", candidate.label, tenant.placed.model, ms
+            )
+        finally:
+            health.probing = False
 
     def _retire(self, tenant: Tenant) -> None:
         """Drain an old tenant in the background: its queued frames are still answered."""

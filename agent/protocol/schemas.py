@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
 
@@ -80,18 +80,46 @@ class BatchSpec(Strict):
     max_delay_ms: float = Field(default=0.0, ge=0.0, le=1000.0)
 
 
+BACKEND_PATTERN = r"^[a-z0-9_-]{1,32}$"
+DEVICE_PATTERN = r"^[A-Za-z0-9_.:-]{1,32}$"
+
+
+class Candidate(Strict):
+    """One place a tenant may serve from: a backend and one of its devices (docs/protocol.md)."""
+
+    backend: str = Field(pattern=BACKEND_PATTERN)
+    device: str = Field(default="cpu", pattern=DEVICE_PATTERN)
+
+    @field_validator("backend")
+    @classmethod
+    def _concrete(cls, value: str) -> str:
+        if value == "auto":
+            raise ValueError("a candidate names a backend; `auto` is a tenant's backend, not a candidate")
+        return value
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend}:{self.device}"
+
+
 class TenantSpec(Strict):
-    """One tenant of a placement: a model on a backend/device with N instances."""
+    """One tenant of a placement: a model on a backend/device with N instances.
+
+    `candidates`, when given, is the ordered list of (backend, device) it may serve from: the first
+    healthy one serves (failover and failback, docs/reliability.md). `backend`/`device` then default
+    to the first candidate.
+    """
 
     model: str
-    backend: str = Field(default="onnxruntime", pattern=r"^[a-z0-9_-]{1,32}$")
-    device: str = Field(default="cpu", pattern=r"^[A-Za-z0-9_.:-]{1,32}$")
+    backend: str = Field(default="onnxruntime", pattern=BACKEND_PATTERN)
+    device: str = Field(default="cpu", pattern=DEVICE_PATTERN)
     instances: int = Field(default=1, ge=1, le=32)
     threads: int | None = Field(default=None, ge=1, le=256)
     # Numeric precision where the backend offers a choice: tflite "int8" picks the full-integer
     # model, torch/tensorrt "fp16" runs half precision. None: the backend's default (fp32).
     precision: Literal["fp32", "fp16", "int8"] | None = None
     batch: BatchSpec = Field(default_factory=BatchSpec)
+    candidates: list[Candidate] | None = Field(default=None, min_length=1, max_length=8)
 
     @field_validator("model")
     @classmethod
@@ -100,7 +128,35 @@ class TenantSpec(Strict):
             raise ValueError(f"model name must match {MODEL_NAME_RE.pattern}")
         return value
 
-    def key(self) -> tuple[str, str, str, int, int | None, str | None, int, float]:
+    @model_validator(mode="after")
+    def _first_candidate(self) -> TenantSpec:
+        if self.candidates:
+            self._check_first_candidate(self.candidates[0])
+        return self
+
+    def _check_first_candidate(self, first: Candidate) -> None:
+        """With candidates, backend/device are the first candidate's (left out, or the same)."""
+        labels = [c.label.lower() for c in self.candidates or []]
+        if len(set(labels)) != len(labels):
+            raise ValueError("a candidate appears twice")
+        for name in ("backend", "device"):
+            mine, theirs = getattr(self, name), getattr(first, name)
+            if name not in self.model_fields_set:
+                setattr(self, name, theirs)
+            elif mine.lower() != theirs.lower():
+                raise ValueError(f"{name} {mine!r} is not the first candidate's ({theirs!r}); leave it out")
+
+    def candidate_list(self) -> list[Candidate]:
+        """The candidates in order; a tenant without any has one: its backend and device."""
+        if self.candidates:
+            return list(self.candidates)
+        return [Candidate(backend=self.backend, device=self.device)]
+
+    def on(self, candidate: Candidate) -> TenantSpec:
+        """This tenant's spec with `candidate` as its backend and device (candidates kept)."""
+        return self.model_copy(update={"backend": candidate.backend, "device": candidate.device})
+
+    def key(self) -> tuple[object, ...]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
         return (
             self.model,
@@ -111,6 +167,7 @@ class TenantSpec(Strict):
             self.precision,
             self.batch.max_size,
             self.batch.max_delay_ms,
+            tuple(c.label.lower() for c in self.candidates or []),
         )
 
 
@@ -148,10 +205,40 @@ class AutoChoice(BaseModel):
     together: dict[str, float] | None = None
 
 
+class Failover(BaseModel):
+    """A tenant moved between its candidates: `from` and `to` are "backend:device"."""
+
+    model_config = ConfigDict(populate_by_name=True, serialize_by_alias=True)
+
+    kind: Literal["failover", "failback"] = "failover"
+    source: str = Field(alias="from")
+    to: str
+    reason: str
+    ts: float = Field(default_factory=time.time)
+    # Seconds from the fault being noticed to the tenant serving on `to` (failovers).
+    recovery_s: float | None = None
+
+
 class TenantStatus(TenantSpec):
     state: TenantState
     error: str | None = None
     auto: AutoChoice | None = None
+    # Tenants with candidates: the one serving now (backend/device above say the same), the last
+    # move between candidates and the recent ones, oldest first.
+    serving: Candidate | None = None
+    last_failover: Failover | None = None
+    failovers: list[Failover] = Field(default_factory=list)
+
+    def _check_first_candidate(self, first: Candidate) -> None:
+        """In status, backend/device are where the tenant serves, which may be a later candidate."""
+
+
+class FailoverEvent(Failover):
+    """Published on edge/<id>/events when a tenant moves between candidates."""
+
+    type: Literal["failover"] = "failover"
+    device_id: str
+    model: str
 
 
 class Refusal(BaseModel):
@@ -202,6 +289,7 @@ class TenantTelemetry(BaseModel):
     errors: int
     drops: int
     stalls: int = 0  # batches answered `internal` because the runtime call hung (check_stalls)
+    failovers: int = 0  # moves of this tenant between its candidates since the agent started
     fps: float
     latency_ms: dict[str, float]
     queue_depth: int

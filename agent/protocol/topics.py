@@ -59,6 +59,11 @@ class Topics:
     def telemetry(self) -> str:
         return f"{self.base}/telemetry"
 
+    @property
+    def events(self) -> str:
+        """Announcements not kept as state (a tenant moving between candidates)."""
+        return f"{self.base}/events"
+
     def model_from_topic(self, topic: str) -> str | None:
         """The `<model>` suffix of an infer topic, or None for the plain infer topic."""
         head = self.infer + "/"
