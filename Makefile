@@ -6,7 +6,7 @@ SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES = mosquitto mosquitto-clients chromium systemd \
 	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 
-.PHONY: all deps venv demo test test-all lint format bench install uninstall gpu-wheels gpu-broker gpu-stage gpu-unstage clean
+.PHONY: all deps venv demo test test-all lint format bench install uninstall wheel constraints gpu-wheels gpu-broker gpu-stage gpu-unstage clean
 
 all: test
 
@@ -25,10 +25,11 @@ deps:
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-$(VENV)/.installed: pyproject.toml
+# The versions a fleet gets (deploy/constraints.txt) are the versions the tests run with.
+$(VENV)/.installed: pyproject.toml deploy/constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -c deploy/constraints.txt -e '.[test]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -53,6 +54,17 @@ lint: venv
 format: venv
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
+
+# The installable wheel (models included) in dist/; tests/test_wheel.py installs it in a fresh venv.
+wheel: venv
+	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist .
+
+# Pin every version a fleet installs (core + console + openvino + tflite), for Python 3.11 and newer.
+constraints: venv
+	$(PY) -m pip install -q uv
+	{ sed -n '1,4p' deploy/constraints.txt; $(VENV)/bin/uv pip compile -q pyproject.toml --extra console \
+	  --extra openvino --extra tflite --universal --python-version 3.11 --no-header --no-annotate \
+	  | grep -v -E '^(pip|backports-strenum)=='; } > deploy/constraints.new && mv deploy/constraints.new deploy/constraints.txt
 
 # Install as a systemd service on this machine (root): /opt/edge-agent, /etc/edge-agent, units enabled.
 install:

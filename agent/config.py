@@ -7,13 +7,15 @@ Validated once at start (`extra="forbid"`, no I/O in validators); a bad config i
 from __future__ import annotations
 
 import contextvars
+import importlib.util
 import re
 import socket
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from paho.mqtt.client import topic_matches_sub
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -25,12 +27,28 @@ from agent.errors import AgentError
 from agent.protocol.broker import BrokerUrlError
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
-from agent.protocol.topics import DEVICE_ID_RE, valid_device_id
+from agent.protocol.topics import DEVICE_ID_RE, valid_device_id, valid_model_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
-# In a checkout (or /opt/edge-agent) the model repository sits beside the package.
-BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+
+
+def bundled_models_dir() -> Path:
+    """The model repository that ships with the agent.
+
+    In a checkout (or /opt/edge-agent/src) it sits beside the package; an installed wheel carries it
+    as the package data of `edge_agent_models` (pyproject maps models/ to that name).
+    """
+    beside = Path(__file__).resolve().parent.parent / "models"
+    if beside.is_dir():
+        return beside
+    spec = importlib.util.find_spec("edge_agent_models")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(next(iter(spec.submodule_search_locations)))
+    return beside
+
+
+BUNDLED_MODELS_DIR = bundled_models_dir()
 
 _toml_path: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml_path", default=None)
 
@@ -151,6 +169,44 @@ class SecurityConfig(Section):
         return value
 
 
+class HomeAssistantConfig(Section):
+    """Home Assistant MQTT discovery (docs/home-assistant.md); off unless enabled."""
+
+    enabled: bool = False
+    # HA's discovery prefix (its MQTT integration's setting; "homeassistant" by default).
+    discovery_prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # How often each tenant's throughput, latency and counters are published for HA.
+    state_interval_s: float = Field(default=5.0, ge=1.0)
+
+
+class InputConfig(Section):
+    """`[[inputs]]`: frames on other topics (a camera's or Frigate's snapshots) served by a model;
+    answered on the result topic with `source_topic` naming where the frame came from."""
+
+    topic: str = Field(min_length=1, max_length=256, description="an MQTT topic filter (+ and # allowed)")
+    model: str
+    qos: Literal[0, 1, 2] = 1
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        levels = value.split("/")
+        if any(("+" in lvl and lvl != "+") or ("#" in lvl and lvl != "#") for lvl in levels) or (
+            "#" in levels[:-1]
+        ):
+            raise ValueError("not a valid MQTT topic filter")
+        if value in ("#", "+/#") or value.startswith("$"):
+            raise ValueError("too wide: it would take in every message (the agent's own too)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, value: str) -> str:
+        if not valid_model_name(value):
+            raise ValueError("not a valid model name")
+        return value
+
+
 def _default_placement() -> Placement:
     return Placement(generation=0, tenants=[TenantSpec(model="efficientnet-lite0")])
 
@@ -175,12 +231,28 @@ class AgentConfig(BaseSettings):
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     security: SecurityConfig = Field(default_factory=SecurityConfig)
+    homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
+    inputs: list[InputConfig] = Field(default_factory=list, max_length=64)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
     # Fault injection for chaos tests (agent/faults.py, docs/reliability.md): off unless set, e.g.
     # EDGE_AGENT_FAULTS="openvino:CPU:hang:after=200". Several are separated by commas.
     faults: str = ""
     # What to serve before (or without) a placement from the console.
     placement: Placement = Field(default_factory=_default_placement)
+
+    @model_validator(mode="after")
+    def _inputs_apart(self) -> AgentConfig:
+        own = f"{self.broker.topic_prefix}/{self.device_id}/"
+        seen: set[str] = set()
+        for item in self.inputs:
+            if item.topic in seen:
+                raise ValueError(f"inputs: topic {item.topic!r} listed twice")
+            seen.add(item.topic)
+            kinds = ("infer", "infer/m", "result", "placement", "status", "telemetry", "events")
+            mine = [own + kind for kind in kinds]
+            if item.topic.startswith(own) or any(topic_matches_sub(item.topic, t) for t in mine):
+                raise ValueError(f"inputs: {item.topic!r} would overlap the agent's own topics ({own}...)")
+        return self
 
     @field_validator("device_id")
     @classmethod

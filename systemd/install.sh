@@ -9,7 +9,10 @@
 #   systemd/install.sh --root /tmp/stage    stage everything under a root folder (no users, no systemctl)
 #
 # Environment: PYTHON (default python3), PIP_ARGS (extra pip install arguments, e.g. an index or --no-deps),
-# EXTRAS (pip extras, default "openvino").
+# EXTRAS (pip extras, default "openvino"; "openvino,tflite", "console", or empty for none),
+# SYSTEM_SITE_PACKAGES=1 (the venv sees the system's packages: JetPack's TensorRT and onnxruntime-gpu).
+# Versions are pinned by deploy/constraints.txt. An onnxruntime-* build already in the venv (GPU
+# devices) is kept: the CPU onnxruntime is not installed over it.
 set -euo pipefail
 
 ROOT=/
@@ -19,7 +22,8 @@ START=0
 CONSOLE=0
 PURGE=0
 PYTHON=${PYTHON:-python3}
-EXTRAS=${EXTRAS:-openvino}
+EXTRAS=${EXTRAS-openvino}
+SYSTEM_SITE_PACKAGES=${SYSTEM_SITE_PACKAGES:-0}
 SRC=$(cd "$(dirname "$0")/.." && pwd)
 
 while [ $# -gt 0 ]; do
@@ -30,7 +34,7 @@ while [ $# -gt 0 ]; do
     --purge) PURGE=1 ;;
     --start) START=1 ;;
     --console) CONSOLE=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
   shift
@@ -54,6 +58,7 @@ units="edge-agent.service"
 # against the replaced code.
 if [ "$CONSOLE" = 1 ] || [ -f "$UNITS/edge-console.service" ]; then
   units="$units edge-console.service"
+  case ",$EXTRAS," in *,console,*) ;; *) EXTRAS="${EXTRAS:+$EXTRAS,}console" ;; esac
 fi
 
 if [ "$ACTION" = uninstall ]; then
@@ -116,13 +121,47 @@ fi
 rm -rf "$DEST/src"
 mv "$DEST/src.new" "$DEST/src"
 if [ ! -x "$DEST/venv/bin/python" ]; then
-  "$PYTHON" -m venv "$DEST/venv"
+  # Jetson: JetPack's TensorRT bindings and an onnxruntime-gpu build live in the system Python.
+  if [ "$SYSTEM_SITE_PACKAGES" = 1 ]; then
+    "$PYTHON" -m venv --system-site-packages "$DEST/venv"
+  else
+    "$PYTHON" -m venv "$DEST/venv"
+  fi
   say "created $PREFIX/venv"
 fi
+VPY="$DEST/venv/bin/python"
+# Every device gets the versions this release was tested with (deploy/constraints.txt).
+constraints=()
+[ -f "$SRC/deploy/constraints.txt" ] && constraints=(-c "$SRC/deploy/constraints.txt")
+# A GPU device brings its own ONNX Runtime build (onnxruntime-gpu, onnxruntime-openvino, ...):
+# pip would install the CPU `onnxruntime` over it (same module, other files). Keep it: install
+# edge-agent without dependencies, then every dependency but onnxruntime.
+own_ort=$("$VPY" -c 'import importlib.metadata as m
+print(" ".join(sorted({d.metadata["Name"].lower() for d in m.distributions()
+                       if d.metadata["Name"].lower().startswith("onnxruntime-")})))')
 target="$DEST/src"
 [ -n "$EXTRAS" ] && target="$DEST/src[$EXTRAS]"
-# shellcheck disable=SC2086
-"$DEST/venv/bin/python" -m pip install -q ${PIP_ARGS:-} "$target"
+if [ -n "$own_ort" ]; then
+  # shellcheck disable=SC2086
+  "$VPY" -m pip install -q ${PIP_ARGS:-} --no-deps "$DEST/src"
+  mapfile -t deps < <("$VPY" - "$SRC/pyproject.toml" "$EXTRAS" <<'PY'
+import re, sys, tomllib
+project = tomllib.load(open(sys.argv[1], "rb"))["project"]
+wanted = list(project["dependencies"])
+for extra in filter(None, sys.argv[2].split(",")):
+    wanted += project["optional-dependencies"][extra.strip()]
+for dep in wanted:
+    if re.match(r"onnxruntime\b", dep) is None and not dep.startswith("edge-agent"):
+        print(dep)
+PY
+)
+  # shellcheck disable=SC2086
+  "$VPY" -m pip install -q ${PIP_ARGS:-} "${constraints[@]}" "${deps[@]}"
+  say "kept this device's own ONNX Runtime ($own_ort)"
+else
+  # shellcheck disable=SC2086
+  "$VPY" -m pip install -q ${PIP_ARGS:-} "${constraints[@]}" "$target"
+fi
 say "installed edge-agent into $PREFIX/venv"
 
 # 3. Config (never overwritten on upgrade) and units.

@@ -129,6 +129,8 @@ class AgentProcess:
         config: str = "",
         extra_args: list[str] | None = None,
         env: dict[str, str] | None = None,
+        command: list[str] | None = None,
+        cwd: Path | None = None,
     ) -> None:
         self.broker = broker
         self.state_dir = state_dir
@@ -136,10 +138,9 @@ class AgentProcess:
         self.config_path = state_dir / "agent.toml"
         self.config_path.write_text(config)
         self.log_path = state_dir / "agent.log"
+        self.cwd = cwd
         self.args = [
-            sys.executable,
-            "-m",
-            "agent",
+            *(command or [sys.executable, "-m", "agent"]),
             "run",
             "--config",
             str(self.config_path),
@@ -156,7 +157,9 @@ class AgentProcess:
 
     def start(self) -> AgentProcess:
         log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.proc = subprocess.Popen(
+            self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=self.cwd
+        )
         AgentProcess.running.add(self)
         return self
 

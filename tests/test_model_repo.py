@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -103,3 +107,33 @@ def test_device_may_hold_only_the_artifacts_it_uses(repo):
     onnx.unlink()
     with pytest.raises(ModelError, match="none of its artifacts is present"):
         repo.load("efficientnet-lite0")
+
+
+def test_models_command_adds_a_verified_model_and_refuses_a_tampered_one(tmp_path: Path) -> None:
+    """`edge-agent models add` copies a model in only after checking it; `models` lists and verifies."""
+    repo_dir = tmp_path / "repo"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "models", "--models", str(repo_dir), *args],
+            capture_output=True,
+            text=True,
+        )
+
+    good = cli("add", str(MODELS / "efficientnet-lite1"))
+    assert good.returncode == 0, good.stderr
+    listed = json.loads(cli("--json").stdout)
+    assert [(m["name"], m["verified"], m["artifacts"]) for m in listed] == [
+        ("efficientnet-lite1", True, ["onnx"])
+    ]
+    assert cli("add", str(MODELS / "efficientnet-lite1")).returncode == 1  # exists
+
+    tampered = tmp_path / "src" / "efficientnet-lite1"
+    shutil.copytree(MODELS / "efficientnet-lite1", tampered)
+    with (tampered / "model.onnx").open("r+b") as fh:
+        fh.seek(1000)
+        fh.write(b"\x00\x01\x02\x03")
+    bad = cli("add", "--force", str(tampered))
+    assert bad.returncode == 1 and "sha256" in bad.stderr, bad.stderr
+    # The good copy stays, untouched and still verified.
+    assert cli().returncode == 0

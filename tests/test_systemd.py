@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections import Counter
 from pathlib import Path
 
@@ -242,23 +241,42 @@ def test_doctor_finds_what_to_fix(broker, tmp_path):
     assert "[FAIL] broker" in bad.stdout and "fix:" in bad.stdout
 
 
-def test_prometheus_metrics_endpoint(broker, tmp_path):
-    port = free_port()
-    agent = AgentProcess(
-        broker, tmp_path, "prom1", f'[metrics]\nprometheus_listen = "127.0.0.1:{port}"\n'
-    ).start()
-    try:
-        agent.wait_ready()
-        c = Collector(broker.port, ["edge/prom1/result"])
-        c.publish("edge/prom1/infer", sample("cat.jpg"))
-        c.publish("edge/prom1/infer", b"junk")  # refused by the decoder: a tenant error
-        c.publish("edge/prom1/infer", b"")  # refused at ingest
-        c.wait_for(lambda r: len(r) >= 3, "edge/prom1/result")
-        c.close()
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    finally:
-        agent.stop()
-    assert re.search(r'edge_agent_frames_out_total\{device_id="prom1",model="efficientnet-lite0".*\} 1', body)
-    assert re.search(r'edge_agent_errors_total\{device_id="prom1",.*\} 1', body)
-    assert 'edge_agent_rejected_total{device_id="prom1",code="bad_image"} 1' in body
-    assert "# TYPE edge_agent_latency_ms gauge" in body
+def test_install_keeps_a_gpu_devices_own_onnxruntime(tmp_path):
+    """A venv that already holds a platform build of ONNX Runtime (onnxruntime-gpu on a Jetson) keeps
+    it: the CPU `onnxruntime`, same module, other files, must not be installed over it."""
+    stage = tmp_path / "root"
+    venv_dir = stage / "opt/edge-agent/venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv_dir)], check=True, timeout=120)
+    site = next((venv_dir / "lib").glob("python3*/site-packages"))
+    # The platform's build, as its wheel would register itself (the files themselves do not matter).
+    meta = site / "onnxruntime_gpu-1.20.0.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: onnxruntime-gpu\nVersion: 1.20.0\n")
+    (meta / "RECORD").write_text("")
+    env = {**os.environ, "PIP_ARGS": "--no-deps", "EXTRAS": ""}
+    done = subprocess.run(
+        ["bash", str(UNITS / "install.sh"), "--root", str(stage)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "kept this device's own ONNX Runtime (onnxruntime-gpu)" in done.stdout
+    installed = subprocess.run(
+        [str(venv_dir / "bin/python"), "-m", "pip", "list", "--format=freeze"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.lower()
+    names = {line.split("==")[0] for line in installed.splitlines()}
+    assert "onnxruntime" not in names and "onnxruntime-gpu" in names, names
+    # Every other core dependency is there, at the pinned version.
+    assert {"edge-agent", "numpy", "pydantic", "paho-mqtt", "sqlite-utils"} <= names, names
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "deploy/constraints.txt").read_text().splitlines()
+        if "==" in line and ";" not in line
+    )
+    versions = dict(line.split("==") for line in installed.splitlines() if "==" in line)
+    assert versions["pydantic"] == pins["pydantic"]
