@@ -1,6 +1,11 @@
-"""Optional Prometheus `/metrics` endpoint (off by default): the telemetry figures, scrapeable.
+"""Optional Prometheus `/metrics` endpoint (off by default; `metrics.prometheus_listen`).
 
-A few lines of asyncio instead of a dependency: GET /metrics answers the text exposition format.
+Built with `prometheus_client` and its naming rules: base units (seconds, bytes, ratios), counters
+ending in `_total`, latency as histograms per tenant and stage (aggregatable over a fleet with
+`histogram_quantile(0.95, sum by (le) (rate(...)))`). Each scrape reads the live counters and
+cumulative histograms; it resets nothing, so MQTT telemetry's windows are untouched. Throughput is
+`rate(edge_agent_frames_out_total[1m])`: counters have no ceiling. docs/monitoring.md lists every
+metric.
 """
 
 from __future__ import annotations
@@ -8,88 +13,176 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
-from agent.protocol.schemas import Telemetry
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from agent import __version__
+
+if TYPE_CHECKING:
+    from agent.reporting import Reporter
 
 log = logging.getLogger(__name__)
 
+TENANT_LABELS = ["device_id", "model", "backend", "device"]
+COUNTERS = {
+    "frames_in": "Frames routed to the tenant.",
+    "frames_out": "Frames answered with a result.",
+    "errors": "Frames answered with an error by the tenant.",
+    "drops": "Frames dropped by the overload policy (answered `overloaded`).",
+    "stalls": "Batches answered because the runtime call hung.",
+}
 
-def _labels(**labels: str) -> str:
-    inner = ",".join(
-        f'{k}="{v.replace(chr(92), chr(92) * 2).replace(chr(34), chr(92) + chr(34))}"'
-        for k, v in labels.items()
-    )
-    return "{" + inner + "}"
 
+class AgentCollector(Collector):
+    """Everything the agent knows, read at scrape time from the reporter's sources."""
 
-def render(t: Telemetry) -> str:
-    lines = [
-        "# HELP edge_agent_frames_in_total Frames routed to a tenant.",
-        "# TYPE edge_agent_frames_in_total counter",
-        "# HELP edge_agent_frames_out_total Frames answered with a result.",
-        "# TYPE edge_agent_frames_out_total counter",
-        "# HELP edge_agent_errors_total Frames answered with an error.",
-        "# TYPE edge_agent_errors_total counter",
-        "# HELP edge_agent_drops_total Frames dropped by the overload policy.",
-        "# TYPE edge_agent_drops_total counter",
-        "# HELP edge_agent_stalls_total Batches answered because the runtime call hung.",
-        "# TYPE edge_agent_stalls_total counter",
-        "# HELP edge_agent_throughput_fps Results per second over the telemetry window.",
-        "# TYPE edge_agent_throughput_fps gauge",
-        "# HELP edge_agent_latency_ms End-to-end latency in the agent (receive to result).",
-        "# TYPE edge_agent_latency_ms gauge",
-        "# HELP edge_agent_queue_depth Frames waiting in the tenant queue.",
-        "# TYPE edge_agent_queue_depth gauge",
-        "# HELP edge_agent_batch_size_mean Mean batch size.",
-        "# TYPE edge_agent_batch_size_mean gauge",
-    ]
-    for tenant in t.tenants:
-        lab = dict(device_id=t.device_id, model=tenant.model, backend=tenant.backend, device=tenant.device)
-        lines.append(f"edge_agent_frames_in_total{_labels(**lab)} {tenant.frames_in}")
-        lines.append(f"edge_agent_frames_out_total{_labels(**lab)} {tenant.frames_out}")
-        lines.append(f"edge_agent_errors_total{_labels(**lab)} {tenant.errors}")
-        lines.append(f"edge_agent_drops_total{_labels(**lab)} {tenant.drops}")
-        lines.append(f"edge_agent_stalls_total{_labels(**lab)} {tenant.stalls}")
-        lines.append(f"edge_agent_throughput_fps{_labels(**lab)} {tenant.fps:.3f}")
-        for q, v in tenant.latency_ms.items():
-            lines.append(f"edge_agent_latency_ms{_labels(**lab, quantile=q)} {v:.3f}")
-        lines.append(f"edge_agent_queue_depth{_labels(**lab)} {tenant.queue_depth}")
-        lines.append(f"edge_agent_batch_size_mean{_labels(**lab)} {tenant.batch_size_mean:.3f}")
-    lines += [
-        "# HELP edge_agent_rejected_total Frames refused at ingest, by error code.",
-        "# TYPE edge_agent_rejected_total counter",
-        *(
-            f"edge_agent_rejected_total{_labels(device_id=t.device_id, code=c)} {n}"
-            for c, n in t.rejected.items()
-        ),
-        "# HELP edge_agent_duplicates_total Frames not run again: their request id was served or in flight.",
-        "# TYPE edge_agent_duplicates_total counter",
-        f"edge_agent_duplicates_total{_labels(device_id=t.device_id)} {t.duplicates}",
-        *(
-            [
-                "# HELP edge_agent_broker_dropped_total Publishes the broker dropped, all clients ($SYS).",
-                "# TYPE edge_agent_broker_dropped_total counter",
-                f"edge_agent_broker_dropped_total{_labels(device_id=t.device_id)} {t.broker_dropped}",
-            ]
-            if t.broker_dropped is not None
-            else []
-        ),
-        "# TYPE edge_agent_cpu_percent gauge",
-        f"edge_agent_cpu_percent{_labels(device_id=t.device_id)} {t.device.cpu_percent}",
-        "# TYPE edge_agent_rss_megabytes gauge",
-        f"edge_agent_rss_megabytes{_labels(device_id=t.device_id)} {t.device.rss_mb}",
-    ]
-    if t.device.temperature_c is not None:
-        lines += [
-            "# TYPE edge_agent_temperature_celsius gauge",
-            f"edge_agent_temperature_celsius{_labels(device_id=t.device_id)} {t.device.temperature_c}",
+    def __init__(self, reporter: Reporter) -> None:
+        self.reporter = reporter
+
+    def collect(self) -> Iterable[Metric]:
+        r = self.reporter
+        device_id = r.config.device_id
+        info = GaugeMetricFamily(
+            "edge_agent_info", "The agent's version (always 1).", labels=["device_id", "version"]
+        )
+        info.add_metric([device_id, __version__], 1)
+        yield info
+        start = GaugeMetricFamily("edge_agent_start_time_seconds", "When the agent started (Unix time).")
+        start.add_metric([], r.started_at)
+        yield start
+
+        counters = {
+            name: CounterMetricFamily(f"edge_agent_{name}", help_, labels=TENANT_LABELS)
+            for name, help_ in COUNTERS.items()
+        }
+        latency = HistogramMetricFamily(
+            "edge_agent_latency_seconds",
+            "Time per frame by stage: queue (arrival to batch start), preprocess (decode and resize, "
+            "this frame's share), infer (the batch's runtime call), total (arrival to result).",
+            labels=[*TENANT_LABELS, "stage"],
+        )
+        batch = HistogramMetricFamily(
+            "edge_agent_batch_size", "Frames per runtime call.", labels=TENANT_LABELS
+        )
+        queue = GaugeMetricFamily(
+            "edge_agent_queue_depth", "Frames waiting in the tenant's queue.", labels=TENANT_LABELS
+        )
+        instances = GaugeMetricFamily(
+            "edge_agent_instances", "Instances of the tenant.", labels=TENANT_LABELS
+        )
+        for tenant in r.table.serving():
+            labels = [device_id, tenant.spec.model, tenant.spec.backend, tenant.device]
+            for name, value in tenant.stats.counters().items():
+                counters[name].add_metric(labels, value)
+            for stage, (buckets, total) in tenant.stats.histograms().items():
+                if stage == "batch_size":
+                    batch.add_metric(labels, buckets, total)
+                else:
+                    latency.add_metric([*labels, stage], buckets, total)
+            queue.add_metric(labels, len(tenant.queue))
+            instances.add_metric(labels, tenant.spec.instances)
+        yield from counters.values()
+        yield from (latency, batch, queue, instances)
+
+        rejected = CounterMetricFamily(
+            "edge_agent_rejected",
+            "Frames refused before a tenant, by error code.",
+            labels=["device_id", "code"],
+        )
+        for code, n in r.rejected().items():
+            rejected.add_metric([device_id, code], n)
+        yield rejected
+        duplicates = CounterMetricFamily(
+            "edge_agent_duplicates",
+            "Frames not run again: their request id was served or in flight.",
+            labels=["device_id"],
+        )
+        duplicates.add_metric([device_id], r.duplicates())
+        yield duplicates
+        if r.broker_dropped is not None:
+            dropped = CounterMetricFamily(
+                "edge_agent_broker_dropped",
+                "Publishes the broker dropped, all clients ($SYS).",
+                labels=["device_id"],
+            )
+            dropped.add_metric([device_id], r.broker_dropped)
+            yield dropped
+        yield from self._host(device_id)
+
+    def _host(self, device_id: str) -> Iterable[Metric]:
+        stats = self.reporter.device_stats
+        memory = stats.system_memory()
+        disk = stats.disk(self.reporter.config.state_dir) or (None, None)
+        single = [
+            ("system_memory_total_bytes", "Host memory.", memory.get("total")),
+            (
+                "system_memory_available_bytes",
+                "Host memory available without swapping.",
+                memory.get("available"),
+            ),
+            ("state_dir_free_bytes", "Free space on the state directory's filesystem.", disk[0]),
+            ("state_dir_size_bytes", "Size of the state directory's filesystem.", disk[1]),
+            ("load1", "1-minute load average of the host.", stats.load_1m()),
         ]
-    return "\n".join(lines) + "\n"
+        for name, help_, reading in single:
+            if reading is not None:
+                family = GaugeMetricFamily(f"edge_agent_{name}", help_, labels=["device_id"])
+                family.add_metric([device_id], reading)
+                yield family
+        temps = stats.temperatures()
+        if temps:
+            t = GaugeMetricFamily(
+                "edge_agent_temperature_celsius", "Thermal zone temperature.", labels=["device_id", "zone"]
+            )
+            for zone, value in temps.items():
+                t.add_metric([device_id, zone], value)
+            yield t
+        gpus = stats.gpus()
+        fields = {
+            "utilization_ratio": "GPU busy fraction (NVML).",
+            "memory_used_bytes": "GPU memory in use (NVML).",
+            "memory_total_bytes": "GPU memory (NVML).",
+            "temperature_celsius": "GPU temperature (NVML).",
+        }
+        families = {
+            key: GaugeMetricFamily(f"edge_agent_gpu_{key}", help_, labels=["device_id", "gpu", "name"])
+            for key, help_ in fields.items()
+        }
+        for gpu in gpus:
+            lab = [device_id, str(gpu.index), gpu.name]
+            readings = {
+                "utilization_ratio": gpu.utilization_ratio,
+                "memory_used_bytes": gpu.memory_used_bytes,
+                "memory_total_bytes": gpu.memory_total_bytes,
+                "temperature_celsius": gpu.temperature_c,
+            }
+            for key, reading in readings.items():
+                if reading is not None:
+                    families[key].add_metric(lab, reading)
+        if gpus:
+            yield from families.values()
 
 
-async def serve(listen: str, snapshot: Callable[[], Telemetry]) -> None:
+def registry_for(reporter: Reporter) -> CollectorRegistry:
+    """The agent's metrics plus the standard `process_*` ones (CPU seconds, resident memory, fds)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(AgentCollector(reporter))
+    ProcessCollector(registry=registry)
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
+
+
+async def serve(listen: str, reporter: Reporter) -> None:
     host, _, port = listen.rpartition(":")
+    registry = registry_for(reporter)
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -98,8 +191,9 @@ async def serve(listen: str, snapshot: Callable[[], Telemetry]) -> None:
                 pass  # skip headers
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
-                body, status = render(snapshot()).encode(), "200 OK"
-                ctype = "text/plain; version=0.0.4; charset=utf-8"
+                started = time.perf_counter()
+                body, status, ctype = render(registry), "200 OK", CONTENT_TYPE_LATEST
+                log.debug("scrape rendered in %.1f ms", (time.perf_counter() - started) * 1000)
             else:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"
             writer.write(
@@ -115,7 +209,7 @@ async def serve(listen: str, snapshot: Callable[[], Telemetry]) -> None:
             with contextlib.suppress(ConnectionError):
                 await writer.wait_closed()
 
-    server = await asyncio.start_server(handle, host or "127.0.0.1", int(port))
+    server = await asyncio.start_server(handle, host.strip("[]") or "127.0.0.1", int(port))
     log.info("prometheus metrics on http://%s/metrics", listen)
     async with server:
         await server.serve_forever()

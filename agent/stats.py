@@ -1,16 +1,69 @@
-"""Live per-tenant counters and latency windows for telemetry (thread-safe, bounded memory)."""
+"""Live per-tenant counters, latency histograms and windows for telemetry (thread-safe, bounded memory).
+
+Two readers, neither disturbing the other: telemetry takes `snapshot(window)` every few seconds, and
+Prometheus reads the counters and cumulative histograms (`histograms()`) at every scrape. Throughput
+comes from counters (results per second, counted in one-second buckets), so it has no ceiling; the
+latency window (the most recent 4096 results) is only for telemetry's percentiles.
+"""
 
 from __future__ import annotations
 
+import bisect
+import math
 import threading
 import time
 from collections import deque
 
 import numpy as np
 
+# Latency histogram bounds in seconds (Prometheus convention): 0.5 ms .. 10 s.
+LATENCY_BUCKETS_S: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("queue", "preprocess", "infer", "total")
+
+
+class Histogram:
+    """Cumulative-ready bucket counts plus sum and count (not thread-safe: the owner locks)."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last one: above every bound (+Inf)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1
+        self.sum += value
+        self.count += 1
+
+    def cumulative(self) -> tuple[list[tuple[str, int]], float]:
+        """[(le, cumulative count), ..., ("+Inf", count)] and the sum."""
+        out: list[tuple[str, int]] = []
+        total = 0
+        for bound, n in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += n
+            out.append(("+Inf" if bound == math.inf else repr(float(bound)), total))
+        return out, self.sum
+
 
 class TenantStats:
-    WINDOW = 4096  # most recent latencies kept for percentiles
+    WINDOW = 4096  # most recent latencies kept for telemetry's percentiles
+    RATE_BUCKETS = 600  # seconds of per-second result counts kept (windows up to 10 minutes)
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -21,15 +74,34 @@ class TenantStats:
         self.stalls = 0  # batches answered because the runtime call did not return in time
         self._latencies: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)  # (monotonic, ms)
         self._batches: deque[int] = deque(maxlen=1024)
+        self._per_second: deque[list[int]] = deque(maxlen=self.RATE_BUCKETS)  # [second, results]
+        self.latency = {stage: Histogram(LATENCY_BUCKETS_S) for stage in STAGES}
+        self.batch_sizes = Histogram(BATCH_BUCKETS)
 
     def frame_in(self) -> None:
         with self._lock:
             self.frames_in += 1
 
-    def served(self, total_ms: float) -> None:
+    def served(
+        self,
+        total_ms: float,
+        queue_ms: float | None = None,
+        preprocess_ms: float | None = None,
+        infer_ms: float | None = None,
+    ) -> None:
+        now = time.monotonic()
+        second = int(now)
         with self._lock:
             self.frames_out += 1
-            self._latencies.append((time.monotonic(), total_ms))
+            self._latencies.append((now, total_ms))
+            if self._per_second and self._per_second[-1][0] == second:
+                self._per_second[-1][1] += 1
+            else:
+                self._per_second.append([second, 1])
+            self.latency["total"].observe(total_ms / 1000.0)
+            for stage, ms in (("queue", queue_ms), ("preprocess", preprocess_ms), ("infer", infer_ms)):
+                if ms is not None:
+                    self.latency[stage].observe(ms / 1000.0)
 
     def error(self) -> None:
         with self._lock:
@@ -46,6 +118,36 @@ class TenantStats:
     def batch(self, size: int) -> None:
         with self._lock:
             self._batches.append(size)
+            self.batch_sizes.observe(size)
+
+    def histograms(self) -> dict[str, tuple[list[tuple[str, int]], float]]:
+        """Per stage (and "batch_size"): cumulative buckets and sum, for Prometheus (read-only)."""
+        with self._lock:
+            out = {stage: h.cumulative() for stage, h in self.latency.items()}
+            out["batch_size"] = self.batch_sizes.cumulative()
+        return out
+
+    def counters(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "frames_in": self.frames_in,
+                "frames_out": self.frames_out,
+                "errors": self.errors,
+                "drops": self.drops,
+                "stalls": self.stalls,
+            }
+
+    def fps(self, window_s: float) -> float:
+        """Results per second over the last `window_s` (whole seconds; the current one partly)."""
+        if window_s <= 0:
+            return 0.0
+        now = time.monotonic()
+        first = int(now - window_s) + 1  # the oldest whole-second bucket inside the window
+        if now - first < window_s / 2:  # short windows: one bucket more than a part of one
+            first -= 1
+        with self._lock:
+            count = sum(n for second, n in self._per_second if second >= first)
+        return count / (now - first)
 
     def snapshot(self, window_s: float) -> dict[str, float | int | dict[str, float]]:
         now = time.monotonic()
@@ -69,7 +171,7 @@ class TenantStats:
             "errors": counts[2],
             "drops": counts[3],
             "stalls": counts[4],
-            "fps": lat.size / window_s if window_s > 0 else 0.0,
+            "fps": self.fps(window_s),  # from counts, not from the latency window: no ceiling
             "latency_ms": {k: round(v, 3) for k, v in pct.items()},
             "batch_size_mean": float(np.mean(batches)) if batches else 0.0,
         }
