@@ -1,10 +1,13 @@
-"""Postprocessing of a classifier's output row: the top-k classes with their scores (docs/protocol.md)."""
+"""Postprocessing of a model's output row: a classifier's top-k classes with their scores, a
+detector's boxes (agent/detection.py); payloads in docs/protocol.md."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from agent.protocol.schemas import TopK
+from agent.detection import DetectionOptions, decode, options_for
+from agent.model_repo import Model
+from agent.protocol.schemas import Detection, TenantSpec, TopK
 
 
 def outputs_probabilities(rows: np.ndarray) -> bool:
@@ -30,3 +33,24 @@ def top_k(logits: np.ndarray, labels: tuple[str, ...], k: int, probabilities: bo
         TopK(index=int(i), label=labels[i] if i < len(labels) else str(i), score=round(float(probs[i]), 6))
         for i in best
     ]
+
+
+def detection_options(model: Model, spec: TenantSpec) -> DetectionOptions | None:
+    """A detection tenant's options (None for a classifier); a ValueError says what is wrong."""
+    asked = [name for name in ("min_score", "max_detections", "labels") if getattr(spec, name) is not None]
+    detection = model.manifest.detection
+    if detection is None:
+        if asked:
+            raise ValueError(
+                f"{', '.join(asked)} apply to detection models; {model.name} is a {model.manifest.task} model"
+            )
+        return None
+    return options_for(detection, model.labels, spec.min_score, spec.max_detections, spec.labels)
+
+
+def detections(
+    model: Model, row: np.ndarray, frame_size: tuple[int, int], options: DetectionOptions
+) -> list[Detection]:
+    """One frame's boxes from a detector's output row (agent/detection.py)."""
+    assert model.manifest.detection is not None  # a detection tenant's model, checked at load
+    return decode(row, model.manifest.detection, model.input, model.labels, frame_size, options)

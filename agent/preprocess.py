@@ -73,8 +73,14 @@ class Preprocessor:
 
     def __call__(self, data: bytes, out: np.ndarray | None = None) -> np.ndarray:
         """Decode `data` into `out` (C,H,W or H,W,C per the layout); returns the filled array."""
-        pixels = self._crop_resize(self.decode(data))
-        return self._normalise(pixels, out)
+        return self.prepare(data, out)[0]
+
+    def prepare(self, data: bytes, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+        """As __call__, plus the decoded frame's (width, height): a detector's boxes are mapped
+        back to the frame with it (agent/detection.py; a reduced-scale decode keeps the aspect)."""
+        pixels = self.decode(data)
+        size = (int(pixels.shape[1]), int(pixels.shape[0]))
+        return self._normalise(self._crop_resize(pixels), out), size
 
     def decode(self, data: bytes) -> np.ndarray:
         """Header checks, then a (possibly reduced-scale) decode to RGB (H, W, 3); raises BadImage."""
@@ -142,12 +148,34 @@ class Preprocessor:
 
     def _needed_size(self, width: int, height: int) -> tuple[int, int]:
         """Smallest full-frame size whose centre crop still covers the model input at 1:1."""
+        if self.spec.resize != "crop":  # the whole frame: stretched (each side covers) or letterboxed
+            pick = max if self.spec.resize == "stretch" else min
+            scale = pick(self.width / width, self.height / height)
+            return (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)))
         short = min(width, height)
         scale = max(self.height, self.width) / (short * self.spec.crop_fraction)
         return (max(1, int(width * scale + 0.5)), max(1, int(height * scale + 0.5)))
 
+    def _resize(self, pixels: np.ndarray, width: int, height: int) -> np.ndarray:
+        """The whole frame resized to width x height (area when shrinking a lot, else bilinear)."""
+        if self.use_opencv:
+            mode = cv2.INTER_AREA if pixels.shape[0] > height * 2 else cv2.INTER_LINEAR
+            return np.asarray(cv2.resize(pixels, (width, height), interpolation=mode))
+        image = Image.fromarray(pixels).resize((width, height), Image.Resampling.BILINEAR, reducing_gap=3.0)
+        return np.asarray(image, dtype=np.uint8)
+
     def _crop_resize(self, pixels: np.ndarray) -> np.ndarray:
         height, width = pixels.shape[:2]
+        if self.spec.resize == "stretch":
+            return self._resize(pixels, self.width, self.height)
+        if self.spec.resize == "letterbox":  # aspect kept, centred, padded (agent/detection.py undoes it)
+            scale = min(self.width / width, self.height / height)
+            used_w = min(self.width, max(1, round(width * scale)))
+            used_h = min(self.height, max(1, round(height * scale)))
+            canvas = np.full((self.height, self.width, 3), round(self.spec.pad), np.uint8)
+            x0, y0 = (self.width - used_w) // 2, (self.height - used_h) // 2
+            canvas[y0 : y0 + used_h, x0 : x0 + used_w] = self._resize(pixels, used_w, used_h)
+            return canvas
         side = min(width, height) * self.spec.crop_fraction
         crop_w = side * self.width / max(self.height, self.width)
         crop_h = side * self.height / max(self.height, self.width)

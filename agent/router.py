@@ -17,7 +17,7 @@ from agent.dedup import Answered, First, RecentRequests
 from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.mqtt_session import Incoming
 from agent.outbox import Outbox
-from agent.protocol.schemas import ErrorCode, ErrorInfo, ErrorResult, InferResult
+from agent.protocol.schemas import DetectionResult, ErrorCode, ErrorInfo, ErrorResult, InferResult
 from agent.protocol.topics import Topics
 from agent.tenant_table import TenantTable
 
@@ -121,12 +121,12 @@ class FrameRouter:
             ErrorResult(request_id=request_id, model=model, error=ErrorInfo(code=code, message=message)),
         )
 
-    def emit(self, frame: Frame, outcome: InferResult | ErrorResult) -> None:
+    def emit(self, frame: Frame, outcome: InferResult | DetectionResult | ErrorResult) -> None:
         """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
         payload = outcome.model_dump_json(exclude_none=True).encode()
         repeats: list[Frame] = []
         if frame.tracked:  # a served result is kept to answer repeats; an error is forgotten (retry runs)
-            served = payload if isinstance(outcome, InferResult) else None
+            served = None if isinstance(outcome, ErrorResult) else payload
             repeats = self.recent.settle((frame.model, frame.request_id), served)
         self._publish(frame, payload)
         for repeat in repeats:

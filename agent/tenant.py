@@ -27,9 +27,10 @@ from agent import faults
 from agent.health import DriftWatch, Relay
 from agent.ingest import Frame
 from agent.model_repo import Model
-from agent.postprocess import outputs_probabilities, top_k
+from agent.postprocess import DetectionOptions, detection_options, detections, outputs_probabilities, top_k
 from agent.preprocess import BadImage, Preprocessor
 from agent.protocol.schemas import (
+    DetectionResult,
     ErrorCode,
     ErrorInfo,
     ErrorResult,
@@ -45,7 +46,7 @@ from backends.base import Backend, BackendError, ModelLoadError, Session
 
 log = logging.getLogger(__name__)
 
-Outcome = InferResult | ErrorResult
+Outcome = InferResult | DetectionResult | ErrorResult
 EmitFn = Callable[[Frame, Outcome], None]
 # (tenant, kind: "stall" | "error" | "drift", why) -> where its frames go now, or None (no failover)
 UnhealthyFn = Callable[["Tenant", str, str], Relay | None]
@@ -89,6 +90,7 @@ class Tenant:
         self._closed = False  # drain() gave up waiting: a batch not yet in the runtime is not run
         self._drain_lock = threading.Lock()
         self._probabilities: bool | None = None  # the model outputs probabilities, not logits
+        self._detect: DetectionOptions | None = None  # a detector's options (set at load)
         self._drained = False
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
@@ -114,6 +116,10 @@ class Tenant:
         try:
             self.device = self.backend.canonical_device(self.spec.device)
             self._fault = faults.active().find(self.spec.backend, self.device)
+            try:
+                self._detect = detection_options(self.model, self.spec)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
             h, w = self.model.input.size
             item = (3, h, w) if self.model.input.layout == "NCHW" else (h, w, 3)
             for _ in range(self.spec.instances):
@@ -141,7 +147,15 @@ class Tenant:
 
     def _check_output(self, out: np.ndarray, size: int) -> None:
         """A classifier answers (batch, classes), one class per label: refused at load, not
-        discovered frame by frame. Trailing 1-sized dimensions (N, C, 1, 1) are accepted."""
+        discovered frame by frame. Trailing 1-sized dimensions (N, C, 1, 1) are accepted.
+        A detector answers (batch, boxes, 6): x1, y1, x2, y2, score, class (docs/detection.md)."""
+        if self._detect is not None:
+            if out.ndim != 3 or out.shape[0] != size or out.shape[2] != 6:
+                raise ModelLoadError(
+                    f"the model answers a batch of {size} with shape {tuple(out.shape)}; a detector with "
+                    "decoder xyxy_score_class must output (batch, boxes, 6)"
+                )
+            return
         if out.ndim < 2 or out.shape[0] != size or any(d != 1 for d in out.shape[2:]):
             raise ModelLoadError(
                 f"the model answers a batch of {size} with shape {tuple(out.shape)}; "
@@ -155,6 +169,27 @@ class Tenant:
                 f"the model outputs {out.shape[1]} classes but {self.model.manifest.labels} has {labels} "
                 "labels: one label per class, in output order"
             )
+
+    def _result(
+        self, frame: Frame, ref: TenantRef, row: np.ndarray, size: tuple[int, int], timing: Timing, batch: int
+    ) -> InferResult | DetectionResult:
+        if self._detect is not None:
+            return DetectionResult(
+                request_id=frame.request_id,
+                model=frame.model,
+                tenant=ref,
+                detections=detections(self.model, row, size, self._detect),
+                timing_ms=timing,
+                batch_size=batch,
+            )
+        return InferResult(
+            request_id=frame.request_id,
+            model=frame.model,
+            tenant=ref,
+            top=top_k(row, self.model.labels, self._top_k, bool(self._probabilities)),
+            timing_ms=timing,
+            batch_size=batch,
+        )
 
     def abandon(self, message: str) -> None:
         """Close what a load made after the agent stopped waiting for it (see call_with_deadline)."""
@@ -438,12 +473,13 @@ class Tenant:
 
         started = time.monotonic()
         ready: list[Frame] = []
+        sizes: list[tuple[int, int]] = []  # each frame's (width, height), for boxes
         for frame in batch:
             if frame.expires_at is not None and started > frame.expires_at:
                 fail([frame], "expired", "message expiry passed before inference")
                 continue
             try:
-                self.preprocessor(frame.image, out=buffer[len(ready)])
+                sizes.append(self.preprocessor.prepare(frame.image, out=buffer[len(ready)])[1])
             except BadImage as exc:
                 fail([frame], "bad_image", str(exc))
                 continue
@@ -506,21 +542,14 @@ class Tenant:
         self.stats.batch(len(ready))
         per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
         infer_ms = (done - preprocessed) * 1000.0
-        for frame, row in zip(ready, logits, strict=True):
+        for frame, row, size in zip(ready, logits, sizes, strict=True):
             timing = Timing(
                 queue=round((started - frame.received) * 1000.0, 3),
                 preprocess=round(per_frame_pre, 3),
                 infer=round(infer_ms, 3),
                 total=round((time.monotonic() - frame.received) * 1000.0, 3),
             )
-            result = InferResult(
-                request_id=frame.request_id,
-                model=frame.model,
-                tenant=ref,
-                top=top_k(row, self.model.labels, self._top_k, bool(self._probabilities)),
-                timing_ms=timing,
-                batch_size=len(ready),
-            )
+            result = self._result(frame, ref, row, size, timing, len(ready))
             self.stats.served(timing.total, timing.queue, timing.preprocess, timing.infer)
             self._emit(frame, result)
             settled.add(id(frame))

