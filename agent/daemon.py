@@ -19,6 +19,7 @@ from agent.capabilities import probe_backends
 from agent.config import AgentConfig, ConfigError
 from agent.deadline import call_with_deadline
 from agent.errors import PlacementRefused
+from agent.homeassistant import HomeAssistant
 from agent.metrics import MetricsStore
 from agent.model_repo import Model, ModelRepository
 from agent.mqtt_session import MqttSession
@@ -95,6 +96,14 @@ class Agent:
         self.session.subscribe(self.topics.placement, lambda m: self.reconciler.submit(m.payload), qos=1)
         # Where the broker tells (Mosquitto, unless an ACL hides $SYS): frames it dropped unseen.
         self.session.subscribe(BROKER_DROPPED, self.reporter.on_broker_dropped, qos=0)
+        # [[inputs]]: other topics (a camera's, Frigate's snapshots) whose frames a model serves.
+        for source in config.inputs:
+            self.session.subscribe(source.topic, self.router.input_handler(source.model), qos=source.qos)
+        self.homeassistant: HomeAssistant | None = None
+        if config.homeassistant.enabled:  # MQTT discovery (docs/home-assistant.md)
+            self.homeassistant = HomeAssistant(config.homeassistant, self.topics, self.table, self.session)
+            self.homeassistant.subscribe()
+            self.router.answer_hooks.append(self.homeassistant.observe)
         self.outbox: Outbox | None = None
 
     def _make_tenant(self, spec: TenantSpec, model: Model, backend: Backend) -> Tenant:
@@ -151,6 +160,8 @@ class Agent:
             asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
             asyncio.create_task(self.reconciler.health_loop(), name="health"),
         ]
+        if self.homeassistant is not None:
+            self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
         if self.config.metrics.prometheus_listen:
             from agent.prometheus import serve
 

@@ -53,6 +53,7 @@ class Frame:
     expires_at: float | None = None  # monotonic deadline from MQTT 5 message expiry
     caller_id: bool = False  # the request id is the caller's own (recognisable when sent again)
     tracked: bool = False  # remembered by the router's duplicate check until answered
+    source_topic: str | None = None  # an [[inputs]] topic it came from (named in its answer)
 
 
 def request_id_from_correlation(data: bytes) -> str:

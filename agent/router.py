@@ -7,8 +7,11 @@ again with its caller's request id is not run again (agent/dedup.py, docs/protoc
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
+from collections.abc import Callable
+from typing import Any
 
 from paho.mqtt.properties import Properties
 
@@ -51,22 +54,33 @@ class FrameRouter:
         self.recent: RecentRequests[Frame] = RecentRequests(ingest.dedup_entries, ingest.dedup_window_s)
         self.duplicates = 0  # frames not run because their request id was served or in flight
         self.outbox: Outbox | None = None  # attached at start, once the event loop runs
+        # Called with every answer, on the thread that made it (Home Assistant's last top-1): cheap.
+        self.answer_hooks: list[Callable[[Frame, Any], None]] = []
 
     def on_frame(self, message: Incoming) -> None:
         """A message on edge/<id>/infer[/<model>] (event loop: cheap checks only, no decoding)."""
+        self._route(message, self.topics.model_from_topic(message.topic), None)
+
+    def input_handler(self, model: str) -> Callable[[Incoming], None]:
+        """A handler for an `[[inputs]]` topic filter: its frames go to `model`, and their answers
+        name the topic they came from (`source_topic`, docs/protocol.md "Other input topics")."""
+        return lambda message: self._route(message, model, message.topic)
+
+    def _route(self, message: Incoming, topic_model: str | None, source_topic: str | None) -> None:
         meta = frame_meta(message.properties)
         try:
             frame = parse_frame(
                 message.payload,
                 meta,
-                topic_model=self.topics.model_from_topic(message.topic),
+                topic_model=topic_model,
                 default_model=self.ingest.default_model,
                 max_bytes=self.ingest.max_payload_bytes,
             )
         except IngestError as exc:
             self.rejected[exc.code] += 1
-            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message)
+            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message, source_topic)
             return
+        frame.source_topic = source_topic
         if not self.accepting:
             self._refuse(frame, "shutting_down", "the agent is stopping")
             return
@@ -106,7 +120,13 @@ class FrameRouter:
         )
 
     def _answer_unqueued(
-        self, request_id: str, model: str | None, meta: FrameMeta, code: ErrorCode, message: str
+        self,
+        request_id: str,
+        model: str | None,
+        meta: FrameMeta,
+        code: ErrorCode,
+        message: str,
+        source_topic: str | None = None,
     ) -> None:
         frame = Frame(
             request_id=request_id,
@@ -115,6 +135,7 @@ class FrameRouter:
             received=time.monotonic(),
             response_topic=meta.response_topic,
             correlation_data=meta.correlation_data,
+            source_topic=source_topic,
         )
         self.emit(
             frame,
@@ -123,7 +144,13 @@ class FrameRouter:
 
     def emit(self, frame: Frame, outcome: InferResult | DetectionResult | ErrorResult) -> None:
         """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
-        payload = outcome.model_dump_json(exclude_none=True).encode()
+        for hook in self.answer_hooks:
+            hook(frame, outcome)
+        if frame.source_topic is None:
+            payload = outcome.model_dump_json(exclude_none=True).encode()
+        else:  # a frame from an [[inputs]] topic: its answer says which topic
+            doc = {**outcome.model_dump(mode="json", exclude_none=True), "source_topic": frame.source_topic}
+            payload = json.dumps(doc, separators=(",", ":")).encode()
         repeats: list[Frame] = []
         if frame.tracked:  # a served result is kept to answer repeats; an error is forgotten (retry runs)
             served = None if isinstance(outcome, ErrorResult) else payload

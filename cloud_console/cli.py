@@ -146,7 +146,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     host, port = parse_listen(config.web.listen)
     console = Console(config)  # raises ConsoleConfigError (exit 2) for an unusable signing key
-    signing = f"signing placements with {config.signing.key_file}" if config.signing.key_file else "unsigned"
+    signing = f"signed with {config.signing.key_file}" if config.signing.key_file else "unsigned"
     app = create_app(console)
     for role, password in demo.items():
         print(f"edge-console: demo user {role} password {password} (role {role})", flush=True)

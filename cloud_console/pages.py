@@ -37,12 +37,20 @@ def _page(
     )
 
 
+def _signed_in(title: str, body: str, user: str, role: str, csrf: str, script: str) -> str:
+    """A page for a logged-in user: who they are and the CSRF token travel in <meta> tags."""
+    return _page(
+        title, body, meta={"csrf-token": csrf, "role": role, "user": user}, scripts=("console.js", script)
+    )
+
+
 def _header(user: str, role: str, crumbs: str = "") -> str:
     return (
         '<header class="top"><a class="brand" href="/">edge console</a>'
         f'<nav class="crumbs">{crumbs}</nav>'
         f'<span class="who">signed in as <b id="who-user">{escape(user)}</b> '
         f'<span id="who-role" class="role role-{escape(role)}">{escape(role)}</span></span>'
+        '<a href="/tokens" id="tokens-link" class="link">API tokens</a>'
         '<button id="logout" type="button" class="link">log out</button>'
         '<span id="live" class="live" title="live updates">●</span></header>'
     )
@@ -96,12 +104,7 @@ def fleet(user: str, role: str, csrf: str) -> str:
         '</tr></thead><tbody id="fleet-body"><tr><td colspan="10">loading…</td></tr></tbody></table>'
         "</main>"
     )
-    return _page(
-        "Fleet",
-        body,
-        meta={"csrf-token": csrf, "role": role, "user": user},
-        scripts=("console.js", "fleet.js"),
-    )
+    return _signed_in("Fleet", body, user, role, csrf, "fleet.js")
 
 
 def device(device_id: str, user: str, role: str, csrf: str) -> str:
@@ -148,6 +151,29 @@ def device(device_id: str, user: str, role: str, csrf: str) -> str:
         scripts=("vendor/uPlot.iife.min.js", "console.js", "device.js"),
         styles=("vendor/uPlot.min.css",),
     )
+
+
+def tokens(user: str, role: str, csrf: str) -> str:
+    """API tokens of this user (every user's for an admin): make one (shown once), revoke."""
+    admin_option = '<option value="admin">admin</option>' if role == "admin" else ""
+    body = (
+        _header(user, role, "/ API tokens") + '<main class="tokens">'
+        "<section><h2>New API token</h2>"
+        '<p class="note">For scripts and CI: send it as <code>Authorization: Bearer &lt;token&gt;</code>. '
+        "It acts for you, with at most your role, until revoked; it is shown once.</p>"
+        '<form id="token-form" class="inline">'
+        '<label>name <input id="token-name" required maxlength="64" placeholder="what it is for"></label>'
+        f'<label>role <select id="token-role"><option value="viewer">viewer</option>{admin_option}'
+        "</select></label>"
+        '<button type="submit" id="token-create" class="primary">Create</button></form>'
+        '<p id="token-new" class="result" hidden>New token (copy it now, it is not shown again): '
+        '<code id="token-value"></code></p><p id="token-message" class="result"></p></section>'
+        '<section><h2>Tokens</h2><table class="grid" id="tokens"><thead><tr>'
+        "<th>name</th><th>user</th><th>role</th><th>created</th><th>last used</th><th>state</th><th></th>"
+        '</tr></thead><tbody id="tokens-body"><tr><td colspan="7">loading…</td></tr></tbody></table>'
+        "</section></main>"
+    )
+    return _signed_in("API tokens", body, user, role, csrf, "tokens.js")
 
 
 def not_found(device_id: str, user: str, role: str) -> str:

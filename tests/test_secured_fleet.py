@@ -129,6 +129,8 @@ def test_secured_fleet_end_to_end(shared_dir, tmp_path):
             assert api.call("GET", "/api/devices", headers=bearer(viewer_token + "x"))[0] == 401
 
             def lite0_on(backend: str) -> bool:
+                if agent.proc is not None and agent.proc.poll() is not None:
+                    raise AssertionError(f"the agent exited:\n{agent.log()[-3000:]}")
                 status, data = api.call("GET", "/api/devices/cam-01", headers=bearer(admin_token))
                 return status == 200 and any(
                     t["model"] == MODEL and t["backend"] == backend and t["state"] == "ready"

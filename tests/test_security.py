@@ -418,3 +418,64 @@ def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
         assert (tenant["backend"], tenant["auto"] is not None) == (chosen["backend"], True), tenant
     finally:
         agent.stop()
+
+
+def test_devices_accept_a_small_set_of_keys_for_rotation(tmp_path):
+    """Old and new key side by side (a rotation); a key left out is refused; the list is bounded."""
+    from agent.config import AgentConfig
+    from agent.placement.intake import Accepted, Applied, Intake, Refused
+    from agent.protocol.signing import (
+        MAX_PUBLIC_KEYS,
+        generate_keypair,
+        load_private_key,
+        load_public_keys,
+        sign,
+    )
+
+    pairs = []
+    for name in ("old", "new", "retired"):
+        (tmp_path / name).mkdir()
+        private, public = generate_keypair(tmp_path / name)
+        pairs.append((load_private_key(private), public.read_text().strip()))
+    (old, old_pub), (new, new_pub), (retired, retired_pub) = pairs
+    keyfile = tmp_path / "keys.pub"
+    keyfile.write_text(f"# placement keys, one per line\n{old_pub}\n\n{new_pub}\n")
+    for form in ([old_pub, new_pub], str(keyfile)):
+        intake = Intake(load_public_keys(form), max_age_s=3600)
+        doc = {"generation": 1, "tenants": [{"model": "efficientnet-lite0"}]}
+        for generation, key in ((1, old), (2, new)):
+            outcome = intake.check(
+                json.dumps(sign({**doc, "generation": generation}, key)).encode(), Applied()
+            )
+            assert isinstance(outcome, Accepted), outcome
+        refused = intake.check(json.dumps(sign({**doc, "generation": 3}, retired)).encode(), Applied())
+        assert isinstance(refused, Refused) and "forged" in refused.reason
+    with pytest.raises(ValueError, match="at most"):
+        load_public_keys([new_pub] * (MAX_PUBLIC_KEYS + 1))
+    with pytest.raises(ValueError, match="key 2"):
+        load_public_keys([new_pub, "not-a-key"])
+    # The single-key form still works, and an empty list is not taken for "no signatures needed".
+    assert (
+        AgentConfig(security={"placement_public_key": retired_pub}).security.placement_public_key
+        == retired_pub
+    )
+    with pytest.raises(ValueError, match="1 to 8"):
+        AgentConfig(security={"placement_public_key": []})
+
+
+def test_console_refuses_to_start_with_unusable_signing_or_tls_files(tmp_path, capsys):
+    from cloud_console import cli
+
+    base = ["serve", "--db", str(tmp_path / "c.db"), "--demo-users", "admin=pw-123456,viewer=pw-123456"]
+    bad_key = tmp_path / "bad.key"
+    bad_key.write_text("not a key")
+    assert cli.main([*base, "--broker", "mqtt://127.0.0.1:1", "--sign-key", str(bad_key)]) == 2
+    assert "signing key" in capsys.readouterr().err
+    pki = make_pki(tmp_path / "pki", clients=("console",))
+    cert = ["--cert-file", str(pki["console_cert"]), "--key-file", str(pki["console_key"])]
+    assert cli.main([*base, "--broker", "mqtt://127.0.0.1:1", *cert]) == 2  # a certificate needs mqtts://
+    assert "use mqtts://" in capsys.readouterr().err
+    assert (
+        cli.main([*base, "--broker", "mqtts://127.0.0.1:1", "--ca-file", str(tmp_path / "missing.pem")]) == 2
+    )
+    assert "TLS files" in capsys.readouterr().err
