@@ -121,6 +121,7 @@ class Reconciler:
         # Failover: health per accelerator ("backend:device", lower case), where events go.
         self.health: dict[str, Health] = {}
         self.publish_event: Callable[[bytes], None] | None = None
+        self._failing: set[str] = set()  # models with a failover under way
         self._loop: asyncio.AbstractEventLoop | None = None
         try:
             active = faults.configure(config.faults)
@@ -298,6 +299,7 @@ class Reconciler:
             return None
         noticed = time.monotonic()
         relay = None if kind == "drift" else Relay(tenant.reject, self.config.scheduler.queue_depth)
+        self._failing.add(tenant.placed.model)
         loop.call_soon_threadsafe(
             lambda: self._spawn(
                 self._fail_over(tenant, kind, reason, relay, noticed), f"failover-{tenant.name}"
@@ -306,6 +308,14 @@ class Reconciler:
         return relay
 
     async def _fail_over(
+        self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
+    ) -> None:
+        try:
+            await self._fail_over_locked(tenant, kind, reason, relay, noticed)
+        finally:
+            self._failing.discard(tenant.placed.model)
+
+    async def _fail_over_locked(
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
@@ -393,7 +403,7 @@ class Reconciler:
         now = time.monotonic()
         for tenant in self.table.serving():
             placed = tenant.placed
-            if len(placed.candidate_list()) < 2 or (tenant.handing_off and tenant.state != "failed"):
+            if len(placed.candidate_list()) < 2 or placed.model in self._failing:
                 continue
             here = serving_candidate(tenant)
             ranks = [c.label.lower() for c in placed.candidate_list()]
