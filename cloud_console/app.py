@@ -29,6 +29,7 @@ from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, 
 from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
 
 from agent.protocol.editing import PlacementInvalid
@@ -38,6 +39,8 @@ from cloud_console.auth import Session, password_binding
 from cloud_console.config import Role
 from cloud_console.events import format_event
 from cloud_console.mqtt import PublishFailed
+from cloud_console.prometheus import fleet_registry
+from cloud_console.prometheus import render as render_metrics
 from cloud_console.service import Console, UnknownDevice
 from cloud_console.tokens import TokenError, effective_role
 
@@ -403,6 +406,14 @@ def create_app(console: Console) -> FastAPI:
             "mqtt_connected": console.mqtt.connected.is_set(),
             "devices": len(console.fleet.devices),
         }
+
+    metrics_registry = fleet_registry(console.fleet)
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(_who: User) -> Response:
+        """Fleet-wide Prometheus metrics from every device's telemetry (docs/monitoring.md); scrape
+        with an API token (`Authorization: Bearer ...`)."""
+        return Response(render_metrics(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/login", response_class=HTMLResponse, include_in_schema=False)
     async def login_page(request: Request, error: str = "", next: str = "/") -> Response:

@@ -199,3 +199,45 @@ def test_metrics_endpoint_of_a_running_agent(broker: LocalBroker, tmp_path: Path
     assert value(families, "process_cpu_seconds_total") > 0
     assert value(families, "process_resident_memory_bytes") > 10_000_000
     assert np.isfinite(value(families, "edge_agent_start_time_seconds"))
+
+
+def test_console_serves_fleet_wide_metrics(broker: LocalBroker, tmp_path: Path) -> None:
+    from tests.test_console import ConsoleProcess, wait_until
+
+    agent = AgentProcess(broker, tmp_path, "fleet1", "[metrics]\ntelemetry_interval_s = 1\n").start()
+    console_dir = tmp_path / "console"
+    console_dir.mkdir()
+    console = ConsoleProcess(broker.url, console_dir).start()
+    try:
+        agent.wait_ready()
+        c = Collector(broker.port, ["edge/fleet1/result"])
+        c.publish("edge/fleet1/infer", sample("cat.jpg"))
+        c.publish("edge/fleet1/infer", sample("daisy.jpg"))
+        c.wait_for(lambda r: len(r) >= 2, "edge/fleet1/result")
+        c.close()
+        status, _ = console.client().call("GET", "/metrics")
+        assert status == 401  # the fleet's figures are not public: a session or an API token
+        admin = console.client("admin")
+        labels = {
+            "device_id": "fleet1",
+            "model": "efficientnet-lite0",
+            "backend": "onnxruntime",
+            "device": "cpu",
+        }
+
+        def scraped() -> dict[str, tuple[str, list[Sample]]] | None:
+            status, body = admin.call("GET", "/metrics")
+            assert status == 200, body
+            families = parse(body)
+            found = samples(families, "edge_fleet_frames_out_total", **labels)
+            return families if found and found[0].value == 2 else None
+
+        families = wait_until(scraped, "the fleet metrics to show fleet1's two results")
+    finally:
+        console.stop()
+        agent.stop()
+    for name in families:
+        assert not name.endswith(BANNED_UNITS), name
+    assert value(families, "edge_fleet_device_online", device_id="fleet1") == 1
+    assert 0 < value(families, "edge_fleet_latency_p95_seconds", **labels) < 30
+    assert value(families, "edge_fleet_process_resident_memory_bytes", device_id="fleet1") > 10_000_000

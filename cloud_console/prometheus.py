@@ -1,0 +1,113 @@
+"""The console's fleet-wide `/metrics`: every device's last telemetry and status, in Prometheus text.
+
+One scrape target for the whole fleet (docs/monitoring.md). Names follow Prometheus conventions
+(seconds, bytes, ratios, `_total`). The figures are what devices send as telemetry (every 5 s by
+default): counters since each agent started, throughput and latency percentiles over the telemetry
+window. For latency histograms that aggregate over devices, scrape the agents' own `/metrics`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from cloud_console.fleet import Fleet
+
+TENANT = ["device_id", "model", "backend", "device"]
+
+
+class FleetCollector(Collector):
+    def __init__(self, fleet: Fleet) -> None:
+        self.fleet = fleet
+
+    def collect(self) -> Iterable[Metric]:
+        devices = list(self.fleet.devices.values())
+        count = GaugeMetricFamily("edge_fleet_devices", "Devices the console knows.")
+        count.add_metric([], len(devices))
+        yield count
+        up = GaugeMetricFamily(
+            "edge_fleet_device_online", "1 while the device's status says online.", labels=["device_id"]
+        )
+        seen = GaugeMetricFamily(
+            "edge_fleet_device_last_seen_timestamp_seconds",
+            "When the device last sent anything.",
+            labels=["device_id"],
+        )
+        counters = {
+            key: CounterMetricFamily(f"edge_fleet_{key}", help_, labels=TENANT)
+            for key, help_ in (
+                ("frames_in", "Frames routed to the tenant (since its agent started)."),
+                ("frames_out", "Frames answered with a result."),
+                ("errors", "Frames answered with an error by the tenant."),
+                ("drops", "Frames dropped by the overload policy."),
+            )
+        }
+        fps = GaugeMetricFamily(
+            "edge_fleet_throughput_frames_per_second",
+            "Results per second over the telemetry window.",
+            labels=TENANT,
+        )
+        queue = GaugeMetricFamily(
+            "edge_fleet_queue_depth", "Frames waiting in the tenant's queue.", labels=TENANT
+        )
+        latency = {
+            q: GaugeMetricFamily(
+                f"edge_fleet_latency_{q}_seconds",
+                f"{q} of receive-to-result latency over the telemetry window.",
+                labels=TENANT,
+            )
+            for q in ("p50", "p95", "p99")
+        }
+        host = {
+            "process_cpu_ratio": GaugeMetricFamily(
+                "edge_fleet_process_cpu_ratio", "Agent CPU use (1 = one core busy).", labels=["device_id"]
+            ),
+            "process_resident_memory_bytes": GaugeMetricFamily(
+                "edge_fleet_process_resident_memory_bytes", "Agent resident memory.", labels=["device_id"]
+            ),
+            "temperature_celsius": GaugeMetricFamily(
+                "edge_fleet_temperature_celsius", "Hottest thermal zone of the device.", labels=["device_id"]
+            ),
+            "load1": GaugeMetricFamily(
+                "edge_fleet_load1", "1-minute load average of the device.", labels=["device_id"]
+            ),
+        }
+        for d in devices:
+            up.add_metric([d.device_id], 1.0 if d.online else 0.0)
+            seen.add_metric([d.device_id], d.last_seen)
+            t = d.telemetry
+            if t is None:
+                continue
+            for tenant in t.tenants:
+                labels = [d.device_id, tenant.model, tenant.backend, tenant.device]
+                counters["frames_in"].add_metric(labels, tenant.frames_in)
+                counters["frames_out"].add_metric(labels, tenant.frames_out)
+                counters["errors"].add_metric(labels, tenant.errors)
+                counters["drops"].add_metric(labels, tenant.drops)
+                fps.add_metric(labels, tenant.fps)
+                queue.add_metric(labels, tenant.queue_depth)
+                for q, family in latency.items():
+                    family.add_metric(labels, tenant.latency_ms.get(q, 0.0) / 1000.0)
+            readings = {
+                "process_cpu_ratio": t.device.cpu_percent / 100.0,
+                "process_resident_memory_bytes": t.device.rss_mb * 1e6,
+                "temperature_celsius": t.device.temperature_c,
+                "load1": t.device.load_1m,
+            }
+            for key, value in readings.items():
+                if value is not None:
+                    host[key].add_metric([d.device_id], value)
+        yield from (up, seen, *counters.values(), fps, queue, *latency.values(), *host.values())
+
+
+def fleet_registry(fleet: Fleet) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(FleetCollector(fleet))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
