@@ -142,6 +142,9 @@ class FailoverConfig(Section):
 
     # Runtime errors in a row that make the serving candidate unhealthy (a stall does at once).
     errors_to_fail: int = Field(default=3, ge=1, le=1000)
+    # A tenant that has another candidate to move to calls a runtime call stalled after this long
+    # (or scheduler.infer_timeout_s, if shorter): its frames then run on the next candidate.
+    stall_timeout_s: float = Field(default=5.0, gt=0)
     # A better candidate that failed serves again once it has passed probes for this long (doubled
     # per failure in a row, up to backoff_max_s: a flapping device is not taken back at once).
     failback_after_s: float = Field(default=30.0, ge=0)

@@ -101,6 +101,8 @@ class Tenant:
         self.placed = spec  # the placement entry as asked (spec is its serving candidate)
         self.on_unhealthy: UnhealthyFn | None = None
         self.errors_to_fail = 0  # runtime errors in a row that make the candidate unhealthy; 0: never
+        self.stall_timeout_s: float | None = None  # a shorter stall deadline where it can move
+        self.fault_since: float | None = None  # when the fault behind the last unhealthy() began
         self.drift: DriftWatch | None = None
         self._handoff: Relay | None = None
         self._errors_in_row = 0
@@ -274,7 +276,10 @@ class Tenant:
         """Answer the frames of any batch in the runtime for over `timeout_s` (thread-safe; the
         agent calls it every second). The instance serves again once its call returns."""
         now = time.monotonic()
+        if self.stall_timeout_s is not None:
+            timeout_s = min(timeout_s, self.stall_timeout_s)
         for index, since, frames in self._abandon(lambda _index, since: now - since > timeout_s):
+            self.fault_since = since  # the hung call began then
             relay = self.unhealthy(
                 "stall", f"inference on instance {index} has not returned for {now - since:.1f} s"
             )
@@ -420,6 +425,8 @@ class Tenant:
         """A runtime call failed: after `errors_to_fail` in a row, the candidate is unhealthy."""
         with self._lock:
             self._errors_in_row += 1
+            if self._errors_in_row == 1:
+                self.fault_since = time.monotonic()
             enough = 0 < self.errors_to_fail <= self._errors_in_row
         if not enough:
             return None

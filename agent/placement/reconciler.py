@@ -278,6 +278,7 @@ class Reconciler:
             failover = self.config.failover
             tenant.on_unhealthy = self._on_unhealthy
             tenant.errors_to_fail = failover.errors_to_fail
+            tenant.stall_timeout_s = failover.stall_timeout_s
             tenant.drift = DriftWatch(failover.drift_factor) if failover.drift_factor > 0 else None
         tenant.start()
         log.info("tenant %s ready", tenant.name)
@@ -297,7 +298,7 @@ class Reconciler:
         loop = self._loop
         if loop is None or not self.accepting:
             return None
-        noticed = time.monotonic()
+        noticed = tenant.fault_since if kind != "drift" and tenant.fault_since else time.monotonic()
         relay = None if kind == "drift" else Relay(tenant.reject, self.config.scheduler.queue_depth)
         self._failing.add(tenant.placed.model)
         loop.call_soon_threadsafe(
@@ -356,8 +357,9 @@ class Reconciler:
             return True
         return False
 
-    def _announce(self, old: Tenant, new: Tenant, reason: str, noticed: float) -> None:
-        """Status (last failover, history), telemetry (count), edge/<id>/events, the log."""
+    def _announce(self, old: Tenant, new: Tenant, reason: str, began: float) -> None:
+        """Status (last failover, history), telemetry (count), edge/<id>/events, the log. `began`:
+        when the fault began (the hung call, the first error in a row), as far as the agent knows."""
         ranks = [c.label.lower() for c in old.placed.candidate_list()]
         source, target = serving_candidate(old), serving_candidate(new)
         back = ranks.index(target.label.lower()) < ranks.index(source.label.lower())
@@ -367,7 +369,7 @@ class Reconciler:
                 "from": f"{old.spec.backend}:{old.device}",
                 "to": f"{new.spec.backend}:{new.device}",
                 "reason": reason,
-                "recovery_s": None if back else round(time.monotonic() - noticed, 3),
+                "recovery_s": None if back else round(time.monotonic() - began, 3),
             }
         )
         self.table.record_failover(new.placed.model, move)
