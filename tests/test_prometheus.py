@@ -3,7 +3,9 @@ throughput without a ceiling, scrapes that leave telemetry alone, host figures."
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -27,9 +29,27 @@ from agent.stats import LATENCY_BUCKETS_S, TenantStats
 from agent.tenant import Tenant
 from agent.tenant_table import TenantTable
 from backends.fake import FakeBackend
-from tests.conftest import MODELS, SAMPLES, AgentProcess, Collector, sample
+from tests.conftest import MODELS, REPO, SAMPLES, AgentProcess, Collector, sample
 
 BANNED_UNITS = ("_ms", "_milliseconds", "_megabytes", "_mb", "_percent", "_fps")
+DASHBOARD = REPO / "deploy" / "grafana" / "edge-agent.json"
+# Present only where the hardware is: an NVIDIA GPU (nvidia-ml-py), thermal zones.
+OPTIONAL = {"edge_agent_gpu_", "edge_agent_temperature_celsius"}
+
+
+def dashboard_metrics(prefix: str) -> set[str]:
+    """Metric names the Grafana dashboard's queries read, as families (no _bucket/_sum/_count)."""
+    doc = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in doc["panels"] for t in p.get("targets", [])]
+    names = {n for e in exprs for n in re.findall(r"\b(" + prefix + r"[a-z0-9_]+)", e)}
+    return {re.sub(r"_(bucket|sum|count|total)$", "", n) for n in names}
+
+
+def check_dashboard_reads(families: dict[str, tuple[str, list[Sample]]], prefix: str) -> None:
+    exposed = {re.sub(r"_total$", "", name) for name in families}
+    wanted = {n for n in dashboard_metrics(prefix) if not any(n.startswith(o) for o in OPTIONAL)}
+    assert wanted, prefix
+    assert wanted <= exposed, f"the dashboard reads metrics nobody exposes: {wanted - exposed}"
 
 
 def parse(body: str) -> dict[str, tuple[str, list[Sample]]]:
@@ -199,6 +219,8 @@ def test_metrics_endpoint_of_a_running_agent(broker: LocalBroker, tmp_path: Path
     assert value(families, "process_cpu_seconds_total") > 0
     assert value(families, "process_resident_memory_bytes") > 10_000_000
     assert np.isfinite(value(families, "edge_agent_start_time_seconds"))
+    check_dashboard_reads(families, "edge_agent_")
+    check_dashboard_reads(families, "process_")
 
 
 def test_console_serves_fleet_wide_metrics(broker: LocalBroker, tmp_path: Path) -> None:
@@ -241,3 +263,4 @@ def test_console_serves_fleet_wide_metrics(broker: LocalBroker, tmp_path: Path) 
     assert value(families, "edge_fleet_device_online", device_id="fleet1") == 1
     assert 0 < value(families, "edge_fleet_latency_p95_seconds", **labels) < 30
     assert value(families, "edge_fleet_process_resident_memory_bytes", device_id="fleet1") > 10_000_000
+    check_dashboard_reads(families, "edge_fleet_")
