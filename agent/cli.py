@@ -79,6 +79,7 @@ def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | N
 
     config = _config_from_args(args)
     b = config.broker
+    args.protocol = b.protocol  # broker.protocol: "auto" falls back to 3.1.1 as the agent does
     scheme = "mqtts" if b.tls.enabled else "mqtt"
     auth = f"{quote(b.username)}:{quote(b.password or '')}@" if b.username else ""
     return f"{scheme}://{auth}{b.host}:{b.port}", config.device_id, build_tls_context(b)
@@ -96,7 +97,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         failures = 0
-        async with InferClient(url, device_id, tls_context=tls) as client:
+        async with InferClient(url, device_id, tls_context=tls, protocol=args.protocol) as client:
             for path in images:
                 try:
                     reply = await client.infer(path.read_bytes(), args.model, timeout_s=args.timeout)
@@ -159,7 +160,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.protocol.topics import Topics
 
     url, device_id, tls = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout, tls))
+    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout, tls, args.protocol))
     if status is None:
         print(f"no status from device {device_id!r} on {url}", file=sys.stderr)
         return 1
@@ -174,7 +175,7 @@ def cmd_place(args: argparse.Namespace) -> int:
     from agent.protocol.topics import Topics
 
     url, device_id, tls = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0, tls)) or {}
+    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0, tls, args.protocol)) or {}
     try:  # the same editing rules as the console's (agent.protocol.editing)
         reported = Status.model_validate(status) if status else None
     except ValueError:
@@ -221,7 +222,9 @@ def cmd_place(args: argparse.Namespace) -> int:
             return EXIT_CONFIG
         doc = sign(doc, key, valid_s=args.valid_s)
     print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
-    applied, status = asyncio.run(publish_placement(url, device_id, doc, args.timeout, tls_context=tls))
+    applied, status = asyncio.run(
+        publish_placement(url, device_id, doc, args.timeout, tls_context=tls, protocol=args.protocol)
+    )
     placement = status.get("placement") or {}
     if applied:
         placed = {args.model} if not args.file else {t.get("model") for t in doc.get("tenants", [])}

@@ -1,17 +1,21 @@
-"""A small MQTT 5 request client: send frames to an agent, collect its answers.
+"""A small MQTT request client: send frames to an agent, collect its answers.
 
-Used by `edge-agent infer`, the demo and the benchmark. Each request carries correlation data and a
-private response topic, the MQTT 5 request/response pattern (what `mosquitto_rr` does).
+Used by `edge-agent infer`, `status`, `place` and `camera`, the demo and the benchmark. Over MQTT 5
+each request carries correlation data and a private response topic (what `mosquitto_rr` does). A
+broker that speaks only MQTT 3.1.1 gets the same requests as JSON envelopes, and the answers are
+read from the device's result topic by request id (docs/protocol.md, "JSON envelope").
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import ssl
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,14 +24,19 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt_session import NO_DELAY
-from agent.protocol.broker import parse_broker_url
+from agent.protocol.broker import parse_broker_url, refuses_mqtt5
 from agent.protocol.topics import Topics
 
+# With "auto", how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (some 3.1.1-only
+# brokers never answer it instead of refusing).
+V5_CONNECT_TIMEOUT_S = 5.0
 
-def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs: Any) -> aiomqtt.Client:
-    """An MQTT 5 client for `mqtt://` or `mqtts://` URLs (credentials may be in the URL).
 
-    For `mqtts://` without a context, the system's CA store verifies the broker.
+def connect(
+    broker_url: str, tls_context: ssl.SSLContext | None = None, version: str = "5", **kwargs: Any
+) -> aiomqtt.Client:
+    """An MQTT client (`version` "5" or "3.1.1") for `mqtt://` or `mqtts://` URLs (credentials may
+    be in the URL). For `mqtts://` without a context, the system's CA store verifies the broker.
     """
     broker = parse_broker_url(broker_url)
     if tls_context is None and broker.tls:
@@ -35,13 +44,40 @@ def connect(broker_url: str, tls_context: ssl.SSLContext | None = None, **kwargs
     return aiomqtt.Client(
         broker.host,
         broker.port,
-        protocol=aiomqtt.ProtocolVersion.V5,
+        protocol=aiomqtt.ProtocolVersion.V311 if version == "3.1.1" else aiomqtt.ProtocolVersion.V5,
         username=broker.username,
         password=broker.password,
         tls_context=tls_context,
         socket_options=NO_DELAY,
         **kwargs,
     )
+
+
+@contextlib.asynccontextmanager
+async def session(
+    broker_url: str, tls_context: ssl.SSLContext | None = None, protocol: str = "auto", **kwargs: Any
+) -> AsyncIterator[tuple[aiomqtt.Client, str]]:
+    """A connected client and its MQTT version. `protocol` "auto" tries MQTT 5 first and falls back
+    to 3.1.1 when the broker refuses it or does not answer; "5" or "3.1.1" use only that version."""
+    versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]
+    for attempt, version in enumerate(versions):
+        fallback_left = attempt < len(versions) - 1
+        options = dict(kwargs)
+        if fallback_left:
+            options["timeout"] = min(float(kwargs.get("timeout") or 10.0), V5_CONNECT_TIMEOUT_S)
+        client = connect(broker_url, tls_context, version, **options)
+        try:
+            await client.__aenter__()
+        except aiomqtt.MqttError as exc:
+            if fallback_left and (refuses_mqtt5(exc) or "timed out" in str(exc).lower()):
+                continue
+            raise
+        try:
+            yield client, version
+        finally:
+            with contextlib.suppress(aiomqtt.MqttError):
+                await client.__aexit__(None, None, None)
+        return
 
 
 @dataclass
@@ -62,38 +98,46 @@ class InferClient:
     device_id: str
     prefix: str = "edge"
     tls_context: ssl.SSLContext | None = None
+    protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5 unless the broker refuses it
+    version: str = field(default="5", init=False)  # the version in use once connected
     _client: aiomqtt.Client | None = field(default=None, init=False)
+    _session: Any = field(default=None, init=False)
     _pending: dict[str, tuple[float, asyncio.Future[Reply]]] = field(default_factory=dict, init=False)
     _reader: asyncio.Task[None] | None = field(default=None, init=False)
 
     async def __aenter__(self) -> InferClient:
         self.topics = Topics(self.device_id, self.prefix)
         self.reply_topic = f"{self.prefix}-client/{uuid.uuid4().hex}/reply"
-        self._client = connect(self.broker_url, self.tls_context, max_queued_incoming_messages=100_000)
+        self._session = session(
+            self.broker_url, self.tls_context, self.protocol, max_queued_incoming_messages=100_000
+        )
+        self._client, self.version = await self._session.__aenter__()
         self._client.pending_calls_threshold = 100_000  # many requests in flight is the point
-        await self._client.__aenter__()
-        await self._client.subscribe(self.reply_topic, qos=1)
+        # MQTT 3.1.1 has no response topics: answers come on the device's result topic.
+        await self._client.subscribe(self.reply_topic if self.version == "5" else self.topics.result, qos=1)
         self._reader = asyncio.create_task(self._read())
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._reader:
             self._reader.cancel()
-        if self._client:
-            await self._client.__aexit__(None, None, None)
+        if self._session is not None:
+            await self._session.__aexit__(None, None, None)
 
     async def _read(self) -> None:
         assert self._client is not None
         async for message in self._client.messages:
-            corr = getattr(message.properties, "CorrelationData", None) if message.properties else None
-            key = corr.decode() if corr else None
-            if key is None or key not in self._pending:
-                continue
-            started, fut = self._pending.pop(key)
             try:
                 payload = json.loads(message.payload)  # type: ignore[arg-type,unused-ignore]
             except (TypeError, ValueError):
                 payload = {"error": {"code": "client", "message": "unparseable reply"}}
+            corr = getattr(message.properties, "CorrelationData", None) if message.properties else None
+            key = corr.decode() if corr else None
+            if key is None and isinstance(payload, dict):  # 3.1.1: the request id is in the answer
+                key = payload.get("request_id")
+            if key is None or key not in self._pending:
+                continue
+            started, fut = self._pending.pop(key)
             if not fut.done():
                 fut.set_result(Reply(key, payload, (time.perf_counter() - started) * 1000.0))
 
@@ -103,11 +147,20 @@ class InferClient:
         """Publish one frame; returns a future of its reply."""
         assert self._client is not None
         request_id = request_id or uuid.uuid4().hex
+        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = (time.perf_counter(), fut)
+        if self.version == "3.1.1":
+            envelope: dict[str, Any] = {
+                "request_id": request_id,
+                "image_b64": base64.b64encode(image).decode(),
+            }
+            if model:
+                envelope["model"] = model
+            await self._client.publish(self.topics.infer, json.dumps(envelope).encode(), qos=qos)
+            return fut
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = request_id.encode()
-        fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._pending[request_id] = (time.perf_counter(), fut)
         topic = self.topics.infer_model(model) if model else self.topics.infer
         await self._client.publish(topic, image, qos=qos, properties=props)
         return fut
@@ -118,10 +171,14 @@ class InferClient:
 
 
 async def read_retained(
-    broker_url: str, topic: str, timeout_s: float = 5.0, tls_context: ssl.SSLContext | None = None
+    broker_url: str,
+    topic: str,
+    timeout_s: float = 5.0,
+    tls_context: ssl.SSLContext | None = None,
+    protocol: str = "auto",
 ) -> dict[str, Any] | None:
     """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
-    async with connect(broker_url, tls_context) as client:
+    async with session(broker_url, tls_context, protocol) as (client, _version):
         await client.subscribe(topic, qos=1)
         try:
             async with asyncio.timeout(timeout_s):
@@ -139,6 +196,7 @@ async def publish_placement(
     timeout_s: float = 120.0,
     prefix: str = "edge",
     tls_context: ssl.SSLContext | None = None,
+    protocol: str = "auto",
 ) -> tuple[bool, dict[str, Any]]:
     """Publish a retained placement and wait until the device applies or refuses that generation.
 
@@ -146,7 +204,7 @@ async def publish_placement(
     """
     topics = Topics(device_id, prefix)
     generation = doc["generation"]
-    async with connect(broker_url, tls_context) as client:
+    async with session(broker_url, tls_context, protocol) as (client, _version):
         await client.subscribe(topics.status, qos=1)
         # The retained status arrives first: only a status published after ours can answer it.
         baseline = 0.0

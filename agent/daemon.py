@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any
 
+from agent import memory
 from agent.capabilities import probe_backends
 from agent.config import AgentConfig, ConfigError
 from agent.deadline import call_with_deadline
@@ -159,6 +160,7 @@ class Agent:
             asyncio.create_task(self.reporter.status_loop(self.session), name="status"),
             asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
             asyncio.create_task(self.reconciler.health_loop(), name="health"),
+            asyncio.create_task(memory.trim_loop(), name="memory"),
         ]
         if self.homeassistant is not None:
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))

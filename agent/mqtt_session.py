@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
-from agent.protocol.broker import tls_context
+from agent.protocol.broker import refuses_mqtt5, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -169,8 +169,7 @@ class MqttSession:
             self.protocol = "5"
             return False
         if isinstance(exc, MqttConnectError):
-            rc = getattr(exc, "rc", None)
-            refused = getattr(rc, "value", rc) in (1, 0x84) or "protocol version" in str(exc).lower()
+            refused = refuses_mqtt5(exc)
         else:
             self._v5_timeouts = self._v5_timeouts + 1 if "timed out" in str(exc).lower() else 0
             refused = self._v5_timeouts >= 2

@@ -61,6 +61,8 @@ class BrokerSettings(Section):
     key_file: Path | None = None
     # Skip hostname verification (self-signed lab brokers). Never the default.
     tls_insecure: bool = False
+    # MQTT version: "auto" tries 5 and falls back to 3.1.1 when the broker refuses it (as agents do).
+    protocol: Literal["auto", "5", "3.1.1"] = "auto"
 
 
 class SigningSettings(Section):

@@ -15,10 +15,11 @@ import random
 import socket
 import ssl
 from collections.abc import Callable
+from typing import Any
 
 import aiomqtt
 
-from agent.protocol.broker import BrokerAddress, client_tls, credentials
+from agent.protocol.broker import BrokerAddress, client_tls, credentials, refuses_mqtt5
 from agent.protocol.topics import fleet_filter
 from cloud_console.config import BrokerSettings
 
@@ -67,6 +68,9 @@ class ConsoleMqtt:
         self.last_error = ""
         self._client: aiomqtt.Client | None = None
         self._stopping = False
+        # "auto": MQTT 5 until the broker refuses it before any connection succeeded.
+        self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
+        self._settled = settings.protocol != "auto"
 
     def backlog(self) -> int:
         """Messages received from the broker and not yet handled (aiomqtt's incoming queue)."""
@@ -78,27 +82,15 @@ class ConsoleMqtt:
         tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
         username, password = credentials(self.address, self.settings.username, self.settings.password)
         backoff = self.settings.reconnect_min_s
+        timeouts = 0  # MQTT 5 CONNECTs in a row left unanswered ("auto": then 3.1.1 is tried)
         while not self._stopping:
-            client = aiomqtt.Client(
-                hostname=self.address.host,
-                port=self.address.port,
-                identifier=self.client_id,
-                username=username,
-                password=password,
-                protocol=aiomqtt.ProtocolVersion.V5,
-                keepalive=self.settings.keepalive_s,
-                clean_start=True,
-                tls_context=tls,
-                timeout=10.0,
-                max_queued_incoming_messages=200_000,
-                socket_options=NO_DELAY,
-            )
-            client.pending_calls_threshold = 10_000  # a fleet-wide move publishes many at once
+            client = self._new_client(username, password, tls)
             try:
                 async with client:
                     for topic, qos in self.subscriptions:
                         await client.subscribe(topic, qos=qos)
                     self._client = client
+                    self._settled = True  # the version that connected is the broker's
                     self.connects += 1
                     self.connected.set()
                     backoff = self.settings.reconnect_min_s
@@ -110,6 +102,11 @@ class ConsoleMqtt:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
+                timeouts = timeouts + 1 if "timed out" in str(exc).lower() else 0
+                if not self._settled and self.version == "5" and (refuses_mqtt5(exc) or timeouts >= 2):
+                    log.warning("the broker does not speak MQTT 5 (%s): using MQTT 3.1.1", exc)
+                    self.version = "3.1.1"
+                    continue
                 self.last_error = str(exc)
                 delay = backoff * (0.5 + random.random())  # jitter spreads reconnects of many workers
                 log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
@@ -118,6 +115,29 @@ class ConsoleMqtt:
                 backoff = min(backoff * 2, self.settings.reconnect_max_s)
             finally:
                 self._down()
+
+    def _new_client(
+        self, username: str | None, password: str | None, tls: ssl.SSLContext | None
+    ) -> aiomqtt.Client:
+        v311 = self.version == "3.1.1"
+        # MQTT 5 starts clean; 3.1.1 has a clean session instead (the console keeps no session).
+        session: dict[str, Any] = {"clean_session": True} if v311 else {"clean_start": True}
+        client = aiomqtt.Client(
+            hostname=self.address.host,
+            port=self.address.port,
+            identifier=self.client_id,
+            username=username,
+            password=password,
+            protocol=aiomqtt.ProtocolVersion.V311 if v311 else aiomqtt.ProtocolVersion.V5,
+            keepalive=self.settings.keepalive_s,
+            **session,
+            tls_context=tls,
+            timeout=10.0,
+            max_queued_incoming_messages=200_000,
+            socket_options=NO_DELAY,
+        )
+        client.pending_calls_threshold = 10_000  # a fleet-wide move publishes many at once
+        return client
 
     def _down(self) -> None:
         self.connected.clear()

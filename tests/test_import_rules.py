@@ -47,6 +47,28 @@ def test_agent_cli_loads_no_benchmark_code():
     assert done.stdout.strip() == ""
 
 
+def test_daemon_loads_only_what_it_serves_with():
+    """Idle memory (docs/performance.md#memory): the daemon imports no runtime (probed in a child,
+    loaded per tenant), no web stack, and no cryptography unless signed placements are required."""
+    heavy = (
+        "onnxruntime",
+        "openvino",
+        "torch",
+        "ai_edge_litert",
+        "tensorrt",
+        "fastapi",
+        "uvicorn",
+        "cryptography",
+        "bench",
+    )
+    code = (
+        "import sys, agent.daemon, agent.cli; "
+        f"print(','.join(m for m in sys.modules if m.split('.')[0] in {heavy!r}))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == ""
+
+
 def lint_imports(tree: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(LINT_IMPORTS), "--no-cache"],

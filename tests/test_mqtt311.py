@@ -16,7 +16,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.devtools.local_broker import free_port, wait_for_port
-from tests.conftest import AgentProcess, sample
+from tests.conftest import SAMPLES, AgentProcess, sample
 
 AMQTT = Path(sys.executable).with_name("amqtt")
 pytestmark = pytest.mark.skipif(not AMQTT.exists(), reason="amqtt is not installed (pip install amqtt)")
@@ -142,3 +142,69 @@ def test_agent_serves_through_a_broker_that_speaks_only_mqtt_3_1_1(amqtt, tmp_pa
         agent.stop()
     log = agent.log()
     assert log.count("does not speak MQTT 5: using MQTT 3.1.1") == 1, log[-2000:]
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_client_commands_work_through_a_3_1_1_only_broker(amqtt, tmp_path):
+    """`edge-agent infer`, `status` and `place` fall back to MQTT 3.1.1 as the agent does: frames go
+    as JSON envelopes and answers are matched by request id on the result topic."""
+    agent = AgentProcess(amqtt, tmp_path, "v3cli").start()  # type: ignore[arg-type]
+    try:
+        c = Client311(amqtt.port, ["edge/v3cli/status"])
+        c.wait(lambda: any(s.get("online") for s in c.json_on("edge/v3cli/status")), "the agent online")
+        c.close()
+        common = ["--broker", amqtt.url, "--device-id", "v3cli"]
+        infer = _cli("infer", *common, "--json", str(SAMPLES / "espresso.jpg"), str(SAMPLES / "daisy.jpg"))
+        assert infer.returncode == 0, infer.stdout + infer.stderr
+        answers = [json.loads(line) for line in infer.stdout.splitlines() if line.startswith("{")]
+        assert [a["top"][0]["label"] for a in answers] == ["espresso", "daisy"], infer.stdout
+        status = _cli("status", *common)
+        assert status.returncode == 0 and '"mqtt_protocol": "3.1.1"' in status.stdout, status.stdout
+        place = _cli("place", *common, "--model", "efficientnet-lite0", "--instances", "2")
+        assert place.returncode == 0 and "applied generation" in place.stdout, place.stdout + place.stderr
+    finally:
+        agent.stop()
+
+
+def test_console_manages_an_agent_through_a_3_1_1_only_broker(amqtt, tmp_path):
+    """The console falls back to MQTT 3.1.1 too: it sees the device and its placement edit applies."""
+    from tests.test_console import ConsoleProcess, wait_until
+
+    agent = AgentProcess(amqtt, tmp_path, "v3con").start()  # type: ignore[arg-type]
+    workdir = tmp_path / "console"
+    workdir.mkdir()
+    console = ConsoleProcess(amqtt.url, workdir).start()  # waits for MQTT connected
+    try:
+        admin = console.client("admin")
+
+        def device_ready() -> dict[str, Any] | None:
+            status, data = admin.call("GET", "/api/devices/v3con")
+            if status != 200 or not data["summary"].get("online"):
+                return None
+            return data if data["summary"]["tenants"] else None
+
+        before = wait_until(device_ready, "the agent listed online by the console")
+        body = {
+            "tenants": [
+                {"model": "efficientnet-lite0", "backend": "onnxruntime", "device": "cpu", "instances": 2}
+            ]
+        }
+        status, data = admin.call("PUT", "/api/devices/v3con/placement", body)
+        assert status == 200, data
+        generation = data["generation"]
+        assert generation == before["next_generation"]
+
+        def applied() -> dict[str, Any] | None:
+            detail = admin.get("/api/devices/v3con")
+            return detail if detail["tracking"]["state"] == "applied" else None
+
+        wait_until(applied, "the edit applied by the agent")
+        assert "using MQTT 3.1.1" in console.log()
+    finally:
+        console.stop()
+        agent.stop()

@@ -117,3 +117,15 @@ def credentials(
     if address.username:
         return address.username, address.password
     return username, password
+
+
+MQTT_VERSIONS = ("auto", "5", "3.1.1")
+
+
+def refuses_mqtt5(exc: BaseException) -> bool:
+    """A CONNACK that says the broker does not speak MQTT 5: return code 1 (an MQTT 3.1.1 broker's
+    "unacceptable protocol version") or reason 0x84 (MQTT 5's "unsupported protocol version").
+    Some 3.1.1 brokers never answer an MQTT 5 CONNECT instead: callers treat repeated connect
+    timeouts the same way."""
+    rc = getattr(exc, "rc", None)
+    return getattr(rc, "value", rc) in (1, 0x84) or "protocol version" in str(exc).lower()
