@@ -360,7 +360,12 @@ def create_app(console: Console) -> FastAPI:
     app = FastAPI(
         title="edge-agent console",
         version="0.1.0",
-        description="Fleet view and placement control for edge-agent devices, over MQTT (docs/protocol.md).",
+        description=(
+            "Fleet view and placement control for edge-agent devices, over MQTT (docs/protocol.md). "
+            "Authenticate with the session cookie of POST /api/login (changes then need its csrf_token "
+            "in X-CSRF-Token), or with an API token: `Authorization: Bearer ect_...` (POST /api/tokens "
+            "or `edge-console token create`; no CSRF token needed)."
+        ),
         lifespan=lifespan,
         docs_url=None,  # Swagger UI loads from a CDN; the console serves no third-party origin
         redoc_url=None,
