@@ -28,6 +28,26 @@ SORT_KEYS = {
 }
 
 
+def _candidates(tenant: Any) -> dict[str, Any]:
+    """A tenant's failover candidates (docs/protocol.md): in order, the one serving, whether that is
+    the preferred (first) one, and its recent moves. Empty for a tenant without candidates."""
+    candidates = getattr(tenant, "candidates", None)
+    if not candidates:
+        return {}
+    serving, first = getattr(tenant, "serving", None), candidates[0]
+    # The serving device is named as its backend names it (`usb` placed is `usb:0` serving).
+    on_first = serving is None or (
+        serving.backend == first.backend
+        and serving.device.lower() in (first.device.lower(), f"{first.device.lower()}:0")
+    )
+    return {
+        "candidates": [c.label for c in candidates],
+        "serving": serving.label if serving is not None else None,
+        "preferred": on_first,
+        "failovers": [m.model_dump(by_alias=True) for m in getattr(tenant, "failovers", [])],
+    }
+
+
 @dataclass
 class Device:
     device_id: str
@@ -90,6 +110,7 @@ class Device:
                 "queue_depth": None,
                 "drops": None,
                 "errors": None,
+                **_candidates(tenant),
             }
             for t in telemetry:
                 if (

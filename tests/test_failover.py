@@ -19,6 +19,7 @@ from paho.mqtt.properties import Properties
 
 from backends import registry
 from tests.conftest import CAT_CLASSES, Collector, sample
+from tests.test_console_browser import browser, console, page  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -177,3 +178,44 @@ def test_a_single_candidate_behaves_as_before(agent_factory, collector):
     assert tenant_of(statuses).get("last_failover") is None
     assert not c.json(f"edge/{DEVICE}/events")
     assert agent.stop() == 0
+
+
+def test_the_console_shows_candidates_history_and_flags_the_tenant_off_its_preferred_one(
+    agent_factory,
+    collector,
+    console,  # noqa: F811 (the fixture imported above)
+    page,  # noqa: F811
+):
+    """Runtime errors (injected) move the tenant off OpenVINO; the console's fleet table flags it
+    and the device page lists its candidates, the serving one and the failover."""
+    from tests.test_console_browser import expect, log_in
+
+    needs_openvino()
+    agent = agent_factory(
+        DEVICE,
+        config(CANDIDATES, errors_to_fail=1, failback_after_s=3600),
+        env={"EDGE_AGENT_FAULTS": "openvino:CPU:error:after=1"},
+    ).start()
+    agent.wait_ready(timeout=120)
+    c = collector([f"edge/{DEVICE}/result", f"edge/{DEVICE}/status"])
+    for i in range(2):
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("request_id", f"c{i}")]
+        c.publish(f"edge/{DEVICE}/infer", sample("cat.jpg"), properties=props)
+    results = c.wait_for(lambda r: len(r) >= 2, f"edge/{DEVICE}/result", timeout=60)
+    assert [m["tenant"]["backend"] for m in results] == ["openvino", "onnxruntime"], results
+    c.wait_for(lambda s: serving(s) == "onnxruntime", f"edge/{DEVICE}/status", timeout=30)
+
+    log_in(page, console, "admin", console.admin_password)
+    row = page.locator(f'#fleet-body tr[data-device="{DEVICE}"]')
+    expect(row.locator(".not-preferred")).to_have_text("not on openvino:CPU")
+    expect(row).to_contain_text("efficientnet-lite0 onnxruntime:cpu")
+    row.locator("a").click()
+    page.wait_for_url(f"**/devices/{DEVICE}")
+    tenant = page.locator('#tenants-body tr[data-model="efficientnet-lite0"][data-backend="onnxruntime"]')
+    expect(tenant.locator(".candidates")).to_contain_text("openvino:CPU → onnxruntime:cpu")
+    expect(tenant.locator(".candidate.serving")).to_have_text("onnxruntime:cpu")
+    expect(tenant.locator(".chip.not-preferred")).to_be_visible()
+    tenant.locator("details.failovers summary").click()
+    expect(tenant.locator("details.failovers li")).to_contain_text("failover openvino:CPU → onnxruntime:cpu")
+    expect(tenant.locator("details.failovers li")).to_contain_text("1 runtime errors in a row")

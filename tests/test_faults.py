@@ -232,3 +232,43 @@ def test_errors_in_a_row_hand_the_frames_to_the_next_candidate_each_answered_onc
     assert all(r.top[0].index in CAT_CLASSES for r in moved if isinstance(r, InferResult))
     error = by_id["r2"]
     assert isinstance(error, ErrorResult) and "injected fault" in error.error.message
+
+
+def test_an_edit_starts_from_the_placed_candidates_and_a_move_replaces_them() -> None:
+    """The console and `edge-agent place` edit what runs: a failed-over tenant is its placement
+    entry (candidates in order), and moving it names one place instead."""
+    from agent.protocol.editing import current_tenants, move_tenants
+    from agent.protocol.schemas import Capabilities, PlacementStatus, Status, TenantStatus
+
+    placed = TenantSpec.model_validate(
+        {
+            "model": "efficientnet-lite0",
+            "candidates": [{"backend": "openvino", "device": "CPU"}, {"backend": "onnxruntime"}],
+        }
+    )
+    serving = TenantStatus(
+        **placed.on(placed.candidate_list()[1]).model_dump(),
+        state="ready",
+        serving={"backend": "onnxruntime", "device": "cpu"},
+    )
+    status = Status(
+        online=True, placement=PlacementStatus(generation=1, applied_generation=1, tenants=[serving])
+    )
+    [edit] = current_tenants(status, None)
+    assert edit == placed and (edit.backend, edit.device) == ("openvino", "CPU")
+    caps = Capabilities.model_validate(
+        {"backends": {"tflite": {"available": True, "devices": ["cpu"]}}, "models": []}
+    )
+    moved = move_tenants(
+        [edit],
+        caps.model_copy(update={"models": ["efficientnet-lite0"]}),
+        "efficientnet-lite0",
+        "openvino",
+        "tflite",
+        None,
+    )
+    assert moved is not None and moved[0].candidates is None and moved[0].backend == "tflite"
+    published = Placement.model_validate_json(
+        Placement(tenants=moved).model_dump_json()
+    )  # as the agent reads it
+    assert published.tenants[0].key() == moved[0].key()

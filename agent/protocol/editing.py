@@ -175,9 +175,7 @@ def current_tenants(status: Status | None, desired: DesiredPlacement | None) -> 
         held = best.get(tenant.model)
         if held is None or rank[tenant.state] < rank[held.state]:
             best[tenant.model] = tenant
-    return [
-        TenantSpec.model_validate(t.model_dump(include=set(TenantSpec.model_fields))) for t in best.values()
-    ]
+    return [t.placed() for t in best.values()]
 
 
 def without_failed(tenants: list[TenantSpec], status: Status | None) -> tuple[list[TenantSpec], list[str]]:
@@ -236,7 +234,7 @@ def build(generation: int, tenants: list[TenantSpec]) -> Placement:
 
 def auto_tenants(tenants: list[TenantSpec]) -> list[TenantSpec]:
     """Same models, instances and batching; the agent picks backend and device."""
-    return [t.model_copy(update={"backend": AUTO, "device": AUTO}) for t in tenants]
+    return [t.model_copy(update={"backend": AUTO, "device": AUTO, "candidates": None}) for t in tenants]
 
 
 def move_tenants(
@@ -269,7 +267,8 @@ def move_tenants(
                 if not backend.available or not backend.devices:
                     raise PlacementInvalid(f"backend {to_backend!r} is unavailable: {backend.reason}")
                 device = backend.devices[0]
-            out.append(spec.model_copy(update={"backend": to_backend, "device": device}))
+            # A move names one place: it replaces the tenant's failover candidates, if any.
+            out.append(spec.model_copy(update={"backend": to_backend, "device": device, "candidates": None}))
             moved = True
         else:
             out.append(spec)

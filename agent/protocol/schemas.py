@@ -268,6 +268,13 @@ class TenantStatus(TenantSpec):
     def _check_first_candidate(self, first: Candidate) -> None:
         """In status, backend/device are where the tenant serves, which may be a later candidate."""
 
+    def placed(self) -> TenantSpec:
+        """The placement entry this tenant serves (with candidates: as placed, on the first)."""
+        entry = self.model_dump(include=set(TenantSpec.model_fields))
+        if self.candidates:
+            entry.pop("backend"), entry.pop("device")
+        return TenantSpec.model_validate(entry)
+
 
 class FailoverEvent(Failover):
     """Published on edge/<id>/events when a tenant moves between candidates."""

@@ -40,6 +40,32 @@
       .join("");
   }
 
+  // Failover candidates (docs/protocol.md): in order, the serving one marked, the recent moves.
+  function candidatesOf(t) {
+    if (!t.candidates) return "";
+    const list = t.candidates
+      .map((c) => {
+        const s = (t.serving || "").toLowerCase();
+        const on = s === c.toLowerCase() || s === `${c.toLowerCase()}:0`;
+        return `<span class="candidate${on ? " serving" : ""}">${EC.esc(c)}</span>`;
+      })
+      .join(" → ");
+    const moves = (t.failovers || [])
+      .slice()
+      .reverse()
+      .map(
+        (m) =>
+          `<li>${EC.esc(new Date(m.ts * 1000).toLocaleString())} <b>${EC.esc(m.kind)}</b> ` +
+          `${EC.esc(m.from)} → ${EC.esc(m.to)}` +
+          `${m.recovery_s != null ? ` (serving again in ${EC.num(m.recovery_s, 2)} s)` : ""}: ${EC.esc(m.reason)}</li>`,
+      )
+      .join("");
+    return (
+      `<div class="candidates">candidates: ${list}${t.preferred ? "" : ' <span class="chip not-preferred">not on its preferred candidate</span>'}</div>` +
+      (moves ? `<details class="failovers"><summary>failover history (${t.failovers.length})</summary><ul>${moves}</ul></details>` : "")
+    );
+  }
+
   function renderTenants() {
     const rows = detail.summary.tenants;
     document.getElementById("tenants-body").innerHTML = rows.length
@@ -47,7 +73,7 @@
           .map(
             (t) =>
               `<tr data-model="${EC.esc(t.model)}" data-backend="${EC.esc(t.backend)}" data-state="${EC.esc(t.state)}">` +
-              `<td>${EC.esc(t.model)}</td><td>${EC.esc(t.backend)}</td><td>${EC.esc(t.device)}</td>` +
+              `<td>${EC.esc(t.model)}${candidatesOf(t)}</td><td>${EC.esc(t.backend)}</td><td>${EC.esc(t.device)}</td>` +
               `<td>${t.instances}</td><td><span class="chip state-${EC.esc(t.state)}">${EC.esc(t.state)}</span></td>` +
               `<td class="num">${EC.num(t.fps)}</td><td class="num">${EC.num(t.p95_ms)}</td>` +
               `<td class="num">${t.queue_depth ?? "–"}</td><td class="num">${t.drops ?? "–"}</td>` +

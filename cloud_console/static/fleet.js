@@ -19,9 +19,18 @@
         (t) =>
           `<span class="chip state-${EC.esc(t.state)}" title="${EC.esc(t.error || "")}">` +
           `${EC.esc(t.model)} <b>${EC.esc(t.backend)}:${EC.esc(t.device)}</b>` +
-          `${t.instances > 1 ? " ×" + t.instances : ""} <i>${EC.esc(t.state)}</i></span>`,
+          `${t.instances > 1 ? " ×" + t.instances : ""} <i>${EC.esc(t.state)}</i>` +
+          (t.preferred === false ? notPreferred(t) : "") +
+          "</span>",
       )
       .join(" ");
+  }
+
+  // A tenant that failed over and serves on a later candidate than its first (docs/protocol.md).
+  function notPreferred(t) {
+    const last = (t.failovers || []).slice(-1)[0];
+    const why = last ? `${last.kind} ${last.from} → ${last.to}: ${last.reason}` : "";
+    return ` <span class="not-preferred" title="${EC.esc(why)}">not on ${EC.esc(t.candidates[0])}</span>`;
   }
 
   function isStale(r) {
