@@ -3,6 +3,7 @@ through a running agent; a killed stream resumes without restarting the command.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import re
@@ -12,6 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import ClassVar
 
 import cv2
 import numpy as np
@@ -236,6 +238,48 @@ def test_live_source_skips_frames_instead_of_queueing(
     assert found, cam.errors
     sent, read, skipped = (int(g) for g in found.groups())
     assert sent == 4 and skipped > 0 and read >= sent + skipped
+
+
+class MjpegHandler(http.server.BaseHTTPRequestHandler):
+    """An IP camera's MJPEG endpoint: multipart/x-mixed-replace JPEGs, 10 a second, until the client
+    goes (what phone camera apps and most cheap IP cameras serve on /video)."""
+
+    frames: ClassVar[list[bytes]] = []
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+        self.end_headers()
+        try:
+            for i in range(10_000):
+                jpeg = self.frames[i % len(self.frames)]
+                head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(jpeg)}\r\n\r\n"
+                self.wfile.write(head.encode() + jpeg + b"\r\n")
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+    def log_message(self, *_args: object) -> None:
+        pass
+
+
+def test_http_mjpeg_stream_is_classified(running_agent: AgentProcess, broker: LocalBroker) -> None:
+    MjpegHandler.frames = [
+        bytes(cv2.imencode(".jpg", _photo(SAMPLES / name, (640, 480)))[1])
+        for name in ("cat.jpg", "espresso.jpg")
+    ]
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), MjpegHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/video"
+    cam = Camera([url, "--broker", broker.url, "--device-id", "cam1", "--frames", "6", "--json"])
+    try:
+        assert cam.finish() == 0, cam.errors
+    finally:
+        cam.kill()
+        server.shutdown()
+    labels = {a["top"][0]["index"] for a in cam.answers()}  # type: ignore[index]
+    assert len(cam.answers()) == 6 and labels & CAT_CLASSES and ESPRESSO in labels, labels
 
 
 def test_grabber_keeps_only_the_newest_live_frame() -> None:
