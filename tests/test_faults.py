@@ -272,3 +272,29 @@ def test_an_edit_starts_from_the_placed_candidates_and_a_move_replaces_them() ->
         Placement(tenants=moved).model_dump_json()
     )  # as the agent reads it
     assert published.tenants[0].key() == moved[0].key()
+
+
+def test_a_slow_drift_is_reported_while_the_old_candidate_keeps_answering(injected: None) -> None:
+    """Latency far above the tenant's own baseline (an injected `slow` fault on OpenVINO): the
+    candidate is reported unhealthy as a drift, without a relay, so it serves until the next one is
+    ready (make-before-break)."""
+    faults.configure("openvino:CPU:slow:after=12:ms=150")
+    answers: list[tuple[str, object]] = []
+    tenant = tenant_on("openvino", "CPU", answers)
+    reported: list[tuple[str, str]] = []
+    tenant.on_unhealthy = lambda _t, kind, reason: reported.append((kind, reason)) or None
+    tenant.drift = DriftWatch(factor=4.0, warmup=10, window=3)
+    try:
+        for i in range(16):
+            tenant.submit(frame(i))
+        deadline = time.monotonic() + 60
+        while len(answers) < 16 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        tenant.drain(5.0)
+    assert [kind for kind, _ in reported] == ["drift"], reported
+    assert "against a baseline of" in reported[0][1]
+    assert len(answers) == 16 and all(isinstance(a, InferResult) for _, a in answers), (
+        "all served, none moved"
+    )
+    assert not tenant.handing_off
