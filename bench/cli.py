@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead: the placement benchmark (two models, same backend vs spread vs auto)",
     )
+    parser.add_argument(
+        "--mixed",
+        action="store_true",
+        help="instead: the COCO detector and --model together vs each alone (raw, pipeline, e2e, naive)",
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
@@ -40,6 +45,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         from bench.placement import run as run_placement
 
         return run_placement(args)
+    if args.mixed:
+        from bench.mixed import run as run_mixed
+
+        return run_mixed(args)
     from bench.concurrency import run
 
     return run(args)

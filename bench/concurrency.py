@@ -41,6 +41,7 @@ from agent.protocol.topics import Topics
 from agent.tenant import Tenant
 from backends import registry
 from bench.loadgen import LoadGenerator, Tally
+from bench.naive_subscriber import spawn
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "agent" / "samples"
@@ -272,26 +273,9 @@ def run(args: argparse.Namespace) -> int:
 
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         state = Path(tmp)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         log = (state / "agent.log").open("ab")
         agent = start_agent(broker.url, state, DEVICE, BENCH_AGENT_CONFIG)
-        naive = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "bench.naive_subscriber",
-                "--port",
-                str(broker.port),
-                "--device-id",
-                "naive",
-                "--model",
-                args.model,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=REPO,
-        )
+        naive = spawn(broker.port, "naive", args.model, log)
         try:
             _measure_all(broker.url, configs, frames, args, rows, progress, model)
         finally:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +28,27 @@ from paho.mqtt.properties import Properties
 from PIL import Image
 
 MODELS = Path(__file__).resolve().parent.parent / "models"
+
+
+def spawn(port: int, device_id: str, model: str, log: IO[bytes]) -> subprocess.Popen[bytes]:
+    """This script as its own process (the benchmarks' naive baseline), logging into `log`."""
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench.naive_subscriber",
+            "--port",
+            str(port),
+            "--device-id",
+            device_id,
+            "--model",
+            model,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        cwd=MODELS.parent,
+    )
 
 
 def main() -> None:
@@ -38,19 +62,33 @@ def main() -> None:
     folder = MODELS / args.model
     session = ort.InferenceSession(str(folder / "model.onnx"))
     labels = (folder / "labels.txt").read_text().splitlines()
-    size = session.get_inputs()[0].shape[2]
+    inp = session.get_inputs()[0]
+    # The bundled detector (NHWC, raw pixels, boxes out) or a classifier (NCHW, normalised, logits).
+    detector = inp.shape[-1] == 3
+    size = inp.shape[1] if detector else inp.shape[2]
     result_topic = f"edge/{args.device_id}/result"
 
     def on_message(client: mqtt.Client, _userdata: Any, msg: mqtt.MQTTMessage) -> None:
         image = Image.open(io.BytesIO(msg.payload)).convert("RGB").resize((size, size))
+        if detector:
+            rows = session.run(None, {inp.name: np.asarray(image, np.float32)[None]})[0][0]
+            found = [{"label": labels[int(r[5])], "score": float(r[4])} for r in rows if r[4] >= 0.3]
+            reply(client, msg, json.dumps({"detections": found}))
+            return
         x = ((np.asarray(image, np.float32) - 127.0) / 128.0).transpose(2, 0, 1)[None]
-        logits = session.run(None, {"input": x})[0][0]
+        logits = session.run(None, {inp.name: x})[0][0]
         best = int(logits.argmax())
+        reply(
+            client,
+            msg,
+            json.dumps({"top": [{"index": best, "label": labels[best], "score": float(logits[best])}]}),
+        )
+
+    def reply(client: mqtt.Client, msg: mqtt.MQTTMessage, body: str) -> None:
         props = Properties(PacketTypes.PUBLISH)
         corr = getattr(msg.properties, "CorrelationData", None)
         if corr:
             props.CorrelationData = corr
-        body = json.dumps({"top": [{"index": best, "label": labels[best], "score": float(logits[best])}]})
         client.publish(
             getattr(msg.properties, "ResponseTopic", None) or result_topic, body, qos=1, properties=props
         )
