@@ -23,6 +23,7 @@ import numpy as np
 from agent.faults import Fault
 from agent.ingest import Frame
 from agent.protocol.schemas import ErrorCode
+from backends import isolation
 from backends.base import Backend, ModelArtifacts
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,7 @@ def probe(backend: Backend, artifacts: ModelArtifacts, device: str, fault: Fault
     the inference. Blocking; raises what the runtime raises (the caller runs it under a deadline)."""
     h, w = artifacts.input_size
     item = (3, h, w) if artifacts.layout == "NCHW" else (h, w, 3)
-    session = backend.load(artifacts, device, {"instances": 1, "max_batch": 1})
+    session = isolation.load(backend, artifacts, device, {"instances": 1, "max_batch": 1})
     try:
         if fault is not None:
             fault.inject(0)

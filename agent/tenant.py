@@ -42,6 +42,7 @@ from agent.protocol.schemas import (
 )
 from agent.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
 from agent.stats import TenantStats
+from backends import isolation
 from backends.base import Backend, BackendError, ModelLoadError, Session
 
 log = logging.getLogger(__name__)
@@ -125,7 +126,7 @@ class Tenant:
             h, w = self.model.input.size
             item = (3, h, w) if self.model.input.layout == "NCHW" else (h, w, 3)
             for _ in range(self.spec.instances):
-                session = self.backend.load(self.model.artifacts, self.device, self._options)
+                session = isolation.load(self.backend, self.model.artifacts, self.device, self._options)
                 self._sessions.append(session)
                 # The first run at each batch size compiles kernels or re-plans memory (OpenVINO's
                 # dynamic shapes: ~100 ms of stalled frames measured). Do it now, not on frames.

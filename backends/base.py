@@ -69,6 +69,9 @@ class Backend(ABC):
     name: ClassVar[str]
     # Artifact formats this backend can load, in order of preference.
     formats: ClassVar[tuple[str, ...]] = ("onnx",)
+    # A runtime known to crash the process while loading (not raise): each load is tried in a child
+    # process first (backends/isolation.py).
+    crash_prone: ClassVar[bool] = False
 
     @abstractmethod
     def available(self) -> tuple[bool, str]:

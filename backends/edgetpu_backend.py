@@ -53,6 +53,7 @@ def find_libedgetpu() -> str | None:
 class EdgeTpuBackend(Backend):
     name = "edgetpu"
     formats = ("edgetpu",)
+    crash_prone = True  # a delegate built against other library versions segfaults at load
 
     def available(self) -> tuple[bool, str]:
         if interpreter_module() is None:

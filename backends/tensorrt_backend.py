@@ -73,6 +73,7 @@ class TensorRtSession:
 class TensorRtBackend(Backend):
     name = "tensorrt"
     formats = ("onnx",)
+    crash_prone = True  # an engine build can abort the process (and the child fills the engine cache)
 
     def available(self) -> tuple[bool, str]:
         if not module_present("tensorrt"):

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from agent.model_repo import Model
-from backends import registry
+from backends import isolation, registry
 from backends.base import BackendError
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,9 @@ class Profiler:
                 shape = (1, 3, h, w) if model.input.layout == "NCHW" else (1, h, w, 3)
                 x = np.zeros(shape, np.dtype(model.input.dtype))
                 for _ in range(instances):
-                    session = backend.load(model.artifacts, device, {"threads": 1, "instances": instances})
+                    session = isolation.load(
+                        backend, model.artifacts, device, {"threads": 1, "instances": instances}
+                    )
                     session.infer(x)  # warm-up
                     loaded.append((index, session, x))
         except BackendError as exc:
