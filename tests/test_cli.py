@@ -81,6 +81,9 @@ def test_demo_shows_correct_labels():
     }
     assert rows["espresso.jpg"] == "espresso"
     assert rows["daisy.jpg"] == "daisy"
+    # The detector beside the classifier: the woman and her dog in the photo from agent/samples/detection.
+    found = re.findall(r"^  (\w+) +(0\.\d{3})  x ", done.stdout, re.M)
+    assert {"person", "dog"} <= {label for label, _ in found}, done.stdout
     assert "agent, console and broker stopped" in done.stdout
     assert "* console: http://127.0.0.1:" in done.stdout and "login admin /" in done.stdout
     # ...and they are: no process of the demo outlives it.

@@ -20,6 +20,7 @@ from agent.protocol.topics import Topics
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"  # agent/samples (package data)
 DEVICE_ID = "demo-device"
+DETECTOR = "mb3-centernet"  # the COCO detector (docs/detection.md), beside the classifier
 
 
 def start_agent(
@@ -124,6 +125,7 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
             "[placement]\ngeneration = 0\n"
             f'[[placement.tenants]]\nmodel = "efficientnet-lite0"\nbackend = "onnxruntime"\n'
             f'device = "cpu"\ninstances = {instances}\n'
+            f'[[placement.tenants]]\nmodel = "{DETECTOR}"\nbackend = "onnxruntime"\ndevice = "cpu"\n'
         )
         agent = start_agent(broker.url, state, DEVICE_ID, config)
         print(f"* agent started as device {DEVICE_ID!r} (pid {agent.pid}, log {state / 'agent.log'})")
@@ -141,6 +143,8 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
                 )
             print(f"* publishing {len(photos)} sample photos to {Topics(DEVICE_ID).infer}\n")
             rc = asyncio.run(_show(broker.url, photos))
+            photo = SAMPLES / "detection" / "person.jpg"
+            rc = max(rc, asyncio.run(_show_detections(broker.url, photo.name, photo.read_bytes())))
             print(f"\n* metrics: {state / 'metrics.db'} (one row per frame)")
             if keep_running:
                 print(
@@ -186,6 +190,24 @@ async def _show(broker_url: str, photos: list[Path]) -> int:
             f"({len(replies) / elapsed:.0f} frames/s), instances used: {used}"
         )
         return 1 if failures else 0
+
+
+async def _show_detections(broker_url: str, name: str, image: bytes) -> int:
+    """One photo to the detector: its boxes (0..1 of the frame), as docs/detection.md describes."""
+    async with InferClient(broker_url, DEVICE_ID) as client:
+        reply = await client.infer(image, model=DETECTOR, timeout_s=60.0)
+    if not reply.ok:
+        print(f"\ndetection: {name}: error {reply.payload['error']}")
+        return 1
+    found = reply.payload["detections"]
+    print(f"\ndetection: {name} -> {DETECTOR}, {len(found)} found in {reply.latency_ms:.0f} ms")
+    for d in found:
+        box = d["box"]
+        print(
+            f"  {d['label']:14s} {d['score']:.3f}  x {box['x_min']:.2f}..{box['x_max']:.2f}  "
+            f"y {box['y_min']:.2f}..{box['y_max']:.2f}"
+        )
+    return 0
 
 
 if __name__ == "__main__":
