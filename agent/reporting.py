@@ -100,6 +100,7 @@ class Reporter:
                     state=t.state,
                     queue_depth=len(t.queue),
                     failovers=self.table.failover_counts[t.spec.model],
+                    last_detections=t.last_detections,
                     **snap,  # type: ignore[arg-type]
                 )
             )

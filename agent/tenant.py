@@ -30,6 +30,7 @@ from agent.model_repo import Model
 from agent.postprocess import DetectionOptions, detection_options, detections, outputs_probabilities, top_k
 from agent.preprocess import BadImage, Preprocessor
 from agent.protocol.schemas import (
+    Detection,
     DetectionResult,
     ErrorCode,
     ErrorInfo,
@@ -92,6 +93,7 @@ class Tenant:
         self._drain_lock = threading.Lock()
         self._probabilities: bool | None = None  # the model outputs probabilities, not logits
         self._detect: DetectionOptions | None = None  # a detector's options (set at load)
+        self.last_detections: list[Detection] | None = None  # the last frame's boxes (telemetry)
         self._drained = False
         self._options = dict(backend_options or {})
         self._options.setdefault("threads", spec.threads)
@@ -173,6 +175,10 @@ class Tenant:
                 "labels: one label per class, in output order"
             )
 
+    def _remember(self, found: list[Detection]) -> list[Detection]:
+        self.last_detections = found
+        return found
+
     def _result(
         self, frame: Frame, ref: TenantRef, row: np.ndarray, size: tuple[int, int], timing: Timing, batch: int
     ) -> InferResult | DetectionResult:
@@ -181,7 +187,7 @@ class Tenant:
                 request_id=frame.request_id,
                 model=frame.model,
                 tenant=ref,
-                detections=detections(self.model, row, size, self._detect),
+                detections=self._remember(detections(self.model, row, size, self._detect)),
                 timing_ms=timing,
                 batch_size=batch,
             )

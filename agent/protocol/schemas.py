@@ -337,6 +337,8 @@ class TenantTelemetry(BaseModel):
     latency_ms: dict[str, float]
     queue_depth: int
     batch_size_mean: float
+    # Detection tenants: the boxes of the last frame served (labels, scores, boxes), for the console.
+    last_detections: list[Detection] | None = None
 
 
 class DeviceTelemetry(BaseModel):

@@ -83,6 +83,33 @@
       : '<tr><td colspan="11" class="muted">no tenants</td></tr>';
   }
 
+  // Detection tenants: the labels and scores of the last frame each one served (telemetry).
+  function renderDetections() {
+    const tel = detail && detail.telemetry;
+    const rows = tel ? tel.tenants.filter((t) => Array.isArray(t.last_detections)) : [];
+    let el = document.getElementById("detections");
+    if (!rows.length) {
+      if (el) el.closest("section").remove();
+      return;
+    }
+    if (!el) {
+      const section = document.createElement("section");
+      section.innerHTML = '<h2>Last detections</h2><div id="detections"></div>';
+      document.getElementById("tenants").closest("section").after(section);
+      el = document.getElementById("detections");
+    }
+    el.innerHTML = rows
+      .map(
+        (t) =>
+          `<div class="detections" data-model="${EC.esc(t.model)}"><strong>${EC.esc(t.model)}</strong>: ` +
+          (t.last_detections.length
+            ? t.last_detections.map((d) => `<span class="chip">${EC.esc(d.label)} ${EC.num(d.score, 2)}</span>`).join(" ")
+            : '<span class="muted">nothing found</span>') +
+          "</div>",
+      )
+      .join("");
+  }
+
   function renderCapabilities() {
     const caps = detail.capabilities;
     const el = document.getElementById("capabilities");
@@ -367,6 +394,7 @@
     detail.summary.last_seen = Date.now() / 1000;
     renderTenants();
     renderFacts();
+    renderDetections();
   }
 
   window.addEventListener("resize", () => {
@@ -382,6 +410,7 @@
     renderFacts();
     renderTenants();
     renderCapabilities();
+    renderDetections();
     renderErrors();
     renderTracking(d.tracking);
     syncEditor(false);
