@@ -13,6 +13,7 @@ import logging
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 from agent.protocol.schemas import BackendCapability
 from backends import registry
@@ -59,3 +60,54 @@ def probe_backends(timeout_s: float = 40.0, each_timeout_s: float = 20.0) -> dic
         if one is None:
             log.error("backend %s: %s", name, why)
     return out
+
+
+# The libraries whose versions decide what a probe finds (any installed onnxruntime-* build counts).
+RUNTIME_DISTS = ("openvino", "ai-edge-litert", "tflite-runtime", "tensorrt", "torch", "numpy")
+DEVICE_NODES = ("/dev/nvidia*", "/dev/nvhost*", "/dev/apex_*", "/dev/accel/*", "/dev/dri/renderD*")
+
+
+def fingerprint() -> str:
+    """What a probe's answer depends on: runtime library versions, Python, and the accelerator device
+    nodes and Coral USB ids present. Reading it imports no runtime (milliseconds)."""
+    import glob
+    import hashlib
+    import importlib.metadata
+    import platform
+
+    from backends.edgetpu_backend import usb_tpus
+
+    versions = {}
+    for dist in importlib.metadata.distributions():
+        name = (dist.metadata["Name"] or "").lower()
+        if name in RUNTIME_DISTS or name.startswith("onnxruntime"):
+            versions[name] = dist.version
+    nodes = sorted(path for pattern in DEVICE_NODES for path in glob.glob(pattern))
+    parts = [platform.python_version(), json.dumps(versions, sort_keys=True), *nodes, *usb_tpus()]
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def probe_backends_cached(cache: Path) -> dict[str, BackendCapability]:
+    """As probe_backends, but reused from `cache` while the fingerprint holds: a start then costs no
+    child importing every runtime (seconds here, more on a Jetson), and a runtime that crashes while
+    probed is not crashed again at every start. Answers with a timed-out probe are not kept (a hung
+    device may recover)."""
+    key = fingerprint()
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("fingerprint") == key:
+            found = {n: BackendCapability.model_validate(c) for n, c in saved["backends"].items()}
+            log.info("runtimes as probed before (same libraries and devices; %s)", cache)
+            return found
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    found = probe_backends()
+    if not any("did not finish" in cap.reason for cap in found.values()):
+        doc = {"fingerprint": key, "backends": {n: c.model_dump() for n, c in found.items()}}
+        try:
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(doc))
+            tmp.replace(cache)
+        except OSError as exc:
+            log.warning("could not keep the probe's answer in %s: %s", cache, exc)
+    return found

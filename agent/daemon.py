@@ -16,7 +16,7 @@ import logging
 from typing import Any
 
 from agent import memory
-from agent.capabilities import probe_backends
+from agent.capabilities import probe_backends_cached
 from agent.config import AgentConfig, ConfigError
 from agent.deadline import call_with_deadline
 from agent.errors import PlacementRefused
@@ -214,7 +214,8 @@ class Agent:
     def _probe_capabilities(self) -> Capabilities:
         """Which runtimes and devices this machine has, probed in a child process (blocking: the
         runtimes ask their drivers); agent/capabilities.py says why a child."""
-        return Capabilities(backends=probe_backends(), models=self.repo.names())
+        cache = self.config.state_dir / "capabilities.json"
+        return Capabilities(backends=probe_backends_cached(cache), models=self.repo.names())
 
     def _extend_start(self, seconds: float) -> None:
         """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from tests.conftest import sample
@@ -85,3 +86,25 @@ backend = "tflite"
     (result,) = c.wait_for(lambda r: len(r) >= 1, "edge/crash2/result")
     assert result["top"][0]["label"] == "espresso"
     assert agent.proc is not None and agent.proc.poll() is None, "the agent is still running"
+
+
+def test_a_restart_reuses_the_probe_while_libraries_and_devices_are_the_same(agent_factory, tmp_path: Path):
+    """The probe's answer is kept in the state dir with a fingerprint of the runtime libraries and
+    device nodes; a restart with the same fingerprint needs no probe child, one with another does."""
+    agent = agent_factory("cache1").start()
+    first = agent.wait_ready()["capabilities"]["backends"]
+    cache = agent.state_dir / "capabilities.json"
+    assert json.loads(cache.read_text())["backends"] == first
+    assert agent.stop() == 0
+    agent.start()
+    again = agent.wait_ready()["capabilities"]["backends"]
+    assert again == first
+    assert agent.log().count("runtimes as probed before") == 1
+    # Another library version or device (here: a fingerprint from another install) probes again.
+    assert agent.stop() == 0
+    saved = json.loads(cache.read_text())
+    cache.write_text(json.dumps({**saved, "fingerprint": "another-install"}))
+    agent.start()
+    assert agent.wait_ready()["capabilities"]["backends"] == first
+    assert agent.log().count("runtimes as probed before") == 1, "probed afresh"
+    assert json.loads(cache.read_text())["fingerprint"] == saved["fingerprint"]
