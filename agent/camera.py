@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiomqtt
 import numpy as np
 
 from agent.client import InferClient, Reply
@@ -41,6 +42,7 @@ os.environ.setdefault("OPENCV_FFMPEG_CAPTURE_OPTIONS", "rtsp_transport;tcp")
 DEFAULT_SHORT_SIDE = 256  # 224 / 0.875: the bundled models' input
 OPEN_TIMEOUT_MS = 5000
 READ_TIMEOUT_MS = 5000
+BROKER_BACKOFF_S = (0.5, 10.0)  # first and longest wait before connecting to the broker again
 
 
 class SourceError(Exception):
@@ -116,6 +118,7 @@ class Counts:
     lost: int = 0  # no answer within the timeout
     skipped: int = 0  # live frames never sent: the agent was busy (back-pressure)
     reconnects: int = 0  # the source dropped and was opened again
+    broker_reconnects: int = 0  # the broker connection was lost and made again
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -246,47 +249,72 @@ class CameraRun:
     counts: Counts = field(default_factory=Counts)
 
     async def run(self, stop: asyncio.Event | None = None) -> Counts:
+        """Until `frames` answers, the end of a file, or `stop`. The broker going away is waited out:
+        the source keeps being read (live frames skipped), and publishing resumes on reconnect."""
         stop = stop or asyncio.Event()
         grabber = Grabber(self.source, self.counts).start()
-        in_flight: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.max_in_flight)
-        done = asyncio.Event()
-        started = time.monotonic()
+        self._in_flight: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(self.max_in_flight)
+        self._done = asyncio.Event()
+        self._index = 0
+        backoff = BROKER_BACKOFF_S[0]
         try:
-            async with InferClient(self.broker_url, self.device_id, self.prefix, self.tls_context) as client:
-                next_at = time.monotonic()
-                index = 0
-                while not stop.is_set() and not done.is_set():
-                    await slots.acquire()  # back-pressure: wait for an answer before reading on
-                    if self.fps:
-                        await asyncio.sleep(max(0.0, next_at - time.monotonic()))
-                        next_at = max(next_at + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
-                    frame = await asyncio.to_thread(grabber.take, 0.5)
-                    if frame is None:
-                        slots.release()
-                        if grabber.ended:
-                            break
-                        continue
-                    if self.frames is not None and self.counts.sent >= self.frames:
-                        slots.release()
+            while True:
+                try:
+                    async with InferClient(
+                        self.broker_url, self.device_id, self.prefix, self.tls_context
+                    ) as client:
+                        backoff = BROKER_BACKOFF_S[0]
+                        await self._pump(client, grabber, stop)
+                        if self._in_flight:
+                            await asyncio.wait(self._in_flight, timeout=self.timeout_s + 1)
+                    break
+                except aiomqtt.MqttError as exc:
+                    if self._index == 0 and self.counts.broker_reconnects == 0:
+                        raise  # never reached the broker: say so (the CLI's one-line error)
+                    self.counts.broker_reconnects += 1
+                    for task in list(self._in_flight):  # their answers went to the old connection
+                        task.cancel()
+                    log.warning("broker connection lost (%s); reconnecting in %.1f s", exc, backoff)
+                    if stop.is_set():
                         break
-                    image = await asyncio.to_thread(self._prepare, frame)
-                    index += 1
-                    future = await client.send(image, self.model)
-                    self.counts.sent += 1
-                    task = asyncio.create_task(self._answer(index, future, slots, done))
-                    in_flight.add(task)
-                    task.add_done_callback(in_flight.discard)
-                if in_flight:
-                    await asyncio.wait(in_flight, timeout=self.timeout_s + 1)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), backoff)
+                    backoff = min(backoff * 2, BROKER_BACKOFF_S[1])
         finally:
-            for task in in_flight:
+            for task in self._in_flight:
                 task.cancel()
             await asyncio.to_thread(grabber.stop)
         if grabber.error:
             raise SourceError(grabber.error)
-        log.debug("camera: %.1f s", time.monotonic() - started)
         return self.counts
+
+    async def _pump(self, client: InferClient, grabber: Grabber, stop: asyncio.Event) -> None:
+        """Take frames and publish them, at most `max_in_flight` unanswered, until done."""
+        next_at = time.monotonic()
+        while not stop.is_set() and not self._done.is_set():
+            await self._slots.acquire()  # back-pressure: wait for an answer before reading on
+            if self.fps:
+                await asyncio.sleep(max(0.0, next_at - time.monotonic()))
+                next_at = max(next_at + 1.0 / self.fps, time.monotonic() - 1.0 / self.fps)
+            frame = await asyncio.to_thread(grabber.take, 0.5)
+            if frame is None or (self.frames is not None and self.counts.sent >= self.frames):
+                self._slots.release()
+                if frame is None and not grabber.ended:
+                    continue
+                return
+            image = await asyncio.to_thread(self._prepare, frame)
+            self._index += 1
+            try:
+                future = await client.send(image, self.model)
+            except aiomqtt.MqttError:
+                self._slots.release()
+                self.counts.lost += 1  # taken from the source, never published
+                raise
+            self.counts.sent += 1
+            task = asyncio.create_task(self._answer(self._index, future, self._slots, self._done))
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
 
     def _prepare(self, frame: np.ndarray) -> bytes:
         return encode_jpeg(shrink(frame, self.short_side), self.jpeg_quality)
@@ -297,7 +325,7 @@ class CameraRun:
         reply: Reply | None = None
         try:
             reply = await asyncio.wait_for(future, self.timeout_s)
-        except TimeoutError:
+        except (TimeoutError, asyncio.CancelledError):  # no answer in time, or the connection went
             self.counts.lost += 1
         finally:
             slots.release()
@@ -331,7 +359,8 @@ def summary(counts: Counts, elapsed_s: float) -> str:
     return (
         f"{counts.answered} answered ({counts.errors} errors, {counts.lost} without answer) of "
         f"{counts.sent} sent, {counts.read} read from the source, {counts.skipped} skipped "
-        f"(agent busy), {counts.reconnects} reconnects; {rate:.1f} answers/s"
+        f"(agent busy), {counts.reconnects} reconnects, {counts.broker_reconnects} broker reconnects; "
+        f"{rate:.1f} answers/s"
     )
 
 

@@ -316,3 +316,21 @@ def test_grabber_keeps_only_the_newest_live_frame() -> None:
         grabber.stop()
     assert frame is not None and int(frame[0, 0, 0]) == 50  # the newest
     assert counts.read == 50 and counts.skipped == 49  # the others were replaced, counted
+
+
+def test_broker_restart_is_waited_out(
+    rtsp: RtspServer, running_agent: AgentProcess, broker: LocalBroker
+) -> None:
+    cam = Camera([rtsp.url, "--broker", broker.url, "--device-id", "cam1", "--frames", "20", "--json"])
+    try:
+        cam.wait(lambda: len(cam.answers()) >= 3, "first answers")
+        broker.restart()
+        cam.wait(lambda: any("broker connection lost" in e for e in cam.errors), "the lost broker noticed")
+        before = max(int(a["frame"]) for a in cam.answers())  # type: ignore[call-overload]
+        cam.finish(timeout=90)
+    finally:
+        cam.kill()
+    after = [a for a in cam.answers() if int(a["frame"]) > before and "top" in a]  # type: ignore[call-overload]
+    assert after, cam.errors  # answers again, over the new connection, without a restart
+    found = re.search(r"(\d+) answered .* (\d+) broker reconnects", cam.errors[-1])
+    assert found and int(found.group(2)) >= 1, cam.errors
