@@ -422,7 +422,8 @@ class Reconciler:
             for candidate in better:
                 health = self._health(candidate)
                 if health.due(now):
-                    await self._probe(tenant, candidate, health)
+                    health.probing = True  # in the background: a hung probe holds no other check
+                    self._spawn(self._probe(tenant, candidate, health), f"probe-{candidate.label}")
                 hold = failover.failback_after_s * 2 ** max(0, health.failures - 1)
                 if health.healthy and (stranded or now - health.since >= min(hold, failover.backoff_max_s)):
                     async with self._lock:
@@ -439,14 +440,17 @@ class Reconciler:
     async def _probe(self, tenant: Tenant, candidate: Candidate, health: Health) -> None:
         """One inference of the tenant's model on the idle candidate, under the inference deadline."""
         health.probing = True
-        try:
+
+        def run() -> float:  # off the loop: finding the device may scan buses or ask a driver
             backend = registry.get(candidate.backend)
             device = backend.canonical_device(candidate.device)
-            fault = faults.active().find(candidate.backend, device)
-            timeout = self.config.scheduler.infer_timeout_s + self.config.scheduler.load_timeout_s
-            ms = await call_with_deadline(
-                functools.partial(probe, backend, tenant.model.artifacts, device, fault), timeout, None
+            return probe(
+                backend, tenant.model.artifacts, device, faults.active().find(candidate.backend, device)
             )
+
+        try:
+            timeout = self.config.scheduler.infer_timeout_s + self.config.scheduler.load_timeout_s
+            ms = await call_with_deadline(run, timeout, None)
         except Exception as exc:  # a hang (TimeoutError), a load failure, a runtime error
             reason = "probe did not return" if isinstance(exc, TimeoutError) else f"probe failed: {exc}"
             health.fail(reason, *self._backoff())
