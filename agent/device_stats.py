@@ -153,3 +153,30 @@ class DeviceStats:
         except nvml.NVMLError as exc:
             log.debug("NVML read failed: %s", exc)
         return out
+
+    def telemetry_extras(self, state_dir: Path) -> dict[str, Any]:
+        """The whole device's figures for telemetry's `device` (docs/protocol.md "Telemetry"), in
+        its units (MB = 10^6 bytes); a figure that cannot be read is left out."""
+        out: dict[str, Any] = {}
+        memory = self.system_memory()
+        if "total" in memory:
+            out["memory_total_mb"] = round(memory["total"] / 1e6, 1)
+        if "available" in memory:
+            out["memory_available_mb"] = round(memory["available"] / 1e6, 1)
+        disk = self.disk(state_dir)
+        if disk is not None:
+            out["disk_free_mb"] = round(disk[0] / 1e6, 1)
+        gpus = self.gpus()
+        if gpus:
+            out["gpus"] = [
+                {
+                    "index": g.index,
+                    "name": g.name,
+                    "utilization": g.utilization_ratio,
+                    "memory_used_mb": round(g.memory_used_bytes / 1e6, 1),
+                    "memory_total_mb": round(g.memory_total_bytes / 1e6, 1),
+                    "temperature_c": g.temperature_c,
+                }
+                for g in gpus
+            ]
+        return out

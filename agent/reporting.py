@@ -113,6 +113,7 @@ class Reporter:
                 rss_mb=self.device_stats.rss_mb(),
                 temperature_c=self.device_stats.temperature_c(),
                 load_1m=self.device_stats.load_1m(),
+                **self.device_stats.telemetry_extras(self.config.state_dir),
             ),
             rejected=dict(self.rejected()),
             duplicates=self.duplicates(),

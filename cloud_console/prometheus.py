@@ -62,18 +62,24 @@ class FleetCollector(Collector):
             for q in ("p50", "p95", "p99")
         }
         host = {
-            "process_cpu_ratio": GaugeMetricFamily(
-                "edge_fleet_process_cpu_ratio", "Agent CPU use (1 = one core busy).", labels=["device_id"]
-            ),
-            "process_resident_memory_bytes": GaugeMetricFamily(
-                "edge_fleet_process_resident_memory_bytes", "Agent resident memory.", labels=["device_id"]
-            ),
-            "temperature_celsius": GaugeMetricFamily(
-                "edge_fleet_temperature_celsius", "Hottest thermal zone of the device.", labels=["device_id"]
-            ),
-            "load1": GaugeMetricFamily(
-                "edge_fleet_load1", "1-minute load average of the device.", labels=["device_id"]
-            ),
+            key: GaugeMetricFamily(f"edge_fleet_{key}", help_, labels=["device_id"])
+            for key, help_ in (
+                ("process_cpu_ratio", "Agent CPU use (1 = one core busy)."),
+                ("process_resident_memory_bytes", "Agent resident memory."),
+                ("temperature_celsius", "Hottest thermal zone of the device."),
+                ("load1", "1-minute load average of the device."),
+                ("system_memory_total_bytes", "Device memory."),
+                ("system_memory_available_bytes", "Device memory available without swapping."),
+                ("state_dir_free_bytes", "Free space on the agent's state directory."),
+            )
+        }
+        gpu = {
+            key: GaugeMetricFamily(f"edge_fleet_gpu_{key}", help_, labels=["device_id", "gpu", "name"])
+            for key, help_ in (
+                ("utilization_ratio", "GPU busy fraction (NVML)."),
+                ("memory_used_bytes", "GPU memory in use (NVML)."),
+                ("memory_total_bytes", "GPU memory (NVML)."),
+            )
         }
         for d in devices:
             up.add_metric([d.device_id], 1.0 if d.online else 0.0)
@@ -96,11 +102,32 @@ class FleetCollector(Collector):
                 "process_resident_memory_bytes": t.device.rss_mb * 1e6,
                 "temperature_celsius": t.device.temperature_c,
                 "load1": t.device.load_1m,
+                "system_memory_total_bytes": _bytes(t.device.memory_total_mb),
+                "system_memory_available_bytes": _bytes(t.device.memory_available_mb),
+                "state_dir_free_bytes": _bytes(t.device.disk_free_mb),
             }
             for key, value in readings.items():
                 if value is not None:
                     host[key].add_metric([d.device_id], value)
-        yield from (up, seen, *counters.values(), fps, queue, *latency.values(), *host.values())
+            for g in t.device.gpus or []:
+                labels = [d.device_id, str(g.index), g.name]
+                gpu["utilization_ratio"].add_metric(labels, g.utilization)
+                gpu["memory_used_bytes"].add_metric(labels, g.memory_used_mb * 1e6)
+                gpu["memory_total_bytes"].add_metric(labels, g.memory_total_mb * 1e6)
+        yield from (
+            up,
+            seen,
+            *counters.values(),
+            fps,
+            queue,
+            *latency.values(),
+            *host.values(),
+            *gpu.values(),
+        )
+
+
+def _bytes(mb: float | None) -> float | None:
+    return None if mb is None else mb * 1e6
 
 
 def fleet_registry(fleet: Fleet) -> CollectorRegistry:

@@ -263,4 +263,8 @@ def test_console_serves_fleet_wide_metrics(broker: LocalBroker, tmp_path: Path) 
     assert value(families, "edge_fleet_device_online", device_id="fleet1") == 1
     assert 0 < value(families, "edge_fleet_latency_p95_seconds", **labels) < 30
     assert value(families, "edge_fleet_process_resident_memory_bytes", device_id="fleet1") > 10_000_000
+    # the device's own figures travel in telemetry (not only the agent process's)
+    memory = value(families, "edge_fleet_system_memory_total_bytes", device_id="fleet1")
+    assert 0 < value(families, "edge_fleet_system_memory_available_bytes", device_id="fleet1") < memory
+    assert value(families, "edge_fleet_state_dir_free_bytes", device_id="fleet1") > 0
     check_dashboard_reads(families, "edge_fleet_")

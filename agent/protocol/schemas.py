@@ -341,11 +341,27 @@ class TenantTelemetry(BaseModel):
     last_detections: list[Detection] | None = None
 
 
+class GpuTelemetry(BaseModel):
+    """One NVIDIA GPU as NVML reports it (agents with nvidia-ml-py)."""
+
+    index: int
+    name: str
+    utilization: float  # busy fraction, 0..1
+    memory_used_mb: float
+    memory_total_mb: float
+    temperature_c: float | None = None
+
+
 class DeviceTelemetry(BaseModel):
     cpu_percent: float
     rss_mb: float
     temperature_c: float | None = None
     load_1m: float | None = None
+    # The whole device (not the agent process): memory, free disk where the state lives, GPUs.
+    memory_total_mb: float | None = None
+    memory_available_mb: float | None = None
+    disk_free_mb: float | None = None
+    gpus: list[GpuTelemetry] | None = None
 
 
 class Telemetry(BaseModel):
