@@ -95,12 +95,18 @@ class Health:
     failures: int = 0  # in a row, for the backoff; reset once serving steadily again
     retry_at: float = 0.0  # no probe before this
     probing: bool = False
+    # "stall" or "error" while unhealthy for a sign about the device itself (every tenant on it
+    # moves); a failed load or a drift may be one model's alone.
+    kind: str = ""
 
-    def fail(self, reason: str, base_s: float, max_s: float, now: float | None = None) -> None:
+    def fail(
+        self, reason: str, base_s: float, max_s: float, now: float | None = None, kind: str = ""
+    ) -> None:
         now = time.monotonic() if now is None else now
         if self.healthy:
-            self.since = now
+            self.since, self.kind = now, ""
         self.healthy, self.reason = False, reason
+        self.kind = kind or self.kind
         self.failures += 1
         self.retry_at = now + self.backoff(base_s, max_s)
 
@@ -110,6 +116,11 @@ class Health:
     def passed(self, now: float | None = None) -> None:
         """A probe passed: healthy from now (failback counts from here)."""
         self.healthy, self.reason, self.since = True, "", time.monotonic() if now is None else now
+        self.kind = ""
+
+    @property
+    def device_fault(self) -> bool:
+        return not self.healthy and self.kind in ("stall", "error")
 
     def due(self, now: float) -> bool:
         return not self.healthy and not self.probing and now >= self.retry_at

@@ -180,6 +180,39 @@ def test_a_single_candidate_behaves_as_before(agent_factory, collector):
     assert agent.stop() == 0
 
 
+def test_every_tenant_leaves_an_accelerator_another_tenant_found_failing(agent_factory, collector):
+    """Health is per accelerator: runtime errors of lite0 on OpenVINO move lite1 (idle, same
+    accelerator) to ONNX Runtime too, make-before-break."""
+    needs_openvino()
+    listed = ", ".join(f'{{ backend = "{c["backend"]}", device = "{c["device"]}" }}' for c in CANDIDATES)
+    text = config(CANDIDATES, errors_to_fail=1, failback_after_s=3600) + (
+        f'[[placement.tenants]]\nmodel = "efficientnet-lite1"\ncandidates = [{listed}]\n'
+    )
+    agent = agent_factory(DEVICE, text, env={"EDGE_AGENT_FAULTS": "openvino:CPU:error:after=1"}).start()
+    agent.wait_ready(timeout=180)
+    c = collector([f"edge/{DEVICE}/result", f"edge/{DEVICE}/status", f"edge/{DEVICE}/events"])
+    for i in range(2):
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("request_id", f"a{i}")]
+        c.publish(f"edge/{DEVICE}/infer/efficientnet-lite0", sample("cat.jpg"), properties=props)
+    events = c.wait_for(lambda e: len(e) >= 2, f"edge/{DEVICE}/events", timeout=60)
+    moved = {e["model"]: e for e in events}
+    assert moved["efficientnet-lite0"]["reason"].startswith("error: 1 runtime errors in a row"), events
+    assert moved["efficientnet-lite1"]["reason"].startswith("openvino:CPU unhealthy (error:"), events
+    assert all(e["to"] == "onnxruntime:cpu" for e in events)
+
+    def both_moved(statuses: list[dict[str, Any]]) -> bool:
+        tenants = statuses[-1]["placement"]["tenants"] if statuses and statuses[-1].get("online") else []
+        return len(tenants) == 2 and all(
+            t["state"] == "ready" and t["serving"]["backend"] == "onnxruntime" for t in tenants
+        )
+
+    c.wait_for(both_moved, f"edge/{DEVICE}/status", timeout=30)
+    results = c.wait_for(lambda r: len(r) >= 2, f"edge/{DEVICE}/result", timeout=30)
+    assert [m["tenant"]["backend"] for m in results] == ["openvino", "onnxruntime"], results
+    assert agent.stop() == 0
+
+
 def test_the_console_shows_candidates_history_and_flags_the_tenant_off_its_preferred_one(
     agent_factory,
     collector,

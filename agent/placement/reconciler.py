@@ -274,6 +274,9 @@ class Reconciler:
                 self._health(candidate).fail(f"load failed: {message}", *self._backoff())
             return message
         tenant.placed = placed
+        health = self._health(candidate)
+        if not health.healthy:  # it loaded and warmed up: as good as a probe
+            health.passed()
         if len(placed.candidate_list()) > 1:
             failover = self.config.failover
             tenant.on_unhealthy = self._on_unhealthy
@@ -320,7 +323,7 @@ class Reconciler:
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
-        self._health(here).fail(f"{kind}: {reason}", *self._backoff())
+        self._health(here).fail(f"{kind}: {reason}", *self._backoff(), kind=kind)
         log.error("tenant %s: %s on %s (%s); failing over", placed.model, kind, here.label, reason)
         async with self._lock:
             current = self.table.get(placed.model)
@@ -419,6 +422,15 @@ class Reconciler:
                 health = self._health(here)
                 if health.failures and now - health.since > failover.backoff_max_s:
                     health.failures = 0  # serving steadily again: the backoff starts over
+            here_health = self._health(here)
+            if not stranded and here_health.device_fault and not tenant.handing_off:
+                # Another tenant found this accelerator hung or failing: move before it meets it too.
+                async with self._lock:
+                    if self.table.get(placed.model) is tenant:
+                        others = [c for c in placed.candidate_list() if self._health(c).healthy]
+                        reason = f"{here.label} unhealthy ({here_health.reason})"
+                        await self._move(tenant, others, reason, None, time.monotonic())
+                continue
             for candidate in better:
                 health = self._health(candidate)
                 if health.due(now):
