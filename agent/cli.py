@@ -108,7 +108,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
                 if args.json:
                     print(json.dumps(reply.payload))
                 elif reply.ok:
-                    best = reply.payload["top"][0]
+                    best = reply.best
                     print(
                         f"{path.name:24s} {best['label']:24s} {best['score']:6.3f}  "
                         f"{reply.latency_ms:7.1f} ms  ({reply.payload['model']})"

@@ -91,6 +91,18 @@ class Reply:
     def ok(self) -> bool:
         return "error" not in self.payload
 
+    @property
+    def best(self) -> dict[str, Any]:
+        """The answer in one line's worth: a classifier's top-1, or a detector's best box with how
+        many more it found (label "nothing found", score 0, when it found none)."""
+        if "detections" in self.payload:
+            found = self.payload["detections"]
+            if not found:
+                return {"label": "nothing found", "score": 0.0}
+            more = f" (+{len(found) - 1})" if len(found) > 1 else ""
+            return {**found[0], "label": f"{found[0]['label']}{more}"}
+        return dict(self.payload["top"][0])
+
 
 @dataclass
 class InferClient:

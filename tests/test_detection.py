@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 
 import numpy as np
 import onnxruntime as ort
@@ -23,6 +24,7 @@ from agent.preprocess import Preprocessor
 from agent.protocol.schemas import Detection, DetectionResult, TenantSpec
 from tests.conftest import CAT_CLASSES, MODELS, SAMPLES, sample
 from tests.test_backends import backend_or_skip, load_or_skip
+from tests.test_cli import edge_agent
 
 DETECTOR = "mb3-centernet"
 PHOTOS = ("person.jpg", "dog.jpg", "horses.jpg")
@@ -240,3 +242,16 @@ def test_detector_and_classifier_together_over_mqtt(agent_factory, collector, br
     assert classified["model"] == "efficientnet-lite0" and classified["top"][0]["index"] in CAT_CLASSES
     assert "detections" not in classified
     assert json.dumps(results)  # plain JSON payloads
+    # `edge-agent infer` prints a detector's best box and how many more it found.
+    done = edge_agent(
+        "infer",
+        str(SAMPLES / "detection" / "person.jpg"),
+        "--model",
+        DETECTOR,
+        "--broker",
+        broker.url,
+        "--device-id",
+        "det1",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert re.search(r"person\.jpg +person \(\+\d+\) +0\.\d{3}", done.stdout), done.stdout
