@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import re
+import ssl
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ import pytest
 from agent.camera import Counts, Grabber, short_side_for, shrink
 from agent.devtools.local_broker import LocalBroker, free_port
 from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, REPO, SAMPLES, AgentProcess
+from tests.pki import make_pki
 
 PHOTOS = [SAMPLES / f"{name}.jpg" for name in ("cat", "daisy", "espresso", "motorcycle", "palace", "rocket")]
 HOLD = 5  # frames per photo in the test video
@@ -263,15 +265,23 @@ class MjpegHandler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def test_http_mjpeg_stream_is_classified(running_agent: AgentProcess, broker: LocalBroker) -> None:
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_http_mjpeg_stream_is_classified(
+    scheme: str, running_agent: AgentProcess, broker: LocalBroker, tmp_path: Path
+) -> None:
     MjpegHandler.frames = [
         bytes(cv2.imencode(".jpg", _photo(SAMPLES / name, (640, 480)))[1])
         for name in ("cat.jpg", "espresso.jpg")
     ]
     server = http.server.ThreadingHTTPServer(("127.0.0.1", free_port()), MjpegHandler)
     server.daemon_threads = True
+    if scheme == "https":  # a camera with its own certificate (FFmpeg does not verify it)
+        pki = make_pki(tmp_path / "pki")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(pki["server_cert"], pki["server_key"])
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{server.server_address[1]}/video"
+    url = f"{scheme}://127.0.0.1:{server.server_address[1]}/video"
     cam = Camera([url, "--broker", broker.url, "--device-id", "cam1", "--frames", "6", "--json"])
     try:
         assert cam.finish() == 0, cam.errors
