@@ -5,6 +5,7 @@ would, states that follow the frames, removed tenants' entities removed."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import re
 import time
@@ -262,6 +263,21 @@ def test_discovery_configs_states_availability_and_removal(
     assert 0 < top["score"] <= 1 and top["label"]
     online_cfg = found["homeassistant/binary_sensor/edge_ha1/online/config"]
     assert render(online_cfg["value_template"], status) == "ON"
+
+    # A burst of results: the last label is published at most once a second per model.
+    tops_before = sum(m.topic == label_cfg["state_topic"] for m in c.messages)
+    for name in ("daisy.jpg", "espresso.jpg") * 6:
+        c.publish("edge/ha1/infer", sample(name))
+    wait(
+        c,
+        lambda: json.loads(latest(c, stats_cfg["state_topic"]) or b"{}").get("frames_out", 0) >= 14,
+        "the burst served",
+    )
+    wait(c, lambda: sum(m.topic == label_cfg["state_topic"] for m in c.messages) > tops_before, "a new label")
+    stamps = [
+        json.loads(m.payload)["ts"] for m in c.messages if m.topic == label_cfg["state_topic"] and m.payload
+    ]
+    assert all(b - a >= 0.9 for a, b in itertools.pairwise(stamps)), stamps
 
     # A placement without lite0: its entities go (empty retained configs), lite1's come.
     applied, _ = asyncio.run(
