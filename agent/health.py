@@ -45,6 +45,7 @@ class Relay:
         self._held: list[Frame] = []
         self._target: Target | None = None
         self._failed: str | None = None
+        self._code: ErrorCode = "unavailable"
         self.moved = 0  # frames handed on to the new tenant
 
     def put(self, frames: list[Frame]) -> None:
@@ -54,7 +55,7 @@ class Relay:
                     self.moved += 1
                     self._target.submit(frame)
                 elif self._failed is not None:
-                    self._reject(frame, "unavailable", self._failed)
+                    self._reject(frame, self._code, self._failed)
                 else:
                     self._held.append(frame)
                     if len(self._held) > self._depth:
@@ -71,12 +72,12 @@ class Relay:
                 self.moved += 1
                 target.submit(frame)
 
-    def fail(self, message: str) -> None:
-        """No candidate could take the frames: held and later ones are answered `unavailable`."""
+    def fail(self, message: str, code: ErrorCode = "unavailable") -> None:
+        """No candidate could take the frames: held and later ones are answered `code`."""
         with self._lock:
-            self._failed, held, self._held = message, self._held, []
+            self._failed, self._code, held, self._held = message, code, self._held, []
             for frame in held:
-                self._reject(frame, "unavailable", message)
+                self._reject(frame, code, message)
 
     @property
     def held(self) -> int:

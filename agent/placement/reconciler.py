@@ -225,7 +225,8 @@ class Reconciler:
         self._loop = asyncio.get_running_loop()
         self.table.loading(spec)
         errors = []
-        for candidate in spec.candidate_list():
+        # In order, healthy ones first: a candidate known hung or failing is tried last.
+        for candidate in sorted(spec.candidate_list(), key=lambda c: not self._health(c).healthy):
             tenant = await self._start_on(spec, candidate)
             if isinstance(tenant, Tenant):
                 return tenant
@@ -320,6 +321,16 @@ class Reconciler:
             self._failing.discard(tenant.placed.model)
 
     async def _fail_over_locked(
+        self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
+    ) -> None:
+        try:
+            await self._fail_over_now(tenant, kind, reason, relay, noticed)
+        except asyncio.CancelledError:  # the agent is stopping: what the relay holds is answered
+            if relay is not None:
+                relay.fail("the agent stopped while this frame moved to another candidate", "shutting_down")
+            raise
+
+    async def _fail_over_now(
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
@@ -515,7 +526,8 @@ class Reconciler:
         flight is abandoned and closed when it ends), so no tenant starts after the drain."""
         self.accepting = False
         self._pending.clear()
-        applying = [t for t in self._background if t.get_name() == "apply-placement"]
+        moving = ("apply-placement", "failover-", "probe-")  # frames a failover holds are answered
+        applying = [t for t in self._background if t.get_name().startswith(moving)]
         for task in applying:
             task.cancel()
         for task in applying:
