@@ -200,21 +200,17 @@ def test_backend_matches_the_reference_decoder(detector, inputs, reference, back
         session.close()
 
 
-@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino", "tflite"])
 def test_detector_and_classifier_together_over_mqtt(agent_factory, collector, broker, backend):
     """One placement, a detector and a classifier on one device: both answer over MQTT; the detector's
     boxes for the photo of a person with her dog, the classifier's label for the cat."""
-    if backend == "openvino":
-        backend_or_skip("openvino", "CPU")
+    device = "CPU" if backend == "openvino" else "cpu"
+    backend_or_skip(backend, device)
     agent = agent_factory("det1").start()
     agent.wait_ready()
     tenants = [
-        {"model": DETECTOR, "backend": backend, "device": "cpu" if backend == "onnxruntime" else "CPU"},
-        {
-            "model": "efficientnet-lite0",
-            "backend": backend,
-            "device": "cpu" if backend == "onnxruntime" else "CPU",
-        },
+        {"model": DETECTOR, "backend": backend, "device": device},
+        {"model": "efficientnet-lite0", "backend": backend, "device": device},
     ]
     asyncio.run(publish_placement(broker.url, "det1", {"generation": 1, "tenants": tenants}))
     status = collector(["edge/det1/status"])
