@@ -345,7 +345,7 @@ class CameraRun:
         if self.as_json:
             return json.dumps({"frame": index, "latency_ms": round(reply.latency_ms, 2), **payload})
         if reply.ok:
-            best = payload["top"][0]
+            best = reply.best  # a classifier top-1 or a detector best box
             return (
                 f"frame {index:5d}  {best['label']:24s} {best['score']:6.3f}  "
                 f"{reply.latency_ms:7.1f} ms  ({payload['model']})"
