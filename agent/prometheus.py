@@ -89,6 +89,15 @@ class AgentCollector(Collector):
         yield from counters.values()
         yield from (latency, batch, queue, instances)
 
+        failovers = CounterMetricFamily(
+            "edge_agent_failovers",
+            "Moves of a model's tenant between its candidates (failovers and failbacks).",
+            labels=["device_id", "model"],
+        )
+        for model, n in sorted(r.table.failover_counts.items()):
+            failovers.add_metric([device_id, model], n)
+        yield failovers
+
         rejected = CounterMetricFamily(
             "edge_agent_rejected",
             "Frames refused before a tenant, by error code.",

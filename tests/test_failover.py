@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import threading
 import time
+import urllib.request
 from collections import Counter
 from typing import Any
 
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from prometheus_client.parser import text_string_to_metric_families
 
+from agent.devtools.local_broker import free_port
 from backends import registry
 from tests.conftest import CAT_CLASSES, Collector, sample
 from tests.test_console_browser import browser, console, page  # noqa: F401 (fixtures)
@@ -33,7 +36,7 @@ def needs_openvino() -> None:
         pytest.skip(f"OpenVINO unavailable: {reason}")
 
 
-def config(candidates: list[dict[str, str]], **failover: float) -> str:
+def config(candidates: list[dict[str, str]], prometheus: str | None = None, **failover: float) -> str:
     listed = ", ".join(f'{{ backend = "{c["backend"]}", device = "{c["device"]}" }}' for c in candidates)
     return (
         "\n".join(
@@ -44,6 +47,7 @@ def config(candidates: list[dict[str, str]], **failover: float) -> str:
                 "drain_timeout_s = 1.0",
                 "[metrics]",
                 "telemetry_interval_s = 1.0",
+                *([f'prometheus_listen = "{prometheus}"'] if prometheus else []),
                 "[failover]",
                 *(f"{k} = {v}" for k, v in failover.items()),
                 "[placement]",
@@ -88,9 +92,10 @@ def serving(statuses: list[dict[str, Any]]) -> str | None:
 
 def run_hang_failover(agent_factory: Any, collector: Any, after: int) -> None:
     needs_openvino()
+    port = free_port()
     agent = agent_factory(
         DEVICE,
-        config(CANDIDATES, failback_after_s=1.0, probe_interval_s=0.5),
+        config(CANDIDATES, f"127.0.0.1:{port}", failback_after_s=1.0, probe_interval_s=0.5),
         env={"EDGE_AGENT_FAULTS": f"openvino:CPU:hang:after={after}:once"},
     ).start()
     status = agent.wait_ready(timeout=120)
@@ -143,6 +148,15 @@ def run_hang_failover(agent_factory: Any, collector: Any, after: int) -> None:
         f"edge/{DEVICE}/telemetry",
     )
     assert telemetry[-1]["tenants"][0]["backend"] == "openvino"
+    scraped = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    moves = {
+        sample.labels["model"]: sample.value
+        for family in text_string_to_metric_families(scraped)
+        if family.name == "edge_agent_failovers"
+        for sample in family.samples
+        if sample.name == "edge_agent_failovers_total"
+    }
+    assert moves == {"efficientnet-lite0": 2.0}, moves
     log = agent.log()
     assert "FAULT INJECTION IS ON: openvino:CPU:hang:after=" in log
     assert agent.stop() == 0
