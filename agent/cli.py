@@ -203,6 +203,10 @@ def cmd_place(args: argparse.Namespace) -> int:
         }
         if args.batch_size:
             tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
+        if args.candidates:  # backend:device,... in order of preference; the first one serves
+            pairs = [c.strip().partition(":") for c in args.candidates.split(",") if c.strip()]
+            tenant["candidates"] = [{"backend": b, "device": d or "cpu"} for b, _, d in pairs]
+            del tenant["backend"], tenant["device"]
         doc = {"tenants": [*keep, tenant]}
     if "generation" not in doc or args.generation is not None:
         default = editing.next_generation(reported, None)
@@ -358,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--backend", default="onnxruntime", help="backend name, or auto")
     place.add_argument("--device", default="cpu")
     place.add_argument("--instances", type=int, default=1)
+    place.add_argument(
+        "--candidates",
+        help="fallback places in order, e.g. openvino:GPU,onnxruntime:cpu (instead of --backend/--device)",
+    )
     place.add_argument("--batch-size", type=int)
     place.add_argument(
         "--max-delay-ms", type=float, default=0.0, help="batch wait (0: batch what is queued; best on CPUs)"

@@ -8,6 +8,8 @@ edge/<id>/events, and moves back once OpenVINO passes its probes (a one-shot fau
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -266,3 +268,38 @@ def test_the_console_shows_candidates_history_and_flags_the_tenant_off_its_prefe
     tenant.locator("details.failovers summary").click()
     expect(tenant.locator("details.failovers li")).to_contain_text("failover openvino:CPU → onnxruntime:cpu")
     expect(tenant.locator("details.failovers li")).to_contain_text("1 runtime errors in a row")
+
+
+def test_place_names_candidates_from_the_command_line(agent_factory):
+    """`edge-agent place --candidates` publishes an ordered list; the agent serves on the first."""
+    needs_openvino()
+    agent = agent_factory(DEVICE).start()
+    agent.wait_ready(timeout=120)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agent",
+            "place",
+            "--broker",
+            agent.broker.url,
+            "--device-id",
+            DEVICE,
+            "--model",
+            "efficientnet-lite0",
+            "--candidates",
+            "openvino:CPU,onnxruntime:cpu",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    status = agent.wait_ready(timeout=60)
+    (tenant,) = status["placement"]["tenants"]
+    assert [(c["backend"], c["device"]) for c in tenant["candidates"]] == [
+        ("openvino", "CPU"),
+        ("onnxruntime", "cpu"),
+    ]
+    assert tenant["serving"]["backend"] == "openvino"
+    assert agent.stop() == 0
