@@ -334,7 +334,10 @@ class Reconciler:
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
-        self._health(here).fail(f"{kind}: {reason}", *self._backoff(), kind=kind)
+        here_health = self._health(here)
+        here_health.fail(f"{kind}: {reason}", *self._backoff(), kind=kind)
+        if kind == "drift" and tenant.drift is not None:
+            here_health.baseline_ms = tenant.drift.baseline_ms
         log.error("tenant %s: %s on %s (%s); failing over", placed.model, kind, here.label, reason)
         async with self._lock:
             current = self.table.get(placed.model)
@@ -479,6 +482,11 @@ class Reconciler:
             health.fail(reason, *self._backoff())
             log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, reason)
         else:
+            slow = health.still_slow(ms, self.config.failover.drift_factor)
+            if slow is not None:
+                health.fail(slow, *self._backoff(), kind="drift")
+                log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, slow)
+                return
             health.passed()
             log.warning(
                 "candidate %s of %s: probe passed (%.1f ms)", candidate.label, tenant.placed.model, ms
