@@ -27,7 +27,7 @@ from agent.errors import AgentError
 from agent.protocol.broker import BrokerUrlError
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
-from agent.protocol.topics import DEVICE_ID_RE, valid_device_id, valid_model_name
+from agent.protocol.topics import DEVICE_ID_RE, filters_overlap, valid_device_id, valid_model_name
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
@@ -250,6 +250,12 @@ class AgentConfig(BaseSettings):
         for item in self.inputs:
             if item.topic in seen:
                 raise ValueError(f"inputs: topic {item.topic!r} listed twice")
+            clash = next((other for other in seen if filters_overlap(item.topic, other)), None)
+            if clash is not None:
+                raise ValueError(
+                    f"inputs: {item.topic!r} overlaps {clash!r} (a frame on a topic both match would "
+                    "be served twice): make the filters disjoint"
+                )
             seen.add(item.topic)
             kinds = ("infer", "infer/m", "result", "placement", "status", "telemetry", "events")
             mine = [own + kind for kind in kinds]

@@ -71,3 +71,30 @@ def test_input_filters_that_cannot_work_are_config_errors(tmp_path: object, topi
 def test_input_model_name_is_checked() -> None:
     with pytest.raises(ValueError, match="not a valid model name"):
         AgentConfig(device_id="in3", inputs=[{"topic": "cams/x", "model": "../../etc"}])  # type: ignore[list-item]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "overlap"),
+    [
+        ("frigate/+/person/snapshot", "frigate/front/+/snapshot", True),
+        ("cams/#", "cams", True),  # '#' matches its parent level too
+        ("cams/+/jpeg", "cams/front/jpeg", True),
+        ("frigate/front/person/snapshot", "frigate/back/#", False),
+        ("cams/+", "cams/a/b", False),
+    ],
+)
+def test_overlapping_input_filters_are_refused(
+    tmp_path: object, first: str, second: str, overlap: bool
+) -> None:
+    """A frame on a topic two filters match would be delivered, and served, once per filter."""
+    path = tmp_path / "agent.toml"  # type: ignore[operator]
+    path.write_text(
+        'device_id = "in3"\n'
+        f'[[inputs]]\ntopic = "{first}"\nmodel = "efficientnet-lite0"\n'
+        f'[[inputs]]\ntopic = "{second}"\nmodel = "efficientnet-lite1"\n'
+    )
+    if overlap:
+        with pytest.raises(ConfigError, match="overlaps"):
+            load_config(path)
+    else:
+        assert [i.topic for i in load_config(path).inputs] == [first, second]

@@ -80,3 +80,19 @@ def device_from_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
     if len(parts) >= 3 and parts[0] == prefix and valid_device_id(parts[1]):
         return parts[1]
     return None
+
+
+def filters_overlap(a: str, b: str) -> bool:
+    """True when some topic matches both MQTT topic filters (a broker would deliver it for each, so
+    a frame would be served twice). `#` matches its parent level too ("a/#" matches "a")."""
+    left, right = a.split("/"), b.split("/")
+    for i in range(max(len(left), len(right)) + 1):
+        x = left[i] if i < len(left) else None
+        y = right[i] if i < len(right) else None
+        if x == "#" or y == "#":
+            return True
+        if x is None or y is None:
+            return x is None and y is None
+        if x != y and "+" not in (x, y):
+            return False
+    return True
