@@ -169,6 +169,11 @@ class SecurityConfig(Section):
     def _some_keys(cls, value: str | list[str] | None) -> str | list[str] | None:
         if isinstance(value, list) and not 1 <= len(value) <= 8:
             raise ValueError("give 1 to 8 public keys (an empty list would accept unsigned placements)")
+        if isinstance(value, str | list) and not all(
+            k.strip() for k in ([value] if isinstance(value, str) else value)
+        ):
+            # An empty value from a template or an unset variable must not mean "unsigned is fine".
+            raise ValueError("empty: give a public key, or leave the setting out to accept unsigned")
         return value
 
 

@@ -52,7 +52,7 @@ class Agent:
         self.backend_options = backend_options or {}
         key = config.security.placement_public_key
         try:
-            public_key = load_public_keys(key) if key else None
+            public_key = load_public_keys(key) if key is not None else None
         except (OSError, ValueError) as exc:
             raise ConfigError(f"security.placement_public_key: {exc}") from exc
         self.table = TenantTable()

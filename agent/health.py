@@ -14,9 +14,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -99,8 +99,6 @@ class Health:
     # "stall" or "error" while unhealthy for a sign about the device itself (every tenant on it
     # moves); a failed load or a drift may be one model's alone.
     kind: str = ""
-    # A drift: the per-frame baseline the tenant had here; a probe must come back near it to pass.
-    baseline_ms: float | None = None
 
     def fail(
         self, reason: str, base_s: float, max_s: float, now: float | None = None, kind: str = ""
@@ -119,19 +117,7 @@ class Health:
     def passed(self, now: float | None = None) -> None:
         """A probe passed: healthy from now (failback counts from here)."""
         self.healthy, self.reason, self.since = True, "", time.monotonic() if now is None else now
-        self.kind, self.baseline_ms = "", None
-
-    def still_slow(self, probe_ms: float, factor: float) -> str | None:
-        """After a drift, a probe that is still far above the baseline does not pass: the tenant
-        would move back only to drift off again (flapping). The reason, or None when it passes."""
-        if self.kind != "drift" or self.baseline_ms is None or factor <= 0:
-            return None
-        limit = factor * max(self.baseline_ms, 0.5)
-        if probe_ms <= limit:
-            return None
-        return (
-            f"probe still slow: {probe_ms:.1f} ms per frame against a baseline of {self.baseline_ms:.1f} ms"
-        )
+        self.kind = ""
 
     @property
     def device_fault(self) -> bool:
@@ -144,13 +130,20 @@ class Health:
 PROBE_RUNS = 4  # one warm-up, then the median of three
 
 
-def probe(backend: Backend, artifacts: ModelArtifacts, device: str, fault: Fault | None) -> float:
+def probe(
+    backend: Backend,
+    artifacts: ModelArtifacts,
+    device: str,
+    fault: Fault | None,
+    options: Mapping[str, Any] | None = None,
+) -> float:
     """Load one instance of the model on `device`, run zero frames, close: the median milliseconds
     of one inference (after a warm-up run). Blocking; raises what the runtime raises (the caller
     runs it under a deadline)."""
     h, w = artifacts.input_size
     item = (3, h, w) if artifacts.layout == "NCHW" else (h, w, 3)
-    session = isolation.load(backend, artifacts, device, {"instances": 1, "max_batch": 1})
+    # The tenant's own precision and threads (an int8-only model loads only as int8), one instance.
+    session = isolation.load(backend, artifacts, device, {**(options or {}), "instances": 1, "max_batch": 1})
     try:
         frame = np.zeros((1, *item), np.dtype(artifacts.dtype))
         timings = []

@@ -269,10 +269,11 @@ def get_console(request: Request) -> Console:
 
 def principal(request: Request) -> Principal | None:
     console = get_console(request)
-    authorization = request.headers.get("authorization")
-    if authorization is not None:  # a token, and only the token, decides (no fallback to a cookie)
-        scheme, _, credential = authorization.partition(" ")
-        identity = console.tokens.authenticate(credential.strip()) if scheme.lower() == "bearer" else None
+    scheme, _, credential = (request.headers.get("authorization") or "").partition(" ")
+    # A bearer token, and only the token, decides (no fallback to a cookie). Another scheme (a
+    # reverse proxy's Basic auth, forwarded) is not ours: the session cookie decides then.
+    if scheme.lower() == "bearer":
+        identity = console.tokens.authenticate(credential.strip())
         token_user = console.users.get(identity.user) if identity is not None else None
         if identity is None or token_user is None:
             return None
@@ -296,7 +297,9 @@ async def require_user(
     if who is None:
         raise HTTPException(
             401,
-            "log in first" if "authorization" not in request.headers else "invalid or revoked API token",
+            "invalid or revoked API token"
+            if request.headers.get("authorization", "").lower().startswith("bearer ")
+            else "log in first",
             headers={"WWW-Authenticate": "Bearer"},
         )
     return who

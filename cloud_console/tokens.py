@@ -132,16 +132,19 @@ class TokenStore:
                 row = self._db.execute(
                     "SELECT user, role, hash, revoked FROM api_tokens WHERE id = ?", (token_id,)
                 ).fetchone()
-                if row is None or row[3] is not None or not hmac.compare_digest(row[2], _digest(secret)):
-                    return None
-                now = time.time()
-                if now - self._last_written.get(token_id, 0.0) >= LAST_USE_EVERY_S:
-                    self._last_written[token_id] = now
-                    with self._db:
-                        self._db.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?", (now, token_id))
         except sqlite3.Error:
             log.exception("API tokens unreadable; refusing the token")
             return None
+        if row is None or row[3] is not None or not hmac.compare_digest(row[2], _digest(secret)):
+            return None
+        now = time.time()
+        if now - self._last_written.get(token_id, 0.0) >= LAST_USE_EVERY_S:
+            self._last_written[token_id] = now
+            try:  # best effort: a busy database delays the note of last use, never the request
+                with self._lock, self._db:
+                    self._db.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?", (now, token_id))
+            except sqlite3.Error as exc:
+                log.warning("API token %s: last use not noted (%s)", token_id, exc)
         return TokenIdentity(token_id, str(row[0]), str(row[1]))
 
     def close(self) -> None:

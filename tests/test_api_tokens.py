@@ -126,6 +126,11 @@ def test_console_upgrades_old_hashes_and_serves_bearer_tokens(broker, tmp_path):
         # A session without its CSRF token still cannot change anything.
         ops.csrf = None
         assert ops.call("POST", "/api/fleet/move", move)[0] == 403
+        # Behind a proxy with Basic auth the browser sends `Authorization: Basic ...` too: the
+        # session cookie still decides (only a bearer token replaces it).
+        basic = {"Authorization": "Basic dXNlcjpwYXNz"}
+        assert ops.call("GET", "/api/session", headers=basic)[1]["user"] == "ops"
+        assert Client(console.base).call("GET", "/api/devices", headers=basic)[0] == 401
         # The viewer sees their own tokens only; the OpenAPI document describes the bearer scheme.
         watcher = Client(console.base).login("watcher", "watch-password")
         assert watcher.get("/api/tokens") == []

@@ -107,3 +107,12 @@ def test_a_plain_broker_url_turns_off_the_config_files_tls(tmp_path):
     assert (plain.broker.host, plain.broker.port, plain.broker.tls.enabled) == ("127.0.0.1", 1884, False)
     assert plain.broker.username == "u" and str(plain.broker.tls.ca_file) == "/ca.pem"
     assert load_config(cfg, broker_url="mqtts://127.0.0.1").broker.tls.enabled
+
+
+@pytest.mark.parametrize("value", ['""', '"   "', '["", "x"]'])
+def test_an_empty_placement_key_is_a_config_error_not_unsigned_accepted(tmp_path, value):
+    """A template or an unset variable leaving the key empty must not switch signatures off."""
+    path = tmp_path / "agent.toml"
+    path.write_text(f"[security]\nplacement_public_key = {value}\n")
+    with pytest.raises(ConfigError, match="empty"):
+        load_config(path)

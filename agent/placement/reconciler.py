@@ -334,10 +334,7 @@ class Reconciler:
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
-        here_health = self._health(here)
-        here_health.fail(f"{kind}: {reason}", *self._backoff(), kind=kind)
-        if kind == "drift" and tenant.drift is not None:
-            here_health.baseline_ms = tenant.drift.baseline_ms
+        self._health(here).fail(f"{kind}: {reason}", *self._backoff(), kind=kind)
         log.error("tenant %s: %s on %s (%s); failing over", placed.model, kind, here.label, reason)
         async with self._lock:
             current = self.table.get(placed.model)
@@ -360,8 +357,9 @@ class Reconciler:
         hand it the relay's frames, retire `tenant` (it drains what it holds), announce. Under the
         lock; False when none loaded (`tenant` stays)."""
         here = serving_candidate(tenant)
+        stranded = tenant.state == "failed"  # its own candidate may take it back, freshly loaded
         for candidate in candidates:
-            if candidate.label.lower() == here.label.lower():
+            if candidate.label.lower() == here.label.lower() and not stranded:
                 continue
             new = await self._start_on(tenant.placed, candidate)
             if not isinstance(new, Tenant):
@@ -466,13 +464,24 @@ class Reconciler:
     async def _probe(self, tenant: Tenant, candidate: Candidate, health: Health) -> None:
         """One inference of the tenant's model on the idle candidate, under the inference deadline."""
         health.probing = True
+        loop = asyncio.get_running_loop()
+
+        def finished() -> None:
+            health.probing = False
 
         def run() -> float:  # off the loop: finding the device may scan buses or ask a driver
-            backend = registry.get(candidate.backend)
-            device = backend.canonical_device(candidate.device)
-            return probe(
-                backend, tenant.model.artifacts, device, faults.active().find(candidate.backend, device)
-            )
+            try:
+                backend = registry.get(candidate.backend)
+                device = backend.canonical_device(candidate.device)
+                placed = tenant.placed
+                options = {"threads": placed.threads, "precision": placed.precision}
+                fault = faults.active().find(candidate.backend, device)
+                return probe(backend, tenant.model.artifacts, device, fault, options)
+            finally:
+                # Only when the call has really returned: a probe stuck in a hung device must not
+                # be followed by another one at each backoff (a thread and a session each).
+                with contextlib.suppress(RuntimeError):  # the loop is gone: the agent stopped
+                    loop.call_soon_threadsafe(finished)
 
         try:
             timeout = self.config.scheduler.infer_timeout_s + self.config.scheduler.load_timeout_s
@@ -482,17 +491,10 @@ class Reconciler:
             health.fail(reason, *self._backoff())
             log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, reason)
         else:
-            slow = health.still_slow(ms, self.config.failover.drift_factor)
-            if slow is not None:
-                health.fail(slow, *self._backoff(), kind="drift")
-                log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, slow)
-                return
             health.passed()
             log.warning(
                 "candidate %s of %s: probe passed (%.1f ms)", candidate.label, tenant.placed.model, ms
             )
-        finally:
-            health.probing = False
 
     def _retire(self, tenant: Tenant) -> None:
         """Drain an old tenant in the background: its queued frames are still answered."""
