@@ -14,7 +14,6 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from paho.mqtt.client import topic_matches_sub
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
@@ -262,10 +261,11 @@ class AgentConfig(BaseSettings):
                     "be served twice): make the filters disjoint"
                 )
             seen.add(item.topic)
-            kinds = ("infer", "infer/m", "result", "placement", "status", "telemetry", "events")
-            mine = [own + kind for kind in kinds]
-            if item.topic.startswith(own) or any(topic_matches_sub(item.topic, t) for t in mine):
-                raise ValueError(f"inputs: {item.topic!r} would overlap the agent's own topics ({own}...)")
+            # Everything under the agent's own prefix (frames, answers, status, Home Assistant
+            # states) and HA's discovery configs: taken in, they would be served as frames.
+            for mine in (own + "#", f"{self.homeassistant.discovery_prefix}/#"):
+                if filters_overlap(item.topic, mine):
+                    raise ValueError(f"inputs: {item.topic!r} would overlap the agent's own topics ({mine})")
         return self
 
     @field_validator("device_id")

@@ -201,7 +201,9 @@ async def serve(listen: str, reporter: Reporter) -> None:
             parts = request.decode("latin-1").split()
             if len(parts) >= 2 and parts[0] == "GET" and parts[1].split("?")[0] == "/metrics":
                 started = time.perf_counter()
-                body, status, ctype = render(registry), "200 OK", CONTENT_TYPE_LATEST
+                # Off the loop: host figures ask sysfs and NVML, which a wedged driver can stall.
+                body = await asyncio.to_thread(render, registry)
+                status, ctype = "200 OK", CONTENT_TYPE_LATEST
                 log.debug("scrape rendered in %.1f ms", (time.perf_counter() - started) * 1000)
             else:
                 body, status, ctype = b"not found: try /metrics\n", "404 Not Found", "text/plain"

@@ -108,6 +108,7 @@ class Tenant:
         self.fault_since: float | None = None  # when the fault behind the last unhealthy() began
         self.drift: DriftWatch | None = None
         self._handoff: Relay | None = None
+        self._claim_lock = threading.Lock()  # one failover at a time (unhealthy())
         self._errors_in_row = 0
         self._fault: faults.Fault | None = None
 
@@ -350,18 +351,19 @@ class Tenant:
     def unhealthy(self, kind: str, message: str) -> Relay | None:
         """This candidate cannot serve (a stall, errors): with another candidate to move to, every
         frame it holds or gets from now on goes to the relay returned (thread-safe)."""
-        with self._lock:
-            if self._handoff is not None or self.on_unhealthy is None or self._draining:
-                return self._handoff
-        relay = self.on_unhealthy(self, kind, message)
-        if relay is None:
-            return None
-        with self._lock:
-            if self._handoff is not None:  # another thread got there first
-                return self._handoff
-            self._handoff = relay
-            self.state, self.error = "failed", f"{kind}: {message}; moving to the next candidate"
-            left = self.queue.take_all()
+        # One failover per tenant: instances failing together wait for the first one's relay
+        # instead of starting a second failover (and counting the device's failure twice).
+        with self._claim_lock:
+            with self._lock:
+                if self._handoff is not None or self.on_unhealthy is None or self._draining:
+                    return self._handoff
+            relay = self.on_unhealthy(self, kind, message)
+            if relay is None:
+                return None
+            with self._lock:
+                self._handoff = relay
+                self.state, self.error = "failed", f"{kind}: {message}; moving to the next candidate"
+                left = self.queue.take_all()
         relay.put(left)
         return relay
 
@@ -442,7 +444,8 @@ class Tenant:
     def _slow(self, recent_ms: float) -> None:
         """A slow drift: the candidate still answers, so it serves until the next one is ready
         (make-before-break); reported once per tenant."""
-        baseline = self.drift.baseline_ms if self.drift is not None else None
+        drift = self.drift
+        baseline = drift.baseline_ms if drift is not None else None
         if self.on_unhealthy is not None and baseline is not None and not self.handing_off:
             self.drift = None
             self.on_unhealthy(
@@ -545,8 +548,9 @@ class Tenant:
             return
         with self._lock:
             self._errors_in_row = 0
-        if self.drift is not None:
-            drifted = self.drift.add((done - preprocessed) * 1000.0 / len(ready))
+        drift = self.drift  # another worker may clear it (a drift reported) meanwhile
+        if drift is not None:
+            drifted = drift.add((done - preprocessed) * 1000.0 / len(ready))
             if drifted is not None:
                 self._slow(drifted)
         if len(logits) != len(ready):

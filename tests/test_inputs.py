@@ -56,6 +56,8 @@ def test_frames_on_input_topics_are_answered_naming_their_topic(
     [
         ("edge/in2/infer", "overlap the agent's own topics"),
         ("edge/+/result", "overlap the agent's own topics"),
+        ("edge/+/ha/#", "overlap the agent's own topics"),  # its Home Assistant states
+        ("homeassistant/#", "overlap the agent's own topics"),  # HA's discovery configs
         ("#", "too wide"),
         ("cam/fo+o", "not a valid MQTT topic filter"),
         ("cam/#/x", "not a valid MQTT topic filter"),
