@@ -57,7 +57,7 @@ format: venv
 
 # The installable wheel (models included) in dist/; tests/test_wheel.py installs it in a fresh venv.
 wheel: venv
-	rm -rf dist && $(PY) -m pip wheel -q --no-deps -w dist .
+	rm -rf build dist && $(PY) -m pip wheel -q --no-deps -w dist .
 
 # Pin every version a fleet installs (core + console + openvino + tflite), for Python 3.11 and newer.
 constraints: venv
@@ -119,4 +119,4 @@ gpu-unstage:
 	@git status --short models/
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

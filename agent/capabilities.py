@@ -83,7 +83,17 @@ def fingerprint() -> str:
         if name in RUNTIME_DISTS or name.startswith("onnxruntime"):
             versions[name] = dist.version
     nodes = sorted(path for pattern in DEVICE_NODES for path in glob.glob(pattern))
-    parts = [platform.python_version(), json.dumps(versions, sort_keys=True), *nodes, *usb_tpus()]
+    # This release's own probing code and backends: an upgrade of edge-agent probes afresh.
+    code = hashlib.sha256()
+    for path in sorted(Path(registry.__file__).parent.glob("*.py")):
+        code.update(path.read_bytes())
+    parts = [
+        platform.python_version(),
+        json.dumps(versions, sort_keys=True),
+        code.hexdigest(),
+        *nodes,
+        *usb_tpus(),
+    ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 

@@ -63,17 +63,23 @@ def add(repo: ModelRepository, source: Path, force: bool = False) -> str:
             f"cannot write to the model repository {root}: {exc.strerror or exc}. Set models_dir in "
             "agent.toml (or --models) to a folder of your own, e.g. /var/lib/edge-agent/models"
         ) from exc
+    old = root / f".{name}.old"
     try:
         shutil.copytree(source, staging, dirs_exist_ok=True)
         os.chmod(staging, 0o755)  # noqa: S103 - mkdtemp makes it private; the service must read it
         if target.exists():
-            old = root / f".{name}.old"
             shutil.rmtree(old, ignore_errors=True)
             target.rename(old)
-            staging.rename(target)
+            try:
+                staging.rename(target)
+            except OSError:
+                old.rename(target)  # put the model that served back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             staging.rename(target)
+    except (OSError, shutil.Error) as exc:
+        raise ModelError(f"could not copy {source} into {root}: {exc}") from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     after = describe(repo, name)

@@ -41,7 +41,12 @@ def isolated(backend: Backend) -> bool:
 def load(backend: Backend, model: ModelArtifacts, device: str, options: Mapping[str, Any]) -> Session:
     """`backend.load`, after a trial in a child process when the backend is one that can crash."""
     if isolated(backend):
-        key = (backend.name, device, json.dumps(dict(model.sha256), sort_keys=True))
+        # Options matter too: a TensorRT engine depends on precision and the maximum batch.
+        key = (
+            backend.name,
+            device,
+            json.dumps([dict(model.sha256), dict(options)], sort_keys=True, default=str),
+        )
         with _lock:
             done = key in _checked
         if not done:

@@ -120,6 +120,10 @@ if [ -d "$DEST/src/models" ]; then
 fi
 rm -rf "$DEST/src"
 mv "$DEST/src.new" "$DEST/src"
+if [ -x "$DEST/venv/bin/python" ] && [ "$SYSTEM_SITE_PACKAGES" = 1 ] \
+  && ! grep -q "include-system-site-packages = true" "$DEST/venv/pyvenv.cfg"; then
+  say "warning: $PREFIX/venv exists without system site packages; SYSTEM_SITE_PACKAGES=1 applies to a new venv (remove it first)"
+fi
 if [ ! -x "$DEST/venv/bin/python" ]; then
   # Jetson: JetPack's TensorRT bindings and an onnxruntime-gpu build live in the system Python.
   if [ "$SYSTEM_SITE_PACKAGES" = 1 ]; then
@@ -137,26 +141,42 @@ constraints=()
 # pip would install the CPU `onnxruntime` over it (same module, other files). Keep it: install
 # edge-agent without dependencies, then every dependency but onnxruntime.
 own_ort=$("$VPY" -c 'import importlib.metadata as m
-print(" ".join(sorted({d.metadata["Name"].lower() for d in m.distributions()
-                       if d.metadata["Name"].lower().startswith("onnxruntime-")})))')
+names = {(d.metadata["Name"] or "").lower() for d in m.distributions()}
+print(" ".join(sorted(n for n in names if n.startswith("onnxruntime-"))))')
 target="$DEST/src"
 [ -n "$EXTRAS" ] && target="$DEST/src[$EXTRAS]"
 if [ -n "$own_ort" ]; then
+  ort_imported=$("$VPY" -c "import onnxruntime" >/dev/null 2>&1 && echo yes || echo no)
   # shellcheck disable=SC2086
   "$VPY" -m pip install -q ${PIP_ARGS:-} --no-deps "$DEST/src"
-  mapfile -t deps < <("$VPY" - "$SRC/pyproject.toml" "$EXTRAS" <<'PY'
+  deps_text=$("$VPY" - "$SRC/pyproject.toml" "$EXTRAS" <<'PY'
 import re, sys, tomllib
 project = tomllib.load(open(sys.argv[1], "rb"))["project"]
 wanted = list(project["dependencies"])
-for extra in filter(None, sys.argv[2].split(",")):
-    wanted += project["optional-dependencies"][extra.strip()]
+extras = project["optional-dependencies"]
+for extra in filter(None, (e.strip() for e in sys.argv[2].split(","))):
+    if extra not in extras:
+        sys.exit(f"EXTRAS: unknown extra {extra!r} (known: {', '.join(sorted(extras))})")
+    wanted += extras[extra]
 for dep in wanted:
     if re.match(r"onnxruntime\b", dep) is None and not dep.startswith("edge-agent"):
         print(dep)
 PY
 )
+  mapfile -t deps <<< "$deps_text"
+  # numpy stays whatever that build was made against (no pin): a newer one can break its import.
+  kept_constraints=()
+  if [ ${#constraints[@]} -gt 0 ]; then
+    grep -v '^numpy==' "$SRC/deploy/constraints.txt" > "$DEST/constraints-kept-ort.txt"
+    kept_constraints=(-c "$DEST/constraints-kept-ort.txt")
+  fi
   # shellcheck disable=SC2086
-  "$VPY" -m pip install -q ${PIP_ARGS:-} "${constraints[@]}" "${deps[@]}"
+  "$VPY" -m pip install -q ${PIP_ARGS:-} "${kept_constraints[@]}" "${deps[@]}"
+  if [ "$ort_imported" = yes ] && ! "$VPY" -c "import onnxruntime" 2>/dev/null; then
+    echo "edge-agent install: $own_ort no longer imports after installing the dependencies" >&2
+    echo "  (check its numpy requirement: $VPY -c 'import onnxruntime')" >&2
+    exit 1
+  fi
   say "kept this device's own ONNX Runtime ($own_ort)"
 else
   # shellcheck disable=SC2086
