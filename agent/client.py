@@ -24,7 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.mqtt_session import NO_DELAY
-from agent.protocol.broker import parse_broker_url, refuses_mqtt5
+from agent.protocol.broker import parse_broker_url, refuses_mqtt5, tcp_reachable
 from agent.protocol.topics import Topics
 
 # With "auto", how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (some 3.1.1-only
@@ -69,9 +69,14 @@ async def session(
         try:
             await client.__aenter__()
         except aiomqtt.MqttError as exc:
-            if fallback_left and (refuses_mqtt5(exc) or "timed out" in str(exc).lower()):
+            if fallback_left and refuses_mqtt5(exc):
                 continue
+            if fallback_left and "timed out" in str(exc).lower():
+                broker = parse_broker_url(broker_url)
+                if await tcp_reachable(broker.host, broker.port):  # an unanswered CONNECT
+                    continue
             raise
+        client.timeout = float(kwargs.get("timeout") or 10.0)  # the shorter wait was for CONNECT only
         try:
             yield client, version
         finally:

@@ -34,7 +34,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.config import BrokerConfig
-from agent.protocol.broker import refuses_mqtt5, tls_context
+from agent.protocol.broker import refuses_mqtt5, tcp_reachable, tls_context
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +148,11 @@ class MqttSession:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
-                if self._try_other_version(exc):
+                timed_out = "timed out" in str(exc).lower()
+                reachable = True
+                if timed_out and not self._settled and self.protocol == "5":
+                    reachable = await tcp_reachable(self.cfg.host, self.cfg.port)
+                if self._try_other_version(exc, reachable):
                     continue
                 delay = backoff * (0.5 + random.random())  # jitter spreads a fleet's reconnects
                 log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
@@ -158,7 +162,7 @@ class MqttSession:
             finally:
                 self._down()
 
-    def _try_other_version(self, exc: aiomqtt.MqttError) -> bool:
+    def _try_other_version(self, exc: aiomqtt.MqttError, reachable: bool = True) -> bool:
         """`broker.protocol = "auto"`, before the first connection: True to retry at once with the
         other version. A broker refuses MQTT 5 with "unsupported protocol version", or (some 3.1.1
         brokers) never answers its CONNECT: two such timeouts in a row also try 3.1.1. If 3.1.1 then
@@ -171,7 +175,9 @@ class MqttSession:
         if isinstance(exc, MqttConnectError):
             refused = refuses_mqtt5(exc)
         else:
-            self._v5_timeouts = self._v5_timeouts + 1 if "timed out" in str(exc).lower() else 0
+            # A timeout counts only when the broker took the TCP connection (an unanswered CONNECT).
+            unanswered = "timed out" in str(exc).lower() and reachable
+            self._v5_timeouts = self._v5_timeouts + 1 if unanswered else 0
             refused = self._v5_timeouts >= 2
         if refused:
             log.info("the broker did not accept an MQTT 5 connection (%s): trying MQTT 3.1.1", exc)

@@ -19,7 +19,7 @@ from typing import Any
 
 import aiomqtt
 
-from agent.protocol.broker import BrokerAddress, client_tls, credentials, refuses_mqtt5
+from agent.protocol.broker import BrokerAddress, client_tls, credentials, refuses_mqtt5, tcp_reachable
 from agent.protocol.topics import fleet_filter
 from cloud_console.config import BrokerSettings
 
@@ -102,11 +102,19 @@ class ConsoleMqtt:
             except aiomqtt.MqttError as exc:
                 if self._stopping:
                     break
-                timeouts = timeouts + 1 if "timed out" in str(exc).lower() else 0
-                if not self._settled and self.version == "5" and (refuses_mqtt5(exc) or timeouts >= 2):
-                    log.warning("the broker does not speak MQTT 5 (%s): using MQTT 3.1.1", exc)
-                    self.version = "3.1.1"
-                    continue
+                if not self._settled:
+                    if self.version == "3.1.1" and self.settings.protocol == "auto":
+                        self.version, timeouts = "5", 0  # 3.1.1 failed too: MQTT 5 again next time
+                    else:
+                        # A timeout counts only when the broker took the TCP connection.
+                        unanswered = "timed out" in str(exc).lower() and await tcp_reachable(
+                            self.address.host, self.address.port
+                        )
+                        timeouts = timeouts + 1 if unanswered else 0
+                        if self.version == "5" and (refuses_mqtt5(exc) or timeouts >= 2):
+                            log.warning("the broker does not speak MQTT 5 (%s): using MQTT 3.1.1", exc)
+                            self.version = "3.1.1"
+                            continue
                 self.last_error = str(exc)
                 delay = backoff * (0.5 + random.random())  # jitter spreads reconnects of many workers
                 log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)

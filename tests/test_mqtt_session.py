@@ -33,3 +33,31 @@ def test_a_password_revoked_across_a_broker_restart_is_a_refusal_then_reconnects
         wait_for_log(agent, "connected to mqtt", count=2, timeout=30)
         assert agent.stop() == 0
     assert "Future exception was never retrieved" not in agent.log()
+
+
+def test_connect_timeouts_switch_to_3_1_1_only_when_the_broker_took_the_connection():
+    """A broker that accepts TCP but leaves MQTT 5 CONNECTs unanswered is a 3.1.1 broker; a broker
+    that cannot be reached at all (down, or the network not up at boot) is not."""
+    import asyncio
+
+    import aiomqtt
+
+    from agent.config import BrokerConfig
+    from agent.devtools.local_broker import LocalBroker
+    from agent.mqtt_session import MqttSession
+    from agent.protocol.broker import tcp_reachable
+
+    with LocalBroker() as broker:
+        assert asyncio.run(tcp_reachable("127.0.0.1", broker.port)) is True
+        down_port = broker.port
+    assert asyncio.run(tcp_reachable("127.0.0.1", down_port, 2.0)) is False  # stopped: refused
+
+    timeout = aiomqtt.MqttError("Operation timed out")
+    unreachable = MqttSession(BrokerConfig(protocol="auto"), "t1", "w", b"")
+    assert not unreachable._try_other_version(timeout, reachable=False)
+    assert not unreachable._try_other_version(timeout, reachable=False)
+    assert unreachable.protocol == "5"
+    silent = MqttSession(BrokerConfig(protocol="auto"), "t2", "w", b"")
+    assert not silent._try_other_version(timeout, reachable=True)
+    assert silent._try_other_version(timeout, reachable=True)
+    assert silent.protocol == "3.1.1"

@@ -129,3 +129,17 @@ def refuses_mqtt5(exc: BaseException) -> bool:
     timeouts the same way."""
     rc = getattr(exc, "rc", None)
     return getattr(rc, "value", rc) in (1, 0x84) or "protocol version" in str(exc).lower()
+
+
+async def tcp_reachable(host: str, port: int, timeout_s: float = 3.0) -> bool:
+    """Whether a TCP connection to the broker opens. A CONNECT that timed out counts as "this broker
+    does not answer MQTT 5" only when the broker is reachable at all: a host that is down, or a
+    network not up yet at boot, must not switch a device to MQTT 3.1.1."""
+    import asyncio
+
+    try:
+        _reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout_s)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
