@@ -392,12 +392,17 @@ def create_app(console: Console) -> FastAPI:
             user=user, role=console.users[user].role, csrf_token=console.signer.csrf_token(session)
         )
 
+    # argon2 takes 64 MiB and a fraction of a second of CPU per attempt: at most two at a time, so a
+    # flood of logins queues here instead of exhausting memory and the threads others need.
+    hashing = asyncio.Semaphore(2)
+
     async def check_login(username: str, password: str) -> bool:
         user = console.users.get(username)
-        # argon2 takes a fraction of a second of CPU: off the event loop, so ingest keeps flowing. An
-        # old (weaker) hash is upgraded once the password is known to be right.
+        # Off the event loop, so ingest keeps flowing. An old (weaker) hash is upgraded once the
+        # password is known to be right.
         stored = user.password_hash if user else _DUMMY_HASH
-        ok = await asyncio.to_thread(console.passwords.login, username[:64], stored, password)
+        async with hashing:
+            ok = await asyncio.to_thread(console.passwords.login, username[:64], stored, password)
         if not (ok and user):
             log.warning("failed login for %r", username[:64])
             await asyncio.sleep(LOGIN_FAILURE_DELAY_S)

@@ -65,6 +65,7 @@ class Console:
         self.signer = SessionSigner(secret, config.web.session_max_age_s, revocations=config.storage.db)
         self.passwords = PasswordUpgrades(config.storage.db)
         self.tokens = TokenStore(config.storage.db)
+        self.tokens.revoke_all_but(set(self.users))
         self.sign_key: Ed25519PrivateKey | None = None
         if config.signing.key_file is not None:
             try:

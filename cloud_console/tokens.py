@@ -121,6 +121,18 @@ class TokenStore:
             log.info("API token %s revoked", token_id)
         return known is not None
 
+    def revoke_all_but(self, users: set[str]) -> int:
+        """Revoke the tokens of users no longer configured: a user added later under the same name
+        must not inherit them. Returns how many were revoked."""
+        with self._lock, self._db:
+            rows = self._db.execute("SELECT id, user FROM api_tokens WHERE revoked IS NULL").fetchall()
+            gone = [token_id for token_id, user in rows if user not in users]
+            now = time.time()
+            self._db.executemany("UPDATE api_tokens SET revoked = ? WHERE id = ?", [(now, t) for t in gone])
+        for token_id in gone:
+            log.warning("API token %s revoked: its user is no longer configured", token_id)
+        return len(gone)
+
     def authenticate(self, token: str) -> TokenIdentity | None:
         """The identity of a valid, unrevoked token (and its last use noted), else None."""
         parsed = parse(token)

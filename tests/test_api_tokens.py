@@ -42,6 +42,12 @@ def test_token_store_keeps_only_a_hash_and_revokes_at_once(tmp_path):
     assert effective_role("admin", "viewer") == "viewer"
     assert effective_role("viewer", "admin") == "viewer"
     assert effective_role("admin", "admin") == "admin"
+    # A user removed from the config loses their tokens at the next start: someone added later under
+    # the same name does not inherit them.
+    kept, _ = store.create("ops", "admin", "kept")
+    leaver, _ = store.create("bob", "admin", "left with bob")
+    assert store.revoke_all_but({"ops", "watcher"}) == 1
+    assert store.authenticate(leaver) is None and store.authenticate(kept) is not None
 
 
 def _users_config(tmp_path, admin_hash: str, viewer_hash: str):
