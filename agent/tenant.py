@@ -109,6 +109,8 @@ class Tenant:
         self.drift: DriftWatch | None = None
         self._handoff: Relay | None = None
         self._claim_lock = threading.Lock()  # one failover at a time (unhealthy())
+        self._exited: set[int] = set()  # instances whose worker has returned (under _lock)
+        self._left_open: set[int] = set()  # sessions drain could not close: their worker will
         self._errors_in_row = 0
         self._fault: faults.Fault | None = None
 
@@ -259,7 +261,11 @@ class Tenant:
             for frame in frames:
                 self._error(frame, "shutting_down", "the agent stopped while this frame's inference hung")
         for index, session in enumerate(self._sessions):
-            if index < len(self._threads) and self._threads[index].is_alive():
+            with self._lock:
+                running = index < len(self._threads) and index not in self._exited
+                if running:
+                    self._left_open.add(index)  # its worker closes it if the call ever returns
+            if running:
                 # Closing a session under a running call could crash the process.
                 log.error(
                     "tenant %s instance %d: left open, its runtime call never returned", self.name, index
@@ -464,6 +470,14 @@ class Tenant:
         while True:
             batch = self.queue.get_batch(spec.batch.max_size, max_delay_s)
             if batch is None:
+                with self._lock:
+                    self._exited.add(index)
+                    late = index in self._left_open
+                if late:  # the call that hung returned after the tenant was retired: free it now
+                    session.close()
+                    log.warning(
+                        "tenant %s instance %d: its late call returned; session closed", self.name, index
+                    )
                 return
             settled: set[int] = set()  # id() of the frames of this batch already answered
             try:
