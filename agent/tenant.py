@@ -48,6 +48,12 @@ from backends.base import Backend, BackendError, ModelLoadError, Session
 
 log = logging.getLogger(__name__)
 
+
+class TenantOptionError(ModelLoadError):
+    """The tenant's own options do not fit its model (a detector's labels on a classifier): the
+    placement's fault, not the accelerator's, so no candidate is marked unhealthy for it."""
+
+
 Outcome = InferResult | DetectionResult | ErrorResult
 EmitFn = Callable[[Frame, Outcome], None]
 # (tenant, kind: "stall" | "error" | "drift", why) -> where its frames go now, or None (no failover)
@@ -127,7 +133,7 @@ class Tenant:
             try:
                 self._detect = detection_options(self.model, self.spec)
             except ValueError as exc:
-                raise ModelLoadError(str(exc)) from exc
+                raise TenantOptionError(str(exc)) from exc
             h, w = self.model.input.size
             item = (3, h, w) if self.model.input.layout == "NCHW" else (h, w, 3)
             for _ in range(self.spec.instances):

@@ -41,7 +41,7 @@ from agent.protocol.schemas import (
     Refusal,
     TenantSpec,
 )
-from agent.tenant import Tenant
+from agent.tenant import Tenant, TenantOptionError
 from agent.tenant_table import TenantTable
 from backends import registry
 from backends.base import Backend, BackendError, UnknownDevice
@@ -271,7 +271,7 @@ class Reconciler:
             if not expected:
                 log.exception("tenant %s on %s:%s: unexpected error", spec.model, spec.backend, spec.device)
             log.error("tenant %s on %s:%s failed: %s", spec.model, spec.backend, spec.device, message)
-            if placed.candidates:
+            if placed.candidates and not isinstance(exc, TenantOptionError):
                 self._health(candidate).fail(f"load failed: {message}", *self._backoff())
             return message
         tenant.placed = placed
