@@ -298,4 +298,3 @@ def test_a_slow_drift_is_reported_while_the_old_candidate_keeps_answering(inject
         "all served, none moved"
     )
     assert not tenant.handing_off
-
