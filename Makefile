@@ -102,7 +102,7 @@ gpu-broker:
 
 # The GPU machine gets the working tree, 64 MiB at most with the wheels (the repo is ~86 MB):
 # `gpu-stage` leaves the artifacts no GPU check reads in the ignored .gpu-stash/, `gpu-unstage`
-# puts them back. A model folder may lack artifacts (agent/model_repo.py), so tests still run.
+# puts them back. A model folder may lack artifacts (agent/service/model_repo.py), so tests still run.
 GPU_LEAVE = models/efficientnet-lite0/model.tflite models/efficientnet-lite0/model_int8.tflite \
 	models/efficientnet-lite1/model.onnx
 gpu-stage:

@@ -29,16 +29,16 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from agent.client import read_retained
+from agent.commands.client import read_retained
 from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
-from agent.ingest import Frame
-from agent.model_repo import ModelRepository
-from agent.preprocess import Preprocessor
+from agent.frames.ingest import Frame
+from agent.frames.preprocess import Preprocessor
+from agent.frames.tenant import Tenant
 from agent.protocol.broker import parse_broker_url
 from agent.protocol.schemas import BatchSpec, Placement, TenantSpec
 from agent.protocol.topics import Topics
-from agent.tenant import Tenant
+from agent.service.model_repo import ModelRepository
 from backends import registry
 from bench.loadgen import LoadGenerator, Tally
 from bench.naive_subscriber import spawn

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model_repo import ModelRepository
+from agent.service.model_repo import ModelRepository
 from backends import registry
 from bench.concurrency import jpeg_frames, measure_pipeline, percentiles
 

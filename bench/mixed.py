@@ -35,11 +35,11 @@ from PIL import Image
 
 from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
-from agent.ingest import Frame
-from agent.model_repo import Model, ModelRepository
-from agent.preprocess import Preprocessor
+from agent.frames.ingest import Frame
+from agent.frames.preprocess import Preprocessor
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import TenantSpec
-from agent.tenant import Tenant
+from agent.service.model_repo import Model, ModelRepository
 from backends import registry
 from bench.concurrency import (
     BENCH_AGENT_CONFIG,

@@ -19,8 +19,8 @@ from typing import Any, Literal
 
 from agent.devtools.demo import start_agent
 from agent.devtools.local_broker import LocalBroker
-from agent.model_repo import ModelRepository
 from agent.protocol.schemas import TenantSpec
+from agent.service.model_repo import ModelRepository
 from backends import registry
 from bench.concurrency import BENCH_AGENT_CONFIG, DEVICE, apply_placement, generator, jpeg_frames
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _placed(url: str) -> str:
-    from agent.client import read_retained
+    from agent.commands.client import read_retained
     from agent.protocol.topics import Topics
 
     status = asyncio.run(read_retained(url, Topics(DEVICE).status, 2.0)) or {}

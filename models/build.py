@@ -336,7 +336,7 @@ def check_int8(
 
 
 def artifact_table(fmt: str, path: Path, layout: str, dtype: str, notes: str) -> str:
-    """One `[artifacts.<fmt>]` manifest table (see agent/model_repo.py's ArtifactSpec)."""
+    """One `[artifacts.<fmt>]` manifest table (see agent/service/model_repo.py's ArtifactSpec)."""
     return (
         f'\n[artifacts.{fmt}]\nfile = "{path.name}"\nsha256 = "{sha256(path)}"\n'
         f'layout = "{layout}"\ndtype = "{dtype}"\nnotes = "{notes}"\n'

@@ -261,8 +261,8 @@ def test_session_handler_that_raises_is_counted_and_dispatch_goes_on(broker):
     and each subscription gets only its own topics."""
     import aiomqtt
 
-    from agent.config import BrokerConfig
-    from agent.mqtt_session import Incoming, MqttSession
+    from agent.service.config import BrokerConfig
+    from agent.service.mqtt_session import Incoming, MqttSession
 
     async def scenario() -> tuple[list[Incoming], list[Incoming], int]:
         session = MqttSession(
@@ -315,8 +315,8 @@ def test_session_finishes_writing_when_the_socket_was_full(broker):
 
     import aiomqtt
 
-    from agent.config import BrokerConfig
-    from agent.mqtt_session import MqttSession
+    from agent.service.config import BrokerConfig
+    from agent.service.mqtt_session import MqttSession
 
     count, size = 24, 512 * 1024
 
@@ -371,9 +371,9 @@ def test_outbox_drops_a_message_paho_refuses_and_sends_the_rest(broker, tmp_path
     not retried forever; the messages queued behind it still go out, in order."""
     import aiomqtt
 
-    from agent.config import BrokerConfig
-    from agent.mqtt_session import MqttSession
-    from agent.outbox import Outbox, OutboxStore
+    from agent.service.config import BrokerConfig
+    from agent.service.mqtt_session import MqttSession
+    from agent.service.outbox import Outbox, OutboxStore
 
     async def scenario() -> tuple[list[bytes], int, int]:
         session = MqttSession(BrokerConfig(host="127.0.0.1", port=broker.port), "poison", "t/status", b"{}")
@@ -413,9 +413,9 @@ def test_outbox_drops_a_message_paho_refuses_and_sends_the_rest(broker, tmp_path
 def test_outbox_holds_at_most_its_byte_budget_dropping_the_oldest():
     """Senders choose correlation data (up to 64 KiB) per frame: the spool is bounded in bytes, not
     only in messages, so a long outage cannot exhaust memory. The newest answers are kept."""
-    from agent.config import BrokerConfig
-    from agent.mqtt_session import MqttSession
-    from agent.outbox import Outbox
+    from agent.service.config import BrokerConfig
+    from agent.service.mqtt_session import MqttSession
+    from agent.service.outbox import Outbox
 
     async def scenario() -> tuple[list[bytes], int, int]:
         session = MqttSession(BrokerConfig(host="127.0.0.1", port=1), "budget", "t/status", b"{}")

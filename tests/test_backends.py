@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from agent.model_repo import ModelRepository
-from agent.preprocess import Preprocessor
+from agent.frames.preprocess import Preprocessor
+from agent.service.model_repo import ModelRepository
 from backends import registry
 from backends.base import BackendUnavailable, ModelLoadError, UnknownDevice
 from tests.conftest import MODELS, SAMPLES

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.camera import Counts, Grabber, short_side_for, shrink
+from agent.commands.camera import Counts, Grabber, short_side_for, shrink
 from agent.devtools.local_broker import LocalBroker, free_port
 from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, REPO, SAMPLES, AgentProcess
 from tests.pki import make_pki

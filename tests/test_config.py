@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_broker_url
+from agent.service.config import ConfigError, load_config, parse_broker_url
 
 
 def test_precedence_file_env_flags(tmp_path, monkeypatch):

@@ -1,10 +1,10 @@
-"""The memory of recent request ids behind duplicate frames (agent/dedup.py), without a broker."""
+"""The memory of recent request ids behind duplicate frames (agent/frames/dedup.py), without a broker."""
 
 from __future__ import annotations
 
 import threading
 
-from agent.dedup import Answered, First, InFlight, RecentRequests
+from agent.frames.dedup import Answered, First, InFlight, RecentRequests
 
 
 class Clock:

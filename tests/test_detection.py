@@ -16,12 +16,12 @@ import onnxruntime as ort
 import pytest
 from PIL import Image, ImageDraw
 
-from agent.client import publish_placement
-from agent.detection import decode, frame_geometry, nms, options_for
-from agent.model_repo import ModelRepository
-from agent.postprocess import detection_options
-from agent.preprocess import Preprocessor
+from agent.commands.client import publish_placement
+from agent.frames.detection import decode, frame_geometry, nms, options_for
+from agent.frames.postprocess import detection_options
+from agent.frames.preprocess import Preprocessor
 from agent.protocol.schemas import Detection, DetectionResult, TenantSpec
+from agent.service.model_repo import ModelRepository
 from tests.conftest import CAT_CLASSES, MODELS, SAMPLES, sample
 from tests.test_backends import backend_or_skip, load_or_skip
 from tests.test_cli import edge_agent

@@ -1,7 +1,7 @@
 """Fault injection, the relay of a failing tenant, health backoff and drift, candidates in a placement.
 
 Without a broker; the tenant-level tests load the real bundled model on the real ONNX Runtime and
-OpenVINO backends (faults are injected by the agent's own agent/faults.py, as an operator would).
+OpenVINO backends (faults are injected by the agent's own agent/frames/faults.py, as an operator would).
 """
 
 from __future__ import annotations
@@ -13,13 +13,13 @@ from collections.abc import Iterator
 import pytest
 from pydantic import ValidationError
 
-from agent import faults
-from agent.faults import Fault, FaultSpecError, parse_fault
-from agent.health import DriftWatch, Health, Relay
-from agent.ingest import Frame
-from agent.model_repo import ModelRepository
+from agent.frames import faults
+from agent.frames.faults import Fault, FaultSpecError, parse_fault
+from agent.frames.health import DriftWatch, Health, Relay
+from agent.frames.ingest import Frame
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import ErrorResult, InferResult, Placement, TenantSpec
-from agent.tenant import Tenant
+from agent.service.model_repo import ModelRepository
 from backends import registry
 from backends.base import InferenceError
 from tests.conftest import CAT_CLASSES, MODELS, sample

@@ -15,7 +15,7 @@ from typing import Any
 import jinja2
 import paho.mqtt.client as paho
 
-from agent.client import publish_placement
+from agent.commands.client import publish_placement
 from agent.devtools.local_broker import LocalBroker
 from tests.conftest import CAT_CLASSES, AgentProcess, Collector, sample
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from agent.ingest import FrameMeta, IngestError, parse_frame
+from agent.frames.ingest import FrameMeta, IngestError, parse_frame
 from agent.protocol.schemas import Placement
 
 JPEG = b"\xff\xd8\xff\xe0fake-but-sniffable"

@@ -7,8 +7,8 @@ from collections.abc import Callable
 
 import pytest
 
-from agent.config import AgentConfig, ConfigError, load_config
 from agent.devtools.local_broker import LocalBroker
+from agent.service.config import AgentConfig, ConfigError, load_config
 from tests.conftest import CAT_CLASSES, ESPRESSO, AgentProcess, Collector, sample
 
 INPUTS = """

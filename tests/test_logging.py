@@ -9,7 +9,7 @@ import sys
 import time
 
 from agent.devtools.local_broker import free_port
-from agent.logs import JournalFormatter
+from agent.service.logs import JournalFormatter
 
 
 def test_every_line_of_a_record_carries_its_priority():
@@ -53,7 +53,7 @@ def test_the_agent_prefixes_priorities_only_when_stderr_is_the_journal(tmp_path)
     journal = run(journal=True)
     assert any(line.startswith("<6>INFO agent: edge-agent") for line in journal.splitlines()), journal
     assert any(
-        line.startswith("<4>WARNING agent.mqtt_session: mqtt connection lost")
+        line.startswith("<4>WARNING agent.service.mqtt_session: mqtt connection lost")
         for line in journal.splitlines()
     )
     plain = run(journal=False)

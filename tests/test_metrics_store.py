@@ -6,7 +6,7 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.metrics import COLUMNS, MetricsStore, open_db
+from agent.observability.metrics import COLUMNS, MetricsStore, open_db
 
 
 def row(i: int, ts: float) -> dict:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from agent.model_repo import ModelError, ModelRepository
+from agent.service.model_repo import ModelError, ModelRepository
 from tests.conftest import MODELS
 
 

@@ -42,10 +42,10 @@ def test_connect_timeouts_switch_to_3_1_1_only_when_the_broker_took_the_connecti
 
     import aiomqtt
 
-    from agent.config import BrokerConfig
     from agent.devtools.local_broker import LocalBroker
-    from agent.mqtt_session import MqttSession
     from agent.protocol.broker import tcp_reachable
+    from agent.service.config import BrokerConfig
+    from agent.service.mqtt_session import MqttSession
 
     with LocalBroker() as broker:
         assert asyncio.run(tcp_reachable("127.0.0.1", broker.port)) is True

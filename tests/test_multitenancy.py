@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from agent.ingest import Frame
-from agent.model_repo import ModelRepository
+from agent.frames.ingest import Frame
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
-from agent.tenant import Tenant
+from agent.service.model_repo import ModelRepository
 from backends.fake import FakeBackend
 from tests.conftest import CAT_CLASSES, ESPRESSO, MODELS, REPO, sample
 

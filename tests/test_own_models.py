@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from agent.ingest import Frame
-from agent.model_repo import ModelError, ModelRepository
+from agent.frames.ingest import Frame
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
-from agent.tenant import Tenant
+from agent.service.model_repo import ModelError, ModelRepository
 from backends import registry
 from backends.base import BackendError
 from tests.conftest import MODELS, sample

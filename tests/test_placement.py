@@ -15,7 +15,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.client import publish_placement
+from agent.commands.client import publish_placement
 from agent.placement.auto import choose, resource_of
 from tests.conftest import CAT_CLASSES, Collector, sample, wait_for_log
 

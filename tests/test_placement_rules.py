@@ -8,11 +8,11 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.errors import PlacementRefused
 from agent.placement.intake import Accepted, Applied, Intake, Redelivery, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
 from agent.protocol.schemas import Placement, TenantSpec
 from agent.protocol.signing import sign
+from agent.service.errors import PlacementRefused
 
 NOW = 1_800_000_000.0
 

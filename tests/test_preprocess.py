@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 from PIL import Image
 
-from agent.model_repo import ModelRepository
-from agent.preprocess import BadImage, Preprocessor
+from agent.frames.preprocess import BadImage, Preprocessor
+from agent.service.model_repo import ModelRepository
 from tests import badimages
 from tests.conftest import MODELS, SAMPLES, sample
 
@@ -54,7 +54,7 @@ def test_large_jpeg_decoded_at_reduced_scale_still_classifies(lite0, session):
 
 def test_libjpeg_turbo_and_pillow_paths_agree_on_real_photos(lite0, session, monkeypatch):
     """The fast decoder (simplejpeg) and the fallback (Pillow) give the same top-1 on every photo."""
-    import agent.preprocess as preprocess
+    import agent.frames.preprocess as preprocess
 
     assert preprocess.simplejpeg is not None, "simplejpeg is a core dependency"
     pre = Preprocessor(lite0.input, 40_000_000)

@@ -17,17 +17,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from agent.config import AgentConfig
 from agent.devtools.local_broker import LocalBroker, free_port
-from agent.ingest import Frame
-from agent.model_repo import ModelRepository
-from agent.prometheus import registry_for, render
+from agent.frames.ingest import Frame
+from agent.frames.tenant import Tenant
+from agent.frames.tenant_table import TenantTable
+from agent.observability.prometheus import registry_for, render
+from agent.observability.reporting import Reporter
+from agent.observability.stats import LATENCY_BUCKETS_S, TenantStats
 from agent.protocol.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
 from agent.protocol.topics import Topics
-from agent.reporting import Reporter
-from agent.stats import LATENCY_BUCKETS_S, TenantStats
-from agent.tenant import Tenant
-from agent.tenant_table import TenantTable
+from agent.service.config import AgentConfig
+from agent.service.model_repo import ModelRepository
 from backends.fake import FakeBackend
 from tests.conftest import MODELS, REPO, SAMPLES, AgentProcess, Collector, sample
 

@@ -11,10 +11,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from agent.config import ConfigError, load_config, parse_broker_url
-from agent.model_repo import ModelError, ModelRepository
-from agent.preprocess import BadImage, Preprocessor
+from agent.frames.preprocess import BadImage, Preprocessor
 from agent.protocol.signing import SignatureRefused, load_public_key, verify
+from agent.service.config import ConfigError, load_config, parse_broker_url
+from agent.service.model_repo import ModelError, ModelRepository
 from tests.conftest import MODELS, sample
 
 SPEC = ModelRepository(MODELS).load("efficientnet-lite0").input

@@ -22,9 +22,9 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import AgentConfig
-from agent.daemon import Agent
 from agent.devtools.local_broker import LocalBroker, free_port
+from agent.service.config import AgentConfig
+from agent.service.daemon import Agent
 from backends import registry
 from tests.conftest import MODELS, AgentProcess, Collector, passwd_file, sample
 
@@ -313,7 +313,7 @@ def with_suppress(fn, *args) -> None:
 
 def spooled_telemetry(state_dir: Path, device_id: str) -> list[float]:
     """The `ts` of each telemetry message in the agent's outbox spool: produced, not yet acknowledged
-    by the broker (agent/outbox.py deletes a row once its PUBACK came)."""
+    by the broker (agent/service/outbox.py deletes a row once its PUBACK came)."""
     with contextlib.closing(sqlite3.connect(state_dir / "outbox.db", timeout=10)) as db:
         rows = db.execute(
             "SELECT payload FROM outbox WHERE topic = ? ORDER BY seq", (f"edge/{device_id}/telemetry",)
@@ -571,7 +571,7 @@ def wait_for_condition(condition, timeout: float = 10.0) -> bool:
 
 def test_call_with_deadline_returns_raises_times_out_and_releases_late_results():
     """The guard around runtime calls that may hang (loads, device listing, profiling)."""
-    from agent.deadline import call_with_deadline
+    from agent.frames.deadline import call_with_deadline
 
     async def main() -> list[str]:
         assert await call_with_deadline(lambda: 7, 5.0, None) == 7

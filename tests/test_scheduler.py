@@ -9,11 +9,11 @@ from collections import Counter
 
 import pytest
 
-from agent.ingest import Frame
-from agent.model_repo import ModelRepository
+from agent.frames.ingest import Frame
+from agent.frames.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
-from agent.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
-from agent.tenant import Tenant
+from agent.service.model_repo import ModelRepository
 from backends.base import BackendError
 from backends.fake import FakeBackend
 from tests.conftest import MODELS, sample

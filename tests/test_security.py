@@ -233,7 +233,7 @@ def judged_after_restart(agent: AgentProcess, connects_before: int) -> dict:
 def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, tmp_path):
     import asyncio
 
-    from agent.client import publish_placement
+    from agent.commands.client import publish_placement
     from agent.protocol.signing import generate_keypair, load_private_key, sign
 
     private, public = generate_keypair(tmp_path)
@@ -296,7 +296,7 @@ def test_signed_placements_refuse_unsigned_forged_replayed_and_expired(broker, t
 
 
 async def _publish_retained(url: str, topic: str, payload: bytes) -> None:
-    from agent.client import connect
+    from agent.commands.client import connect
 
     async with connect(url) as client:
         await client.publish(topic, payload, qos=1, retain=True)
@@ -320,7 +320,7 @@ def test_tampered_artifact_refused_previous_placement_keeps_serving(broker, tmp_
     import asyncio
     import shutil
 
-    from agent.client import publish_placement
+    from agent.commands.client import publish_placement
 
     models = tmp_path / "models"
     shutil.copytree(REPO / "models" / "efficientnet-lite0", models / "efficientnet-lite0")
@@ -351,7 +351,7 @@ def test_an_applied_signed_placement_is_not_refused_after_it_expires(broker, tmp
     has expired that is still a redelivery, not a refusal (the console signs for an hour)."""
     import asyncio
 
-    from agent.client import publish_placement
+    from agent.commands.client import publish_placement
     from agent.placement.intake import Applied, Intake, Refused
     from agent.protocol.signing import generate_keypair, load_private_key, load_public_key, sign
 
@@ -391,7 +391,7 @@ def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
     status still explains the choice (the console tracks auto tenants by it)."""
     import asyncio
 
-    from agent.client import publish_placement
+    from agent.commands.client import publish_placement
     from agent.protocol.signing import generate_keypair, load_private_key, sign
 
     private, public = generate_keypair(tmp_path)
@@ -422,7 +422,6 @@ def test_a_signed_auto_placement_survives_a_restart(broker, tmp_path):
 
 def test_devices_accept_a_small_set_of_keys_for_rotation(tmp_path):
     """Old and new key side by side (a rotation); a key left out is refused; the list is bounded."""
-    from agent.config import AgentConfig
     from agent.placement.intake import Accepted, Applied, Intake, Refused
     from agent.protocol.signing import (
         MAX_PUBLIC_KEYS,
@@ -431,6 +430,7 @@ def test_devices_accept_a_small_set_of_keys_for_rotation(tmp_path):
         load_public_keys,
         sign,
     )
+    from agent.service.config import AgentConfig
 
     pairs = []
     for name in ("old", "new", "retired"):

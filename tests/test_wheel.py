@@ -60,7 +60,9 @@ def test_core_install_has_no_console_stack(installed: Path) -> None:
     assert found.strip() == "[]"
     console = subprocess.run([installed / "venv/bin/edge-console", "serve"], capture_output=True, text=True)
     assert console.returncode == 2 and "pip install 'edge-agent[console]'" in console.stderr, console
-    where = _run(python, "-c", "from agent.config import bundled_models_dir as b; print(b())", cwd=installed)
+    where = _run(
+        python, "-c", "from agent.service.config import bundled_models_dir as b; print(b())", cwd=installed
+    )
     assert "site-packages" in where and REPO.as_posix() not in where
     listed = _run(installed / "venv/bin/edge-agent", "models", "--json", cwd=installed)
     models = {m["name"]: m for m in json.loads(listed)}

@@ -14,7 +14,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from agent.client import InferClient, read_retained
+from agent.commands.client import InferClient, read_retained
 from agent.devtools.local_broker import LocalBroker, free_port
 from agent.protocol.topics import Topics
 

@@ -15,10 +15,10 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
-from agent.errors import PlacementRefused
-from agent.model_repo import ModelError, ModelRepository
 from agent.placement.profiler import Candidate, Profiler
 from agent.protocol.schemas import AutoChoice, Placement, TenantSpec
+from agent.service.errors import PlacementRefused
+from agent.service.model_repo import ModelError, ModelRepository
 from backends import registry
 
 log = logging.getLogger(__name__)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.errors import PlacementRefused
 from agent.protocol.schemas import Placement, TenantSpec
+from agent.service.errors import PlacementRefused
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from agent.model_repo import Model
+from agent.service.model_repo import Model
 from backends import isolation, registry
 from backends.base import BackendError
 

@@ -21,12 +21,11 @@ import time
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
-from agent import faults
-from agent.config import AgentConfig, ConfigError
-from agent.deadline import call_with_deadline
-from agent.errors import PlacementRefused
-from agent.health import DriftWatch, Health, Relay, probe
-from agent.model_repo import Model, ModelError, ModelRepository
+from agent.frames import faults
+from agent.frames.deadline import call_with_deadline
+from agent.frames.health import DriftWatch, Health, Relay, probe
+from agent.frames.tenant import Tenant, TenantOptionError
+from agent.frames.tenant_table import TenantTable
 from agent.placement.auto import AutoPlacer
 from agent.placement.intake import Applied, Intake, Outcome, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
@@ -41,8 +40,9 @@ from agent.protocol.schemas import (
     Refusal,
     TenantSpec,
 )
-from agent.tenant import Tenant, TenantOptionError
-from agent.tenant_table import TenantTable
+from agent.service.config import AgentConfig, ConfigError
+from agent.service.errors import PlacementRefused
+from agent.service.model_repo import Model, ModelError, ModelRepository
 from backends import registry
 from backends.base import Backend, BackendError, UnknownDevice
 

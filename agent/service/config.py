@@ -22,11 +22,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agent.errors import AgentError
 from agent.protocol.broker import BrokerUrlError
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
 from agent.protocol.topics import DEVICE_ID_RE, filters_overlap, valid_device_id, valid_model_name
+from agent.service.errors import AgentError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
 DEFAULT_STATE_DIR = Path("/var/lib/edge-agent")
@@ -38,7 +38,7 @@ def bundled_models_dir() -> Path:
     In a checkout (or /opt/edge-agent/src) it sits beside the package; an installed wheel carries it
     as the package data of `edge_agent_models` (pyproject maps models/ to that name).
     """
-    beside = Path(__file__).resolve().parent.parent / "models"
+    beside = Path(__file__).resolve().parents[2] / "models"
     if beside.is_dir():
         return beside
     spec = importlib.util.find_spec("edge_agent_models")
@@ -241,7 +241,7 @@ class AgentConfig(BaseSettings):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     inputs: list[InputConfig] = Field(default_factory=list, max_length=64)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
-    # Fault injection for chaos tests (agent/faults.py, docs/reliability.md): off unless set, e.g.
+    # Fault injection for chaos tests (agent/frames/faults.py, docs/reliability.md): off unless set, e.g.
     # EDGE_AGENT_FAULTS="openvino:CPU:hang:after=200". Several are separated by commas.
     faults: str = ""
     # What to serve before (or without) a placement from the console.

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from pydantic import ValidationError
 
-from agent.errors import AgentError
 from agent.protocol.schemas import Envelope, ErrorCode
 from agent.protocol.topics import valid_model_name
+from agent.service.errors import AgentError
 
 
 class IngestError(AgentError):

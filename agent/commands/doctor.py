@@ -11,10 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from agent.config import AgentConfig
-from agent.model_repo import ModelError, ModelRepository
 from agent.protocol.schemas import Placement
 from agent.protocol.topics import valid_model_name
+from agent.service.config import AgentConfig
+from agent.service.model_repo import ModelError, ModelRepository
 
 Level = Literal["ok", "warn", "fail"]
 MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
@@ -118,7 +118,7 @@ def check_backends(config: AgentConfig) -> list[Check]:
 
 def check_fast_paths() -> list[Check]:
     """The optional native paths the frame pipeline's measured speed depends on."""
-    from agent import preprocess
+    from agent.frames import preprocess
 
     out = []
     if preprocess.simplejpeg is not None:
@@ -189,7 +189,7 @@ def check_broker(config: AgentConfig) -> Check:
     async def mqtt_connect() -> None:
         import aiomqtt
 
-        from agent.mqtt_session import build_tls_context
+        from agent.service.mqtt_session import build_tls_context
 
         tls = await asyncio.to_thread(build_tls_context, config.broker)
         async with aiomqtt.Client(

@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from agent.model_repo import ModelError, ModelRepository
+from agent.service.model_repo import ModelError, ModelRepository
 
 
 def describe(repo: ModelRepository, name: str) -> dict[str, Any]:

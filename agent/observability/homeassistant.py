@@ -23,10 +23,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from agent import __version__
-from agent.config import HomeAssistantConfig
-from agent.mqtt_session import Incoming, MqttSession
+from agent.frames.tenant_table import TenantTable
 from agent.protocol.topics import Topics
-from agent.tenant_table import TenantTable
+from agent.service.config import HomeAssistantConfig
+from agent.service.mqtt_session import Incoming, MqttSession
 
 log = logging.getLogger(__name__)
 

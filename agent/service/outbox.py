@@ -26,7 +26,7 @@ from pathlib import Path
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt_session import MqttSession, NotConnected
+from agent.service.mqtt_session import MqttSession, NotConnected
 
 log = logging.getLogger(__name__)
 

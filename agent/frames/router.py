@@ -2,7 +2,7 @@
 
 Every frame gets exactly one answer (docs/protocol.md, "A result"): an ingest error or a refusal is
 answered here at once; a queued frame is answered by its tenant through `emit`. A frame that arrives
-again with its caller's request id is not run again (agent/dedup.py, docs/protocol.md "Duplicates").
+again with its caller's request id is not run again (agent/frames/dedup.py, docs/protocol.md "Duplicates").
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 
 from paho.mqtt.properties import Properties
 
-from agent.config import IngestConfig
-from agent.dedup import Answered, First, RecentRequests
-from agent.ingest import Frame, FrameMeta, IngestError, parse_frame
-from agent.mqtt_session import Incoming
-from agent.outbox import Outbox
+from agent.frames.dedup import Answered, First, RecentRequests
+from agent.frames.ingest import Frame, FrameMeta, IngestError, parse_frame
+from agent.frames.tenant_table import TenantTable
 from agent.protocol.schemas import DetectionResult, ErrorCode, ErrorInfo, ErrorResult, InferResult
 from agent.protocol.topics import Topics
-from agent.tenant_table import TenantTable
+from agent.service.config import IngestConfig
+from agent.service.mqtt_session import Incoming
+from agent.service.outbox import Outbox
 
 
 def frame_meta(props: Properties | None) -> FrameMeta:

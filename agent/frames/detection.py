@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from agent.model_repo import DetectionSpec, InputSpec
 from agent.protocol.schemas import Box, Detection
+from agent.service.model_repo import DetectionSpec, InputSpec
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,7 @@ def frame_geometry(spec: InputSpec, width: int, height: int) -> tuple[float, flo
         scale = min(in_w / width, in_h / height)
         used_w, used_h = width * scale / in_w, height * scale / in_h  # fractions of the input used
         return (1.0 - used_w) / 2.0, (1.0 - used_h) / 2.0, 1.0 / used_w, 1.0 / used_h
-    # Centre crop (agent/preprocess.py): the input shows the crop_w x crop_h middle of the frame.
+    # Centre crop (agent/frames/preprocess.py): the input shows the crop_w x crop_h middle of the frame.
     side = min(width, height) * spec.crop_fraction
     crop_w, crop_h = side * in_w / max(in_h, in_w), side * in_h / max(in_h, in_w)
     left, top = (width - crop_w) / 2.0, (height - crop_h) / 2.0

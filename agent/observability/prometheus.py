@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 from agent import __version__
 
 if TYPE_CHECKING:
-    from agent.reporting import Reporter
+    from agent.observability.reporting import Reporter
 
 log = logging.getLogger(__name__)
 

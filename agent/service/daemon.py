@@ -15,30 +15,30 @@ import contextlib
 import logging
 from typing import Any
 
-from agent import memory
-from agent.capabilities import probe_backends_cached
-from agent.config import AgentConfig, ConfigError
-from agent.deadline import call_with_deadline
-from agent.errors import PlacementRefused
-from agent.homeassistant import HomeAssistant
-from agent.metrics import MetricsStore
-from agent.model_repo import Model, ModelRepository
-from agent.mqtt_session import MqttSession
-from agent.outbox import Outbox, OutboxStore
+from agent.frames.deadline import call_with_deadline
+from agent.frames.router import FrameRouter
+from agent.frames.tenant import Tenant
+from agent.frames.tenant_table import TenantTable
+from agent.observability.homeassistant import HomeAssistant
+from agent.observability.metrics import MetricsStore
+from agent.observability.reporting import Reporter
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
 from agent.protocol.schemas import Capabilities, TenantSpec
 from agent.protocol.signing import load_public_keys
 from agent.protocol.topics import BROKER_DROPPED, Topics
-from agent.reporting import Reporter
-from agent.router import FrameRouter
-from agent.sd_notify import notify, watchdog_interval_s, watchdog_loop
-from agent.tenant import Tenant
-from agent.tenant_table import TenantTable
+from agent.service import memory
+from agent.service.capabilities import probe_backends_cached
+from agent.service.config import AgentConfig, ConfigError
+from agent.service.errors import PlacementRefused
+from agent.service.model_repo import Model, ModelRepository
+from agent.service.mqtt_session import MqttSession
+from agent.service.outbox import Outbox, OutboxStore
+from agent.service.sd_notify import notify, watchdog_interval_s, watchdog_loop
 from backends.base import Backend
 
 log = logging.getLogger(__name__)
-# The runtimes' probe (a child process, agent/capabilities.py) gets this long at start, retries
+# The runtimes' probe (a child process, agent/service/capabilities.py) gets this long at start, retries
 # included; a hung device or driver then leaves the agent starting without capabilities.
 PROBE_TIMEOUT_S = 60.0
 
@@ -165,7 +165,7 @@ class Agent:
         if self.homeassistant is not None:
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
         if self.config.metrics.prometheus_listen:
-            from agent.prometheus import serve
+            from agent.observability.prometheus import serve
 
             self._tasks.append(
                 asyncio.create_task(
@@ -213,7 +213,7 @@ class Agent:
     # -- helpers ----------------------------------------------------------------------------------
     def _probe_capabilities(self) -> Capabilities:
         """Which runtimes and devices this machine has, probed in a child process (blocking: the
-        runtimes ask their drivers); agent/capabilities.py says why a child."""
+        runtimes ask their drivers); agent/service/capabilities.py says why a child."""
         cache = self.config.state_dir / "capabilities.json"
         return Capabilities(backends=probe_backends_cached(cache), models=self.repo.names())
 

@@ -23,12 +23,19 @@ from typing import Any
 
 import numpy as np
 
-from agent import faults
-from agent.health import DriftWatch, Relay
-from agent.ingest import Frame
-from agent.model_repo import Model
-from agent.postprocess import DetectionOptions, detection_options, detections, outputs_probabilities, top_k
-from agent.preprocess import BadImage, Preprocessor
+from agent.frames import faults
+from agent.frames.health import DriftWatch, Relay
+from agent.frames.ingest import Frame
+from agent.frames.postprocess import (
+    DetectionOptions,
+    detection_options,
+    detections,
+    outputs_probabilities,
+    top_k,
+)
+from agent.frames.preprocess import BadImage, Preprocessor
+from agent.frames.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
+from agent.observability.stats import TenantStats
 from agent.protocol.schemas import (
     Detection,
     DetectionResult,
@@ -41,8 +48,7 @@ from agent.protocol.schemas import (
     TenantState,
     Timing,
 )
-from agent.scheduler import BatchQueue, QueueClosed, QueueFull, warmup_batch_sizes
-from agent.stats import TenantStats
+from agent.service.model_repo import Model
 from backends import isolation
 from backends.base import Backend, BackendError, ModelLoadError, Session
 

@@ -11,6 +11,7 @@ import asyncio
 from collections import Counter, deque
 from typing import Any
 
+from agent.frames.tenant import Tenant
 from agent.protocol.schemas import (
     AutoChoice,
     Candidate,
@@ -20,7 +21,6 @@ from agent.protocol.schemas import (
     TenantSpec,
     TenantStatus,
 )
-from agent.tenant import Tenant
 
 
 class TenantTable:

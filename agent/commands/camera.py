@@ -32,7 +32,7 @@ from typing import Any
 import aiomqtt
 import numpy as np
 
-from agent.client import InferClient, Reply
+from agent.commands.client import InferClient, Reply
 
 log = logging.getLogger(__name__)
 

@@ -15,10 +15,8 @@ from collections import deque
 from collections.abc import Callable, Mapping
 
 from agent import __version__
-from agent.config import AgentConfig
-from agent.device_stats import DeviceStats
-from agent.mqtt_session import Incoming, MqttSession
-from agent.outbox import Outbox
+from agent.frames.tenant_table import TenantTable
+from agent.observability.device_stats import DeviceStats
 from agent.protocol.schemas import (
     DeviceTelemetry,
     PlacementStatus,
@@ -28,7 +26,9 @@ from agent.protocol.schemas import (
     TenantTelemetry,
 )
 from agent.protocol.topics import Topics
-from agent.tenant_table import TenantTable
+from agent.service.config import AgentConfig
+from agent.service.mqtt_session import Incoming, MqttSession
+from agent.service.outbox import Outbox
 
 log = logging.getLogger(__name__)
 

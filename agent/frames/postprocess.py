@@ -1,13 +1,13 @@
 """Postprocessing of a model's output row: a classifier's top-k classes with their scores, a
-detector's boxes (agent/detection.py); payloads in docs/protocol.md."""
+detector's boxes (agent/frames/detection.py); payloads in docs/protocol.md."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from agent.detection import DetectionOptions, decode, options_for
-from agent.model_repo import Model
+from agent.frames.detection import DetectionOptions, decode, options_for
 from agent.protocol.schemas import Detection, TenantSpec, TopK
+from agent.service.model_repo import Model
 
 
 def outputs_probabilities(rows: np.ndarray) -> bool:
@@ -51,6 +51,6 @@ def detection_options(model: Model, spec: TenantSpec) -> DetectionOptions | None
 def detections(
     model: Model, row: np.ndarray, frame_size: tuple[int, int], options: DetectionOptions
 ) -> list[Detection]:
-    """One frame's boxes from a detector's output row (agent/detection.py)."""
+    """One frame's boxes from a detector's output row (agent/frames/detection.py)."""
     assert model.manifest.detection is not None  # a detection tenant's model, checked at load
     return decode(row, model.manifest.detection, model.input, model.labels, frame_size, options)

@@ -15,8 +15,8 @@ from typing import Any
 from urllib.parse import quote
 
 from agent import __version__
-from agent.config import AgentConfig, ConfigError, load_config
-from agent.logs import setup_logging
+from agent.service.config import AgentConfig, ConfigError, load_config
+from agent.service.logs import setup_logging
 
 EXIT_CONFIG = 2
 log = logging.getLogger("agent")
@@ -47,7 +47,7 @@ def _check_dirs(config: AgentConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.daemon import Agent
+    from agent.service.daemon import Agent
 
     config = _config_from_args(args)
     _check_dirs(config)
@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | None]:
     """Broker URL (with the config's credentials), device id and TLS context for client commands."""
-    from agent.mqtt_session import build_tls_context
+    from agent.service.mqtt_session import build_tls_context
 
     config = _config_from_args(args)
     b = config.broker
@@ -86,7 +86,7 @@ def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | N
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from agent.client import InferClient
+    from agent.commands.client import InferClient
 
     url, device_id, tls = _device_args(args)
     images = [Path(p) for p in args.images]
@@ -125,8 +125,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_camera(args: argparse.Namespace) -> int:
     import time
 
-    from agent.camera import CameraRun, SourceError, run_camera, short_side_for, summary
-    from agent.config import BUNDLED_MODELS_DIR
+    from agent.commands.camera import CameraRun, SourceError, run_camera, short_side_for, summary
+    from agent.service.config import BUNDLED_MODELS_DIR
 
     logging.basicConfig(level=logging.WARNING, format="camera: %(message)s", stream=sys.stderr)
     url, device_id, tls = _device_args(args)
@@ -156,7 +156,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from agent.client import read_retained
+    from agent.commands.client import read_retained
     from agent.protocol.topics import Topics
 
     url, device_id, tls = _device_args(args)
@@ -169,7 +169,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_place(args: argparse.Namespace) -> int:
-    from agent.client import publish_placement, read_retained
+    from agent.commands.client import publish_placement, read_retained
     from agent.protocol import editing
     from agent.protocol.schemas import Placement, Status
     from agent.protocol.topics import Topics
@@ -267,7 +267,7 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
-    from agent import doctor
+    from agent.commands import doctor
 
     try:
         config = _config_from_args(args)
@@ -278,7 +278,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_backends(args: argparse.Namespace) -> int:
-    from agent.capabilities import probe_backends
+    from agent.service.capabilities import probe_backends
 
     for name, cap in probe_backends().items():  # in a child, as the agent does
         state = "available" if cap.available else "unavailable"
@@ -288,7 +288,7 @@ def cmd_backends(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from agent import model_admin
+    from agent.commands import model_admin
 
     config = _config_from_args(args)
     return model_admin.run(args, config.models_dir)
@@ -391,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     keygen.add_argument("--out", required=True, help="folder for the key pair")
     keygen.set_defaults(func=cmd_keygen)
 
-    from agent.model_admin import add_parser as add_models_parser
+    from agent.commands.model_admin import add_parser as add_models_parser
 
     add_models_parser(sub).set_defaults(func=cmd_models)
 

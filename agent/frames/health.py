@@ -20,8 +20,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from agent.faults import Fault
-from agent.ingest import Frame
+from agent.frames.faults import Fault
+from agent.frames.ingest import Frame
 from agent.protocol.schemas import ErrorCode
 from backends import isolation
 from backends.base import Backend, ModelArtifacts

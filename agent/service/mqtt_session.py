@@ -33,8 +33,8 @@ from aiomqtt.exceptions import MqttConnectError
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.config import BrokerConfig
 from agent.protocol.broker import refuses_mqtt5, tcp_reachable, tls_context
+from agent.service.config import BrokerConfig
 
 log = logging.getLogger(__name__)
 

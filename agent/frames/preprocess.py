@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageFile
 
-from agent.model_repo import InputSpec
+from agent.service.model_repo import InputSpec
 
 try:  # OpenCV's resize is ~5x faster than Pillow's for the crop+resize step; optional.
     import cv2 as _cv2
@@ -77,7 +77,7 @@ class Preprocessor:
 
     def prepare(self, data: bytes, out: np.ndarray | None = None) -> tuple[np.ndarray, tuple[int, int]]:
         """As __call__, plus the decoded frame's (width, height): a detector's boxes are mapped
-        back to the frame with it (agent/detection.py; a reduced-scale decode keeps the aspect)."""
+        back to the frame with it (agent/frames/detection.py; a reduced-scale decode keeps the aspect)."""
         pixels = self.decode(data)
         size = (int(pixels.shape[1]), int(pixels.shape[0]))
         return self._normalise(self._crop_resize(pixels), out), size
@@ -168,7 +168,9 @@ class Preprocessor:
         height, width = pixels.shape[:2]
         if self.spec.resize == "stretch":
             return self._resize(pixels, self.width, self.height)
-        if self.spec.resize == "letterbox":  # aspect kept, centred, padded (agent/detection.py undoes it)
+        if (
+            self.spec.resize == "letterbox"
+        ):  # aspect kept, centred, padded (agent/frames/detection.py undoes it)
             scale = min(self.width / width, self.height / height)
             used_w = min(self.width, max(1, round(width * scale)))
             used_h = min(self.height, max(1, round(height * scale)))

@@ -23,9 +23,9 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.mqtt_session import NO_DELAY
 from agent.protocol.broker import parse_broker_url, refuses_mqtt5, tcp_reachable
 from agent.protocol.topics import Topics
+from agent.service.mqtt_session import NO_DELAY
 
 # With "auto", how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (some 3.1.1-only
 # brokers never answer it instead of refusing).

@@ -21,8 +21,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.errors import AgentError
 from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
+from agent.service.errors import AgentError
 from backends.base import ModelArtifacts
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ class InputSpec(_Strict):
     crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
     # How the frame becomes the input size: "crop" (centre crop, classifiers), "stretch" (the whole
     # frame resized, aspect not kept) or "letterbox" (the whole frame, aspect kept, padded with
-    # `pad`). Detectors see the whole frame; their boxes are mapped back to it (agent/detection.py).
+    # `pad`). Detectors see the whole frame; their boxes are mapped back to it (agent/frames/detection.py).
     resize: Literal["crop", "stretch", "letterbox"] = "crop"
     pad: float = Field(default=0.0, ge=0.0, le=255.0)
 

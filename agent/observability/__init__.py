@@ -1,0 +1,1 @@
+"""What the agent tells people: per-tenant stats, telemetry, /metrics, Home Assistant."""

@@ -1,0 +1,1 @@
+"""The daemon's wiring: config, the MQTT session and outbox, the model repository, logs, systemd."""
