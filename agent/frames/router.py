@@ -1,6 +1,6 @@
 """Frame routing: a frame in -> refused with a coded error, or queued on the tenant serving its model.
 
-Every frame gets exactly one answer (docs/protocol.md, "A result"): an ingest error or a refusal is
+Every frame gets exactly one answer (docs/protocol.md, "Answers"): an ingest error or a refusal is
 answered here at once; a queued frame is answered by its tenant through `emit`. A frame that arrives
 again with its caller's request id is not run again (agent/frames/dedup.py, docs/protocol.md "Duplicates").
 """
