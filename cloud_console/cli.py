@@ -4,6 +4,7 @@
                        [--config console.toml] [--shared-group NAME] [--demo-users [admin=PW,viewer=PW]]
                        [--sign-key FILE] [--ca-file CA] [--cert-file CERT --key-file KEY]
     edge-console simulate --broker mqtt://HOST:PORT --devices 500 [--interval 2]
+                          [--ca-file CA] [--cert-file CERT --key-file KEY]
     edge-console hash-password            (prompts; or --stdin)
     edge-console token create --user NAME --name LABEL [--role viewer]   (prints the token once)
     edge-console token list | token revoke ID          (each takes --config / --db)
@@ -29,7 +30,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.protocol.broker import BrokerUrlError
+from agent.protocol.broker import BrokerUrlError, client_tls
 from cloud_console.auth import hash_password
 from cloud_console.config import (
     ConsoleConfig,
@@ -238,6 +239,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     address = parse_broker_url(args.broker)
+    try:  # the agent's TLS rules (agent.protocol.broker): mqtts:// uses the system CAs unless --ca-file
+        tls = client_tls(address, args.ca_file, args.cert_file, args.key_file, args.tls_insecure)
+    except BrokerUrlError as exc:
+        print(f"edge-console simulate: {exc}", file=sys.stderr)
+        return 2
     sim = FleetSimulator(
         address.host,
         address.port,
@@ -248,6 +254,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         username=address.username,
         password=address.password,
+        tls_context=tls,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -329,6 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--seed", type=int, default=1)
     simulate.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
     simulate.add_argument("--clear-on-exit", action="store_true", help="clear retained topics at exit")
+    simulate.add_argument("--ca-file", type=Path, help="CA of the broker's certificate (mqtts://)")
+    simulate.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
+    simulate.add_argument("--key-file", type=Path, help="client key (mutual TLS)")
+    simulate.add_argument("--tls-insecure", action="store_true", help="skip the broker host name check")
     simulate.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     simulate.set_defaults(func=cmd_simulate)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import ssl
 import threading
 import time
 from collections import deque
@@ -409,6 +410,7 @@ class FleetSimulator:
         seed: int = 1,
         username: str | None = None,
         password: str | None = None,
+        tls_context: ssl.SSLContext | None = None,
     ) -> None:
         self.host, self.port = host, port
         self.interval_s = interval_s
@@ -429,6 +431,8 @@ class FleetSimulator:
         for conn in self.connections:
             if username:
                 conn.client.username_pw_set(username, password)
+            if tls_context is not None:  # a secured broker (mqtts://, docs/security.md)
+                conn.client.tls_set_context(tls_context)
         self.lock = threading.Lock()
         self.dirty: set[str] = set()
         self.telemetry_sent = 0

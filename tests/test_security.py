@@ -6,6 +6,7 @@ import json
 import os
 import ssl
 import subprocess
+import sys
 import threading
 import time
 
@@ -479,3 +480,54 @@ def test_console_refuses_to_start_with_unusable_signing_or_tls_files(tmp_path, c
         cli.main([*base, "--broker", "mqtts://127.0.0.1:1", "--ca-file", str(tmp_path / "missing.pem")]) == 2
     )
     assert "TLS files" in capsys.readouterr().err
+
+
+def test_simulated_fleet_connects_to_a_mutual_tls_broker(shared_dir, tmp_path):
+    """`edge-console simulate` takes the TLS flags the console takes, so a secured broker can be load-tested."""
+    pki = make_pki(shared_dir / "pki", clients=("sim",))
+    pw = passwd_file(shared_dir, {"sim": "s1m", "tester": "t3st"})
+    broker = LocalBroker(
+        anonymous=False,
+        extra_config=(
+            f"password_file {pw}\ncafile {pki['ca']}\ncertfile {pki['server_cert']}\n"
+            f"keyfile {pki['server_key']}\nrequire_certificate true\n"
+        ),
+    )
+    with broker:
+        topics = [f"edge/simtls-{i:04d}/status" for i in range(3)]
+        tls = {"ca_certs": str(pki["ca"]), "certfile": str(pki["sim_cert"]), "keyfile": str(pki["sim_key"])}
+        c = Collector(broker.port, topics, "tester", "t3st", tls)
+        sim = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "cloud_console",
+                "simulate",
+                "--broker",
+                f"mqtts://sim:s1m@127.0.0.1:{broker.port}",
+                "--ca-file",
+                str(pki["ca"]),
+                "--cert-file",
+                str(pki["sim_cert"]),
+                "--key-file",
+                str(pki["sim_key"]),
+                "--devices",
+                "3",
+                "--id-prefix",
+                "simtls",
+                "--duration",
+                "120",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            for topic in topics:
+                got = c.wait_for(lambda r: bool(r) and r[-1].get("online") is True, topic, timeout=60)
+                assert got[-1]["device_id"] == topic.split("/")[1]
+        finally:
+            sim.terminate()
+            out, _ = sim.communicate(timeout=30)
+            c.close()
+        assert "s1m" not in out, "the broker password is never printed"
