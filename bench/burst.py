@@ -6,7 +6,8 @@ frames without a row were dropped by the broker before the agent saw them. Run a
 Mosquitto with its default queue limit (`max_queued_messages 1000`) and the fleet setting of
 deploy/mosquitto (10000), for a few values of the agent's MQTT 5 Receive Maximum, each `--repeat`
 times (bursts race the agent: the figures vary run to run). Prints a table; the broker's own `$SYS`
-drop counter beside it.
+drop counter beside it. Request ids are new in every run, and each run fails if the agent's
+telemetry counts a frame of it as a duplicate (answered from memory, bench/agent_counters.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from paho.mqtt.properties import Properties
 
 from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
+from bench.agent_counters import AgentCounters, check, exit_status
+from bench.loadgen import run_prefix
 
 SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "samples" / "cat.jpg"
 DEVICE = "burst"
@@ -85,9 +88,10 @@ def burst(port: int, frames: int) -> None:
     camera.loop_start()
     image = SAMPLE.read_bytes()
     infos = []
+    prefix = run_prefix("burst")
     for i in range(frames):
         props = Properties(PacketTypes.PUBLISH)
-        props.CorrelationData = f"b{i}".encode()
+        props.CorrelationData = f"{prefix}-b{i}".encode()
         infos.append(camera.publish(f"edge/{DEVICE}/infer", image, qos=1, properties=props))
     for info in infos:
         info.wait_for_publish(60)
@@ -100,16 +104,20 @@ def one(frames: int, queue_limit: int, receive_maximum: int) -> tuple[int, int]:
     with LocalBroker(extra_config=extra) as broker, tempfile.TemporaryDirectory() as tmp:
         config = (
             f'log_level = "WARNING"\n[broker]\nreceive_maximum = {receive_maximum}\n'
-            "[metrics]\nflush_interval_s = 0.2\n"
+            "[metrics]\nflush_interval_s = 0.2\ntelemetry_interval_s = 1.0\n"
         )
         agent = start_agent(broker.url, Path(tmp), DEVICE, config)
         drops = BrokerDrops(broker.port)
+        counters = AgentCounters(broker.url, DEVICE)
         try:
             asyncio.run(wait_ready(broker.url, DEVICE))
+            before = counters.read()
             burst(broker.port, frames)
             got = received(Path(tmp), frames)
+            check(before, counters.read(), {}, f"burst of {frames}")  # no frame answered from memory
             return got, drops.latest()
         finally:
+            counters.close()
             drops.close()
             agent.terminate()
             agent.wait(30)
@@ -136,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -1,4 +1,7 @@
-"""`edge-agent bench` / `python -m bench`: the concurrency benchmark (--placement: the placement one)."""
+"""`edge-agent bench` / `python -m bench`: the concurrency benchmark (--placement, --mixed: the others).
+
+The benchmark modules import nothing from here (no import cycle): `python -m bench` runs this.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +16,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--instances", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2, 4])
     parser.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8])
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per configuration")
+    parser.add_argument(
+        "--latency-seconds",
+        type=float,
+        help="measured seconds of the 70%% load runs (default: twice --seconds, at least 6)",
+    )
     parser.add_argument("--model", default="efficientnet-lite0")
     parser.add_argument(
         "--device", help="one device for every backend (e.g. cuda:0); default: each one's CPU"
@@ -41,17 +49,19 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
     add_arguments(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s", force=True)
+    from bench.agent_counters import exit_status
+
     if args.placement:
         from bench.placement import run as run_placement
 
-        return run_placement(args)
+        return exit_status(lambda: run_placement(args))
     if args.mixed:
         from bench.mixed import run as run_mixed
 
-        return run_mixed(args)
+        return exit_status(lambda: run_mixed(args))
     from bench.concurrency import run
 
-    return run(args)
+    return exit_status(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ For each available backend, instance count and batch size it measures, in one ru
   e2e       the real agent process behind a real Mosquitto, JPEG frames over MQTT 5,
 and once: naive, the script a user writes first (bench/naive_subscriber.py), over the same broker.
 Then, per backend, the latency check: unloaded p50, and p99 at 70% of the peak end-to-end rate.
-Prints a table with ratios, writes CSV and a PNG plot.
+Every end-to-end run is checked against the agent's telemetry: each result counted was an inference
+(bench/agent_counters.py), else the run fails. Prints a table with ratios, writes CSV and a PNG plot.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from agent.protocol.schemas import BatchSpec, Placement, TenantSpec
 from agent.protocol.topics import Topics
 from agent.service.model_repo import ModelRepository
 from backends import registry
+from bench.agent_counters import TELEMETRY_CONFIG, AgentCounters, check
 from bench.loadgen import LoadGenerator, Tally
 from bench.naive_subscriber import spawn
 
@@ -51,7 +53,7 @@ DEFAULT_DEVICE = {"onnxruntime": "cpu", "openvino": "CPU"}
 Precision = Literal["fp32", "fp16", "int8"] | None
 # The closed loop keeps 4 x instances x batch + 4 frames in flight (x4 b32: 516): the queue must
 # hold them, or the agent sheds the surplus as `overloaded` and the run measures shedding.
-BENCH_AGENT_CONFIG = 'log_level = "WARNING"\n[scheduler]\nqueue_depth = 4096\n'
+BENCH_AGENT_CONFIG = 'log_level = "WARNING"\n[scheduler]\nqueue_depth = 4096\n' + TELEMETRY_CONFIG
 
 
 @dataclass
@@ -263,6 +265,7 @@ def run(args: argparse.Namespace) -> int:
     ]
     progress = Progress(len(configs) * 3 + 1 + len(backends) * 4)
     rows: list[Row] = []
+    checked: list[dict[str, Any]] = []  # the agent's counters against the results, per run
 
     # Preprocessing cost per frame, beside inference (reported in the notes).
     pre = Preprocessor(model.input, 40_000_000)
@@ -277,7 +280,7 @@ def run(args: argparse.Namespace) -> int:
         agent = start_agent(broker.url, state, DEVICE, BENCH_AGENT_CONFIG)
         naive = spawn(broker.port, "naive", args.model, log)
         try:
-            _measure_all(broker.url, configs, frames, args, rows, progress, model)
+            _measure_all(broker.url, configs, frames, args, rows, progress, model, checked)
         finally:
             for proc in (agent, naive):
                 proc.terminate()
@@ -291,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(rows, out / "concurrency.csv")
     _print_table(rows, pre_ms)
-    _summary(rows, pre_ms, out / "summary.json")
+    _summary(rows, pre_ms, checked, out / "summary.json")
     if not args.no_plot:
         _plot(rows, out / "concurrency.png")
     print(
@@ -309,13 +312,13 @@ def _measure_all(
     rows: list[Row],
     progress: Progress,
     model_obj: Any,
+    checked: list[dict[str, Any]],
 ) -> None:
     """Per configuration raw, pipeline and end to end back to back, so that a machine whose speed
     drifts over minutes (a shared VM) shifts all three alike and the ratios stay honest; then the
     naive baseline and the latency check. End to end: frames from the lean camera
-    (bench/loadgen.py) at QoS 0, answers read from the result topic."""
-    model = model_obj.name
-    warmup = min(1.0, args.seconds / 3)
+    (bench/loadgen.py) at QoS 0, answers read from the result topic, each run checked against
+    the agent's counters."""
 
     async def both_up() -> None:
         """The agent and the naive script load their models at start: not while raw is measured."""
@@ -327,6 +330,27 @@ def _measure_all(
             await asyncio.sleep(0.3)
 
     asyncio.run(both_up())
+    counters = AgentCounters(url, DEVICE)
+    try:
+        _measure_agent(url, configs, frames, args, rows, progress, model_obj, counters, checked)
+    finally:
+        counters.close()
+
+
+def _measure_agent(
+    url: str,
+    configs: list[tuple[str, str, int, int]],
+    frames: list[bytes],
+    args: argparse.Namespace,
+    rows: list[Row],
+    progress: Progress,
+    model_obj: Any,
+    counters: AgentCounters,
+    checked: list[dict[str, Any]],
+) -> None:
+    """_measure_all's runs, with the agent's telemetry subscribed."""
+    model = model_obj.name
+    warmup = min(1.0, args.seconds / 3)
     generation = int(time.time())
 
     def place(backend: str, device: str, instances: int, batch: int) -> None:
@@ -352,12 +376,14 @@ def _measure_all(
         progress.step(f"pipeline {b} x{n} b{k}")
         generation += 1
         place(b, dev, n, k)
+        before = counters.read()
         gen = generator(url, DEVICE)
         try:
             # Deeper window than in-process: it must also cover the MQTT round trip.
             fps, tally = gen.closed_loop(frames, 4 * n * k + 4, args.seconds, warmup)
         finally:
             gen.close()
+        checked += check(before, counters.read(), {model: tally.results}, f"e2e {b} x{n} b{k}")
         errors_noted(tally, f"e2e {b} x{n} b{k}")
         p50, p99 = percentiles(tally.latencies)
         rows.append(Row(b, dev, n, k, "e2e", fps, p50, p99, len(tally.latencies)))
@@ -374,6 +400,8 @@ def _measure_all(
 
     # Latency under load: unloaded p50 vs p99 at 70% of the peak end-to-end rate, per backend for
     # its best configuration and, where that batches, for its best batch-1 configuration too.
+    # Longer than the throughput runs: p99 needs enough samples to mean something.
+    latency_s = args.latency_seconds or max(2 * args.seconds, 6.0)
     for b in sorted({c[0] for c in configs}):
         e2e = [r for r in rows if r.mode == "e2e" and r.backend == b]
         picks = [max(e2e, key=lambda r: r.fps)]
@@ -384,15 +412,17 @@ def _measure_all(
             label = f"{b} x{best.instances} b{best.batch}"
             generation += 1
             place(b, best.device, best.instances, best.batch)
+            before = counters.read()
             gen = generator(url, DEVICE)
             try:
                 _, unloaded = gen.closed_loop(frames, 1, args.seconds, warmup)
                 progress.step(f"unloaded {label}")
-                # Longer than the throughput runs: p99 needs enough samples to mean something.
-                loaded = gen.open_loop(frames, 0.7 * best.fps, max(2 * args.seconds, 6.0))
+                loaded = gen.open_loop(frames, 0.7 * best.fps, latency_s, min(1.0, latency_s))
                 progress.step(f"70% load {label}")
             finally:
                 gen.close()
+            results = {model: unloaded.results + loaded.results}
+            checked += check(before, counters.read(), results, f"latency {label}")
             errors_noted(loaded, f"70% load {label}")
             u50, u99 = percentiles(unloaded.latencies)
             l50, l99 = percentiles(loaded.latencies)
@@ -409,26 +439,6 @@ def _measure_all(
                     extra={"p99_vs_unloaded_p50": l99 / u50 if u50 else None},
                 )
             )
-
-
-def rows_from_csv(path: Path) -> list[Row]:
-    """Read a results CSV back (to re-plot without re-measuring)."""
-    out = []
-    for r in csv.DictReader(path.open()):
-        out.append(
-            Row(
-                r["backend"],
-                r["device"],
-                int(r["instances"]),
-                int(r["batch"]),
-                r["mode"],
-                float(r["fps"]),
-                float(r["p50_ms"]),
-                float(r["p99_ms"]),
-                int(r["frames"]),
-            )
-        )
-    return out
 
 
 def _ratios(rows: list[Row]) -> None:
@@ -511,7 +521,7 @@ def _print_table(rows: list[Row], pre_ms: float) -> None:
             )
 
 
-def _summary(rows: list[Row], pre_ms: float, path: Path) -> None:
+def _summary(rows: list[Row], pre_ms: float, checked: list[dict[str, Any]], path: Path) -> None:
     e2e = [r for r in rows if r.mode == "e2e"]
     naive = next((r for r in rows if r.mode == "naive"), None)
     one = next(
@@ -536,6 +546,9 @@ def _summary(rows: list[Row], pre_ms: float, path: Path) -> None:
         },
         "preprocess_ms_per_frame": pre_ms,
         "cpus": os.cpu_count(),
+        # Per end-to-end run: results the camera received, inferences the agent's telemetry counted
+        # (frames_out), frames it answered from its duplicate memory. Equal, and 0: or the run fails.
+        "agent_counters": checked,
     }
     path.write_text(json.dumps(summary, indent=2))
     print("\nsummary:")
@@ -547,6 +560,12 @@ def _summary(rows: list[Row], pre_ms: float, path: Path) -> None:
     print(
         "  end to end vs raw limit (same backend, instances, batch): "
         + ", ".join(f"{k} {v:.2f}" for k, v in summary["e2e_vs_raw_by_config"].items() if v)
+    )
+    results = sum(c["results"] for c in checked)
+    print(
+        f"  agent's counters: {len(checked)} end-to-end runs, {results} results, "
+        f"{sum(c['inferences'] for c in checked)} inferences, "
+        f"{sum(c['duplicates'] for c in checked)} answered from the duplicate memory"
     )
 
 
@@ -589,9 +608,3 @@ def _plot(rows: list[Row], path: Path) -> None:
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-if __name__ == "__main__":
-    from bench.cli import main
-
-    raise SystemExit(main())

@@ -6,7 +6,8 @@ CPU, the fault injected into OpenVINO after `--after` frames (EDGE_AGENT_FAULTS,
 camera streaming at `--rate` fps until the tenant has served on ONNX Runtime for 2 s. Measured on
 the camera's clock: from sending the first frame that met the fault to the first answer from ONNX
 Runtime; frames answered with an error, unanswered, answered twice; the worst latency. Printed
-beside the agent's own figure (`recovery_s` of the failover event).
+beside the agent's own figure (`recovery_s` of the failover event). Request ids are new in every
+run, and a run fails if the agent's telemetry counts a duplicate (an answer from memory).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from paho.mqtt.properties import Properties
 
 from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
+from bench.agent_counters import TELEMETRY_CONFIG, AgentCounters, check, exit_status
+from bench.loadgen import run_prefix
 
 SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "samples" / "cat.jpg"
 DEVICE = "failover"
@@ -51,6 +54,7 @@ class Camera:
         self.client.subscribe([(f"edge/{DEVICE}/result", 1), (f"edge/{DEVICE}/events", 1)])
         subscribed.wait(10)
         self.image = SAMPLE.read_bytes()
+        self.prefix = run_prefix("failover")
 
     def _on_message(self, _c: object, _u: object, message: paho.MQTTMessage) -> None:
         now = time.monotonic()
@@ -68,7 +72,7 @@ class Camera:
         while time.monotonic() - started < timeout_s:
             due = int((time.monotonic() - started) * rate) + 1
             while len(self.sent) < due:
-                rid = f"f{len(self.sent)}"
+                rid = f"{self.prefix}-f{len(self.sent)}"
                 props = Properties(PacketTypes.PUBLISH)
                 props.UserProperty = [("request_id", rid)]
                 self.sent[rid] = time.monotonic()
@@ -102,7 +106,7 @@ def measure(
         "failback_after_s = 3600\n[placement]\ngeneration = 1\n[[placement.tenants]]\n"
         'model = "efficientnet-lite0"\n'
         'candidates = [{ backend = "openvino", device = "CPU" },\n'
-        '  { backend = "onnxruntime", device = "cpu" }]\n'
+        '  { backend = "onnxruntime", device = "cpu" }]\n' + TELEMETRY_CONFIG
     )
     os.environ["EDGE_AGENT_FAULTS"] = f"openvino:CPU:{kind}:after={after}"
     with (
@@ -110,18 +114,23 @@ def measure(
         tempfile.TemporaryDirectory() as tmp,
     ):
         agent = start_agent(broker.url, Path(tmp), DEVICE, config)
+        counters = AgentCounters(broker.url, DEVICE)
         try:
             asyncio.run(wait_ready(broker.url, DEVICE, timeout_s=120))
+            before = counters.read()
             camera = Camera(broker.port)
             onnx_for = lambda: camera.served_on("onnxruntime") or float("inf")  # noqa: E731
             camera.stream(rate, lambda: time.monotonic() - onnx_for() > 2.0, timeout_s=after / rate + 120)
             with camera.cond:
                 camera.cond.wait_for(lambda: len(camera.answers) >= len(camera.sent), 60)
             camera.close()
+            # The tenant moves between runtimes (its counters restart): check only for repeats.
+            check(before, counters.read(), {}, f"failover on {kind}")
         finally:
+            counters.close()
             agent.terminate()
             agent.wait(60)
-    first_fault = camera.sent.get(f"f{after}")
+    first_fault = camera.sent.get(f"{camera.prefix}-f{after}")
     recovered = camera.served_on("onnxruntime")
     answers = camera.answers
     latencies = [got[0][0] - camera.sent[rid] for rid, got in answers.items()]
@@ -173,4 +182,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import secrets
 import socket
 import struct
 import threading
@@ -78,14 +79,26 @@ class ProtocolError(Exception):
 
 @dataclass
 class Tally:
-    """Replies seen in the counted window: latencies (ms) of good answers, and errors by code."""
+    """Replies seen in the counted window: latencies (ms) of good answers, and errors by code; and
+    every result of the run, warm-up included (what the agent's own counters must show)."""
 
     latencies: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    results: int = 0
+
+
+def run_prefix(name: str) -> str:
+    """`name` and a random tag: ids that no earlier run used. The agent answers an id it served
+    recently from memory, without inference (docs/protocol.md, "Duplicates"); a benchmark that
+    repeated ids would count those answers as throughput."""
+    return f"{name}-{secrets.token_hex(4)}"
 
 
 class LoadGenerator:
-    """One MQTT 5 connection that publishes frames and collects the device's results."""
+    """One MQTT 5 connection that publishes frames and collects the device's results.
+
+    Its client id and every run's request ids carry a random tag, so no id repeats across runs,
+    generators or benchmark invocations against the same agent."""
 
     def __init__(
         self,
@@ -99,7 +112,8 @@ class LoadGenerator:
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buf = bytearray()
         # CONNECT: protocol "MQTT" v5, clean start, keepalive 0 (a benchmark run is short), no props.
-        body = utf8("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 0) + varint(0) + utf8(client_id)
+        self.name = run_prefix(client_id)
+        body = utf8("MQTT") + bytes([5, 0x02]) + struct.pack("!H", 0) + varint(0) + utf8(self.name)
         self.sock.sendall(packet(CONNECT, 0, body))
         kind, payload = self._read_packet()
         if kind != CONNACK or payload[1] != 0:
@@ -113,7 +127,6 @@ class LoadGenerator:
         self.sock.settimeout(None)
         # A model named in the topic (`/infer/<model>`) routes the frame; else the device's default.
         self.topic = utf8(f"edge/{device_id}/infer" + (f"/{model}" if model else ""))
-        self.prefix = client_id  # request ids are unique across generators sharing a result topic
         self._sent: dict[str, float] = {}
         self._lock = threading.Lock()
         self.on_reply: Callable[[str, float, str | None], None] = lambda _id, _ms, _err: None
@@ -211,11 +224,12 @@ class LoadGenerator:
         slots = threading.Semaphore(window)
         begin = time.perf_counter()
         count_from, stop = begin + warmup, begin + warmup + seconds
-        counted = [0]
+        prefix = run_prefix(self.name)  # fresh ids for each run, also on a reused connection
 
         def on_reply(_id: str, ms: float, error: str | None) -> None:
+            if not error:
+                tally.results += 1
             if time.perf_counter() >= count_from:
-                counted[0] += 1
                 if error:
                     tally.errors[error] = tally.errors.get(error, 0) + 1
                 else:
@@ -227,7 +241,7 @@ class LoadGenerator:
         while time.perf_counter() < stop:
             if not slots.acquire(timeout=60):
                 raise TimeoutError("no reply for 60 s: is the agent serving?")
-            self.send(f"{self.prefix}-c{i}", frames[i % len(frames)])
+            self.send(f"{prefix}-c{i}", frames[i % len(frames)])
             i += 1
         elapsed = time.perf_counter() - count_from
         for _ in range(window):  # wait for the stragglers, so the next run starts clean
@@ -247,8 +261,11 @@ class LoadGenerator:
         skip = int(rate * warmup)
         n = skip + int(rate * seconds)
         done = threading.Semaphore(0)
+        prefix = run_prefix(self.name)
 
         def on_reply(request_id: str, ms: float, error: str | None) -> None:
+            if not error:
+                tally.results += 1
             if int(request_id.rsplit("-o", 1)[1]) >= skip:
                 if error:
                     tally.errors[error] = tally.errors.get(error, 0) + 1
@@ -262,7 +279,7 @@ class LoadGenerator:
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            self.send(f"{self.prefix}-o{i}", frames[i % len(frames)])
+            self.send(f"{prefix}-o{i}", frames[i % len(frames)])
         for _ in range(n):
             if not done.acquire(timeout=60):
                 raise TimeoutError("replies missing after 60 s")

@@ -12,6 +12,7 @@ and naive: one naive subscriber script per model (bench/naive_subscriber.py), ov
 The multi-tenant gain is the sum of each model's share of its alone rate when both run together:
 1.0 is what taking turns on the device gives (half the time each: half of each rate); above 1 the
 two tenants fill what the other leaves idle (cores, memory stalls, Python between runtime calls).
+Each end-to-end run is checked against the agent's telemetry (bench/agent_counters.py).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from agent.frames.tenant import Tenant
 from agent.protocol.schemas import TenantSpec
 from agent.service.model_repo import Model, ModelRepository
 from backends import registry
+from bench.agent_counters import AgentCounters, check
 from bench.concurrency import (
     BENCH_AGENT_CONFIG,
     DEFAULT_DEVICE,
@@ -156,16 +158,18 @@ def measure_pipeline(
 
 def measure_e2e(
     url: str, targets: dict[str, str], frames: dict[str, list[bytes]], seconds: float, routed: bool = True
-) -> dict[str, float]:
+) -> tuple[dict[str, float], dict[str, int]]:
     """One camera connection per model (model -> device id), closed loop, answers read from the
     result topic; `routed`: frames name their model in the topic (the naive scripts serve one each
-    on the plain infer topic)."""
-    results: dict[str, float] = {}
+    on the plain infer topic). Per model: img/s, and every result received (warm-up included)."""
+    rates: dict[str, float] = {}
+    results: dict[str, int] = {}
 
     def feed(model: str, device_id: str) -> None:
         gen = generator(url, device_id, model if routed else None, f"camera-{device_id}-{model}")
         try:
-            results[model] = gen.closed_loop(frames[model], 4, seconds, 1.0)[0]
+            rates[model], tally = gen.closed_loop(frames[model], 4, seconds, 1.0)
+            results[model] = tally.results
         finally:
             gen.close()
 
@@ -174,7 +178,7 @@ def measure_e2e(
         t.start()
     for t in threads:
         t.join()
-    return results
+    return rates, results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -191,8 +195,10 @@ def run(args: argparse.Namespace) -> int:
         agent = start_agent(broker.url, Path(tmp), DEVICE, BENCH_AGENT_CONFIG)
         log = (Path(tmp) / "naive.log").open("ab")
         naive = [spawn(broker.port, f"naive-{name}", name, log) for name in names]
+        counters: AgentCounters | None = None
         try:
             asyncio.run(wait_ready(broker.url, DEVICE))
+            counters = AgentCounters(broker.url, DEVICE)
             generation = int(time.time())
             for backend in backends:
                 device = args.device or DEFAULT_DEVICE.get(backend, "cpu")
@@ -207,16 +213,18 @@ def run(args: argparse.Namespace) -> int:
                         "pipeline": measure_pipeline(backend, device, subset, frames, args.seconds),
                     }
                     asyncio.run(apply_placement(broker.url, generation, specs))
-                    measured["e2e"] = measure_e2e(
+                    before = counters.read()
+                    measured["e2e"], results = measure_e2e(
                         broker.url, dict.fromkeys(chosen, DEVICE), frames, args.seconds
                     )
+                    check(before, counters.read(), results, f"e2e {backend} {workload}")
                     for mode, fps in measured.items():
                         rows += [
                             {"backend": backend, "workload": workload, "mode": mode, "model": m, "fps": v}
                             for m, v in fps.items()
                         ]
             for workload, chosen in workloads.items():  # naive: onnxruntime in the user's own script
-                fps = measure_e2e(
+                fps, _ = measure_e2e(  # the naive scripts remember nothing: no counters to check
                     broker.url, {m: f"naive-{m}" for m in chosen}, frames, args.seconds, routed=False
                 )
                 rows += [
@@ -225,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
                 ]
             sys.stderr.write("\n")
         finally:
+            if counters is not None:
+                counters.close()
             for proc in (agent, *naive):
                 proc.terminate()
                 try:

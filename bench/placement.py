@@ -2,7 +2,8 @@
 
 Two models served at once (EfficientNet-Lite0 and Lite1) by one real agent behind a real Mosquitto;
 aggregate end-to-end throughput when both sit on one backend, when they are spread over two
-backends/accelerators, and when the agent places them itself (`backend: "auto"`).
+backends/accelerators, and when the agent places them itself (`backend: "auto"`). Each layout's
+run is checked against the agent's telemetry (bench/agent_counters.py).
 """
 
 from __future__ import annotations
@@ -17,11 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Literal
 
-from agent.devtools.demo import start_agent
+from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
 from agent.protocol.schemas import TenantSpec
 from agent.service.model_repo import ModelRepository
 from backends import registry
+from bench.agent_counters import AgentCounters, check
 from bench.concurrency import BENCH_AGENT_CONFIG, DEVICE, apply_placement, generator, jpeg_frames
 
 MODELS = ("efficientnet-lite0", "efficientnet-lite1")
@@ -71,15 +73,18 @@ def layouts() -> dict[str, list[TenantSpec]]:
     return out
 
 
-def measure(url: str, seconds: float) -> dict[str, float]:
-    """Both models loaded at once, each fed by its own camera connection: per-model and total img/s."""
+def measure(url: str, seconds: float) -> tuple[dict[str, float], dict[str, int]]:
+    """Both models loaded at once, each fed by its own camera connection: per model img/s, and
+    every result received (warm-up included)."""
     frames = {m: jpeg_frames(224 if m.endswith("lite0") else 240) for m in MODELS}
-    results: dict[str, float] = {}
+    rates: dict[str, float] = {}
+    results: dict[str, int] = {}
 
     def feed(model: str) -> None:
         gen = generator(url, DEVICE, model, f"camera-{model}")
         try:
-            results[model] = gen.closed_loop(frames[model], 6, seconds, 1.0)[0]
+            rates[model], tally = gen.closed_loop(frames[model], 6, seconds, 1.0)
+            results[model] = tally.results
         finally:
             gen.close()
 
@@ -88,7 +93,7 @@ def measure(url: str, seconds: float) -> dict[str, float]:
         t.start()
     for t in threads:
         t.join()
-    return {m: results[m] for m in MODELS}
+    return {m: rates[m] for m in MODELS}, results
 
 
 def run(args: argparse.Namespace) -> int:
@@ -96,7 +101,10 @@ def run(args: argparse.Namespace) -> int:
     rows: list[dict[str, Any]] = []
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-place-bench-") as tmp:
         agent = start_agent(broker.url, Path(tmp), DEVICE, BENCH_AGENT_CONFIG)
+        counters: AgentCounters | None = None
         try:
+            asyncio.run(wait_ready(broker.url, DEVICE))
+            counters = AgentCounters(broker.url, DEVICE)
             generation = int(time.time())
             for i, (name, tenants) in enumerate(plans.items(), start=1):
                 generation += 1
@@ -104,10 +112,14 @@ def run(args: argparse.Namespace) -> int:
                 sys.stderr.flush()
                 asyncio.run(apply_placement(broker.url, generation, tenants))
                 placed = _placed(broker.url)
-                fps = measure(broker.url, args.seconds)
+                before = counters.read()
+                fps, results = measure(broker.url, args.seconds)
+                check(before, counters.read(), results, f"layout {name!r}")
                 rows.append({"layout": name, "placed": placed, **fps, "total": sum(fps.values())})
             sys.stderr.write("\n")
         finally:
+            if counters is not None:
+                counters.close()
             agent.terminate()
             agent.wait(30)
     base = rows[0]["total"]

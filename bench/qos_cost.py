@@ -3,7 +3,9 @@
 For each QoS: a private Mosquitto, the agent with `broker.results_qos` set to it, and a camera that
 publishes at that QoS and reads the answers at that QoS. Two figures per QoS: the round trip of one
 frame at a time (p50, p99 over `--frames`), and the time to answer a burst of `--burst` frames sent
-back to back (answers per second). Printed with the QoS 2 / QoS 1 ratio.
+back to back (answers per second). Printed with the QoS 2 / QoS 1 ratio. Request ids are new in
+every run, and each run fails unless the agent's telemetry counted an inference for every result
+(bench/agent_counters.py).
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from paho.mqtt.properties import Properties
 
 from agent.devtools.demo import start_agent, wait_ready
 from agent.devtools.local_broker import LocalBroker
+from bench.agent_counters import TELEMETRY_CONFIG, AgentCounters, check, exit_status
+from bench.loadgen import run_prefix
 
 SAMPLE = Path(__file__).resolve().parent.parent / "agent" / "samples" / "cat.jpg"
 DEVICE = "qos"
@@ -35,6 +39,7 @@ class Camera:
     def __init__(self, port: int, qos: int) -> None:
         self.qos = qos
         self.answered: dict[str, float] = {}
+        self.results: dict[str, int] = {}  # model -> results received (repeats included)
         self.cond = threading.Condition()
         self.subscribed = threading.Event()
         self.client = paho.Client(CallbackAPIVersion.VERSION2, protocol=paho.MQTTv5)
@@ -55,8 +60,11 @@ class Camera:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def _on_message(self, _c: object, _u: object, message: paho.MQTTMessage) -> None:
-        rid = json.loads(message.payload)["request_id"]
+        body = json.loads(message.payload)
+        rid = body["request_id"]
         with self.cond:
+            if "error" not in body:
+                self.results[body["model"]] = self.results.get(body["model"], 0) + 1
             self.answered.setdefault(rid, time.perf_counter())
             self.cond.notify_all()
 
@@ -81,28 +89,37 @@ def measure(qos: int, frames: int, burst: int) -> tuple[float, float, float]:
         LocalBroker(extra_config="max_queued_messages 100000\n") as broker,
         tempfile.TemporaryDirectory() as tmp,
     ):
-        config = f'log_level = "WARNING"\n[broker]\nresults_qos = {qos}\n[scheduler]\nqueue_depth = 4096\n'
+        config = (
+            f'log_level = "WARNING"\n[broker]\nresults_qos = {qos}\n[scheduler]\nqueue_depth = 4096\n'
+            + TELEMETRY_CONFIG
+        )
         agent = start_agent(broker.url, Path(tmp), DEVICE, config)
+        counters = AgentCounters(broker.url, DEVICE)
         try:
             asyncio.run(wait_ready(broker.url, DEVICE))
+            before = counters.read()
             camera = Camera(broker.port, qos)
+            prefix = run_prefix("qos")
             for i in range(20):  # warm-up
-                camera.send(f"w{i}")
-                camera.wait([f"w{i}"])
+                camera.send(f"{prefix}-w{i}")
+                camera.wait([f"{prefix}-w{i}"])
             rtts = []
             for i in range(frames):
-                sent = camera.send(f"r{i}")
-                camera.wait([f"r{i}"])
-                rtts.append((camera.answered[f"r{i}"] - sent) * 1000)
-            ids = [f"b{i}" for i in range(burst)]
+                rid = f"{prefix}-r{i}"
+                sent = camera.send(rid)
+                camera.wait([rid])
+                rtts.append((camera.answered[rid] - sent) * 1000)
+            ids = [f"{prefix}-b{i}" for i in range(burst)]
             start = time.perf_counter()
             for rid in ids:
                 camera.send(rid)
             camera.wait(ids)
             rate = burst / (max(camera.answered[r] for r in ids) - start)
             camera.close()
+            check(before, counters.read(), camera.results, f"QoS {qos}")
             return statistics.median(rtts), statistics.quantiles(rtts, n=100)[98], rate
         finally:
+            counters.close()
             agent.terminate()
             agent.wait(30)
 
@@ -123,4 +140,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(exit_status(main))
