@@ -396,7 +396,8 @@ class Console:
         log.info("%s published placement generation %d to %s (%s)", user, doc.generation, device_id, action)
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "device", self.detail(device))
-        return doc, track(device.desired, device.effective_status())
+        signed = Placement.model_validate_json(payload)  # what went out: with its signature, if signed
+        return signed, track(device.desired, device.effective_status())
 
     def _wire(self, doc: Placement) -> bytes:
         """The document as published: signed (expiry and a fresh signed_at) when the console has a

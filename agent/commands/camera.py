@@ -243,7 +243,8 @@ class CameraRun:
     timeout_s: float = 10.0
     jpeg_quality: int = 90
     tls_context: Any = None
-    prefix: str = "edge"
+    prefix: str = "edge"  # broker.topic_prefix of the agent's config
+    protocol: str = "auto"  # broker.protocol: "5", "3.1.1" or "auto"
     emit: Callable[[str], None] = print
     as_json: bool = False
     counts: Counts = field(default_factory=Counts)
@@ -262,7 +263,7 @@ class CameraRun:
             while True:
                 try:
                     async with InferClient(
-                        self.broker_url, self.device_id, self.prefix, self.tls_context
+                        self.broker_url, self.device_id, self.prefix, self.tls_context, self.protocol
                     ) as client:
                         backoff = BROKER_BACKOFF_S[0]
                         await self._pump(client, grabber, stop)

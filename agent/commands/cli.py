@@ -11,7 +11,7 @@ import signal
 import ssl
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from agent import __version__
@@ -73,8 +73,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | None]:
-    """Broker URL (with the config's credentials), device id and TLS context for client commands."""
+class Target(NamedTuple):
+    """Where a client command talks to its device: everything from the agent's own config."""
+
+    url: str  # with the config's credentials
+    device_id: str
+    tls: ssl.SSLContext | None
+    prefix: str  # broker.topic_prefix
+    user: str | None
+
+
+def _device_args(args: argparse.Namespace) -> Target:
+    """The broker URL (with the config's credentials), device id, TLS context and topic prefix for
+    client commands: the same config as the agent's, so they reach it on a secured broker."""
     from agent.service.mqtt_session import build_tls_context
 
     config = _config_from_args(args)
@@ -82,13 +93,14 @@ def _device_args(args: argparse.Namespace) -> tuple[str, str, ssl.SSLContext | N
     args.protocol = b.protocol  # broker.protocol: "auto" falls back to 3.1.1 as the agent does
     scheme = "mqtts" if b.tls.enabled else "mqtt"
     auth = f"{quote(b.username)}:{quote(b.password or '')}@" if b.username else ""
-    return f"{scheme}://{auth}{b.host}:{b.port}", config.device_id, build_tls_context(b)
+    url = f"{scheme}://{auth}{b.host}:{b.port}"
+    return Target(url, config.device_id, build_tls_context(b), b.topic_prefix, b.username)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from agent.commands.client import InferClient
 
-    url, device_id, tls = _device_args(args)
+    url, device_id, tls, prefix, _user = _device_args(args)
     images = [Path(p) for p in args.images]
     for path in images:
         if not path.is_file():
@@ -97,7 +109,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         failures = 0
-        async with InferClient(url, device_id, tls_context=tls, protocol=args.protocol) as client:
+        async with InferClient(url, device_id, prefix, tls, args.protocol) as client:
             for path in images:
                 try:
                     reply = await client.infer(path.read_bytes(), args.model, timeout_s=args.timeout)
@@ -129,7 +141,7 @@ def cmd_camera(args: argparse.Namespace) -> int:
     from agent.service.config import BUNDLED_MODELS_DIR
 
     logging.basicConfig(level=logging.WARNING, format="camera: %(message)s", stream=sys.stderr)
-    url, device_id, tls = _device_args(args)
+    url, device_id, tls, prefix, _user = _device_args(args)
     short = args.short_side or short_side_for(args.models or BUNDLED_MODELS_DIR, args.model)
     run = CameraRun(
         source=args.source,
@@ -142,6 +154,8 @@ def cmd_camera(args: argparse.Namespace) -> int:
         max_in_flight=args.max_in_flight,
         timeout_s=args.timeout,
         tls_context=tls,
+        prefix=prefix,
+        protocol=args.protocol,
         as_json=args.json,
         emit=lambda line: print(line, flush=True),
     )
@@ -159,10 +173,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from agent.commands.client import read_retained
     from agent.protocol.topics import Topics
 
-    url, device_id, tls = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, args.timeout, tls, args.protocol))
+    target = _device_args(args)
+    topic = Topics(target.device_id, target.prefix).status
+    status = asyncio.run(read_retained(target.url, topic, args.timeout, target.tls, args.protocol))
     if status is None:
-        print(f"no status from device {device_id!r} on {url}", file=sys.stderr)
+        # Mosquitto grants a subscription its ACL does not allow and then delivers nothing: both
+        # causes look the same from here.
+        print(
+            f"no status on {topic} within {args.timeout:g} s: the agent has never connected to this "
+            f"broker, or the broker's ACL does not let user {target.user or '(anonymous)'} read "
+            "that topic (docs/security.md#broker-acl)",
+            file=sys.stderr,
+        )
         return 1
     print(json.dumps(status, indent=2))
     return 0 if status.get("online") else 1
@@ -174,8 +196,9 @@ def cmd_place(args: argparse.Namespace) -> int:
     from agent.protocol.schemas import Placement, Status
     from agent.protocol.topics import Topics
 
-    url, device_id, tls = _device_args(args)
-    status = asyncio.run(read_retained(url, Topics(device_id).status, 5.0, tls, args.protocol)) or {}
+    url, device_id, tls, prefix, _user = _device_args(args)
+    topics = Topics(device_id, prefix)
+    status = asyncio.run(read_retained(url, topics.status, 5.0, tls, args.protocol)) or {}
     try:  # the same editing rules as the console's (agent.protocol.editing)
         reported = Status.model_validate(status) if status else None
     except ValueError:
@@ -225,9 +248,9 @@ def cmd_place(args: argparse.Namespace) -> int:
             print(f"error: --sign-key {args.sign_key}: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         doc = sign(doc, key, valid_s=args.valid_s)
-    print(f"publishing placement generation {doc['generation']} to {Topics(device_id).placement}")
+    print(f"publishing placement generation {doc['generation']} to {topics.placement}")
     applied, status = asyncio.run(
-        publish_placement(url, device_id, doc, args.timeout, tls_context=tls, protocol=args.protocol)
+        publish_placement(url, device_id, doc, args.timeout, prefix, tls, args.protocol)
     )
     placement = status.get("placement") or {}
     if applied:

@@ -124,7 +124,9 @@ class InferClient:
 
     async def __aenter__(self) -> InferClient:
         self.topics = Topics(self.device_id, self.prefix)
-        self.reply_topic = f"{self.prefix}-client/{uuid.uuid4().hex}/reply"
+        self.reply_topic = (  # answers only this user may read (docs/security.md, "Broker ACL")
+            f"{self.topics.base}/reply/{parse_broker_url(self.broker_url).username or '_'}/{uuid.uuid4().hex}"
+        )
         self._session = session(
             self.broker_url, self.tls_context, self.protocol, max_queued_incoming_messages=100_000
         )
