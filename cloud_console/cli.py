@@ -30,7 +30,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.protocol.broker import BrokerUrlError, client_tls
+from agent.protocol.broker import BrokerUrlError, client_tls, redact_url
 from cloud_console.auth import hash_password
 from cloud_console.config import (
     ConsoleConfig,
@@ -152,7 +152,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for role, password in demo.items():
         print(f"edge-console: demo user {role} password {password} (role {role})", flush=True)
     print(
-        f"edge-console: serving http://{host}:{port}/ (broker {config.broker.url}, db {config.storage.db},"
+        f"edge-console: serving http://{host}:{port}/ (broker {redact_url(config.broker.url)},"
+        f" db {config.storage.db},"
         f" placements {signing});"
         f" ready when GET /healthz answers",
         flush=True,

@@ -1,7 +1,8 @@
 """The console's MQTT connection: the only owner of its aiomqtt client.
 
-aiomqtt does not reconnect by itself; `run()` is the one loop that does, with exponential backoff
-and jitter. Subscriptions are replayed on every connect. A handler that raises is logged and
+aiomqtt does not reconnect by itself; `run()` uses the agent's loop for it (agent.protocol.connection:
+exponential backoff with jitter, the MQTT 3.1.1 fallback, which goes back to MQTT 5 after a failed
+3.1.1 try). Subscriptions are replayed on every connect. A handler that raises is logged and
 counted; it never stops dispatch. The console needs no persistent session: what it must know on
 (re)connect is retained at the broker (status, placement), and telemetry is live-only.
 """
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import random
 import socket
 import ssl
 from collections.abc import Callable
@@ -19,7 +19,8 @@ from typing import Any
 
 import aiomqtt
 
-from agent.protocol.broker import BrokerAddress, client_tls, credentials, refuses_mqtt5, tcp_reachable
+from agent.protocol.broker import BrokerAddress, client_tls, credentials
+from agent.protocol.connection import Backoff, Link, VersionChoice, keep_connected
 from agent.protocol.topics import fleet_filter
 from cloud_console.config import BrokerSettings
 
@@ -30,7 +31,7 @@ NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 
 
 class PublishFailed(Exception):
-    """The broker is not reachable or did not acknowledge in time; nothing was published."""
+    """The broker is not reachable, did not acknowledge in time, or refused it (an ACL)."""
 
 
 def build_tls_context(address: BrokerAddress, settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -66,68 +67,61 @@ class ConsoleMqtt:
         self.received = 0
         self.handler_errors = 0
         self.last_error = ""
-        self._client: aiomqtt.Client | None = None
+        self._link: Link | None = None
         self._stopping = False
         # "auto": MQTT 5 until the broker refuses it before any connection succeeded.
-        self.version = "3.1.1" if settings.protocol == "3.1.1" else "5"
-        self._settled = settings.protocol != "auto"
+        self._versions = VersionChoice(settings.protocol)
+
+    @property
+    def version(self) -> str:
+        """The MQTT version in use or tried next ("5" or "3.1.1")."""
+        return self._versions.version
 
     def backlog(self) -> int:
         """Messages received from the broker and not yet handled (aiomqtt's incoming queue)."""
-        client = self._client
-        return len(client.messages) if client is not None else 0
+        link = self._link
+        return len(link.client.messages) if link is not None else 0
 
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again, until stop()."""
         tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
         username, password = credentials(self.address, self.settings.username, self.settings.password)
-        backoff = self.settings.reconnect_min_s
-        timeouts = 0  # MQTT 5 CONNECTs in a row left unanswered ("auto": then 3.1.1 is tried)
-        while not self._stopping:
-            client = self._new_client(username, password, tls)
-            try:
-                async with client:
-                    for topic, qos in self.subscriptions:
-                        await client.subscribe(topic, qos=qos)
-                    self._client = client
-                    self._settled = True  # the version that connected is the broker's
-                    self.connects += 1
-                    self.connected.set()
-                    backoff = self.settings.reconnect_min_s
-                    log.info(
-                        "connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id
-                    )
-                    async for message in client.messages:
-                        self._dispatch(message)
-            except aiomqtt.MqttError as exc:
-                if self._stopping:
-                    break
-                if not self._settled:
-                    if self.version == "3.1.1" and self.settings.protocol == "auto":
-                        self.version, timeouts = "5", 0  # 3.1.1 failed too: MQTT 5 again next time
-                    else:
-                        # A timeout counts only when the broker took the TCP connection.
-                        unanswered = "timed out" in str(exc).lower() and await tcp_reachable(
-                            self.address.host, self.address.port
-                        )
-                        timeouts = timeouts + 1 if unanswered else 0
-                        if self.version == "5" and (refuses_mqtt5(exc) or timeouts >= 2):
-                            log.warning("the broker does not speak MQTT 5 (%s): using MQTT 3.1.1", exc)
-                            self.version = "3.1.1"
-                            continue
-                self.last_error = str(exc)
-                delay = backoff * (0.5 + random.random())  # jitter spreads reconnects of many workers
-                log.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
-                self._down()
-                await asyncio.sleep(delay)
-                backoff = min(backoff * 2, self.settings.reconnect_max_s)
-            finally:
-                self._down()
+
+        def link_for(version: str) -> Link:
+            # A fresh client each time: the console keeps no session.
+            return Link(self._new_client(version, username, password, tls))
+
+        def failed(exc: BaseException) -> None:
+            self.last_error = str(exc)
+
+        await keep_connected(
+            host=self.address.host,
+            port=self.address.port,
+            versions=self._versions,
+            backoff=Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s),
+            link_for=link_for,
+            serve=self._serve,
+            down=self._down,
+            stopping=lambda: self._stopping,
+            on_error=failed,
+            logger=log,
+        )
+
+    async def _serve(self, link: Link) -> None:
+        client = link.client
+        for topic, qos in self.subscriptions:
+            await client.subscribe(topic, qos=qos)
+        self._link = link
+        self.connects += 1
+        self.connected.set()
+        log.info("connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id)
+        async for message in client.messages:
+            self._dispatch(message)
 
     def _new_client(
-        self, username: str | None, password: str | None, tls: ssl.SSLContext | None
+        self, version: str, username: str | None, password: str | None, tls: ssl.SSLContext | None
     ) -> aiomqtt.Client:
-        v311 = self.version == "3.1.1"
+        v311 = version == "3.1.1"
         # MQTT 5 starts clean; 3.1.1 has a clean session instead (the console keeps no session).
         session: dict[str, Any] = {"clean_session": True} if v311 else {"clean_start": True}
         client = aiomqtt.Client(
@@ -149,7 +143,7 @@ class ConsoleMqtt:
 
     def _down(self) -> None:
         self.connected.clear()
-        self._client = None
+        self._link = None
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         self.received += 1
@@ -162,13 +156,13 @@ class ConsoleMqtt:
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and, for QoS 1, wait for the broker's ack. Raises PublishFailed when down."""
-        client = self._client
-        if client is None or not self.connected.is_set():
+        link = self._link
+        if link is None or not self.connected.is_set():
             raise PublishFailed("not connected to the MQTT broker")
-        try:
-            await client.publish(topic, payload, qos=qos, retain=retain, timeout=10.0)
+        try:  # a refusal (PublishRefused) names the topic and the broker's reason itself
+            await link.publish(topic, payload, qos=qos, retain=retain, ack_wait_s=10.0)
         except aiomqtt.MqttError as exc:
-            raise PublishFailed(f"{topic}: {exc}") from exc
+            raise PublishFailed(str(exc) if topic in str(exc) else f"{topic}: {exc}") from exc
 
     def stop(self) -> None:
         """Stop reconnecting. The owner then cancels `run()`, whose `async with` disconnects cleanly."""

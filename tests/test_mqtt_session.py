@@ -44,6 +44,7 @@ def test_connect_timeouts_switch_to_3_1_1_only_when_the_broker_took_the_connecti
 
     from agent.devtools.local_broker import LocalBroker
     from agent.protocol.broker import tcp_reachable
+    from agent.protocol.connection import VersionChoice
     from agent.service.config import BrokerConfig
     from agent.service.mqtt_session import MqttSession
 
@@ -53,11 +54,14 @@ def test_connect_timeouts_switch_to_3_1_1_only_when_the_broker_took_the_connecti
     assert asyncio.run(tcp_reachable("127.0.0.1", down_port, 2.0)) is False  # stopped: refused
 
     timeout = aiomqtt.MqttError("Operation timed out")
-    unreachable = MqttSession(BrokerConfig(protocol="auto"), "t1", "w", b"")
-    assert not unreachable._try_other_version(timeout, reachable=False)
-    assert not unreachable._try_other_version(timeout, reachable=False)
-    assert unreachable.protocol == "5"
-    silent = MqttSession(BrokerConfig(protocol="auto"), "t2", "w", b"")
-    assert not silent._try_other_version(timeout, reachable=True)
-    assert silent._try_other_version(timeout, reachable=True)
-    assert silent.protocol == "3.1.1"
+    unreachable = VersionChoice("auto")
+    assert not unreachable.failed(timeout, reachable=False)
+    assert not unreachable.failed(timeout, reachable=False)
+    assert unreachable.version == "5"
+    silent = VersionChoice("auto")
+    assert not silent.failed(timeout, reachable=True)
+    assert silent.failed(timeout, reachable=True)
+    assert silent.version == "3.1.1"
+    # The agent's session takes its version from that rule.
+    assert MqttSession(BrokerConfig(protocol="auto"), "t1", "w", b"").protocol == "5"
+    assert MqttSession(BrokerConfig(protocol="3.1.1"), "t2", "w", b"").protocol == "3.1.1"

@@ -33,6 +33,7 @@ import aiomqtt
 import numpy as np
 
 from agent.commands.client import InferClient, Reply
+from agent.protocol.connection import Refused
 
 log = logging.getLogger(__name__)
 
@@ -271,6 +272,8 @@ class CameraRun:
                             await asyncio.wait(self._in_flight, timeout=self.timeout_s + 1)
                     break
                 except aiomqtt.MqttError as exc:
+                    if isinstance(exc, Refused):
+                        raise  # the broker refused a frame (an ACL): it would refuse the next ones
                     if self._index == 0 and self.counts.broker_reconnects == 0:
                         raise  # never reached the broker: say so (the CLI's one-line error)
                     self.counts.broker_reconnects += 1

@@ -455,10 +455,16 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as exc:
         # The client commands (infer, status, place) reach a broker: say so in one line, not a traceback.
+        from agent.protocol.broker import redact_url
+        from agent.protocol.connection import Refused
+
+        if isinstance(exc, Refused):  # an ACL: the topic and the broker's reason, at once
+            print(f"edge-agent: {exc}", file=sys.stderr)
+            return 1
         if args.command in ("infer", "status", "place", "camera") and _is_connection_error(exc):
-            where = getattr(args, "broker", None) or "the configured broker"
+            where = redact_url(getattr(args, "broker", None) or "the configured broker")
             print(
-                f"edge-agent: cannot talk to the broker at {where}: {exc} "
+                f"edge-agent: cannot talk to the broker at {where}: {redact_url(str(exc))} "
                 "(is it running, and is it mqtt:// or mqtts://? `edge-agent doctor` checks)",
                 file=sys.stderr,
             )

@@ -3,7 +3,11 @@
 Used by `edge-agent infer`, `status`, `place` and `camera`, the demo and the benchmark. Over MQTT 5
 each request carries correlation data and a private response topic (what `mosquitto_rr` does). A
 broker that speaks only MQTT 3.1.1 gets the same requests as JSON envelopes, and the answers are
-read from the device's result topic by request id (docs/protocol.md, "JSON envelope").
+read from the device's result topic by request id (docs/protocol.md, "MQTT 3.1.1 brokers").
+
+Connecting (and the MQTT 3.1.1 fallback) is agent.protocol.connection's `connect_once`, the rule the
+agent and the console follow too. A publish or subscription the broker refuses (MQTT 5 reason code,
+e.g. "Not authorized" from an ACL) raises `Refused` at once, naming the topic and the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ import aiomqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.protocol.broker import parse_broker_url, refuses_mqtt5, tcp_reachable
+from agent.protocol.broker import parse_broker_url
+from agent.protocol.connection import Link, check_granted, connect_once
 from agent.protocol.topics import Topics
 from agent.service.mqtt_session import NO_DELAY
 
@@ -56,33 +61,27 @@ def connect(
 @contextlib.asynccontextmanager
 async def session(
     broker_url: str, tls_context: ssl.SSLContext | None = None, protocol: str = "auto", **kwargs: Any
-) -> AsyncIterator[tuple[aiomqtt.Client, str]]:
+) -> AsyncIterator[tuple[Link, str]]:
     """A connected client and its MQTT version. `protocol` "auto" tries MQTT 5 first and falls back
     to 3.1.1 when the broker refuses it or does not answer; "5" or "3.1.1" use only that version."""
-    versions = ["5", "3.1.1"] if protocol == "auto" else [protocol]
-    for attempt, version in enumerate(versions):
-        fallback_left = attempt < len(versions) - 1
-        options = dict(kwargs)
-        if fallback_left:
-            options["timeout"] = min(float(kwargs.get("timeout") or 10.0), V5_CONNECT_TIMEOUT_S)
-        client = connect(broker_url, tls_context, version, **options)
-        try:
-            await client.__aenter__()
-        except aiomqtt.MqttError as exc:
-            if fallback_left and refuses_mqtt5(exc):
-                continue
-            if fallback_left and "timed out" in str(exc).lower():
-                broker = parse_broker_url(broker_url)
-                if await tcp_reachable(broker.host, broker.port):  # an unanswered CONNECT
-                    continue
-            raise
-        client.timeout = float(kwargs.get("timeout") or 10.0)  # the shorter wait was for CONNECT only
-        try:
-            yield client, version
-        finally:
-            with contextlib.suppress(aiomqtt.MqttError):
-                await client.__aexit__(None, None, None)
-        return
+    broker = parse_broker_url(broker_url)
+    timeout = float(kwargs.pop("timeout", None) or 10.0)
+
+    def client_for(version: str, connect_timeout_s: float | None) -> aiomqtt.Client:
+        return connect(broker_url, tls_context, version, timeout=connect_timeout_s or timeout, **kwargs)
+
+    link, version = await connect_once(broker.host, broker.port, protocol, client_for, V5_CONNECT_TIMEOUT_S)
+    link.client.timeout = timeout  # a shorter wait was for CONNECT only
+    try:
+        yield link, version
+    finally:
+        with contextlib.suppress(aiomqtt.MqttError):
+            await link.client.__aexit__(None, None, None)
+
+
+async def subscribe(link: Link, topic: str, qos: int = 1) -> None:
+    """Subscribe; raises SubscribeRefused (a Refused) when the broker refused the filter."""
+    check_granted(topic, await link.client.subscribe(topic, qos=qos))
 
 
 @dataclass
@@ -117,7 +116,7 @@ class InferClient:
     tls_context: ssl.SSLContext | None = None
     protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5 unless the broker refuses it
     version: str = field(default="5", init=False)  # the version in use once connected
-    _client: aiomqtt.Client | None = field(default=None, init=False)
+    _link: Link | None = field(default=None, init=False)
     _session: Any = field(default=None, init=False)
     _pending: dict[str, tuple[float, asyncio.Future[Reply]]] = field(default_factory=dict, init=False)
     _reader: asyncio.Task[None] | None = field(default=None, init=False)
@@ -130,10 +129,14 @@ class InferClient:
         self._session = session(
             self.broker_url, self.tls_context, self.protocol, max_queued_incoming_messages=100_000
         )
-        self._client, self.version = await self._session.__aenter__()
-        self._client.pending_calls_threshold = 100_000  # many requests in flight is the point
-        # MQTT 3.1.1 has no response topics: answers come on the device's result topic.
-        await self._client.subscribe(self.reply_topic if self.version == "5" else self.topics.result, qos=1)
+        self._link, self.version = await self._session.__aenter__()
+        self._link.client.pending_calls_threshold = 100_000  # many requests in flight is the point
+        try:
+            # MQTT 3.1.1 has no response topics: answers come on the device's result topic.
+            await subscribe(self._link, self.reply_topic if self.version == "5" else self.topics.result)
+        except BaseException:
+            await self._session.__aexit__(None, None, None)
+            raise
         self._reader = asyncio.create_task(self._read())
         return self
 
@@ -144,8 +147,8 @@ class InferClient:
             await self._session.__aexit__(None, None, None)
 
     async def _read(self) -> None:
-        assert self._client is not None
-        async for message in self._client.messages:
+        assert self._link is not None
+        async for message in self._link.client.messages:
             try:
                 payload = json.loads(message.payload)  # type: ignore[arg-type,unused-ignore]
             except (TypeError, ValueError):
@@ -163,8 +166,9 @@ class InferClient:
     async def send(
         self, image: bytes, model: str | None = None, request_id: str | None = None, qos: int = 1
     ) -> asyncio.Future[Reply]:
-        """Publish one frame; returns a future of its reply."""
-        assert self._client is not None
+        """Publish one frame; returns a future of its reply. Raises PublishRefused at once when the
+        broker refused the frame (the future is then dropped)."""
+        assert self._link is not None
         request_id = request_id or uuid.uuid4().hex
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (time.perf_counter(), fut)
@@ -175,14 +179,26 @@ class InferClient:
             }
             if model:
                 envelope["model"] = model
-            await self._client.publish(self.topics.infer, json.dumps(envelope).encode(), qos=qos)
+            await self._publish(request_id, self.topics.infer, json.dumps(envelope).encode(), qos, None)
             return fut
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = request_id.encode()
         topic = self.topics.infer_model(model) if model else self.topics.infer
-        await self._client.publish(topic, image, qos=qos, properties=props)
+        await self._publish(request_id, topic, image, qos, props)
         return fut
+
+    async def _publish(
+        self, request_id: str, topic: str, payload: bytes, qos: int, props: Properties | None
+    ) -> None:
+        assert self._link is not None
+        try:
+            await self._link.publish(
+                topic, payload, qos=qos, properties=props, ack_wait_s=self._link.client.timeout
+            )
+        except aiomqtt.MqttError:
+            self._pending.pop(request_id, None)
+            raise
 
     async def infer(self, image: bytes, model: str | None = None, timeout_s: float = 30.0) -> Reply:
         fut = await self.send(image, model)
@@ -197,11 +213,11 @@ async def read_retained(
     protocol: str = "auto",
 ) -> dict[str, Any] | None:
     """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
-    async with session(broker_url, tls_context, protocol) as (client, _version):
-        await client.subscribe(topic, qos=1)
+    async with session(broker_url, tls_context, protocol) as (link, _version):
+        await subscribe(link, topic)
         try:
             async with asyncio.timeout(timeout_s):
-                async for message in client.messages:
+                async for message in link.client.messages:
                     return json.loads(message.payload)  # type: ignore[arg-type,no-any-return,unused-ignore]
         except TimeoutError:
             return None
@@ -220,11 +236,13 @@ async def publish_placement(
     """Publish a retained placement and wait until the device applies or refuses that generation.
 
     Returns (applied, last status seen). Refusal: the status's `placement.refused.generation` matches.
+    Raises PublishRefused when the broker refused the placement itself (an ACL).
     """
     topics = Topics(device_id, prefix)
     generation = doc["generation"]
-    async with session(broker_url, tls_context, protocol) as (client, _version):
-        await client.subscribe(topics.status, qos=1)
+    async with session(broker_url, tls_context, protocol) as (link, _version):
+        client = link.client
+        await subscribe(link, topics.status)
         # The retained status arrives first: only a status published after ours can answer it.
         baseline = 0.0
         status: dict[str, Any] = {}
@@ -234,7 +252,7 @@ async def publish_placement(
                     status = json.loads(message.payload)
                     baseline = float(status.get("ts") or 0.0)
                     break
-        await client.publish(topics.placement, json.dumps(doc).encode(), qos=1, retain=True)
+        await link.publish(topics.placement, json.dumps(doc).encode(), qos=1, retain=True)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:

@@ -3,11 +3,13 @@
 Before this module the agent and the console each parsed broker URLs and built TLS contexts, and
 their rules drifted (one accepted port 0). Both now call these functions: `parse_broker_url`,
 `tls_context`, and `client_tls` / `credentials` for a client with a URL plus settings (CA, client
-certificate and key, user name and password).
+certificate and key, user name and password). `redact_url` is how a URL is shown: never with its
+password, in a log line, an error message or a status.
 """
 
 from __future__ import annotations
 
+import re
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,27 +34,45 @@ class BrokerAddress:
     password: str | None = None
 
 
+# `scheme://userinfo@` anywhere in a text, or `userinfo@` at its start (a URL given without a scheme).
+# The user info runs to the last "@" before a space: an unquoted "/" or ":" in a password stays in it.
+_USERINFO = re.compile(r"(?P<start>\b[A-Za-z][A-Za-z0-9+.-]*://|^)(?P<userinfo>[^\s@]*)@")
+
+
+def redact_url(text: str) -> str:
+    """`text` with the password of every URL in it replaced by `***` (the user name stays: it says
+    which account was used). For URLs and for messages that may quote one."""
+
+    def hide(match: re.Match[str]) -> str:
+        user, colon, _password = match["userinfo"].partition(":")
+        return f"{match['start']}{user}{':***' if colon else ''}@"
+
+    return _USERINFO.sub(hide, text)
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """`mqtt://[user:pw@]host[:port]`, `mqtts://...` or `host[:port]` -> where to connect.
 
-    Default ports 1883 (plain) and 8883 (TLS); port 0 and out-of-range ports are errors.
+    Default ports 1883 (plain) and 8883 (TLS); port 0 and out-of-range ports are errors. Error
+    messages show the URL without its password.
     """
+    shown = redact_url(url)
     try:
         parts = urlsplit(url if "://" in url else f"mqtt://{url}")
         parts.hostname  # noqa: B018 (parses the netloc: raises on a malformed IPv6 literal)
     except ValueError as exc:
-        raise BrokerUrlError(f"broker {url!r}: {exc}") from exc
+        raise BrokerUrlError(f"broker {shown!r}: {exc}") from exc
     if parts.scheme not in SCHEMES_PLAIN + SCHEMES_TLS:
-        raise BrokerUrlError(f"broker {url!r}: scheme must be mqtt:// or mqtts://")
+        raise BrokerUrlError(f"broker {shown!r}: scheme must be mqtt:// or mqtts://")
     if not parts.hostname:
-        raise BrokerUrlError(f"broker {url!r}: no host")
+        raise BrokerUrlError(f"broker {shown!r}: no host")
     tls = parts.scheme in SCHEMES_TLS
     try:
         port = parts.port if parts.port is not None else (8883 if tls else 1883)
     except ValueError as exc:
-        raise BrokerUrlError(f"broker {url!r}: {exc}") from exc
+        raise BrokerUrlError(f"broker {shown!r}: {exc}") from exc
     if port == 0:
-        raise BrokerUrlError(f"broker {url!r}: port 0 is not a port")
+        raise BrokerUrlError(f"broker {shown!r}: port 0 is not a port")
     return BrokerAddress(
         host=parts.hostname,
         port=port,

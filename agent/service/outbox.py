@@ -163,7 +163,8 @@ class Outbox:
         self._bytes = 0
         self._seq = itertools.count(1)
         self.sent = 0
-        self.dropped = 0
+        self.dropped = 0  # never sent: the spool was full, or paho would not take it
+        self.refused = 0  # the broker refused them (dropped, not retried: docs/reliability.md)
         for message in unsent or []:  # left by an earlier run (OutboxStore.load, read off the loop)
             heapq.heappush(self._pending, message)
             self._bytes += _size(message)
@@ -248,6 +249,7 @@ class Outbox:
                     message.retain,
                     message.properties(),
                     functools.partial(self._acked, message),
+                    functools.partial(self._refused, message),
                 )
             except NotConnected:
                 self._inflight.pop(message.seq, None)
@@ -288,6 +290,18 @@ class Outbox:
             self._store.ack(message.seq)
         if self._pending:
             self._pump()  # room in flight again
+
+    def _refused(self, message: Outgoing, _reason: object) -> None:
+        """The broker refused it (an ACL, a quota): not transient, so it is dropped, not sent again
+        (the session logged the topic and counted it). Later messages go on."""
+        if self._inflight.pop(message.seq, None) is None:
+            return
+        self._bytes -= _size(message)
+        self.refused += 1
+        if self._store is not None:
+            self._store.ack(message.seq)  # or it would be refused again at every start
+        if self._pending:
+            self._pump()
 
     async def flush(self, timeout_s: float) -> bool:
         """Wait until everything queued is acknowledged (or the timeout); True when empty."""
