@@ -121,7 +121,7 @@ class Device:
                 ):
                     row.update(
                         fps=t.fps,
-                        p95_ms=t.latency_ms.get("p95"),
+                        p95_ms=t.latency_ms.p95,
                         queue_depth=t.queue_depth,
                         drops=t.drops,
                         errors=t.errors,
@@ -143,7 +143,7 @@ class Device:
                     "state": t.state,
                     "error": None,
                     "fps": t.fps,
-                    "p95_ms": t.latency_ms.get("p95"),
+                    "p95_ms": t.latency_ms.p95,
                     "queue_depth": t.queue_depth,
                     "drops": t.drops,
                     "errors": t.errors,

@@ -4,6 +4,8 @@ One scrape target for the whole fleet (docs/monitoring.md). Names follow Prometh
 (seconds, bytes, ratios, `_total`). The figures are what devices send as telemetry (every 5 s by
 default): counters since each agent started, throughput and latency percentiles over the telemetry
 window. For latency histograms that aggregate over devices, scrape the agents' own `/metrics`.
+The counters are the telemetry schema's (`TenantCounters`, `DeviceCounters`): one added there is
+exported here too, as the agent's own `/metrics` does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from agent.protocol.schemas import REJECTED_CODES, DeviceCounters, TenantCounters
 from cloud_console.fleet import Fleet
 
 TENANT = ["device_id", "model", "backend", "device"]
@@ -37,14 +40,18 @@ class FleetCollector(Collector):
             labels=["device_id"],
         )
         counters = {
-            key: CounterMetricFamily(f"edge_fleet_{key}", help_, labels=TENANT)
-            for key, help_ in (
-                ("frames_in", "Frames routed to the tenant (since its agent started)."),
-                ("frames_out", "Frames answered with a result."),
-                ("errors", "Frames answered with an error by the tenant."),
-                ("drops", "Frames dropped by the overload policy."),
-            )
+            key: CounterMetricFamily(f"edge_fleet_{key}", field.description or key, labels=TENANT)
+            for key, field in TenantCounters.model_fields.items()
         }
+        device_counters = {
+            key: CounterMetricFamily(f"edge_fleet_{key}", field.description or key, labels=["device_id"])
+            for key, field in DeviceCounters.model_fields.items()
+        }
+        rejected = CounterMetricFamily(
+            "edge_fleet_rejected",
+            "Frames refused before a tenant, by error code.",
+            labels=["device_id", "code"],
+        )
         fps = GaugeMetricFamily(
             "edge_fleet_throughput_frames_per_second",
             "Results per second over the telemetry window.",
@@ -89,14 +96,16 @@ class FleetCollector(Collector):
                 continue
             for tenant in t.tenants:
                 labels = [d.device_id, tenant.model, tenant.backend, tenant.device]
-                counters["frames_in"].add_metric(labels, tenant.frames_in)
-                counters["frames_out"].add_metric(labels, tenant.frames_out)
-                counters["errors"].add_metric(labels, tenant.errors)
-                counters["drops"].add_metric(labels, tenant.drops)
+                for key, family in counters.items():
+                    family.add_metric(labels, getattr(tenant, key))
                 fps.add_metric(labels, tenant.fps)
                 queue.add_metric(labels, tenant.queue_depth)
-                for q, family in latency.items():
-                    family.add_metric(labels, tenant.latency_ms.get(q, 0.0) / 1000.0)
+                for q, gauge in latency.items():
+                    gauge.add_metric(labels, getattr(tenant.latency_ms, q) / 1000.0)
+            for key, family in device_counters.items():
+                family.add_metric([d.device_id], getattr(t, key))
+            for code in sorted({*REJECTED_CODES, *t.rejected}):  # each documented code from 0
+                rejected.add_metric([d.device_id, code], t.rejected.get(code, 0))
             readings = {
                 "process_cpu_ratio": t.device.cpu_percent / 100.0,
                 "process_resident_memory_bytes": t.device.rss_mb * 1e6,
@@ -118,6 +127,8 @@ class FleetCollector(Collector):
             up,
             seen,
             *counters.values(),
+            *device_counters.values(),
+            rejected,
             fps,
             queue,
             *latency.values(),

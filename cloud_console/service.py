@@ -32,7 +32,7 @@ from agent.protocol.editing import (
 )
 from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
 from agent.protocol.signing import load_private_key, sign
-from agent.protocol.topics import Topics, valid_device_id
+from agent.protocol.topics import Topics, parse_device_topic
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.events import Hub
@@ -127,10 +127,10 @@ class Console:
     # -- ingest ---------------------------------------------------------------------------------
     def dispatch(self, topic: str, payload: bytes) -> None:
         """Route one MQTT message by its topic: <prefix>/<device id>/<kind>."""
-        parts = topic.split("/")
-        if len(parts) != 3 or parts[0] != self.prefix or not valid_device_id(parts[1]):
+        parsed = parse_device_topic(topic, self.prefix)
+        if parsed is None:
             return
-        device_id, kind = parts[1], parts[2]
+        device_id, kind = parsed
         if kind == "telemetry":
             self.on_telemetry(device_id, payload)
         elif kind == "status":
@@ -201,39 +201,7 @@ class Console:
         device.last_seen = now
         device.touch()
         self._dirty.add(device_id)
-        ts = telemetry.ts
-        self.store.add_telemetry(
-            (
-                {
-                    "ts": ts,
-                    "device_id": device_id,
-                    "model": t.model,
-                    "backend": t.backend,
-                    "device": t.device,
-                    "state": t.state,
-                    "instances": t.instances,
-                    "fps": t.fps,
-                    "p50_ms": t.latency_ms.get("p50"),
-                    "p95_ms": t.latency_ms.get("p95"),
-                    "p99_ms": t.latency_ms.get("p99"),
-                    "queue_depth": t.queue_depth,
-                    "frames_in": t.frames_in,
-                    "frames_out": t.frames_out,
-                    "errors": t.errors,
-                    "drops": t.drops,
-                    "batch_size_mean": t.batch_size_mean,
-                }
-                for t in telemetry.tenants
-            ),
-            {
-                "ts": ts,
-                "device_id": device_id,
-                "cpu_percent": telemetry.device.cpu_percent,
-                "rss_mb": telemetry.device.rss_mb,
-                "temperature_c": telemetry.device.temperature_c,
-                "load_1m": telemetry.device.load_1m,
-            },
-        )
+        self.store.add_telemetry(device_id, telemetry)
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "telemetry", telemetry.model_dump(mode="json"))
 

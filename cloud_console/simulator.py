@@ -35,6 +35,7 @@ from agent.protocol.schemas import (
     BackendCapability,
     Capabilities,
     DeviceTelemetry,
+    Percentiles,
     Placement,
     PlacementStatus,
     Status,
@@ -332,11 +333,11 @@ class SimDevice:
                     errors=t.errors,
                     drops=t.drops,
                     fps=round(served / interval_s * self.rng.uniform(0.97, 1.03), 2),
-                    latency_ms={
-                        "p50": round(p50, 2),
-                        "p95": round(p50 * self.rng.uniform(1.3, 1.6), 2),
-                        "p99": round(p50 * self.rng.uniform(1.7, 2.2), 2),
-                    },
+                    latency_ms=Percentiles(
+                        p50=round(p50, 2),
+                        p95=round(p50 * self.rng.uniform(1.3, 1.6), 2),
+                        p99=round(p50 * self.rng.uniform(1.7, 2.2), 2),
+                    ),
                     queue_depth=int(t.queue),
                     batch_size_mean=1.0,
                 )

@@ -1,10 +1,11 @@
 """The console's fleet history in SQLite (sqlite-utils): devices, telemetry, placements published.
 
-The event loop only appends rows to an in-memory batch (cheap, non-blocking). One writer thread owns
-the write connection (SQLite connections are per thread), inserts a batch per `flush_interval_s` in
-one transaction, coalesces device rows (latest status wins) and deletes telemetry past the retention.
-WAL lets the readers (API requests, run in threads) read while the writer writes; busy_timeout
-covers the short moments they still collide.
+The event loop only appends rows to an in-memory batch (cheap, non-blocking). The writer thread
+(agent/protocol/storage.py, shared with the agent's metrics.db) inserts a batch per
+`flush_interval_s` in one transaction, coalesces device rows (latest status wins) and deletes
+telemetry past the retention. WAL lets the readers (API requests, run in threads) read while the
+writer writes; busy_timeout covers the short moments they still collide. The telemetry columns come
+from the telemetry schema: a counter added there gets its column, added to an existing database too.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from agent.protocol.schemas import DeviceCounters, Telemetry, TenantCounters
+from agent.protocol.storage import BatchWriter, ensure_table, open_db
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +37,7 @@ TELEMETRY_COLUMNS: dict[str, type] = {
     "p95_ms": float,
     "p99_ms": float,
     "queue_depth": int,
-    "frames_in": int,
-    "frames_out": int,
-    "errors": int,
-    "drops": int,
+    **dict.fromkeys(TenantCounters.model_fields, int),
     "batch_size_mean": float,
 }
 HOST_COLUMNS: dict[str, type] = {
@@ -47,6 +47,7 @@ HOST_COLUMNS: dict[str, type] = {
     "rss_mb": float,
     "temperature_c": float,
     "load_1m": float,
+    **dict.fromkeys(DeviceCounters.model_fields, int),
 }
 DEVICE_COLUMNS: dict[str, type] = {
     "device_id": str,
@@ -67,44 +68,60 @@ PLACEMENT_COLUMNS: dict[str, type] = {
 MAX_PENDING_ROWS = 500_000  # held in memory if the disk stalls; beyond that rows are counted as lost
 
 
-def open_db(path: Path) -> sqlite_utils.Database:
-    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
-
-
 def ensure_schema(db: sqlite_utils.Database) -> None:
-    if not db.table("telemetry").exists():
-        db.table("telemetry").create(TELEMETRY_COLUMNS)
-        db.table("telemetry").create_index(["device_id", "ts"])
-        db.table("telemetry").create_index(["ts"])
-    if not db.table("host_metrics").exists():
-        db.table("host_metrics").create(HOST_COLUMNS)
-        db.table("host_metrics").create_index(["device_id", "ts"])
-        db.table("host_metrics").create_index(["ts"])
-    if not db.table("devices").exists():
-        db.table("devices").create(DEVICE_COLUMNS, pk="device_id")
-    if not db.table("placements").exists():
-        db.table("placements").create(PLACEMENT_COLUMNS, pk="id")
-        db.table("placements").create_index(["device_id", "ts"])
+    by_device_and_time = [["device_id", "ts"], ["ts"]]
+    ensure_table(db, "telemetry", TELEMETRY_COLUMNS, by_device_and_time)
+    ensure_table(db, "host_metrics", HOST_COLUMNS, by_device_and_time)
+    ensure_table(db, "devices", DEVICE_COLUMNS, pk="device_id")
+    ensure_table(db, "placements", PLACEMENT_COLUMNS, [["device_id", "ts"]], pk="id")
 
 
-class ConsoleStore:
+def telemetry_rows(device_id: str, telemetry: Telemetry) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """One telemetry message as rows: one per tenant, and the device's own."""
+    ts = telemetry.ts
+    tenants = [
+        {
+            "ts": ts,
+            "device_id": device_id,
+            "model": t.model,
+            "backend": t.backend,
+            "device": t.device,
+            "state": t.state,
+            "instances": t.instances,
+            "fps": t.fps,
+            "p50_ms": t.latency_ms.p50,
+            "p95_ms": t.latency_ms.p95,
+            "p99_ms": t.latency_ms.p99,
+            "queue_depth": t.queue_depth,
+            **{name: getattr(t, name) for name in TenantCounters.model_fields},
+            "batch_size_mean": t.batch_size_mean,
+        }
+        for t in telemetry.tenants
+    ]
+    host = {
+        "ts": ts,
+        "device_id": device_id,
+        "cpu_percent": telemetry.device.cpu_percent,
+        "rss_mb": telemetry.device.rss_mb,
+        "temperature_c": telemetry.device.temperature_c,
+        "load_1m": telemetry.device.load_1m,
+        **{name: getattr(telemetry, name) for name in DeviceCounters.model_fields},
+    }
+    return tenants, host
+
+
+class ConsoleStore(BatchWriter):
+    thread_name = "console-db-writer"
+
     def __init__(self, path: Path, retention_s: float, flush_interval_s: float = 1.0) -> None:
-        self.path = path
+        super().__init__(path, flush_interval_s)
         self.retention_s = retention_s
-        self.flush_interval_s = flush_interval_s
         self._lock = threading.Lock()
         self._telemetry: list[dict[str, Any]] = []
         self._hosts: list[dict[str, Any]] = []
         self._devices: dict[str, dict[str, Any]] = {}
         self._placements: list[dict[str, Any]] = []
         self._forget: set[str] = set()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._read_lock = threading.Lock()
         self._read_db: sqlite_utils.Database | None = None
         self.written = 0
@@ -112,36 +129,33 @@ class ConsoleStore:
         self.last_flush_ms = 0.0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Create the schema now so a bad path fails at start, then run the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = open_db(self.path)
+    def create_schema(self, db: sqlite_utils.Database) -> None:
         ensure_schema(db)
-        db.conn.close()
+
+    def start(self) -> None:
+        super().start()
         self._read_db = open_db(self.path)
-        self._thread = threading.Thread(target=self._run, name="console-db-writer", daemon=True)
-        self._thread.start()
 
     def stop(self) -> None:
         """Flush what is queued and close."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30.0)
-        if self._read_db is not None:
-            self._read_db.conn.close()
-            self._read_db = None
+        super().stop()
+        with self._read_lock:
+            if self._read_db is not None:
+                self._read_db.conn.close()
+                self._read_db = None
 
     # -- writes (called on the event loop: never block) -----------------------------------------
     def pending(self) -> int:
         with self._lock:
             return len(self._telemetry) + len(self._hosts) + len(self._devices) + len(self._placements)
 
-    def add_telemetry(self, rows: Iterable[dict[str, Any]], host: dict[str, Any]) -> None:
+    def add_telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+        tenants, host = telemetry_rows(device_id, telemetry)
         with self._lock:
             if len(self._telemetry) >= MAX_PENDING_ROWS:
                 self.lost += 1
                 return
-            self._telemetry.extend(rows)
+            self._telemetry.extend(tenants)
             self._hosts.append(host)
 
     def put_device(
@@ -176,20 +190,7 @@ class ConsoleStore:
         with self._lock:
             self._placements.append(row)
 
-    # -- writer thread --------------------------------------------------------------------------
-    def _run(self) -> None:
-        db = open_db(self.path)
-        last_prune = 0.0
-        try:
-            while not self._stop.wait(self.flush_interval_s):
-                self.flush(db)
-                if time.monotonic() - last_prune > 60.0:
-                    self._prune(db)
-                    last_prune = time.monotonic()
-            self.flush(db)
-        finally:
-            db.conn.close()
-
+    # -- writer thread ---------------------------------------------------------------------------
     def flush(self, db: sqlite_utils.Database) -> None:
         with self._lock:
             telemetry, self._telemetry = self._telemetry, []
@@ -219,7 +220,7 @@ class ConsoleStore:
             self.lost += count
         self.last_flush_ms = (time.perf_counter() - started) * 1000.0
 
-    def _prune(self, db: sqlite_utils.Database) -> None:
+    def prune(self, db: sqlite_utils.Database) -> None:
         cutoff = time.time() - self.retention_s
         try:
             with db.conn:

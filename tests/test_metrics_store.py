@@ -1,4 +1,5 @@
-"""metrics.db stays within its size bound (oldest rows first) and migrates an older schema."""
+"""metrics.db stays within its size bound (oldest rows first); it and the console's history migrate an
+older schema."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import sqlite3
 import time
 from pathlib import Path
 
-from agent.observability.metrics import COLUMNS, MetricsStore, open_db
+from agent.observability.metrics import COLUMNS, MetricsStore
+from agent.protocol.schemas import DeviceTelemetry, Percentiles, Telemetry, TenantTelemetry
+from agent.protocol.storage import open_db
+from cloud_console.store import ConsoleStore
 
 
 def row(i: int, ts: float) -> dict:
@@ -37,8 +41,8 @@ def test_the_database_stays_within_its_size_bound_dropping_the_oldest_rows(tmp_p
     for batch in range(8):
         for i in range(batch * 5000, (batch + 1) * 5000):
             store.record(row(i, now - 1000 + i * 0.01))
-        store._flush(db)
-        store._prune(db)
+        store.flush(db)
+        store.prune(db)
         assert store.used_bytes(db) <= limit, f"batch {batch}: {store.used_bytes(db)} bytes in use"
         sizes.append(path.stat().st_size)
     count, oldest, newest = db.execute(
@@ -60,8 +64,8 @@ def test_rows_past_the_retention_are_deleted(tmp_path):
     now = time.time()
     store.record(row(1, now - 120))
     store.record(row(2, now - 10))
-    store._flush(db)
-    store._prune(db)
+    store.flush(db)
+    store.prune(db)
     assert [r[0] for r in db.execute("SELECT request_id FROM inferences")] == [row(2, 0)["request_id"]]
 
 
@@ -81,4 +85,54 @@ def test_a_database_from_an_older_version_gets_the_new_columns(tmp_path: Path):
     with sqlite3.connect(path) as conn:
         got = conn.execute("SELECT request_id, status, preprocess_ms FROM inferences ORDER BY ts").fetchall()
     assert got == [("before", None, None), (row(7, 0)["request_id"], "ok", 1.5)]
+    assert store.lost == 0
+
+
+def test_a_console_database_from_an_older_version_takes_new_telemetry_counters(tmp_path: Path):
+    """The console's history gets the columns a newer telemetry schema adds (one writer, one
+    migration for both sides): an older database keeps its rows and stores the new counters."""
+    path = tmp_path / "console.db"
+    with sqlite3.connect(path) as conn:  # the console's tables before `stalls` and the device counters
+        conn.execute(
+            "CREATE TABLE telemetry (ts REAL, device_id TEXT, model TEXT, backend TEXT, device TEXT,"
+            " state TEXT, instances INTEGER, fps REAL, p50_ms REAL, p95_ms REAL, p99_ms REAL,"
+            " queue_depth INTEGER, frames_in INTEGER, frames_out INTEGER, errors INTEGER, drops INTEGER,"
+            " batch_size_mean REAL)"
+        )
+        conn.execute(
+            "CREATE TABLE host_metrics (ts REAL, device_id TEXT, cpu_percent REAL, rss_mb REAL,"
+            " temperature_c REAL, load_1m REAL)"
+        )
+        conn.execute("INSERT INTO telemetry (ts, device_id, model) VALUES (1.0, 'old', 'm')")
+    telemetry = Telemetry(
+        device_id="cam1",
+        interval_s=5.0,
+        tenants=[
+            TenantTelemetry(
+                model="efficientnet-lite0",
+                backend="onnxruntime",
+                device="cpu",
+                instances=1,
+                state="ready",
+                frames_in=10,
+                frames_out=9,
+                stalls=1,
+                queue_depth=0,
+                latency_ms=Percentiles(p50=8.0, p95=12.5, p99=13.0),
+            )
+        ],
+        device=DeviceTelemetry(cpu_percent=12.0, rss_mb=200.0),
+        publishes_refused=4,
+    )
+    store = ConsoleStore(path, retention_s=1e9, flush_interval_s=0.05)
+    store.start()
+    store.add_telemetry("cam1", telemetry)
+    store.stop()
+    with sqlite3.connect(path) as conn:
+        rows = conn.execute(
+            "SELECT device_id, frames_out, stalls, p95_ms FROM telemetry ORDER BY ts"
+        ).fetchall()
+        host = conn.execute("SELECT device_id, publishes_refused, duplicates FROM host_metrics").fetchall()
+    assert rows == [("old", None, None, None), ("cam1", 9, 1, 12.5)]
+    assert host == [("cam1", 4, 0)]
     assert store.lost == 0

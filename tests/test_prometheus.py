@@ -7,6 +7,7 @@ import json
 import os
 import re
 import time
+import typing
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from agent.frames.tenant_table import TenantTable
 from agent.observability.prometheus import registry_for, render
 from agent.observability.reporting import Reporter
 from agent.observability.stats import LATENCY_BUCKETS_S, TenantStats
-from agent.protocol.schemas import BatchSpec, ErrorResult, InferResult, TenantSpec
+from agent.protocol.schemas import BatchSpec, ErrorCode, ErrorResult, InferResult, TenantSpec
 from agent.protocol.topics import Topics
 from agent.service.config import AgentConfig
 from agent.service.model_repo import ModelRepository
@@ -115,7 +116,7 @@ def test_fps_comes_from_counts_and_has_no_ceiling() -> None:
     for _ in range(6000):
         stats.served(0.5)
     assert stats.frames_out == 6000
-    fps = stats.snapshot(5.0)["fps"]
+    fps = stats.snapshot(5.0).fps
     assert isinstance(fps, float) and fps >= 6000 / 5.0 > 819  # all 6000 fall inside the window
 
 
@@ -145,7 +146,7 @@ def test_fake_backend_tenant_metrics_parse_and_count(reporter: tuple[Reporter, T
         time.sleep(0.01)
     elapsed = time.monotonic() - started
     assert len(sink.outcomes) == n and all(isinstance(o, InferResult) for o in sink.outcomes)
-    telemetry_fps = tenant.stats.snapshot(5.0)["fps"]
+    telemetry_fps = tenant.stats.snapshot(5.0).fps
     print(
         f"\nfake backend, 2 instances, batches up to 64: {n} frames in {elapsed:.2f} s = {n / elapsed:.0f} fps; "
         f"telemetry fps over 5 s: {telemetry_fps:.0f}"
@@ -162,6 +163,57 @@ def test_fake_backend_tenant_metrics_parse_and_count(reporter: tuple[Reporter, T
     assert 0 < total_sum / n < elapsed  # seconds per frame, not milliseconds
     assert value(families, "edge_agent_batch_size_count", **labels) >= 1
     assert value(families, "edge_agent_rejected_total", device_id="unit1", code="bad_image") == 2
+
+
+def documented_refusal_codes() -> set[str]:
+    """The codes docs/protocol.md says telemetry's `rejected` counts (its "Telemetry" section)."""
+    text = (REPO / "docs" / "protocol.md").read_text()
+    paragraph = text[text.index("`rejected`: frames answered") :].split("\n\n")[0]
+    return set(re.findall(r"`([a-z_]+)`", paragraph)) & set(typing.get_args(ErrorCode))
+
+
+def test_every_documented_refusal_code_has_a_sample_from_the_start(
+    reporter: tuple[Reporter, Tenant, Sink],
+) -> None:
+    """A dashboard's refusals line is not empty before the first refusal: each code reads 0."""
+    rep = reporter[0]
+    quiet = Reporter(rep.config, rep.topics, rep.table, rejected=lambda: {})
+    families = parse(render(registry_for(quiet)).decode())
+    codes = documented_refusal_codes()
+    assert len(codes) >= 6, codes
+    assert families["edge_agent_rejected"][0] == "counter"
+    for code in codes:
+        assert value(families, "edge_agent_rejected_total", device_id="unit1", code=code) == 0, code
+    # the device's own counters start at 0 too
+    assert value(families, "edge_agent_duplicates_total", device_id="unit1") == 0
+    assert value(families, "edge_agent_publishes_refused_total", device_id="unit1") == 0
+
+
+def test_publishes_the_broker_refuses_are_counted(shared_dir: Path, tmp_path: Path) -> None:
+    """A broker ACL that forbids the result topic: the refused publishes show in telemetry and
+    /metrics (`publishes_refused`), where an operator sees a misconfigured ACL."""
+    acl = shared_dir / "acl"
+    acl.write_text("topic readwrite #\ntopic read $SYS/#\ntopic deny edge/deny1/result\n")
+    acl.chmod(0o644)
+    port = free_port()
+    config = f'[metrics]\ntelemetry_interval_s = 1\nprometheus_listen = "127.0.0.1:{port}"\n'
+    with LocalBroker(extra_config=f"acl_file {acl}") as broker:
+        agent = AgentProcess(broker, tmp_path, "deny1", config).start()
+        try:
+            agent.wait_ready()
+            c = Collector(broker.port, ["edge/deny1/telemetry"])
+            c.publish("edge/deny1/infer", sample("cat.jpg"))
+            telemetry = c.wait_for(
+                lambda msgs: bool(msgs) and msgs[-1]["publishes_refused"] >= 1, "edge/deny1/telemetry"
+            )[-1]
+            c.close()
+            body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+        finally:
+            agent.stop()
+    assert telemetry["tenants"][0]["frames_out"] == 1  # served, then refused by the broker
+    families = parse(body)
+    assert families["edge_agent_publishes_refused"][0] == "counter"
+    assert value(families, "edge_agent_publishes_refused_total", device_id="deny1") >= 1
 
 
 def test_scrapes_do_not_shorten_telemetrys_cpu_window(reporter: tuple[Reporter, Tenant, Sink]) -> None:
@@ -267,4 +319,9 @@ def test_console_serves_fleet_wide_metrics(broker: LocalBroker, tmp_path: Path) 
     memory = value(families, "edge_fleet_system_memory_total_bytes", device_id="fleet1")
     assert 0 < value(families, "edge_fleet_system_memory_available_bytes", device_id="fleet1") < memory
     assert value(families, "edge_fleet_state_dir_free_bytes", device_id="fleet1") > 0
+    # every telemetry counter, the tenant's and the device's, and refusals by code from 0
+    assert value(families, "edge_fleet_stalls_total", **labels) == 0
+    assert value(families, "edge_fleet_publishes_refused_total", device_id="fleet1") == 0
+    for code in documented_refusal_codes():
+        assert value(families, "edge_fleet_rejected_total", device_id="fleet1", code=code) == 0
     check_dashboard_reads(families, "edge_fleet_")

@@ -13,6 +13,7 @@ from PIL import Image
 
 from agent.frames.preprocess import BadImage, Preprocessor
 from agent.protocol.signing import SignatureRefused, load_public_key, verify
+from agent.protocol.topics import Topics, parse_device_topic
 from agent.service.config import ConfigError, load_config, parse_broker_url
 from agent.service.model_repo import ModelError, ModelRepository
 from tests.conftest import MODELS, sample
@@ -158,3 +159,21 @@ def test_signature_check_refuses_anything_not_signed(doc):
     except SignatureRefused:
         return
     raise AssertionError("an unsigned or random document verified")
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="abc/+#$-_ 9", max_size=40))
+def test_device_topic_parses_or_is_none(topic):
+    """Any topic the console receives: (device id, kind) that rebuild the same topic, or None."""
+    parsed = parse_device_topic(topic, "edge")
+    if parsed is None:
+        return
+    device_id, kind = parsed
+    assert f"edge/{device_id}/{kind}" == topic
+    assert Topics(device_id, "edge").base == f"edge/{device_id}"
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.from_regex(r"\A[A-Za-z0-9_-]{1,64}\Z"), st.sampled_from(["status", "telemetry", "placement"]))
+def test_device_topics_built_are_parsed_back(device_id, kind):
+    assert parse_device_topic(getattr(Topics(device_id, "fleet"), kind), "fleet") == (device_id, kind)

@@ -176,7 +176,7 @@ def test_dynamic_batching_forms_batches(lite0):
     tenant.drain(5.0)
     sizes = [o.batch_size for _, o in sink.outcomes if isinstance(o, InferResult)]
     assert len(sizes) == 32 and max(sizes) == 8
-    assert tenant.stats.snapshot(60)["batch_size_mean"] > 1
+    assert tenant.stats.snapshot(60).batch_size_mean > 1
 
 
 def test_bad_frame_in_a_batch_does_not_spoil_the_others(lite0):

@@ -187,18 +187,19 @@ class HomeAssistant:
         return out
 
     def stats_state(self, model: str) -> dict[str, Any] | None:
+        """The tenant's stats state. With no result in the window the p95 is null: its template
+        renders "None", which HA's MQTT sensor takes as unknown, not as a 0 ms latency that
+        long-term statistics would average in."""
         tenant = self.table.get(model)
         if tenant is None:
             return None
         snap = tenant.stats.snapshot(self.config.state_interval_s)
-        latency = snap["latency_ms"]
-        assert isinstance(latency, dict)
         return {
-            "fps": round(float(snap["fps"]), 2),  # type: ignore[arg-type]
-            "latency_p95_ms": round(latency["p95"], 2),
-            "errors": snap["errors"],
-            "drops": snap["drops"],
-            "frames_out": snap["frames_out"],
+            "fps": round(snap.fps, 2),
+            "latency_p95_ms": round(snap.latency_ms.p95, 2) if snap.latency_samples else None,
+            "errors": snap.errors,
+            "drops": snap.drops,
+            "frames_out": snap.frames_out,
         }
 
     # -- the loop -----------------------------------------------------------------------------------

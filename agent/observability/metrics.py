@@ -1,7 +1,7 @@
 """Per-inference metrics in SQLite (sqlite-utils): one row per frame, written in batches.
 
-Workers hand rows to a thread-safe queue; one writer thread owns the connection (SQLite connections
-are per thread), inserts in batches every `flush_interval_s`, and deletes rows past the retention
+Workers hand rows to a thread-safe queue; the writer thread (agent/protocol/storage.py, shared with
+the console) inserts them in batches every `flush_interval_s`, and deletes rows past the retention
 or, oldest first, beyond the size bound (freed pages are reused, so the file stops growing there).
 WAL and busy_timeout let `sqlite3 metrics.db` readers in while the agent writes. A database made by
 an older version gets the columns it lacks (a schema change migrates, it does not fail every insert).
@@ -12,12 +12,13 @@ from __future__ import annotations
 import logging
 import queue
 import sqlite3
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 import sqlite_utils
+
+from agent.protocol.storage import BatchWriter, ensure_table
 
 log = logging.getLogger(__name__)
 
@@ -37,16 +38,9 @@ COLUMNS: dict[str, type] = {
 MAX_PENDING = 100_000  # rows held in memory if the disk stalls; beyond that rows are counted as lost
 
 
-def open_db(path: Path) -> sqlite_utils.Database:
-    conn = sqlite3.connect(path, timeout=10.0, check_same_thread=False)
-    db = sqlite_utils.Database(conn)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=NORMAL")
-    db.execute("PRAGMA busy_timeout=10000")
-    return db
+class MetricsStore(BatchWriter):
+    thread_name = "metrics-writer"
 
-
-class MetricsStore:
     def __init__(
         self,
         path: Path,
@@ -54,41 +48,15 @@ class MetricsStore:
         flush_interval_s: float = 1.0,
         max_bytes: int = 256 * 1024 * 1024,
     ) -> None:
-        self.path = path
+        super().__init__(path, flush_interval_s)
         self.retention_s = retention_s
-        self.flush_interval_s = flush_interval_s
         self.max_bytes = max_bytes
         self._rows: queue.Queue[dict[str, Any]] = queue.Queue(MAX_PENDING)
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.written = 0
         self.lost = 0
 
-    def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = open_db(self.path)  # create the schema now so a bad state dir fails at start
-        self._ensure_schema(db)
-        db.conn.close()
-        self._thread = threading.Thread(target=self._run, name="metrics-writer", daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _ensure_schema(db: sqlite_utils.Database) -> None:
-        table = db.table("inferences")
-        if not table.exists():
-            table.create(COLUMNS, pk=None)
-            table.create_index(["ts"])
-            table.create_index(["request_id"])
-            return
-        have = set(table.columns_dict)
-        for name, kind in COLUMNS.items():
-            if name not in have:  # made by an older version: rows written before stay, with NULL here
-                log.info(
-                    "metrics: adding column %s to %s",
-                    name,
-                    db.conn.execute("PRAGMA database_list").fetchone()[2],
-                )
-                table.add_column(name, kind)
+    def create_schema(self, db: sqlite_utils.Database) -> None:
+        ensure_table(db, "inferences", COLUMNS, indexes=[["ts"], ["request_id"]])
 
     def record(self, row: dict[str, Any]) -> None:
         """Thread-safe, non-blocking."""
@@ -105,20 +73,7 @@ class MetricsStore:
             except queue.Empty:
                 return rows
 
-    def _run(self) -> None:
-        db = open_db(self.path)
-        last_prune = 0.0
-        try:
-            while not self._stop.wait(self.flush_interval_s):
-                self._flush(db)
-                if time.monotonic() - last_prune > 60.0:
-                    self._prune(db)
-                    last_prune = time.monotonic()
-            self._flush(db)
-        finally:
-            db.conn.close()
-
-    def _flush(self, db: sqlite_utils.Database) -> None:
+    def flush(self, db: sqlite_utils.Database) -> None:
         rows = self._drain()
         if not rows:
             return
@@ -130,7 +85,7 @@ class MetricsStore:
             log.exception("metrics: could not write %d rows", len(rows))
             self.lost += len(rows)
 
-    def _prune(self, db: sqlite_utils.Database) -> None:
+    def prune(self, db: sqlite_utils.Database) -> None:
         cutoff = time.time() - self.retention_s
         try:
             with db.conn:
@@ -163,9 +118,3 @@ class MetricsStore:
                 [drop],
             )
         log.info("metrics: %s over %d MB: deleted the oldest %d rows", self.path, self.max_bytes >> 20, drop)
-
-    def stop(self) -> None:
-        """Flush what is queued and close."""
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(30.0)

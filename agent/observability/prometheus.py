@@ -4,8 +4,10 @@ Built with `prometheus_client` and its naming rules: base units (seconds, bytes,
 ending in `_total`, latency as histograms per tenant and stage (aggregatable over a fleet with
 `histogram_quantile(0.95, sum by (le) (rate(...)))`). Each scrape reads the live counters and
 cumulative histograms; it resets nothing, so MQTT telemetry's windows are untouched. Throughput is
-`rate(edge_agent_frames_out_total[1m])`: counters have no ceiling. docs/monitoring.md lists every
-metric.
+`rate(edge_agent_frames_out_total[1m])`: counters have no ceiling. The counters are the telemetry
+schema's (`TenantCounters`, `DeviceCounters`): one added there is exported here too. Every counter
+a dashboard plots has a sample from the first scrape (0), so its line is never empty.
+docs/monitoring.md lists every metric.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from agent import __version__
+from agent.protocol.schemas import REJECTED_CODES, DeviceCounters, TenantCounters
 
 if TYPE_CHECKING:
     from agent.observability.reporting import Reporter
@@ -29,13 +32,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TENANT_LABELS = ["device_id", "model", "backend", "device"]
-COUNTERS = {
-    "frames_in": "Frames routed to the tenant.",
-    "frames_out": "Frames answered with a result.",
-    "errors": "Frames answered with an error by the tenant.",
-    "drops": "Frames dropped by the overload policy (answered `overloaded`).",
-    "stalls": "Batches answered because the runtime call hung.",
-}
+
+
+def counter_families(
+    schema: type[TenantCounters] | type[DeviceCounters], prefix: str, labels: list[str]
+) -> dict[str, CounterMetricFamily]:
+    """One counter family per field of a telemetry counters schema, its description as help."""
+    return {
+        name: CounterMetricFamily(f"{prefix}{name}", field.description or name, labels=labels)
+        for name, field in schema.model_fields.items()
+    }
 
 
 class AgentCollector(Collector):
@@ -56,10 +62,7 @@ class AgentCollector(Collector):
         start.add_metric([], r.started_at)
         yield start
 
-        counters = {
-            name: CounterMetricFamily(f"edge_agent_{name}", help_, labels=TENANT_LABELS)
-            for name, help_ in COUNTERS.items()
-        }
+        counters = counter_families(TenantCounters, "edge_agent_", TENANT_LABELS)
         latency = HistogramMetricFamily(
             "edge_agent_latency_seconds",
             "Time per frame by stage: queue (arrival to batch start), preprocess (decode and resize, "
@@ -77,7 +80,7 @@ class AgentCollector(Collector):
         )
         for tenant in r.table.serving():
             labels = [device_id, tenant.spec.model, tenant.spec.backend, tenant.device]
-            for name, value in tenant.stats.counters().items():
+            for name, value in tenant.stats.counters():
                 counters[name].add_metric(labels, value)
             for stage, (buckets, total) in tenant.stats.histograms().items():
                 if stage == "batch_size":
@@ -103,16 +106,14 @@ class AgentCollector(Collector):
             "Frames refused before a tenant, by error code.",
             labels=["device_id", "code"],
         )
-        for code, n in r.rejected().items():
-            rejected.add_metric([device_id, code], n)
+        counts = dict(r.rejected())
+        for code in sorted({*REJECTED_CODES, *counts}):  # each documented code from 0
+            rejected.add_metric([device_id, code], counts.get(code, 0))
         yield rejected
-        duplicates = CounterMetricFamily(
-            "edge_agent_duplicates",
-            "Frames not run again: their request id was served or in flight.",
-            labels=["device_id"],
-        )
-        duplicates.add_metric([device_id], r.duplicates())
-        yield duplicates
+        families = counter_families(DeviceCounters, "edge_agent_", ["device_id"])
+        for name, value in r.device_counters():
+            families[name].add_metric([device_id], value)
+        yield from families.values()
         if r.broker_dropped is not None:
             dropped = CounterMetricFamily(
                 "edge_agent_broker_dropped",

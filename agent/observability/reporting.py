@@ -18,6 +18,7 @@ from agent import __version__
 from agent.frames.tenant_table import TenantTable
 from agent.observability.device_stats import DeviceStats
 from agent.protocol.schemas import (
+    DeviceCounters,
     DeviceTelemetry,
     PlacementStatus,
     Status,
@@ -53,6 +54,7 @@ class Reporter:
         self.errors: deque[str] = deque(maxlen=20)
         self.device_stats = DeviceStats()
         self.broker_dropped: int | None = None
+        self.session: MqttSession | None = None  # set by status_loop
 
     def on_broker_dropped(self, message: Incoming) -> None:
         """The broker's own count of dropped publishes ($SYS), where it publishes one."""
@@ -88,22 +90,20 @@ class Reporter:
 
     def telemetry(self) -> Telemetry:
         window = self.config.metrics.telemetry_interval_s
-        tenants = []
-        for t in self.table.serving():
-            snap = t.stats.snapshot(window)
-            tenants.append(
-                TenantTelemetry(
-                    model=t.spec.model,
-                    backend=t.spec.backend,
-                    device=t.device,
-                    instances=t.spec.instances,
-                    state=t.state,
-                    queue_depth=len(t.queue),
-                    failovers=self.table.failover_counts[t.spec.model],
-                    last_detections=t.last_detections,
-                    **snap,  # type: ignore[arg-type]
-                )
+        tenants = [
+            TenantTelemetry(
+                model=t.spec.model,
+                backend=t.spec.backend,
+                device=t.device,
+                instances=t.spec.instances,
+                state=t.state,
+                queue_depth=len(t.queue),
+                failovers=self.table.failover_counts[t.spec.model],
+                last_detections=t.last_detections,
+                **t.stats.snapshot(window).model_dump(),  # counters and the window's figures
             )
+            for t in self.table.serving()
+        ]
         return Telemetry(
             device_id=self.config.device_id,
             interval_s=window,
@@ -116,13 +116,22 @@ class Reporter:
                 **self.device_stats.telemetry_extras(self.config.state_dir),
             ),
             rejected=dict(self.rejected()),
-            duplicates=self.duplicates(),
             broker_dropped=self.broker_dropped,
+            **self.device_counters().model_dump(),
+        )
+
+    def device_counters(self) -> DeviceCounters:
+        """The agent's own counters, for telemetry and /metrics alike. `publishes_refused` is the
+        MQTT session's count (the session status goes through, `status_loop`): 0 before it starts."""
+        return DeviceCounters(
+            duplicates=self.duplicates(),
+            publishes_refused=int(getattr(self.session, "publishes_refused", 0) or 0),
         )
 
     # -- loops (started by the daemon, stopped before the final offline status) -------------------
     async def status_loop(self, session: MqttSession) -> None:
         """Publish the retained status whenever the table changed (coalesced, at most 5 per second)."""
+        self.session = session
         changed = self.table.changed
         while True:
             await changed.wait()

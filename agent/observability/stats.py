@@ -3,7 +3,8 @@
 Two readers, neither disturbing the other: telemetry takes `snapshot(window)` every few seconds, and
 Prometheus reads the counters and cumulative histograms (`histograms()`) at every scrape. Throughput
 comes from counters (results per second, counted in one-second buckets), so it has no ceiling; the
-latency window (the most recent 4096 results) is only for telemetry's percentiles.
+latency window (the most recent 4096 results) is only for telemetry's percentiles. The counters are
+the protocol's `TenantCounters` (one typed schema for telemetry and both /metrics endpoints).
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ import time
 from collections import deque
 
 import numpy as np
+from pydantic import Field
+
+from agent.protocol.schemas import Percentiles, TenantCounters, TenantWindow
 
 # Latency histogram bounds in seconds (Prometheus convention): 0.5 ms .. 10 s.
 LATENCY_BUCKETS_S: tuple[float, ...] = (
@@ -35,6 +39,13 @@ LATENCY_BUCKETS_S: tuple[float, ...] = (
 )
 BATCH_BUCKETS: tuple[float, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("queue", "preprocess", "infer", "total")
+
+
+class Snapshot(TenantWindow):
+    """A tenant's window as telemetry sends it, plus how many results its percentiles come from
+    (not sent: 0 tells Home Assistant there is no latency to show, rather than a 0 ms one)."""
+
+    latency_samples: int = Field(default=0, exclude=True)
 
 
 class Histogram:
@@ -67,11 +78,7 @@ class TenantStats:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self.frames_in = 0
-        self.frames_out = 0
-        self.errors = 0
-        self.drops = 0
-        self.stalls = 0  # batches answered because the runtime call did not return in time
+        self._counts = TenantCounters()  # mutated under the lock; read through counters()
         self._latencies: deque[tuple[float, float]] = deque(maxlen=self.WINDOW)  # (monotonic, ms)
         self._batches: deque[int] = deque(maxlen=1024)
         self._per_second: deque[list[int]] = deque(maxlen=self.RATE_BUCKETS)  # [second, results]
@@ -80,7 +87,7 @@ class TenantStats:
 
     def frame_in(self) -> None:
         with self._lock:
-            self.frames_in += 1
+            self._counts.frames_in += 1
 
     def served(
         self,
@@ -92,7 +99,7 @@ class TenantStats:
         now = time.monotonic()
         second = int(now)
         with self._lock:
-            self.frames_out += 1
+            self._counts.frames_out += 1
             self._latencies.append((now, total_ms))
             if self._per_second and self._per_second[-1][0] == second:
                 self._per_second[-1][1] += 1
@@ -105,15 +112,15 @@ class TenantStats:
 
     def error(self) -> None:
         with self._lock:
-            self.errors += 1
+            self._counts.errors += 1
 
     def dropped(self) -> None:
         with self._lock:
-            self.drops += 1
+            self._counts.drops += 1
 
     def stall(self) -> None:
         with self._lock:
-            self.stalls += 1
+            self._counts.stalls += 1
 
     def batch(self, size: int) -> None:
         with self._lock:
@@ -127,15 +134,16 @@ class TenantStats:
             out["batch_size"] = self.batch_sizes.cumulative()
         return out
 
-    def counters(self) -> dict[str, int]:
+    def counters(self) -> TenantCounters:
+        """A copy of the counters (Prometheus reads them at every scrape)."""
         with self._lock:
-            return {
-                "frames_in": self.frames_in,
-                "frames_out": self.frames_out,
-                "errors": self.errors,
-                "drops": self.drops,
-                "stalls": self.stalls,
-            }
+            return self._counts.model_copy()
+
+    def __getattr__(self, name: str) -> int:
+        """`stats.frames_out` and the other counters, read as attributes."""
+        if name in TenantCounters.model_fields:
+            return int(getattr(self.counters(), name))
+        raise AttributeError(name)
 
     def fps(self, window_s: float) -> float:
         """Results per second over the last `window_s` (whole seconds; the current one partly)."""
@@ -149,29 +157,23 @@ class TenantStats:
             count = sum(n for second, n in self._per_second if second >= first)
         return count / (now - first)
 
-    def snapshot(self, window_s: float) -> dict[str, float | int | dict[str, float]]:
+    def snapshot(self, window_s: float) -> Snapshot:
+        """The counters and the last `window_s` seconds' throughput, percentiles and mean batch."""
         now = time.monotonic()
         with self._lock:
             recent = [ms for t, ms in self._latencies if now - t <= window_s]
             batches = list(self._batches)
-            counts = (self.frames_in, self.frames_out, self.errors, self.drops, self.stalls)
+            counts = self._counts.model_dump()
         lat = np.asarray(recent, np.float64)
         pct = (
-            {
-                "p50": float(np.percentile(lat, 50)),
-                "p95": float(np.percentile(lat, 95)),
-                "p99": float(np.percentile(lat, 99)),
-            }
+            Percentiles(**{f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)})
             if lat.size
-            else {"p50": 0.0, "p95": 0.0, "p99": 0.0}
+            else Percentiles()
         )
-        return {
-            "frames_in": counts[0],
-            "frames_out": counts[1],
-            "errors": counts[2],
-            "drops": counts[3],
-            "stalls": counts[4],
-            "fps": self.fps(window_s),  # from counts, not from the latency window: no ceiling
-            "latency_ms": {k: round(v, 3) for k, v in pct.items()},
-            "batch_size_mean": float(np.mean(batches)) if batches else 0.0,
-        }
+        return Snapshot(
+            **counts,
+            fps=self.fps(window_s),  # from counts, not from the latency window: no ceiling
+            latency_ms=pct,
+            batch_size_mean=float(np.mean(batches)) if batches else 0.0,
+            latency_samples=int(lat.size),
+        )

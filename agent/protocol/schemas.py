@@ -321,22 +321,62 @@ class Status(BaseModel):
     mqtt_protocol: str | None = None
 
 
-class TenantTelemetry(BaseModel):
+# -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------
+# One typed schema for every producer and reader: the agent's stats and reporting, its Prometheus and
+# Home Assistant exports, the console's store and fleet /metrics. A counter added to TenantCounters or
+# DeviceCounters travels in telemetry and is exported by both /metrics endpoints with no other change
+# (its `description` is the Prometheus help text).
+
+# The codes a frame may be refused with before it reaches a tenant (telemetry `rejected`).
+REJECTED_CODES: tuple[ErrorCode, ...] = (
+    "bad_request",
+    "bad_image",
+    "too_large",
+    "unknown_model",
+    "unavailable",
+    "shutting_down",
+)
+
+
+class TenantCounters(BaseModel):
+    """A tenant's counters since it started (a moved model starts again at 0)."""
+
+    frames_in: int = Field(default=0, description="Frames routed to the tenant.")
+    frames_out: int = Field(default=0, description="Frames answered with a result.")
+    errors: int = Field(default=0, description="Frames answered with an error by the tenant.")
+    drops: int = Field(
+        default=0, description="Frames dropped by the overload policy (answered `overloaded`)."
+    )
+    stalls: int = Field(default=0, description="Batches answered `internal` because the runtime call hung.")
+
+
+class Percentiles(BaseModel):
+    """p50, p95, p99 of `timing_ms.total` over the window, ms (0 when nothing was served)."""
+
+    p50: float = 0.0
+    p95: float = 0.0
+    p99: float = 0.0
+
+
+class TenantWindow(TenantCounters):
+    """What a tenant's stats say at the end of a telemetry window: counters and the window's figures."""
+
+    fps: float = 0.0
+    latency_ms: Percentiles = Field(default_factory=Percentiles)
+    batch_size_mean: float = 0.0
+
+
+class TenantIdentity(BaseModel):
     model: str
     backend: str
     device: str
     instances: int
     state: TenantState
-    frames_in: int
-    frames_out: int
-    errors: int
-    drops: int
-    stalls: int = 0  # batches answered `internal` because the runtime call hung (check_stalls)
+
+
+class TenantTelemetry(TenantWindow, TenantIdentity):
     failovers: int = 0  # moves of this tenant between its candidates since the agent started
-    fps: float
-    latency_ms: dict[str, float]
     queue_depth: int
-    batch_size_mean: float
     # Detection tenants: the boxes of the last frame served (labels, scores, boxes), for the console.
     last_detections: list[Detection] | None = None
 
@@ -364,15 +404,25 @@ class DeviceTelemetry(BaseModel):
     gpus: list[GpuTelemetry] | None = None
 
 
-class Telemetry(BaseModel):
+class DeviceCounters(BaseModel):
+    """The agent's own counters since it started (not a tenant's)."""
+
+    duplicates: int = Field(
+        default=0, description="Frames not run again: their request id was served or in flight."
+    )
+    publishes_refused: int = Field(
+        default=0,
+        description="Publishes the broker refused (MQTT 5 reason code, e.g. not authorised by its ACL).",
+    )
+
+
+class Telemetry(DeviceCounters):
     device_id: str
     ts: float = Field(default_factory=time.time)
     interval_s: float
     tenants: list[TenantTelemetry]
     device: DeviceTelemetry
     rejected: dict[str, int] = Field(default_factory=dict)
-    # Frames that arrived again with a request id already served or in flight: not run again.
-    duplicates: int = 0
     # Publishes the broker dropped (its queue or in-flight limits), all clients together, since it
     # started: Mosquitto's $SYS/broker/publish/messages/dropped. None where the broker does not say.
     broker_dropped: int | None = None

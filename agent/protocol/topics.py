@@ -75,11 +75,13 @@ def fleet_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
     return f"{prefix}/+/{kind}"
 
 
-def device_from_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> str | None:
+def parse_device_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(device id, kind) of a device's own topic `<prefix>/<id>/<kind>` (status, telemetry,
+    placement, events...); None for any other topic. The inverse of `Topics(id, prefix).<kind>`."""
     parts = topic.split("/")
-    if len(parts) >= 3 and parts[0] == prefix and valid_device_id(parts[1]):
-        return parts[1]
-    return None
+    if len(parts) != 3 or parts[0] != prefix or not valid_device_id(parts[1]) or not parts[2]:
+        return None
+    return parts[1], parts[2]
 
 
 def filters_overlap(a: str, b: str) -> bool:
