@@ -44,8 +44,9 @@ from agent.protocol.schemas import (
     TenantState,
     TenantStatus,
     TenantTelemetry,
+    generation_refusal,
 )
-from agent.protocol.topics import Topics
+from agent.protocol.topics import Topics, parse_device_topic
 
 log = logging.getLogger(__name__)
 
@@ -218,12 +219,9 @@ class SimDevice:
             self._refuse(now, f"placement refused: {problems}")
             return
         gen = doc.generation
-        if self.applied_generation is not None and gen < self.applied_generation:
-            self._refuse(
-                now,
-                f"placement generation {gen} refused: generation {gen} is older than the applied "
-                f"{self.applied_generation}",
-            )
+        stale = generation_refusal(gen, self.applied_generation)  # the agent's own rule
+        if stale is not None:
+            self._refuse(now, f"placement generation {gen} refused: {stale}")
             return
         for spec in doc.tenants:
             if spec.model not in self.profile.models:
@@ -386,10 +384,11 @@ class _Connection:
         self.connected.set()
 
     def _on_message(self, _c: paho.Client, _u: object, message: paho.MQTTMessage) -> None:
-        device_id = message.topic.split("/")[1]
-        device = self.devices.get(device_id)
+        parsed = parse_device_topic(message.topic)
+        device = self.devices.get(parsed[0]) if parsed is not None else None
         if device is None:
             return
+        device_id = device.device_id
         with self.sim.lock:
             device.apply(bytes(message.payload), time.time())
             self.sim.dirty.add(device_id)

@@ -227,6 +227,14 @@ class Placement(Strict):
         return tenants
 
 
+def generation_refusal(generation: int, applied: int | None) -> str | None:
+    """Generations only go forward (docs/protocol.md "How the agent applies a placement"): why a
+    document of `generation` is refused where `applied` is in force, or None when it is not."""
+    if applied is not None and generation < applied:
+        return f"generation {generation} is older than the applied {applied}"
+    return None
+
+
 TenantState = Literal["loading", "ready", "draining", "failed"]
 
 
