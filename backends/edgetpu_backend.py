@@ -12,26 +12,24 @@ import ctypes.util
 import glob
 import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from backends.base import Backend, BackendUnavailable, ModelArtifacts, ModelLoadError
-from backends.tflite_backend import TfliteSession, interpreter_module
+from backends.base import (
+    Backend,
+    BackendInfo,
+    BackendUnavailable,
+    ModelArtifacts,
+    ModelLoadError,
+    usb_devices,
+)
+from backends.tflite_backend import RUNTIME_PACKAGES, TfliteSession, interpreter_module
 
 # USB ids of the Coral USB Accelerator: before (Global Unichip) and after (Google) firmware load.
 CORAL_USB_IDS = {("1a6e", "089a"), ("18d1", "9302")}
 
 
 def usb_tpus() -> list[str]:
-    found: list[str] = []
-    for dev in sorted(glob.glob("/sys/bus/usb/devices/*")):
-        try:
-            ids = (Path(dev, "idVendor").read_text().strip(), Path(dev, "idProduct").read_text().strip())
-        except OSError:
-            continue
-        if ids in CORAL_USB_IDS:
-            found.append(f"usb:{len(found)}")
-    return found
+    return [f"usb:{i}" for i, _ in enumerate(usb_devices(CORAL_USB_IDS))]
 
 
 def pci_tpus() -> list[str]:
@@ -54,10 +52,21 @@ class EdgeTpuBackend(Backend):
     name = "edgetpu"
     formats = ("edgetpu",)
     crash_prone = True  # a delegate built against other library versions segfaults at load
+    info = BackendInfo(
+        devices=("usb:N", "pci:N"),
+        device_nodes=("/dev/apex_*",),
+        usb_ids=frozenset(CORAL_USB_IDS),
+        shared={},  # each TPU is its own resource
+        packages=RUNTIME_PACKAGES,
+        extra="tflite",
+        install="apt-get install libedgetpu1-std from Coral's repository, and a TFLite runtime",
+        # PCIe/M.2 TPUs (/dev/apex_*), USB accelerators (/dev/bus/usb/*).
+        unit_devices=("char-apex", "char-usb_device"),
+    )
 
     def available(self) -> tuple[bool, str]:
         if interpreter_module() is None:
-            return False, "no TFLite runtime (pip install ai-edge-litert, or tflite-runtime)"
+            return False, f"no TFLite runtime ({self.info.install_hint()}, or tflite-runtime)"
         if find_libedgetpu() is None:
             return False, "libedgetpu not installed (apt-get install libedgetpu1-std from Coral's repository)"
         if not self.devices_present():

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from backends.base import Backend, ModelArtifacts, ModelLoadError
+from backends.base import Backend, BackendInfo, ModelArtifacts, ModelLoadError
 
 
 class FakeSession:
@@ -48,6 +48,7 @@ class FakeSession:
 class FakeBackend(Backend):
     name = "fake"
     formats = ("onnx", "tflite", "fake")
+    info = BackendInfo(devices=("cpu", "slow"))
 
     def __init__(self) -> None:
         self.sessions: list[FakeSession] = []

@@ -16,6 +16,7 @@ import numpy as np
 
 from backends.base import (
     Backend,
+    BackendInfo,
     BackendUnavailable,
     InferenceError,
     ModelArtifacts,
@@ -49,6 +50,16 @@ class OpenVinoSession:
 class OpenVinoBackend(Backend):
     name = "openvino"
     formats = ("openvino", "onnx")
+    info = BackendInfo(
+        devices=("CPU", "GPU", "GPU.N", "NPU", "AUTO"),
+        # Intel GPUs are DRM render nodes, Intel NPUs accel nodes.
+        device_nodes=("/dev/dri/renderD*", "/dev/accel/accel*"),
+        # OpenVINO's AUTO runs on the CPU until its GPU or NPU compile is done.
+        shared={"cpu": "cpu", "auto": "cpu"},
+        packages=("openvino",),
+        extra="openvino",
+        unit_devices=("char-drm", "char-accel"),
+    )
 
     def __init__(self) -> None:
         self._lock = threading.RLock()  # load() holds it while _compile() asks for the core
@@ -65,7 +76,7 @@ class OpenVinoBackend(Backend):
 
     def available(self) -> tuple[bool, str]:
         if not module_present("openvino"):
-            return False, "openvino is not installed (pip install openvino)"
+            return False, f"openvino is not installed ({self.info.install_hint()})"
         try:
             self._get_core()
         except Exception as exc:

@@ -18,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from backends import nvidia
 from backends.base import (
     Backend,
+    BackendInfo,
     BackendUnavailable,
     InferenceError,
     ModelArtifacts,
@@ -74,10 +76,18 @@ class TensorRtBackend(Backend):
     name = "tensorrt"
     formats = ("onnx",)
     crash_prone = True  # an engine build can abort the process (and the child fills the engine cache)
+    info = BackendInfo(
+        devices=("cuda:N",),
+        device_nodes=nvidia.DEVICE_NODES,
+        shared={"cuda": "cuda"},
+        packages=("tensorrt", "tensorrt-*", "torch"),
+        install="JetPack, or pip install tensorrt on x86 with CUDA",
+        unit_devices=nvidia.UNIT_DEVICES,
+    )
 
     def available(self) -> tuple[bool, str]:
         if not module_present("tensorrt"):
-            return False, "TensorRT is not installed (JetPack, or pip install tensorrt on x86 with CUDA)"
+            return False, f"TensorRT is not installed ({self.info.install})"
         if not module_present("torch"):
             return False, "the TensorRT backend needs PyTorch with CUDA for device buffers"
         if not self.devices():

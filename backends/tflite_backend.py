@@ -16,12 +16,16 @@ import numpy as np
 
 from backends.base import (
     Backend,
+    BackendInfo,
     BackendUnavailable,
     InferenceError,
     ModelArtifacts,
     ModelLoadError,
     module_present,
 )
+
+# LiteRT, or the older TFLite runtime: either provides the interpreter.
+RUNTIME_PACKAGES = ("ai-edge-litert", "tflite-runtime")
 
 
 def interpreter_module() -> Any:
@@ -84,10 +88,11 @@ class TfliteSession:
 class TfliteBackend(Backend):
     name = "tflite"
     formats = ("tflite", "tflite_int8")
+    info = BackendInfo(packages=RUNTIME_PACKAGES, extra="tflite")
 
     def available(self) -> tuple[bool, str]:
         if interpreter_module() is None:
-            return False, "no TFLite runtime (pip install ai-edge-litert, or tflite-runtime)"
+            return False, f"no TFLite runtime ({self.info.install_hint()}, or tflite-runtime)"
         return True, ""
 
     def devices(self) -> list[str]:

@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from backends import nvidia
 from backends.base import (
     Backend,
+    BackendInfo,
     BackendUnavailable,
     InferenceError,
     ModelArtifacts,
@@ -91,10 +93,18 @@ class TorchSession:
 class TorchBackend(Backend):
     name = "torch"
     formats = ("torch",)
+    info = BackendInfo(
+        devices=("cpu", "cuda:N"),
+        device_nodes=nvidia.DEVICE_NODES,
+        shared={"cpu": "cpu", "cuda": "cuda"},
+        packages=("torch",),
+        extra="torch",
+        unit_devices=nvidia.UNIT_DEVICES,
+    )
 
     def available(self) -> tuple[bool, str]:
         if not module_present("torch"):
-            return False, "PyTorch is not installed (pip install torch)"
+            return False, f"PyTorch is not installed ({self.info.install_hint()})"
         return True, ""
 
     def devices(self) -> list[str]:

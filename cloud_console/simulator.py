@@ -31,6 +31,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
+from agent.protocol.runtimes import BACKEND_DEVICES, device_declared
 from agent.protocol.schemas import (
     BackendCapability,
     Capabilities,
@@ -51,8 +52,9 @@ from agent.protocol.topics import Topics, parse_device_topic
 log = logging.getLogger(__name__)
 
 SIM_VERSION = "0.1.0-sim"
-# The backend names the real agent's registry knows (available or not on a given device).
-KNOWN_BACKENDS = ("edgetpu", "onnxruntime", "openvino", "tensorrt", "tflite", "torch")
+# The backend names the real agent's registry knows (available or not on a given device), and the
+# devices each may offer: the backends' own declarations, as agent.protocol carries them.
+KNOWN_BACKENDS = tuple(sorted(BACKEND_DEVICES))
 MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 MODEL_COST = {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.45, "efficientnet-lite2": 2.1}
 QUEUE_LIMIT = 64
@@ -73,6 +75,13 @@ class Profile:
     models: tuple[str, ...]
     speed: dict[str, float]  # "<backend>:<device lower>" -> fps
     initial: tuple[tuple[str, str, str], ...]  # (model, backend, device) tenants at start
+
+    def __post_init__(self) -> None:
+        """A simulated box offers only devices its backends declare (agent.protocol.runtimes)."""
+        for backend, cap in self.backends.items():
+            undeclared = [d for d in cap.devices if not device_declared(backend, d)]
+            if backend not in BACKEND_DEVICES or undeclared:
+                raise ValueError(f"profile {self.name}: {backend} does not offer {undeclared or 'anything'}")
 
 
 PROFILES: tuple[Profile, ...] = (

@@ -137,3 +137,57 @@ def test_models_command_adds_a_verified_model_and_refuses_a_tampered_one(tmp_pat
     assert bad.returncode == 1 and "sha256" in bad.stderr, bad.stderr
     # The good copy stays, untouched and still verified.
     assert cli().returncode == 0
+
+
+def test_an_openvino_irs_weights_are_checksummed_too(tmp_path: Path) -> None:
+    """An OpenVINO IR is an `.xml` and its `.bin`: `edge-agent models` verifies both, so weights
+    corrupted on disk fail the check instead of loading."""
+    ov = pytest.importorskip("openvino")
+    import hashlib
+
+    folder = tmp_path / "repo" / "lite0-ir"
+    folder.mkdir(parents=True)
+    ov.save_model(
+        ov.convert_model(str(MODELS / "efficientnet-lite0" / "model.onnx")), str(folder / "model.xml")
+    )
+    shutil.copy(MODELS / "efficientnet-lite0" / "labels.txt", folder / "labels.txt")
+    digest = {n: hashlib.sha256((folder / n).read_bytes()).hexdigest() for n in ("model.xml", "model.bin")}
+    manifest = (MODELS / "efficientnet-lite0" / "model.toml").read_text().split("\n[artifacts.")[0]
+    (folder / "model.toml").write_text(
+        manifest.replace('"efficientnet-lite0"', '"lite0-ir"')
+        + f'\n[artifacts.openvino]\nfile = "model.xml"\nsha256 = "{digest["model.xml"]}"\n'
+        + f'weights_sha256 = "{digest["model.bin"]}"\n'
+    )
+
+    def models() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "agent", "models", "--json", "--models", str(folder.parent)],
+            capture_output=True,
+            text=True,
+        )
+
+    good = models()
+    assert good.returncode == 0, good.stdout + good.stderr
+    (entry,) = json.loads(good.stdout)
+    assert entry["verified"] and entry["artifacts"] == ["openvino"]
+    assert entry["size_mb"] > 5, "the weights (fp16: 9 MB) count in the model's size"
+    with (folder / "model.bin").open("r+b") as fh:
+        fh.seek(4096)
+        fh.write(b"\x00\x01\x02\x03")
+    bad = models()
+    assert bad.returncode == 1
+    (entry,) = json.loads(bad.stdout)
+    assert not entry["verified"] and "model.bin sha256" in entry["error"], entry
+    (folder / "model.bin").unlink()
+    (entry,) = json.loads(models().stdout)
+    assert "model.bin" in entry["error"] and "missing" in entry["error"], entry
+
+
+def test_an_openvino_ir_without_its_weights_checksum_is_refused(repo) -> None:
+    folder = repo.root / "efficientnet-lite0"
+    toml = folder / "model.toml"
+    toml.write_text(
+        toml.read_text() + '\n[artifacts.openvino]\nfile = "model.xml"\nsha256 = "' + "0" * 64 + '"\n'
+    )
+    with pytest.raises(ModelError, match="weights_sha256"):
+        repo.load("efficientnet-lite0")

@@ -138,6 +138,65 @@ def test_units_verify_clean_and_agent_is_hardened(unit, tmp_path):
     assert level <= 3.0, security.stdout[-2000:]
 
 
+def unit_settings(unit: str) -> dict[str, list[str]]:
+    """Each `Key=value` of a shipped unit, values in order (systemd allows a key several times)."""
+    out: dict[str, list[str]] = {}
+    for line in (UNITS / unit).read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.lstrip().startswith(("#", ";")):
+            out.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_the_agent_unit_allows_every_device_class_the_backends_declare():
+    """A backend declares the device classes its nodes need (`unit_devices`); the unit allows exactly
+    those, so a runtime added or changed cannot be silently locked out (or leave stale holes)."""
+    from backends import registry
+
+    allowed = {value.split()[0] for value in unit_settings("edge-agent.service")["DeviceAllow"]}
+    declared = {d for info in registry.declarations().values() for d in info.unit_devices}
+    assert declared - allowed == set(), "add DeviceAllow= lines to systemd/edge-agent.service"
+    assert allowed - declared == set(), "no backend declares these (unit_devices in backends/*.py)"
+    assert unit_settings("edge-agent.service")["DevicePolicy"] == ["closed"]
+
+
+TELEMETRY_PROBE = (
+    "from agent.observability.device_stats import DeviceStats as S; "
+    "print(S.load_1m() is not None, bool(S.system_memory()))"
+)
+
+
+def test_the_agent_unit_leaves_telemetry_its_host_figures_in_proc(tmp_path):
+    """Telemetry reports the host's load and memory (/proc/loadavg, /proc/meminfo). The unit's
+    /proc options are applied to a private /proc, as systemd mounts it, and telemetry read there."""
+    settings = unit_settings("edge-agent.service")
+    options = []
+    if settings.get("ProtectProc", ["default"])[-1] in ("invisible", "noaccess", "ptraceable"):
+        options.append(f"hidepid={settings['ProtectProc'][-1]}")
+    if settings.get("ProcSubset", ["all"])[-1] == "pid":
+        options.append("subset=pid")
+    mount = f"mount -t proc -o {','.join(options) or 'defaults'} proc /proc"
+    probe = subprocess.run(
+        [
+            "unshare",
+            "-m",
+            "-p",
+            "--fork",
+            "sh",
+            "-c",
+            f"{mount} && exec {sys.executable} -c '{TELEMETRY_PROBE}'",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+    )
+    if "mount" in probe.stderr or "unshare" in probe.stderr:
+        pytest.skip(f"cannot mount a private /proc here: {probe.stderr.strip()[:200]}")
+    assert probe.returncode == 0, probe.stderr
+    assert probe.stdout.split() == ["True", "True"], "load or memory hidden from telemetry by the unit"
+
+
 def test_install_script_stages_upgrades_and_uninstalls(tmp_path):
     stage = tmp_path / "root"
     env = {**os.environ, "PIP_ARGS": "--no-deps", "EXTRAS": ""}

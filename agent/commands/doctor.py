@@ -18,7 +18,6 @@ from agent.service.model_repo import ModelError, ModelRepository
 
 Level = Literal["ok", "warn", "fail"]
 MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL"}
-DEVICE_NODES = ("/dev/apex_*", "/dev/nvidia*", "/dev/nvhost-*", "/dev/dri/renderD*", "/dev/accel/accel*")
 
 
 @dataclass
@@ -45,13 +44,18 @@ def check_state_dir(path: Path) -> Check:
     return Check("ok", f"state dir {path}", "writable")
 
 
-def placed_models(config: AgentConfig) -> set[str]:
-    """What the agent serves at its next start: the saved placement if there is one, else the config's."""
+def serving_placement(config: AgentConfig) -> tuple[Placement, str]:
+    """What the agent serves at its next start, and where that comes from: the placement the agent
+    saved when it last applied one (agent/placement/store.py) if there is one, else the config's."""
     saved = config.state_dir / "placement.json"
     try:
-        return {t.model for t in Placement.model_validate_json(saved.read_text()).tenants}
+        return Placement.model_validate_json(saved.read_text()), f"saved placement {saved}"
     except (OSError, ValueError):
-        return {t.model for t in config.placement.tenants}
+        return config.placement, "placement in the config"
+
+
+def placed_models(config: AgentConfig) -> set[str]:
+    return {t.model for t in serving_placement(config)[0].tenants}
 
 
 def check_models(config: AgentConfig) -> list[Check]:
@@ -73,7 +77,9 @@ def check_models(config: AgentConfig) -> list[Check]:
             out.append(Check(level, f"model {name}", str(exc), f"check {config.models_dir / name}"))
     if config.models_dir.is_dir():
         for folder in sorted(p for p in config.models_dir.iterdir() if p.is_dir()):
-            if not valid_model_name(folder.name) and not folder.name.startswith("."):
+            # Hidden and Python's own folders (`__pycache__` of the wheel's bundled models package,
+            # `.name.old` left by `models add`) are not meant as models.
+            if not valid_model_name(folder.name) and not folder.name.startswith((".", "_")):
                 out.append(
                     Check(
                         "warn",
@@ -86,33 +92,34 @@ def check_models(config: AgentConfig) -> list[Check]:
 
 
 def check_backends(config: AgentConfig) -> list[Check]:
+    """Every runtime, then each tenant of the placement the agent will serve: one of its candidates
+    (its backend and device, when it has no list) must be available here."""
     from backends import registry
+    from backends.base import match_device
 
     caps = registry.capabilities()
     out = []
     for name, (ok, devices, reason) in caps.items():
         out.append(Check("ok" if ok else "warn", f"backend {name}", ", ".join(devices) if ok else reason))
-    for tenant in config.placement.tenants:
-        if tenant.backend == "auto":
-            continue
-        ok, devices, reason = caps.get(tenant.backend, (False, [], "unknown backend"))
-        if not ok:
-            out.append(
-                Check(
-                    "fail",
-                    f"placement {tenant.model}",
-                    f"backend {tenant.backend}: {reason}",
-                    f"install it (pip install '.[{tenant.backend}]') or place the model elsewhere",
-                )
-            )
-        elif tenant.device.lower() not in [d.lower() for d in devices] and tenant.device.lower() != "auto":
-            out.append(
-                Check(
-                    "fail",
-                    f"placement {tenant.model}",
-                    f"{tenant.backend} has no device {tenant.device} (present: {', '.join(devices)})",
-                )
-            )
+    placement, source = serving_placement(config)
+    for tenant in placement.tenants:
+        problems: list[tuple[str, str]] = []  # (fix, detail) of each candidate that cannot serve
+        for cand in tenant.candidate_list():
+            if cand.backend == "auto" or cand.device.lower() == "auto":
+                break  # auto placement picks among what is available
+            ok, devices, reason = caps.get(cand.backend, (False, [], "unknown backend"))
+            if ok and match_device(devices, cand.device) is not None:
+                break
+            if not ok:
+                hint = registry.info(cand.backend).install_hint() if cand.backend in caps else ""
+                fix = f"install it ({hint}) or place the model elsewhere" if hint else ""
+                problems.append((fix, f"backend {cand.backend}: {reason}"))
+            else:
+                present = ", ".join(devices)
+                problems.append(("", f"{cand.backend} has no device {cand.device} (present: {present})"))
+        else:
+            fix, detail = problems[0] if problems else ("", "no candidate")
+            out.append(Check("fail", f"placement {tenant.model}", f"{detail}; from the {source}", fix))
     return out
 
 
@@ -150,7 +157,10 @@ def check_fast_paths() -> list[Check]:
 
 def check_device_nodes() -> list[Check]:
     out = []
-    for pattern in DEVICE_NODES:
+    from backends import registry
+
+    patterns = sorted({p for info in registry.declarations().values() for p in info.device_nodes})
+    for pattern in patterns:
         for node in sorted(glob.glob(pattern)):
             if os.access(node, os.R_OK | os.W_OK):
                 out.append(Check("ok", f"device {node}", "readable and writable"))

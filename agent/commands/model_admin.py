@@ -35,9 +35,19 @@ def describe(repo: ModelRepository, name: str) -> dict[str, Any]:
         path=str(folder),
         artifacts=sorted(files),
         missing=sorted(model.artifacts.missing),
-        size_mb=round(sum(p.stat().st_size for p in files.values()) / 2**20, 1),
+        size_mb=round(sum(p.stat().st_size for p in _artifact_files(files.values())) / 2**20, 1),
     )
     return entry
+
+
+def _artifact_files(paths: Any) -> list[Path]:
+    """Every file of the artifacts: an OpenVINO IR `.xml` brings its `.bin` (verified with it)."""
+    out = []
+    for path in paths:
+        out.append(path)
+        if path.suffix.lower() == ".xml" and path.with_suffix(".bin").is_file():
+            out.append(path.with_suffix(".bin"))
+    return out
 
 
 def add(repo: ModelRepository, source: Path, force: bool = False) -> str:

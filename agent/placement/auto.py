@@ -28,18 +28,18 @@ RuntimeCall = Callable[[Callable[[], Any], str], Awaitable[Any]]
 
 
 def is_auto(spec: TenantSpec) -> bool:
-    """OpenVINO's own `AUTO` device is a real device name there, not a request to profile."""
-    return spec.backend == "auto" or (spec.device.lower() == "auto" and spec.backend != "openvino")
+    """A backend that declares an `AUTO` device of its own (OpenVINO) means that device, not a request
+    to profile."""
+    if spec.backend == "auto":
+        return True
+    own = {d.lower() for d in registry.info(spec.backend).devices}
+    return spec.device.lower() == "auto" and "auto" not in own
 
 
 def resource_of(backend: str, device: str) -> str:
-    """The physical resource a backend/device runs on: backends on the host CPU share it."""
-    d = device.lower()
-    if d in ("cpu", "auto") or d.startswith("cpu"):
-        return "cpu"
-    if d.startswith(("cuda", "tensorrt")):
-        return "cuda:" + (d.split(":", 1)[1] if ":" in d else "0")
-    return f"{backend}:{d}"
+    """The physical resource a backend/device runs on, as the backend declares it (backends on the
+    host CPU share it; ONNX Runtime's `tensorrt:0` and PyTorch's `cuda:0` are one GPU)."""
+    return registry.resource_of(backend, device)
 
 
 def candidates_for(backend: str, device: str) -> list[Candidate]:
@@ -49,8 +49,8 @@ def candidates_for(backend: str, device: str) -> list[Candidate]:
         if not ok or backend not in ("auto", name):
             continue
         for d in devices:
-            if name == "openvino" and d.upper() == "AUTO":
-                continue  # OpenVINO's own AUTO plugin re-picks a device we profile anyway
+            if d.upper() == "AUTO":
+                continue  # a runtime's own AUTO device (OpenVINO's) re-picks a device we profile anyway
             if device.lower() != "auto" and d.lower() != device.lower():
                 continue
             out.append((name, d))

@@ -62,27 +62,32 @@ def probe_backends(timeout_s: float = 40.0, each_timeout_s: float = 20.0) -> dic
     return out
 
 
-# The libraries whose versions decide what a probe finds (any installed onnxruntime-* build counts).
-RUNTIME_DISTS = ("openvino", "ai-edge-litert", "tflite-runtime", "tensorrt", "torch", "numpy")
-DEVICE_NODES = ("/dev/nvidia*", "/dev/nvhost*", "/dev/apex_*", "/dev/accel/*", "/dev/dri/renderD*")
-
-
 def fingerprint() -> str:
-    """What a probe's answer depends on: runtime library versions, Python, and the accelerator device
-    nodes and Coral USB ids present. Reading it imports no runtime (milliseconds)."""
+    """What a probe's answer depends on: runtime library versions (as each backend declares them),
+    Python, the backends installed by other packages, and the accelerator device nodes and USB ids
+    present. Reading it imports no runtime (milliseconds)."""
     import glob
     import hashlib
     import importlib.metadata
     import platform
 
-    from backends.edgetpu_backend import usb_tpus
+    from backends.base import usb_devices
 
+    declared = registry.declarations()
     versions = {}
     for dist in importlib.metadata.distributions():
         name = (dist.metadata["Name"] or "").lower()
-        if name in RUNTIME_DISTS or name.startswith("onnxruntime"):
+        if name == "numpy" or any(info.owns_package(name) for info in declared.values()):
             versions[name] = dist.version
-    nodes = sorted(path for pattern in DEVICE_NODES for path in glob.glob(pattern))
+    # A backend package's own upgrade probes afresh too.
+    for point in importlib.metadata.entry_points(group=registry.ENTRY_POINT_GROUP):
+        owner = point.dist
+        versions[f"entry point {point.name}"] = (
+            f"{point.value} {owner.name} {owner.version}" if owner else point.value
+        )
+    patterns = sorted({p for info in declared.values() for p in info.device_nodes})
+    nodes = sorted(path for pattern in patterns for path in glob.glob(pattern))
+    usb = sorted(str(ids) for info in declared.values() for ids in usb_devices(info.usb_ids))
     # This release's own probing code and backends: an upgrade of edge-agent probes afresh.
     code = hashlib.sha256()
     for path in sorted(Path(registry.__file__).parent.glob("*.py")):
@@ -92,7 +97,7 @@ def fingerprint() -> str:
         json.dumps(versions, sort_keys=True),
         code.hexdigest(),
         *nodes,
-        *usb_tpus(),
+        *usb,
     ]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 

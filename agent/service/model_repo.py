@@ -1,7 +1,8 @@
 """The model repository: one folder per model with `model.toml`, labels and artifacts.
 
 Every path is resolved inside the repository (no `..`, no absolute paths, no symlinks that lead
-out), and every artifact's sha256 is checked against the manifest before a backend sees it.
+out), and every artifact's sha256 is checked against the manifest before a backend sees it (an
+OpenVINO IR's `.bin` weights too: `weights_sha256`).
 
 A device may hold only the artifacts its accelerators use (a Coral box needs no `model.pt2`): an
 artifact listed in the manifest but absent is simply not offered, and a backend that needs it
@@ -58,11 +59,31 @@ class InputSpec(_Strict):
 class ArtifactSpec(_Strict):
     file: str
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="`sha256sum FILE`; any case")
+    # An OpenVINO IR is two files: the listed `.xml` graph and its `.bin` weights beside it (same
+    # name), whose sha256 this is. Required for an `.xml`, so that no weights load unverified.
+    weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
 
-    @field_validator("sha256", mode="before")
+    @field_validator("sha256", "weights_sha256", mode="before")
     @classmethod
     def _lowercase(cls, value: object) -> object:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _weights(self) -> ArtifactSpec:
+        is_ir = self.file.lower().endswith(".xml")
+        if is_ir and self.weights_sha256 is None:
+            raise ValueError(
+                f"{self.file} is an OpenVINO IR: add weights_sha256 = `sha256sum` of "
+                f"{Path(self.file).with_suffix('.bin').name}"
+            )
+        if not is_ir and self.weights_sha256 is not None:
+            raise ValueError("weights_sha256 is for an OpenVINO IR (.xml) artifact only")
+        return self
+
+    @property
+    def weights(self) -> str | None:
+        """The IR's `.bin`, relative to the model folder (None for a one-file artifact)."""
+        return str(Path(self.file).with_suffix(".bin")) if self.weights_sha256 else None
 
     # The artifact's own input layout when it differs from [input] (e.g. NHWC int8 TFLite for the
     # Edge TPU); the backend converts the agent's tensor to it.
@@ -214,13 +235,21 @@ class ModelRepository:
             except _Missing:
                 missing[fmt] = spec.file  # not installed on this device
                 continue
+            checks = [(path, spec.file, spec.sha256)]
+            if spec.weights is not None and spec.weights_sha256 is not None:
+                try:
+                    weights = self._model_file(folder, spec.weights, f"{fmt} weights")
+                except _Missing as exc:  # an IR without its weights is broken, not absent
+                    raise ModelError(f"model {name!r}: {exc} (beside {spec.file})") from exc
+                checks.append((weights, spec.weights, spec.weights_sha256))
             if verify:
-                actual = self._sha256(path)
-                if actual != spec.sha256:
-                    raise ModelError(
-                        f"model {name!r}: {spec.file} sha256 {actual[:12]}... does not match the manifest "
-                        f"({spec.sha256[:12]}...); refusing to load it"
-                    )
+                for file, listed, expected in checks:
+                    actual = self._sha256(file)
+                    if actual != expected:
+                        raise ModelError(
+                            f"model {name!r}: {listed} sha256 {actual[:12]}... does not match the "
+                            f"manifest ({expected[:12]}...); refusing to load it"
+                        )
             files[fmt] = path
         if not files:
             listed = ", ".join(spec.file for spec in manifest.artifacts.values())
