@@ -295,6 +295,21 @@ def test_another_device_can_neither_write_nor_read_this_devices_topics(fleet: Fl
         ha.close()
 
 
+def test_what_a_role_may_not_do_is_told_at_once_with_the_topic(fleet: Fleet) -> None:
+    """Refusals by the ACL are reported, not waited out: the device may not place itself (only the
+    console and an operator may), a camera may not feed another device; a status it may not read
+    says which topic and which user."""
+    done = fleet.cli("device", "place", "--model", MODEL, "--timeout", "120")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert f"refused the publish to edge/{DEVICE}/placement: Not authorized" in done.stderr, done.stderr
+    done = fleet.cli("camera", "infer", str(SAMPLES / "cat.jpg"), "--device-id", "cam-02", "--timeout", "120")
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert "refused the publish to edge/cam-02/infer: Not authorized" in done.stderr, done.stderr
+    done = fleet.cli("camera", "status", "--timeout", "2")
+    assert done.returncode == 1
+    assert f"edge/{DEVICE}/status" in done.stderr and "user camera-cam-01" in done.stderr, done.stderr
+
+
 # -- the console ------------------------------------------------------------------------------------
 def test_console_moves_tokens_and_signed_placements(fleet: Fleet) -> None:
     """The console with its certificate and signing key, driven through its API with tokens: a fleet
@@ -458,3 +473,42 @@ def api_as(api: Client, token: str) -> Client:
             return super().call(method, path, body, {**(headers or {}), **bearer(token)})
 
     return WithToken(api.base)
+
+
+# -- the client commands read the agent's config --------------------------------------------------
+def test_client_commands_use_the_topic_prefix_of_the_config_they_read(
+    broker: LocalBroker, tmp_path: Path
+) -> None:
+    """An agent with `broker.topic_prefix = "plant"`: `infer`, `camera` and `status` with its config
+    reach it there (they used to talk on `edge/...` whatever the config said)."""
+    config = f'device_id = "{DEVICE}"\n[broker]\nhost = "127.0.0.1"\nport = {broker.port}\ntopic_prefix = "plant"\n'
+    agent = AgentProcess(broker, tmp_path, DEVICE, config)
+    at = agent.args.index("--broker")
+    del agent.args[at : at + 2]
+    agent.start()
+    status = Collector(broker.port, [f"plant/{DEVICE}/status"])
+    try:
+        status.wait_for(
+            lambda s: (
+                bool(s) and s[-1].get("online") and s[-1]["placement"]["tenants"][0]["state"] == "ready"
+            ),
+            f"plant/{DEVICE}/status",
+            timeout=120,
+        )
+    finally:
+        status.close()
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        command, *rest = args
+        return subprocess.run(
+            [sys.executable, "-m", "agent", command, "--config", str(agent.config_path), *rest],
+            capture_output=True, text=True, timeout=120, cwd=REPO,
+        )  # fmt: skip
+
+    done = cli("infer", str(SAMPLES / "cat.jpg"), "--json", "--timeout", "20")
+    assert done.returncode == 0 and is_cat(answers(done.stdout)[0]), (done.stdout, done.stderr)
+    done = cli("camera", str(SAMPLES / "cat.jpg"), "--frames", "1", "--json", "--timeout", "20")
+    assert done.returncode == 0 and is_cat(answers(done.stdout)[0]), (done.stdout, done.stderr)
+    done = cli("status", "--timeout", "10")
+    assert done.returncode == 0 and json.loads(done.stdout)["device_id"] == DEVICE, done.stderr
+    agent.stop()
