@@ -71,7 +71,8 @@ class OnnxRuntimeBackend(Backend):
         # The CUDA and TensorRT execution providers of one GPU run on that GPU.
         shared={"cpu": "cpu", "cuda": "cuda", "tensorrt": "cuda"},
         packages=("onnxruntime", "onnxruntime-*"),
-        install="pip install onnxruntime (a dependency of edge-agent; onnxruntime-gpu for NVIDIA GPUs)",
+        install="a dependency of edge-agent: pip install -c deploy/constraints.txt onnxruntime, "
+        "or onnxruntime-gpu for NVIDIA GPUs",
         unit_devices=nvidia.UNIT_DEVICES,
     )
 

@@ -193,3 +193,30 @@ def test_device_names_case_insensitive_and_kind_alone_means_the_first():
     assert b.canonical_device("gpu.0") == "GPU.0"
     with pytest.raises(UnknownDevice, match=r"present: cpu, cuda:0, cuda:1, GPU\.0"):
         b.canonical_device("cuda:7")
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * 4096 / 2**20
+
+
+@pytest.mark.parametrize(("name", "device"), [("onnxruntime", "cpu"), ("openvino", "CPU")])
+def test_the_instances_of_one_model_hold_its_weights_once(name, device, lite0, photos, reference):
+    """Four instances cost about one: lite0's optimised weights are 28 MB per copy in ONNX Runtime,
+    so three more copies would add over 80 MB (docs/performance.md#memory)."""
+    backend, device = backend_or_skip(name, device)
+    options = {"threads": 1, "instances": 4, "precision": "fp32"}
+    first = load_or_skip(backend, lite0, device, options)
+    for _ in range(2):  # ONNX Runtime's arena grows over the first two runs of a batch size
+        first.infer(photos[1])
+    before = _rss_mb()
+    more = [backend.load(lite0.artifacts, device, options) for _ in range(3)]
+    for s in more:
+        assert s.infer(photos[1]).argmax(1).tolist() == reference.argmax(1).tolist()
+    grown = _rss_mb() - before
+    for s in [first, *more]:
+        s.close()
+    assert grown < 20, f"{grown:.1f} MB for three more instances"
+    again = backend.load(lite0.artifacts, device, options)  # after the last closed: a fresh one
+    assert again.infer(photos[1]).argmax(1).tolist() == reference.argmax(1).tolist()
+    again.close()
