@@ -1,9 +1,15 @@
-"""A throwaway PKI for TLS tests: a CA, a server certificate for 127.0.0.1, client certificates."""
+"""A throwaway PKI for TLS tests: a CA, a server certificate for 127.0.0.1, client certificates.
+
+Files get the permissions docs/security.md tells a fleet to use: certificates 0644, keys 0600, and
+the broker's key readable by group mosquitto (0640, root:mosquitto) when the tests run as root, since
+Mosquitto started as root reads it after dropping to user mosquitto."""
 
 from __future__ import annotations
 
 import datetime as dt
+import grp
 import ipaddress
+import os
 from pathlib import Path
 
 from cryptography import x509
@@ -16,13 +22,20 @@ def _key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def _write_key(key: ec.EllipticCurvePrivateKey, path: Path) -> None:
+def _write_key(key: ec.EllipticCurvePrivateKey, path: Path, broker: bool = False) -> None:
     path.write_bytes(
         key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
     )
-    path.chmod(0o644)  # the broker drops to its own user before reading it
+    path.chmod(0o600)
+    if broker and os.geteuid() == 0:  # the broker drops to its own user before reading its key
+        try:
+            group = grp.getgrnam("mosquitto").gr_gid
+        except KeyError:  # no such user: Mosquitto keeps running as root
+            return
+        os.chown(path, 0, group)
+        path.chmod(0o640)
 
 
 def make_pki(folder: Path, clients: tuple[str, ...] = ("cam1",)) -> dict[str, Path]:
@@ -66,12 +79,12 @@ def make_pki(folder: Path, clients: tuple[str, ...] = ("cam1",)) -> dict[str, Pa
         out[f"{name}_cert"] = folder / f"{name}.pem"
         out[f"{name}_key"] = folder / f"{name}.key"
         out[f"{name}_cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        _write_key(key, out[f"{name}_key"])
+        _write_key(key, out[f"{name}_key"], broker=server)
 
     leaf("server", server=True)
     for client in clients:
         leaf(client, server=False)
-    folder.chmod(0o755)
-    for p in folder.iterdir():
+    folder.chmod(0o755)  # Mosquitto must reach the files in it
+    for p in folder.glob("*.pem"):
         p.chmod(0o644)
     return out
