@@ -200,11 +200,10 @@ def _rss_mb() -> float:
         return int(fh.read().split()[1]) * 4096 / 2**20
 
 
-@pytest.mark.parametrize(("name", "device"), [("onnxruntime", "cpu"), ("openvino", "CPU")])
-def test_the_instances_of_one_model_hold_its_weights_once(name, device, lite0, photos, reference):
+def test_onnxruntime_instances_of_one_model_hold_its_weights_once(lite0, photos, reference):
     """Four instances cost about one: lite0's optimised weights are 28 MB per copy in ONNX Runtime,
     so three more copies would add over 80 MB (docs/performance.md#memory)."""
-    backend, device = backend_or_skip(name, device)
+    backend, device = backend_or_skip("onnxruntime", "cpu")
     options = {"threads": 1, "instances": 4, "precision": "fp32"}
     first = load_or_skip(backend, lite0, device, options)
     for _ in range(2):  # ONNX Runtime's arena grows over the first two runs of a batch size
