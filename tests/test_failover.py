@@ -303,3 +303,83 @@ def test_place_names_candidates_from_the_command_line(agent_factory):
     ]
     assert tenant["serving"]["backend"] == "openvino"
     assert agent.stop() == 0
+
+
+def wait_log(agent: Any, needle: str, timeout: float = 60.0) -> str:
+    """Wait for a line of the agent's log (the event itself, not a guess at how long it takes)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = agent.log()
+        if needle in log:
+            return log
+        if agent.proc is not None and agent.proc.poll() is not None:
+            raise AssertionError(f"agent exited with {agent.proc.returncode}:\n{log[-3000:]}")
+        time.sleep(0.05)
+    raise AssertionError(f"no {needle!r} in the log within {timeout:g} s:\n{agent.log()[-3000:]}")
+
+
+def test_stopping_the_agent_mid_failover_answers_every_frame_once_and_exits(agent_factory, collector):
+    """SIGTERM while a failover is under way: OpenVINO hung (a frame caught in the call), the next
+    candidate's warm-up hangs too, so the frames wait in the relay. Each is answered once,
+    `shutting_down`, and the agent exits cleanly."""
+    needs_openvino()
+    listed = ", ".join(f'{{ backend = "{c["backend"]}", device = "{c["device"]}" }}' for c in CANDIDATES)
+    text = "\n".join(
+        [
+            "[scheduler]",
+            "infer_timeout_s = 1.0",
+            "load_timeout_s = 300.0",  # the hung load is still under way when the agent stops
+            "drain_timeout_s = 1.0",
+            "[placement]",
+            "generation = 1",
+            "[[placement.tenants]]",
+            'model = "efficientnet-lite0"',
+            f"candidates = [{listed}]",
+            # Only there to set off the ONNX Runtime fault before the failover: once fired, every
+            # warm-up on onnxruntime:cpu hangs (agent/frames/faults.py), the failover's included.
+            "[[placement.tenants]]",
+            'model = "efficientnet-lite1"',
+            'backend = "onnxruntime"',
+            'device = "cpu"',
+        ]
+    )
+    faults = "onnxruntime:cpu:hang:after=0,openvino:CPU:hang:after=2"
+    agent = agent_factory(DEVICE, text + "\n", env={"EDGE_AGENT_FAULTS": faults}).start()
+    agent.wait_ready(timeout=180)
+    c = collector([f"edge/{DEVICE}/result"])
+
+    def send(model: str, request_id: str) -> None:
+        props = Properties(PacketTypes.PUBLISH)
+        props.UserProperty = [("request_id", request_id)]
+        c.publish(f"edge/{DEVICE}/infer/{model}", sample("cat.jpg"), properties=props)
+
+    send("efficientnet-lite1", "b0")
+    wait_log(agent, "call 1 after 1 frames on onnxruntime:cpu")
+    for i in range(3):
+        send("efficientnet-lite0", f"a{i}")  # a2 meets the hang on OpenVINO
+    wait_log(agent, "; failing over")
+    wait_log(
+        agent, "FAULT INJECTED (hang): call 2 after 1 frames on onnxruntime:cpu"
+    )  # the next one's warm-up
+    for i in range(3, 6):
+        send("efficientnet-lite0", f"a{i}")  # held in the relay
+    assert agent.stop() == 0
+    ids = ["b0", *(f"a{i}" for i in range(6))]
+    results = c.wait_for(lambda r: {m["request_id"] for m in r} >= set(ids), f"edge/{DEVICE}/result", 30)
+    counts = Counter(m["request_id"] for m in results)
+    assert all(counts[i] == 1 for i in ids), counts
+    codes = {m["request_id"]: m.get("error", {}).get("code", "ok") for m in results}
+    assert codes == {
+        "b0": "internal",
+        "a0": "ok",
+        "a1": "ok",
+        "a2": "shutting_down",
+        "a3": "shutting_down",
+        "a4": "shutting_down",
+        "a5": "shutting_down",
+    }, codes
+    log = agent.log()
+    assert "the agent stopped while this frame moved to another candidate" in "".join(
+        m.get("error", {}).get("message", "") for m in results
+    ), log[-3000:]
+    assert "failover from" not in log, "no candidate took the tenant before the stop"

@@ -17,7 +17,7 @@ from agent.frames import faults
 from agent.frames.faults import Fault, FaultSpecError, parse_fault
 from agent.frames.health import DriftWatch, Health, Relay
 from agent.frames.ingest import Frame
-from agent.frames.tenant import Tenant
+from agent.frames.tenant import FailoverSettings, Tenant
 from agent.protocol.schemas import ErrorResult, InferResult, Placement, TenantSpec
 from agent.service.model_repo import ModelRepository
 from backends import registry
@@ -95,7 +95,7 @@ class Sink:
     def __init__(self) -> None:
         self.got: list[str] = []
 
-    def submit(self, f: Frame) -> None:
+    def take_over(self, f: Frame) -> None:
         self.got.append(f.request_id)
 
 
@@ -201,7 +201,7 @@ def test_errors_in_a_row_hand_the_frames_to_the_next_candidate_each_answered_onc
         relays.append(Relay(t.reject, 64))
         return relays[-1]
 
-    first.on_unhealthy, first.errors_to_fail = unhealthy, 2
+    first.placed_as(first.spec, FailoverSettings(unhealthy, errors_to_fail=2))
     try:
         for i in range(6):
             first.submit(frame(i))
@@ -227,6 +227,7 @@ def test_errors_in_a_row_hand_the_frames_to_the_next_candidate_each_answered_onc
         "InferResult",
         "InferResult",
     ]
+    assert first.stats.frames_in + second.stats.frames_in == 6, "a relayed frame is counted once"
     moved = [by_id[f"r{i}"] for i in range(3, 6)]
     assert all(isinstance(r, InferResult) and r.tenant.backend == "onnxruntime" for r in moved)
     assert all(r.top[0].index in CAT_CLASSES for r in moved if isinstance(r, InferResult))
@@ -282,8 +283,13 @@ def test_a_slow_drift_is_reported_while_the_old_candidate_keeps_answering(inject
     answers: list[tuple[str, object]] = []
     tenant = tenant_on("openvino", "CPU", answers)
     reported: list[tuple[str, str]] = []
-    tenant.on_unhealthy = lambda _t, kind, reason: reported.append((kind, reason)) or None
-    tenant.drift = DriftWatch(factor=4.0, warmup=10, window=3)
+    tenant.placed_as(
+        tenant.spec,
+        FailoverSettings(
+            lambda _t, kind, reason: reported.append((kind, reason)) or None,
+            drift=DriftWatch(factor=4.0, warmup=10, window=3),
+        ),
+    )
     try:
         for i in range(16):
             tenant.submit(frame(i))

@@ -6,15 +6,18 @@ run there. Each frame gets one answer: the old tenant drops what it would still 
 
 `Health`: one (backend, device) seen from the agent: unhealthy after a stall, runtime errors, a
 failed load or a slow drift; probed while idle (backoff doubling per failure) until a probe passes,
-then healthy since that moment; failback waits until it has been healthy long enough.
+then healthy since that moment; failback waits until it has been healthy long enough. Kept per
+`device_key`, so `GPU` and `GPU.0` are one accelerator. What to do about it is decided in
+agent/placement/failover_policy.py.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -22,7 +25,7 @@ import numpy as np
 
 from agent.frames.faults import Fault
 from agent.frames.ingest import Frame
-from agent.protocol.schemas import ErrorCode
+from agent.protocol.schemas import Candidate, ErrorCode
 from backends import isolation
 from backends.base import Backend, ModelArtifacts
 
@@ -32,7 +35,8 @@ Reject = Callable[[Frame, ErrorCode, str], None]
 
 
 class Target(Protocol):
-    def submit(self, frame: Frame) -> None: ...
+    def take_over(self, frame: Frame) -> None:
+        """Run a relayed frame (counted once, where it was routed: not again here)."""
 
 
 class Relay:
@@ -53,7 +57,7 @@ class Relay:
             for frame in frames:
                 if self._target is not None:
                     self.moved += 1
-                    self._target.submit(frame)
+                    self._target.take_over(frame)
                 elif self._failed is not None:
                     self._reject(frame, self._code, self._failed)
                 else:
@@ -70,7 +74,7 @@ class Relay:
             self._target, held, self._held = target, self._held, []
             for frame in held:
                 self.moved += 1
-                target.submit(frame)
+                target.take_over(frame)
 
     def fail(self, message: str, code: ErrorCode = "unavailable") -> None:
         """No candidate could take the frames: held and later ones are answered `code`."""
@@ -83,6 +87,19 @@ class Relay:
     def held(self) -> int:
         with self._lock:
             return len(self._held)
+
+
+_INDEXED = re.compile(r"^(?P<kind>[a-z_-]+)(?:[:.](?P<index>\d+))?$")
+
+
+def device_key(backend: str, device: str) -> str:
+    """The one key of an accelerator: lower case, a kind without an index is its first one (`GPU`,
+    `GPU.0` and `gpu:0` are one device; so are `cuda` and `cuda:0`), as backends resolve it."""
+    name = device.strip().lower()
+    match = _INDEXED.match(name)
+    if match is not None:
+        name = f"{match['kind']}:{match['index'] or 0}"
+    return f"{backend.strip().lower()}/{name}"
 
 
 @dataclass
@@ -112,7 +129,19 @@ class Health:
         self.retry_at = now + self.backoff(base_s, max_s)
 
     def backoff(self, base_s: float, max_s: float) -> float:
+        """`base_s` doubled per failure in a row, capped: the probe interval and the failback hold."""
         return min(max_s, base_s * 2 ** max(0, self.failures - 1))
+
+    def forget_failures(self) -> None:
+        """Serving steadily again: the next failure's backoff starts over."""
+        self.failures = 0
+
+    def probe_started(self) -> None:
+        self.probing = True
+
+    def probe_finished(self) -> None:
+        """The probe's call has really returned (a hung one is not followed by another)."""
+        self.probing = False
 
     def passed(self, now: float | None = None) -> None:
         """A probe passed: healthy from now (failback counts from here)."""
@@ -125,6 +154,24 @@ class Health:
 
     def due(self, now: float) -> bool:
         return not self.healthy and not self.probing and now >= self.retry_at
+
+
+class HealthBook:
+    """Health per accelerator, keyed by `device_key` (event loop only)."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Health] = {}
+
+    def __getitem__(self, candidate: Candidate) -> Health:
+        key = device_key(candidate.backend, candidate.device)
+        return self._by_key.setdefault(key, Health(key))
+
+    def of(self, candidates: Sequence[Candidate]) -> Mapping[str, Health]:
+        """The health of every accelerator, `candidates` recorded from now on if they were not
+        (a healthy one's failback hold counts from its first sighting)."""
+        for candidate in candidates:
+            self[candidate]
+        return self._by_key
 
 
 PROBE_RUNS = 4  # one warm-up, then the median of three
