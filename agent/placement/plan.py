@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from agent.protocol.schemas import Placement, TenantSpec
+from agent.protocol.schemas import Placement, TenantSpec, generation_refusal
 from agent.service.errors import PlacementRefused
 
 
@@ -23,9 +23,10 @@ class Plan:
 
 
 def check_generation(generation: int, applied: int | None) -> None:
-    """Generations only go forward: an older document than the applied one is refused."""
-    if applied is not None and generation < applied:
-        raise PlacementRefused(f"generation {generation} is older than the applied {applied}")
+    """Generations only go forward: the one rule, shared with the console (agent.protocol.schemas)."""
+    refusal = generation_refusal(generation, applied)
+    if refusal is not None:
+        raise PlacementRefused(refusal)
 
 
 def plan(desired: Placement, running: Mapping[str, TenantSpec], failed: frozenset[str] = frozenset()) -> Plan:
