@@ -90,6 +90,7 @@ class Reconciler:
         note_error: Callable[[str], None],
         extend_start: Callable[[float], None],
         intake: Intake,
+        publish_event: Callable[[bytes], None],
     ) -> None:
         self.config = config
         self.table = table
@@ -105,9 +106,8 @@ class Reconciler:
         self._pending: list[bytes] = []  # documents that arrived while a placement was being applied
         self._worker: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()  # the apply worker, tenants draining
-        # Failover: health per accelerator (by device_key), where events go (set by the daemon).
+        # Failover: health per accelerator (by device_key); events go to edge/<id>/events.
         self.health = HealthBook()
-        self.publish_event: Callable[[bytes], None] | None = None
         self.mover = FailoverMover(
             config,
             table,
@@ -118,7 +118,7 @@ class Reconciler:
             retire=self._retire,
             spawn=self._spawn,
             note_error=note_error,
-            publish_event=self._publish_event,
+            publish_event=publish_event,
             accepting=lambda: self.accepting,
         )
         self.starter = Starter(
@@ -220,10 +220,6 @@ class Reconciler:
                 ", ".join(t.name for t in self.table.serving()) or "no tenants",
             )
             settle_heap()
-
-    def _publish_event(self, event: bytes) -> None:
-        if self.publish_event is not None:
-            self.publish_event(event)
 
     async def health_loop(self) -> None:
         """Probes and failbacks, once a second (the failover mover's)."""

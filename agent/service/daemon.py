@@ -74,6 +74,7 @@ class Agent:
             note_error=self.reporter.note_error,
             extend_start=self._extend_start,
             intake=Intake(public_key, config.security.placement_max_age_s),
+            publish_event=self._publish_event,
         )
         self.metrics = MetricsStore(
             config.metrics_db,
@@ -107,6 +108,11 @@ class Agent:
             self.router.answer_hooks.append(self.homeassistant.observe)
         self.outbox: Outbox | None = None
 
+    def _publish_event(self, event: bytes) -> None:
+        """Failovers are announced on edge/<id>/events (not retained), through the outbox once it runs."""
+        if self.outbox is not None:
+            self.outbox.put(self.topics.events, event, qos=1)
+
     def _make_tenant(self, spec: TenantSpec, model: Model, backend: Backend) -> Tenant:
         scheduler, ingest = self.config.scheduler, self.config.ingest
         return Tenant(
@@ -131,8 +137,6 @@ class Agent:
         unsent = await asyncio.to_thread(store.load)
         self.outbox = Outbox(self.session, loop, store, unsent)
         self.router.outbox = self.outbox
-        outbox = self.outbox  # failovers announced on edge/<id>/events (not retained)
-        self.reconciler.publish_event = lambda event: outbox.put(self.topics.events, event, qos=1)
         await asyncio.to_thread(self.metrics.start)
         # A wedged device can hang its runtime's probe: start without it rather than never (systemd
         # would kill a start that takes minutes). Placements list devices again, under a deadline.
