@@ -33,7 +33,7 @@ import aiomqtt
 import numpy as np
 
 from agent.commands.client import InferClient, Reply
-from agent.protocol.connection import Refused
+from agent.protocol.connection import Backoff, Refused
 
 log = logging.getLogger(__name__)
 
@@ -259,14 +259,14 @@ class CameraRun:
         self._slots = asyncio.Semaphore(self.max_in_flight)
         self._done = asyncio.Event()
         self._index = 0
-        backoff = BROKER_BACKOFF_S[0]
+        backoff = Backoff(*BROKER_BACKOFF_S)  # the agent's rule (agent.protocol.connection)
         try:
             while True:
                 try:
                     async with InferClient(
                         self.broker_url, self.device_id, self.prefix, self.tls_context, self.protocol
                     ) as client:
-                        backoff = BROKER_BACKOFF_S[0]
+                        backoff.reset()
                         await self._pump(client, grabber, stop)
                         if self._in_flight:
                             await asyncio.wait(self._in_flight, timeout=self.timeout_s + 1)
@@ -279,12 +279,12 @@ class CameraRun:
                     self.counts.broker_reconnects += 1
                     for task in list(self._in_flight):  # their answers went to the old connection
                         task.cancel()
-                    log.warning("broker connection lost (%s); reconnecting in %.1f s", exc, backoff)
+                    delay = backoff.delay()
+                    log.warning("broker connection lost (%s); reconnecting in %.1f s", exc, delay)
                     if stop.is_set():
                         break
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(stop.wait(), backoff)
-                    backoff = min(backoff * 2, BROKER_BACKOFF_S[1])
+                        await asyncio.wait_for(stop.wait(), delay)
         finally:
             for task in self._in_flight:
                 task.cancel()
