@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import logging
 import os
 import re
 import ssl
@@ -344,3 +345,19 @@ def test_broker_restart_is_waited_out(
     assert after, cam.errors  # answers again, over the new connection, without a restart
     found = re.search(r"(\d+) answered .* (\d+) broker reconnects", cam.errors[-1])
     assert found and int(found.group(2)) >= 1, cam.errors
+
+
+def test_a_camera_password_is_never_logged(caplog) -> None:
+    """An RTSP URL often carries the camera's password: log lines show it as ***."""
+    caplog.set_level(logging.WARNING, logger="agent.commands.camera")
+    grabber = Grabber("rtsp://admin:s3cretpw@127.0.0.1:1/stream", Counts(), opener=lambda _s: None).start()
+    try:
+        deadline = time.monotonic() + 10
+        while (
+            not any("cannot open" in r.getMessage() for r in caplog.records) and time.monotonic() < deadline
+        ):
+            time.sleep(0.01)
+    finally:
+        grabber.stop()
+    assert "cannot open rtsp://admin:***@127.0.0.1:1/stream" in caplog.text
+    assert "s3cretpw" not in caplog.text

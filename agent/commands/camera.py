@@ -33,6 +33,7 @@ import aiomqtt
 import numpy as np
 
 from agent.commands.client import InferClient, Reply
+from agent.protocol.broker import redact_url
 from agent.protocol.connection import Backoff, Refused
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class Grabber:
         backoff_max_s: float = 10.0,
     ) -> None:
         self.source = source
+        self.shown = redact_url(source)  # an RTSP URL may carry a password: never print it
         self.live = is_live(source)
         self.counts = counts
         self.opener = opener
@@ -151,7 +153,7 @@ class Grabber:
 
     def start(self) -> Grabber:
         if not self.live and not Path(self.source).is_file():
-            raise SourceError(f"{self.source}: no such file (give a video file, /dev/videoN or a URL)")
+            raise SourceError(f"{self.shown}: no such file (give a video file, /dev/videoN or a URL)")
         self._thread.start()
         return self
 
@@ -194,16 +196,16 @@ class Grabber:
             cap = self.opener(self.source)
             if cap is None:
                 if not self.live:
-                    self.error = f"{self.source}: cannot be decoded (not a video OpenCV's FFmpeg reads)"
+                    self.error = f"{self.shown}: cannot be decoded (not a video OpenCV's FFmpeg reads)"
                     break
-                log.warning("cannot open %s; trying again in %.1f s", self.source, delay)
+                log.warning("cannot open %s; trying again in %.1f s", self.shown, delay)
                 if self._stop.wait(delay):
                     break
                 delay = min(delay * 2, self.backoff[1])
                 continue
             if opened_once:
                 self.counts.reconnects += 1
-                log.warning("%s open again", self.source)
+                log.warning("%s open again", self.shown)
             opened_once = True
             got_any = False
             try:
@@ -219,7 +221,7 @@ class Grabber:
             if not self.live:
                 break
             if not self._stop.is_set():
-                log.warning("%s stopped sending; reopening in %.1f s", self.source, delay)
+                log.warning("%s stopped sending; reopening in %.1f s", self.shown, delay)
                 if self._stop.wait(delay):
                     break
                 if not got_any:
