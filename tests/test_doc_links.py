@@ -49,11 +49,19 @@ def tracked_files() -> list[Path]:
     names = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     files = [ROOT / n for n in names.split()]
     untracked = subprocess.run(
-        ["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+        ["git", "ls-files", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     files += [ROOT / n for n in untracked.split()]
     this = Path(__file__).resolve()
-    return [f for f in files if f.is_file() and f.suffix in CODE_SUFFIXES and "vendor" not in f.parts and f != this]
+    return [
+        f
+        for f in files
+        if f.is_file() and f.suffix in CODE_SUFFIXES and "vendor" not in f.parts and f != this
+    ]
 
 
 def citations() -> list[tuple[str, Path, str, str | None, str | None]]:
@@ -110,3 +118,16 @@ def test_every_cited_page_and_heading_exists():
 )
 def test_slug_follows_github(heading, anchor):
     assert slug(heading) == anchor
+
+
+def test_code_map_names_every_module_and_test_file():
+    """docs/development.md is where a new maintainer starts: every module and test file is on its map."""
+    text = (DOCS / "development.md").read_text()
+    missing = []
+    for package in ("agent", "backends", "cloud_console", "bench", "tests"):
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.name in ("__init__.py", "__main__.py", "conftest.py") or "samples" in path.parts:
+                continue
+            if f"`{path.name}`" not in text and f"`{path.stem}`" not in text and f"{path.name}" not in text:
+                missing.append(str(path.relative_to(ROOT)))
+    assert not missing, "name these in docs/development.md: " + ", ".join(missing)
