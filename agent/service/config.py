@@ -214,6 +214,42 @@ class InputConfig(Section):
         return value
 
 
+class FrigateConfig(Section):
+    """Serve as Frigate's `zmq` detector (agent/frigate/, docs/frigate.md); off unless enabled."""
+
+    enabled: bool = False
+    # ROUTER sockets bound here; Frigate's REQ sockets connect (ipc:// paths or tcp://host:port).
+    endpoints: list[str] = Field(
+        default_factory=lambda: ["ipc:///tmp/cache/zmq_detector"], min_length=1, max_length=8
+    )
+    # Frigate's model file name (the base name of its `model.path`) -> the repository model serving it.
+    models: dict[str, str] = Field(default_factory=dict, max_length=64)
+    # Serves any other model name Frigate asks for (none: an unknown name asks Frigate for the file).
+    default_model: str | None = None
+    # The class ids answered: "coco91" (Frigate's default labelmap.txt), "coco80", or a labelmap file.
+    labelmap: str = "coco91"
+    # Frigate's request_timeout_ms: a request still queued past it is not run (no one waits for it).
+    request_timeout_ms: int = Field(default=200, ge=10, le=600_000)
+    # How long a handshake waits for the model's tenant to be ready (Frigate waits 30 s for it).
+    handshake_wait_s: float = Field(default=20.0, ge=0, le=29)
+    max_model_mb: float = Field(default=512.0, gt=0)  # a model file Frigate sends, at most
+
+    @field_validator("endpoints")
+    @classmethod
+    def _endpoints(cls, value: list[str]) -> list[str]:
+        for endpoint in value:
+            if not re.fullmatch(r"(ipc://.+|tcp://[^\s]+:\d{1,5})", endpoint):
+                raise ValueError(f"{endpoint!r}: an ipc:///path or tcp://host:port endpoint")
+        return value
+
+    @model_validator(mode="after")
+    def _model_names(self) -> FrigateConfig:
+        for name in [*self.models.values(), *([self.default_model] if self.default_model else [])]:
+            if not valid_model_name(name):
+                raise ValueError(f"{name!r} is not a valid model name")
+        return self
+
+
 def _default_placement() -> Placement:
     return Placement(generation=0, tenants=[TenantSpec(model="efficientnet-lite0")])
 
@@ -241,6 +277,7 @@ class AgentConfig(BaseSettings):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     inputs: list[InputConfig] = Field(default_factory=list, max_length=64)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    frigate: FrigateConfig = Field(default_factory=FrigateConfig)
     # Fault injection for chaos tests (agent/frames/faults.py, docs/reliability.md): off unless set, e.g.
     # EDGE_AGENT_FAULTS="openvino:CPU:hang:after=200". Several are separated by commas.
     faults: str = ""
