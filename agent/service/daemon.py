@@ -118,6 +118,13 @@ class Agent:
         return Tenant(
             spec,
             model,
+        self.frigate: Any = None
+        if config.frigate.enabled:  # Frigate's zmq detector (docs/frigate.md): pyzmq loaded only then
+            from agent.frigate.server import FrigateServer
+
+            self.frigate = FrigateServer(
+                config.frigate, self.table, lambda: self.router.accepting, config.state_dir / "frigate-models"
+            )
             backend,
             self.router.emit,
             queue_depth=scheduler.queue_depth,
@@ -200,6 +207,9 @@ class Agent:
         await self.reconciler.stop_applying()
         timeout = self.config.scheduler.drain_timeout_s
         # drain() runs once per tenant: those already draining are waited for, not drained twice.
+        if self.frigate is not None:  # cancelled with the others, after the tenants drained
+            self.frigate.bind()
+            self._tasks.append(asyncio.create_task(self.frigate.run(), name="frigate"))
         await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in self.table.live()))
         if self.outbox is not None and self.session.connected.is_set():
             await self.outbox.flush(timeout_s=5.0)
