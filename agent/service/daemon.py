@@ -107,6 +107,13 @@ class Agent:
             self.homeassistant.subscribe()
             self.router.answer_hooks.append(self.homeassistant.observe)
         self.outbox: Outbox | None = None
+        self.frigate: Any = None
+        if config.frigate.enabled:  # Frigate's zmq detector (docs/frigate.md): pyzmq loaded only then
+            from agent.frigate.server import FrigateServer
+
+            self.frigate = FrigateServer(
+                config.frigate, self.table, lambda: self.router.accepting, config.state_dir / "frigate-models"
+            )
 
     def _publish_event(self, event: bytes) -> None:
         """Failovers are announced on edge/<id>/events (not retained), through the outbox once it runs."""
@@ -118,13 +125,6 @@ class Agent:
         return Tenant(
             spec,
             model,
-        self.frigate: Any = None
-        if config.frigate.enabled:  # Frigate's zmq detector (docs/frigate.md): pyzmq loaded only then
-            from agent.frigate.server import FrigateServer
-
-            self.frigate = FrigateServer(
-                config.frigate, self.table, lambda: self.router.accepting, config.state_dir / "frigate-models"
-            )
             backend,
             self.router.emit,
             queue_depth=scheduler.queue_depth,
@@ -183,6 +183,9 @@ class Agent:
                     serve(self.config.metrics.prometheus_listen, self.reporter), name="prometheus"
                 )
             )
+        if self.frigate is not None:  # cancelled with the others, after the tenants drained
+            self.frigate.bind()
+            self._tasks.append(asyncio.create_task(self.frigate.run(), name="frigate"))
         interval = watchdog_interval_s()
         if interval is not None:
             self._tasks.append(asyncio.create_task(watchdog_loop(interval), name="watchdog"))
@@ -207,9 +210,6 @@ class Agent:
         await self.reconciler.stop_applying()
         timeout = self.config.scheduler.drain_timeout_s
         # drain() runs once per tenant: those already draining are waited for, not drained twice.
-        if self.frigate is not None:  # cancelled with the others, after the tenants drained
-            self.frigate.bind()
-            self._tasks.append(asyncio.create_task(self.frigate.run(), name="frigate"))
         await asyncio.gather(*(asyncio.to_thread(t.drain, timeout) for t in self.table.live()))
         if self.outbox is not None and self.session.connected.is_set():
             await self.outbox.flush(timeout_s=5.0)
