@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import json
 import logging
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
@@ -26,7 +27,7 @@ from typing import Annotated, Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request, Response
-from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, StreamingResponse
 from fastapi.security import APIKeyCookie, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -38,6 +39,7 @@ from cloud_console import pages
 from cloud_console.auth import Session, password_binding
 from cloud_console.config import Role
 from cloud_console.events import format_event
+from cloud_console.model_store import ModelRejected
 from cloud_console.mqtt import PublishFailed
 from cloud_console.prometheus import fleet_registry
 from cloud_console.prometheus import render as render_metrics
@@ -81,6 +83,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 
 MAX_BODY_BYTES = 1024 * 1024  # the largest real request, a placement for 32 tenants, is ~10 KB
+# A model upload (POST /api/models, docs/fleet.md) is streamed to a file, not held in memory.
+MAX_MODEL_BYTES = 4 * 1024**3
 
 
 class SecurityHeaders:
@@ -95,8 +99,9 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        limit = MAX_MODEL_BYTES if scope.get("path") == "/api/models" else MAX_BODY_BYTES
         declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > MAX_BODY_BYTES):
+        if declared is not None and (not declared.isdigit() or int(declared) > limit):
             await self._too_large(send)
             return
         seen = 0
@@ -106,7 +111,7 @@ class SecurityHeaders:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > MAX_BODY_BYTES:  # a chunked body that keeps going
+                if seen > limit:  # a chunked body that keeps going
                     raise _TooLarge
             return message
 
@@ -645,6 +650,7 @@ def create_app(console: Console) -> FastAPI:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    models_api(api, console)
     app.include_router(api)
     return app
 
@@ -677,3 +683,69 @@ def _safe_next(url: str) -> str:
     if not url.startswith("/") or url.startswith("//") or "\\" in url:
         return "/"
     return url
+
+
+class DeliverRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str
+    version: str | None = None  # None: the newest in the store
+
+
+def models_api(api: APIRouter, console: Console) -> None:
+    """The model store and delivery (docs/fleet.md)."""
+
+    @api.get("/models", tags=["models"])
+    async def api_models(_who: User) -> list[dict[str, Any]]:
+        """Every uploaded version, with the devices whose status lists it installed."""
+        entries = await asyncio.to_thread(console.models.list)
+        where = console.installed_on()
+        return [{**e, "devices": where.get((e["name"], e["version"]), [])} for e in entries]
+
+    @api.post("/models", tags=["models"], status_code=201)
+    async def api_upload_model(request: Request, who: Admin) -> dict[str, Any]:
+        """Upload a model version: the body is a tar (or tar.gz) of the model folder."""
+        console.models.root.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=console.models.root, prefix=".upload-", suffix=".tar") as tmp:
+            async for chunk in request.stream():
+                await asyncio.to_thread(tmp.write, chunk)
+            await asyncio.to_thread(tmp.flush)
+            try:
+                return await asyncio.to_thread(console.models.add_archive, Path(tmp.name), who.name)
+            except ModelRejected as exc:
+                raise HTTPException(422, f"not accepted: {exc}") from exc
+
+    @api.delete("/models/{name}/{version}", tags=["models"])
+    async def api_delete_model(name: str, version: str, _who: Admin) -> dict[str, bool]:
+        """Remove a version from the store (devices keep what they installed)."""
+        try:
+            await asyncio.to_thread(console.models.delete, name, version)
+        except ModelRejected as exc:
+            raise HTTPException(404, str(exc)) from exc
+        return {"deleted": True}
+
+    @api.get("/blobs/{sha256}", tags=["models"], include_in_schema=False)
+    async def api_blob(sha256: str, _who: User) -> FileResponse:
+        """One stored file, by its sha256 (devices fetch with Range to resume)."""
+        path = console.models.blob(sha256)
+        if path is None:
+            raise HTTPException(404, "no such file")
+        return FileResponse(path, media_type="application/octet-stream")
+
+    @api.post("/devices/{device_id}/models", tags=["models"])
+    async def api_deliver(
+        device_id: str, body: DeliverRequest, request: Request, who: Admin
+    ) -> dict[str, Any]:
+        """Tell the device to fetch a version from this console; progress shows in its status."""
+        _device_or_404(console, device_id)
+        version = body.version or await asyncio.to_thread(console.models.newest, body.model)
+        if version is None:
+            raise HTTPException(404, f"no model {body.model!r} in the store")
+        base = console.config.public_url or str(request.base_url)
+        try:
+            doc = await console.deliver(device_id, body.model, version, base, who.name)
+        except ModelRejected as exc:
+            raise HTTPException(404, str(exc)) from exc
+        except PublishFailed as exc:
+            raise HTTPException(503, str(exc)) from exc
+        return doc.model_dump(mode="json")

@@ -98,6 +98,9 @@ class ConsoleConfig(Section):
     shared_group: str | None = Field(default=None, pattern=GROUP_RE.pattern)
     # A device is shown "stale" when nothing arrived from it for this long while it claims online.
     stale_after_s: float = Field(default=30.0, gt=0)
+    # How devices reach this console (model downloads, docs/fleet.md); None: the URL of the request
+    # that asked for the delivery.
+    public_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     web: WebSettings = Field(default_factory=WebSettings)
     storage: StorageSettings = Field(default_factory=StorageSettings)

@@ -20,6 +20,7 @@ from typing import Any
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
+from agent.protocol.delivery import ModelDelivery
 from agent.protocol.editing import (
     DesiredPlacement,
     PlacementInvalid,
@@ -37,6 +38,7 @@ from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
+from cloud_console.model_store import ModelStore
 from cloud_console.mqtt import ConsoleMqtt, PublishFailed
 from cloud_console.store import ConsoleStore
 from cloud_console.tokens import TokenStore
@@ -84,6 +86,8 @@ class Console:
             self.dispatch,
             shared_group=config.shared_group,
         )
+        # Uploaded model versions, beside the database (docs/fleet.md).
+        self.models = ModelStore(config.storage.db.resolve().parent / "model-store")
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
@@ -374,6 +378,30 @@ class Console:
             return doc.model_dump_json().encode()
         body = doc.model_dump(mode="json", exclude_none=True)
         return json.dumps(sign(body, self.sign_key, valid_s=self.config.signing.valid_s)).encode()
+
+    async def deliver(
+        self, device_id: str, name: str, version: str, base_url: str, user: str
+    ) -> ModelDelivery:
+        """Tell the device to fetch `name` `version` from this console (QoS 1, not retained: a device
+        that is offline now is delivered to again later). Signed like placements when signing is on."""
+        self.device(device_id)
+        doc = await asyncio.to_thread(self.models.manifest, name, version, base_url)
+        body = doc.model_dump(mode="json", exclude_none=True)
+        if self.sign_key is not None:
+            body = sign(body, self.sign_key, valid_s=self.config.signing.valid_s)
+        payload = json.dumps(body).encode()
+        await self.mqtt.publish(Topics(device_id, self.prefix).models, payload, qos=1, retain=False)
+        log.info("%s delivers %s %s to %s", user, name, version, device_id)
+        return ModelDelivery.model_validate_json(payload)
+
+    def installed_on(self) -> dict[tuple[str, str], list[str]]:
+        """(model, version) -> the devices whose last status lists it installed."""
+        out: dict[tuple[str, str], list[str]] = {}
+        for device_id, device in sorted(self.fleet.devices.items()):
+            for model in device.capabilities.installed if device.capabilities else []:
+                for entry in model.versions:
+                    out.setdefault((model.name, entry.version), []).append(device_id)
+        return out
 
     async def auto_place(self, device_id: str, user: str) -> tuple[Placement, Tracking]:
         device = self.device(device_id)

@@ -191,3 +191,55 @@ def test_an_openvino_ir_without_its_weights_checksum_is_refused(repo) -> None:
     )
     with pytest.raises(ModelError, match="weights_sha256"):
         repo.load("efficientnet-lite0")
+
+
+def _new_version(versions_root: Path, name: str, version: str, label_prefix: str = "") -> Path:
+    """A copy of the bundled model as `version` in the delivered-versions folder (docs/fleet.md)."""
+    folder = versions_root / name / version
+    shutil.copytree(MODELS / name, folder, ignore=shutil.ignore_patterns("*.tflite", "*.pt2"))
+    toml = (folder / "model.toml").read_text().replace('version = "1.0.0"', f'version = "{version}"')
+    (folder / "model.toml").write_text(toml)
+    if label_prefix:
+        labels = (folder / "labels.txt").read_text().splitlines()
+        (folder / "labels.txt").write_text("\n".join(label_prefix + x for x in labels) + "\n")
+    return folder
+
+
+def test_versions_newest_serves_and_a_pin_picks_one(repo, tmp_path):
+    versions = tmp_path / "versions"
+    _new_version(versions, "efficientnet-lite0", "1.0.10", label_prefix="v10 ")
+    _new_version(versions, "efficientnet-lite0", "1.0.9", label_prefix="v9 ")
+    repo = ModelRepository(repo.root, versions)
+    assert list(repo.versions("efficientnet-lite0")) == ["1.0.10", "1.0.9", "1.0.0"]
+    assert repo.load("efficientnet-lite0").labels[967] == "v10 espresso"
+    assert repo.load("efficientnet-lite0", version="1.0.9").labels[967] == "v9 espresso"
+    assert repo.load("efficientnet-lite0", version="1.0.0").labels[967] == "espresso"
+    with pytest.raises(ModelError, match="no version '2'.*installed: 1.0.10, 1.0.9, 1.0.0"):
+        repo.manifest("efficientnet-lite0", "2")
+    with pytest.raises(ModelError, match="not valid"):
+        repo.manifest("efficientnet-lite0", "..")
+    installed = {m.name: m for m in repo.installed()}
+    entry = installed["efficientnet-lite0"]
+    assert [v.version for v in entry.versions] == ["1.0.10", "1.0.9", "1.0.0"]
+    onnx = MODELS / "efficientnet-lite0" / "model.onnx"
+    assert entry.versions[0].sha256["model.onnx"] == sha256_of(onnx)
+
+
+def test_delivered_folder_must_hold_its_version(repo, tmp_path):
+    versions = tmp_path / "versions"
+    folder = _new_version(versions, "efficientnet-lite0", "2")
+    folder.rename(versions / "efficientnet-lite0" / "3")
+    repo = ModelRepository(repo.root, versions)
+    with pytest.raises(ModelError, match="folder '3' holds version '2'"):
+        repo.load("efficientnet-lite0", version="3")
+
+
+def test_bundled_model_is_its_manifest_version():
+    repo = ModelRepository(MODELS)
+    assert list(repo.versions("efficientnet-lite0")) == ["1.0.0"]
+
+
+def sha256_of(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -121,7 +121,7 @@ class AutoPlacer:
         measured: dict[str, dict[Candidate, float]] = {}
         for spec in autos:
             try:
-                model = await asyncio.to_thread(self.repo.load, spec.model)
+                model = await asyncio.to_thread(self.repo.load, spec.model, True, spec.version)
             except ModelError as exc:
                 raise PlacementRefused(str(exc)) from exc
             cands: list[Candidate] = await self.runtime_call(

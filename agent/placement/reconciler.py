@@ -61,7 +61,7 @@ def check_runnable(placement: Placement, repo: ModelRepository) -> None:
     listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO)."""
     for spec in placement.tenants:
         try:
-            repo.manifest(spec.model)
+            repo.manifest(spec.model, spec.version)
         except ModelError as exc:
             raise PlacementRefused(str(exc)) from exc
         for candidate in spec.candidate_list():

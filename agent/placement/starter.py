@@ -109,7 +109,7 @@ class Starter:
             ) from None
         if not ok:
             raise BackendError(f"backend {spec.backend} unavailable: {reason}")
-        model = await asyncio.to_thread(self.repo.load, spec.model)
+        model = await asyncio.to_thread(self.repo.load, spec.model, True, spec.version)
         tenant = self.make_tenant(spec, model, backend)
         try:
             await call_with_deadline(

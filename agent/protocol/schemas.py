@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -155,6 +155,8 @@ class TenantSpec(Strict):
     max_detections: int | None = Field(default=None, ge=1, le=1000)
     labels: list[str] | None = Field(default=None, min_length=1, max_length=1000)
     candidates: list[Candidate] | None = Field(default=None, min_length=1, max_length=8)
+    # The model version to serve (docs/fleet.md); None: the newest the device has installed.
+    version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
 
     @field_validator("model")
     @classmethod
@@ -204,6 +206,7 @@ class TenantSpec(Strict):
             self.batch.max_delay_ms,
             (self.min_score, self.max_detections, tuple(self.labels or ())),
             tuple(c.label.lower() for c in self.candidates or []),
+            self.version,
         )
 
 
@@ -304,9 +307,46 @@ class BackendCapability(BaseModel):
     reason: str = ""
 
 
+class InstalledVersion(BaseModel):
+    """One installed version of a model: each file's sha256 as its manifest lists it."""
+
+    version: str
+    sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class InstalledModel(BaseModel):
+    name: str
+    versions: list[InstalledVersion] = Field(default_factory=list)  # newest first
+
+
+DeliveryState = Literal["downloading", "installed", "failed"]
+
+
+class DeliveryProgress(BaseModel):
+    """A model delivery as the device sees it (status `capabilities.deliveries`, docs/fleet.md)."""
+
+    model: str
+    version: str
+    state: DeliveryState
+    bytes_done: int = 0
+    bytes_total: int = 0
+    error: str | None = None
+    ts: float = Field(default_factory=time.time)
+
+
+class DeliveryEvent(DeliveryProgress):
+    """Published on edge/<id>/events when a delivery starts, installs or fails."""
+
+    type: Literal["delivery"] = "delivery"
+    device_id: str
+
+
 class Capabilities(BaseModel):
     backends: dict[str, BackendCapability] = Field(default_factory=dict)
     models: list[str] = Field(default_factory=list)
+    # Every installed model with its versions and digests, and the recent deliveries (docs/fleet.md).
+    installed: list[InstalledModel] = Field(default_factory=list)
+    deliveries: list[DeliveryProgress] = Field(default_factory=list)
 
 
 class PlacementStatus(BaseModel):

@@ -6,6 +6,8 @@ import re
 
 DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+# A model version: a folder name on the device, so no `/`, and `..` is refused by valid_version.
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 DEFAULT_PREFIX = "edge"
 
 
@@ -15,6 +17,10 @@ def valid_device_id(device_id: str) -> bool:
 
 def valid_model_name(name: str) -> bool:
     return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+def valid_version(version: str) -> bool:
+    return bool(VERSION_RE.fullmatch(version)) and ".." not in version
 
 
 # Mosquitto's count of publishes it dropped (queue and in-flight limits), published every sys_interval.
@@ -63,6 +69,11 @@ class Topics:
     def events(self) -> str:
         """Announcements not kept as state (a tenant moving between candidates)."""
         return f"{self.base}/events"
+
+    @property
+    def models(self) -> str:
+        """Model deliveries for this device: the console's manifest of what to fetch (docs/fleet.md)."""
+        return f"{self.base}/models"
 
     def model_from_topic(self, topic: str) -> str | None:
         """The `<model>` suffix of an infer topic, or None for the plain infer topic."""

@@ -176,6 +176,25 @@ class SecurityConfig(Section):
         return value
 
 
+class ModelsConfig(Section):
+    """`[models]`: model versions delivered by the console (docs/fleet.md)."""
+
+    # Where delivered versions are installed (None: <state_dir>/models).
+    dir: Path | None = None
+    # The console's base URL (https://console:8080): artifacts are fetched from its host only.
+    console_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")
+    allow_hosts: list[str] = Field(default_factory=list, max_length=16)  # other artifact hosts allowed
+    token: str | None = None  # a console API token (bearer), if the console asks for one
+    ca_file: Path | None = None  # the console's CA (https)
+    cert_file: Path | None = None  # the device's client certificate (https, where the console asks)
+    key_file: Path | None = None
+    # Versions kept beside those placed and the newest (older ones are removed after an install).
+    keep_versions: int = Field(default=1, ge=0, le=100)
+    max_artifact_mb: float = Field(default=4096.0, gt=0)
+    min_free_mb: float = Field(default=200.0, ge=0)  # left free on the disk after a download
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+
 class HomeAssistantConfig(Section):
     """Home Assistant MQTT discovery (docs/home-assistant.md); off unless enabled."""
 
@@ -277,6 +296,7 @@ class AgentConfig(BaseSettings):
     homeassistant: HomeAssistantConfig = Field(default_factory=HomeAssistantConfig)
     inputs: list[InputConfig] = Field(default_factory=list, max_length=64)
     failover: FailoverConfig = Field(default_factory=FailoverConfig)
+    models: ModelsConfig = Field(default_factory=ModelsConfig)
     frigate: FrigateConfig = Field(default_factory=FrigateConfig)
     # Fault injection for chaos tests (agent/frames/faults.py, docs/reliability.md): off unless set, e.g.
     # EDGE_AGENT_FAULTS="openvino:CPU:hang:after=200". Several are separated by commas.
@@ -326,6 +346,11 @@ class AgentConfig(BaseSettings):
         if path is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)
+
+    @property
+    def versions_dir(self) -> Path:
+        """Where delivered model versions are installed (docs/fleet.md)."""
+        return self.models.dir or self.state_dir / "models"
 
     @property
     def metrics_db(self) -> Path:

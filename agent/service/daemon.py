@@ -24,12 +24,13 @@ from agent.observability.metrics import MetricsStore
 from agent.observability.reporting import Reporter
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
-from agent.protocol.schemas import Capabilities, TenantSpec
+from agent.protocol.schemas import Capabilities, DeliveryEvent, DeliveryProgress, TenantSpec
 from agent.protocol.signing import load_public_keys
 from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.service import memory
 from agent.service.capabilities import probe_backends_cached
 from agent.service.config import AgentConfig, ConfigError
+from agent.service.delivery import Deliverer
 from agent.service.errors import PlacementRefused
 from agent.service.model_repo import Model, ModelRepository
 from agent.service.mqtt_session import MqttSession
@@ -47,7 +48,7 @@ class Agent:
     def __init__(self, config: AgentConfig, backend_options: dict[str, dict[str, Any]] | None = None) -> None:
         self.config = config
         self.topics = Topics(config.device_id, config.broker.topic_prefix)
-        self.repo = ModelRepository(config.models_dir)
+        self.repo = ModelRepository(config.models_dir, config.versions_dir)
         # Extra options per backend name (tests give the fake backend its delay here).
         self.backend_options = backend_options or {}
         key = config.security.placement_public_key
@@ -96,6 +97,16 @@ class Agent:
         self.session.subscribe(self.topics.infer, self.router.on_frame, qos=frames_qos)
         self.session.subscribe(self.topics.infer_any_model, self.router.on_frame, qos=frames_qos)
         self.session.subscribe(self.topics.placement, lambda m: self.reconciler.submit(m.payload), qos=1)
+        # Model versions the console delivers (docs/fleet.md).
+        self.deliverer = Deliverer(
+            config.models,
+            self.repo,
+            public_key,
+            config.security.placement_max_age_s,
+            report=self._delivery_report,
+            placed=lambda: {(t.model.name, t.model.manifest.version) for t in self.table.live()},
+        )
+        self.session.subscribe(self.topics.models, lambda m: self.deliverer.submit(m.payload), qos=1)
         # Where the broker tells (Mosquitto, unless an ACL hides $SYS): frames it dropped unseen.
         self.session.subscribe(BROKER_DROPPED, self.reporter.on_broker_dropped, qos=0)
         # [[inputs]]: other topics (a camera's, Frigate's snapshots) whose frames a model serves.
@@ -119,6 +130,19 @@ class Agent:
         """Failovers are announced on edge/<id>/events (not retained), through the outbox once it runs."""
         if self.outbox is not None:
             self.outbox.put(self.topics.events, event, qos=1)
+
+    def _delivery_report(self, progress: DeliveryProgress, announce: bool) -> None:
+        """A delivery's progress in status (the last few), its start and outcome on events."""
+        caps = self.table.capabilities
+        others = [d for d in caps.deliveries if (d.model, d.version) != (progress.model, progress.version)]
+        update: dict[str, Any] = {"deliveries": [*others[-7:], progress]}
+        if progress.state == "installed":
+            update.update(installed=self.repo.installed(), models=self.repo.names())
+        self.table.set_capabilities(caps.model_copy(update=update))
+        self.table.touch()
+        if announce:
+            event = DeliveryEvent(**progress.model_dump(), device_id=self.config.device_id)
+            self._publish_event(event.model_dump_json().encode())
 
     def _make_tenant(self, spec: TenantSpec, model: Model, backend: Backend) -> Tenant:
         scheduler, ingest = self.config.scheduler, self.config.ingest
@@ -219,6 +243,7 @@ class Agent:
         await self.session.stop(final=(self.topics.status, self.reporter.offline_payload()))
         await _cancel(self._tasks)
         await self.reconciler.cancel_background()
+        await self.deliverer.stop()
         if self.outbox is not None:
             await asyncio.to_thread(self.outbox.close)
         await asyncio.to_thread(self.metrics.stop)
@@ -229,7 +254,9 @@ class Agent:
         """Which runtimes and devices this machine has, probed in a child process (blocking: the
         runtimes ask their drivers); agent/service/capabilities.py says why a child."""
         cache = self.config.state_dir / "capabilities.json"
-        return Capabilities(backends=probe_backends_cached(cache), models=self.repo.names())
+        return Capabilities(
+            backends=probe_backends_cached(cache), models=self.repo.names(), installed=self.repo.installed()
+        )
 
     def _extend_start(self, seconds: float) -> None:
         """Before READY, tell systemd a step may take `seconds` (its TimeoutStartSec would otherwise

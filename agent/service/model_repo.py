@@ -1,5 +1,9 @@
 """The model repository: one folder per model with `model.toml`, labels and artifacts.
 
+Versions (docs/fleet.md): `<models_dir>/<name>/` holds one version (its manifest's `version`), and
+delivered versions live in `<versions_dir>/<name>/<version>/`, each a complete model folder, put
+there whole by an atomic rename. Without a pinned version the newest installed one serves.
+
 Every path is resolved inside the repository (no `..`, no absolute paths, no symlinks that lead
 out), and every artifact's sha256 is checked against the manifest before a backend sees it (an
 OpenVINO IR's `.bin` weights too: `weights_sha256`).
@@ -14,17 +18,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import threading
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ValidationError
 
-from agent.protocol.topics import MODEL_NAME_RE, valid_model_name
+from agent.protocol.model_manifest import ArtifactSpec, DetectionSpec, InputSpec, Manifest
+from agent.protocol.schemas import InstalledModel, InstalledVersion
+from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name, valid_version
 from agent.service.errors import AgentError
 from backends.base import ModelArtifacts
+
+# The manifest's models live in the protocol package (the console checks uploads with them).
+__all__ = ["ArtifactSpec", "DetectionSpec", "InputSpec", "Manifest", "Model", "ModelError", "ModelRepository"]
 
 log = logging.getLogger(__name__)
 
@@ -35,98 +44,6 @@ class ModelError(AgentError):
 
 class _Missing(ModelError):
     """A file the manifest names is not there (fatal for labels, not for one artifact)."""
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class InputSpec(_Strict):
-    layout: Literal["NCHW", "NHWC"] = "NCHW"
-    size: tuple[int, int] = Field(description="(height, width)")
-    dtype: Literal["float32", "uint8", "int8"] = "float32"
-    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
-    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    # Fraction of the shorter side kept by the centre crop (ImageNet-style eval: 0.875).
-    crop_fraction: float = Field(default=0.875, gt=0.0, le=1.0)
-    # How the frame becomes the input size: "crop" (centre crop, classifiers), "stretch" (the whole
-    # frame resized, aspect not kept) or "letterbox" (the whole frame, aspect kept, padded with
-    # `pad`). Detectors see the whole frame; their boxes are mapped back to it (agent/frames/detection.py).
-    resize: Literal["crop", "stretch", "letterbox"] = "crop"
-    pad: float = Field(default=0.0, ge=0.0, le=255.0)
-
-
-class ArtifactSpec(_Strict):
-    file: str
-    sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="`sha256sum FILE`; any case")
-    # An OpenVINO IR is two files: the listed `.xml` graph and its `.bin` weights beside it (same
-    # name), whose sha256 this is. Required for an `.xml`, so that no weights load unverified.
-    weights_sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
-
-    @field_validator("sha256", "weights_sha256", mode="before")
-    @classmethod
-    def _lowercase(cls, value: object) -> object:
-        return value.strip().lower() if isinstance(value, str) else value
-
-    @model_validator(mode="after")
-    def _weights(self) -> ArtifactSpec:
-        is_ir = self.file.lower().endswith(".xml")
-        if is_ir and self.weights_sha256 is None:
-            raise ValueError(
-                f"{self.file} is an OpenVINO IR: add weights_sha256 = `sha256sum` of "
-                f"{Path(self.file).with_suffix('.bin').name}"
-            )
-        if not is_ir and self.weights_sha256 is not None:
-            raise ValueError("weights_sha256 is for an OpenVINO IR (.xml) artifact only")
-        return self
-
-    @property
-    def weights(self) -> str | None:
-        """The IR's `.bin`, relative to the model folder (None for a one-file artifact)."""
-        return str(Path(self.file).with_suffix(".bin")) if self.weights_sha256 else None
-
-    # The artifact's own input layout when it differs from [input] (e.g. NHWC int8 TFLite for the
-    # Edge TPU); the backend converts the agent's tensor to it.
-    layout: Literal["NCHW", "NHWC"] | None = None
-    dtype: Literal["float32", "float16", "uint8", "int8"] | None = None
-    notes: str = ""
-
-
-class DetectionSpec(_Strict):
-    """How a detector's output becomes boxes (docs/detection.md)."""
-
-    # "xyxy_score_class": one output (batch, N, 6) of x1, y1, x2, y2, score, class per row, the
-    # graph having decoded its own boxes (CenterNet, SSD with its post-processing in the graph).
-    decoder: Literal["xyxy_score_class"] = "xyxy_score_class"
-    # Box units: pixels of the model input, or 0..1 of the model input.
-    coordinates: Literal["input_pixels", "normalized"] = "input_pixels"
-    score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)
-    max_detections: int = Field(default=20, ge=1, le=1000)
-    # Non-maximum suppression where the graph has none (None: no NMS); across classes when
-    # class_agnostic_nms (one box reported as car and truck keeps its best class).
-    nms_iou: float | None = Field(default=0.6, gt=0.0, le=1.0)
-    class_agnostic_nms: bool = True
-
-
-class Manifest(_Strict):
-    name: str
-    version: str = "0"
-    task: Literal["classification", "detection"] = "classification"
-    labels: str
-    source: str = ""
-    license: str = ""
-    input: InputSpec
-    detection: DetectionSpec | None = None
-    artifacts: dict[str, ArtifactSpec]
-    checks: dict[str, float] = Field(default_factory=dict)
-
-    @model_validator(mode="after")
-    def _detection_section(self) -> Manifest:
-        if self.task == "detection" and self.detection is None:
-            self.detection = DetectionSpec()
-        if self.task != "detection" and self.detection is not None:
-            raise ValueError('[detection] is for task = "detection" only')
-        return self
 
 
 @dataclass(frozen=True)
@@ -155,25 +72,86 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
+    """Order versions naturally: "1.0.10" after "1.0.9", "2" after "1.9" (newest is the largest)."""
+    return tuple(
+        (0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", version) if part
+    )
+
+
 class ModelRepository:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, versions_root: Path | None = None) -> None:
         self.root = root.resolve()
+        # Where delivered versions are installed (`[models] dir`); None: only `root`.
+        self.versions_root = versions_root.resolve() if versions_root is not None else None
         self._lock = threading.Lock()
         # (path, size, mtime_ns) -> sha256, so a model is hashed once per change, not per load.
         self._hashes: dict[tuple[str, int, int], str] = {}
 
     def names(self) -> list[str]:
+        names = set(self._base_names())
+        for name, _ in self._delivered():
+            names.add(name)
+        return sorted(names)
+
+    def _base_names(self) -> list[str]:
         if not self.root.is_dir():
             return []
-        return sorted(
+        return [
             p.name
             for p in self.root.iterdir()
             if valid_model_name(p.name) and ((p / "model.toml").is_file() or (p / "model.json").is_file())
-        )
+        ]
+
+    def _delivered(self, only: str | None = None) -> list[tuple[str, str]]:
+        """(name, version) of every delivered version folder with a manifest."""
+        if self.versions_root is None or not self.versions_root.is_dir():
+            return []
+        out = []
+        for model in self.versions_root.iterdir():
+            if not valid_model_name(model.name) or (only is not None and model.name != only):
+                continue
+            if model.is_dir():
+                out += [
+                    (model.name, v.name)
+                    for v in model.iterdir()
+                    if valid_version(v.name) and (v / "model.toml").is_file()
+                ]
+        return out
+
+    def versions(self, name: str) -> dict[str, Path]:
+        """Every installed version of `name` and its folder, newest first (a delivered version wins
+        over the same version in `models_dir`)."""
+        found: dict[str, Path] = {}
+        if name in self._base_names():
+            try:
+                found[self._read_manifest(self.root / name, name).version] = self.root / name
+            except ModelError:
+                found.setdefault("0", self.root / name)  # reported when it is loaded
+        if self.versions_root is not None:
+            for _, version in self._delivered(only=name):
+                found[version] = self.versions_root / name / version
+        return dict(sorted(found.items(), key=lambda item: version_key(item[0]), reverse=True))
+
+    def installed(self) -> list[InstalledModel]:
+        """Every model with its versions and each file's sha256 as listed by its manifest (status)."""
+        out = []
+        for name in self.names():
+            versions = []
+            for version in self.versions(name):
+                try:
+                    _, manifest = self.manifest(name, version)
+                except ModelError:
+                    continue
+                digests = {spec.file: spec.sha256 for spec in manifest.artifacts.values()}
+                versions.append(InstalledVersion(version=version, sha256=digests))
+            out.append(InstalledModel(name=name, versions=versions))
+        return out
 
     def _inside(self, path: Path, what: str) -> Path:
         resolved = path.resolve()
-        if not resolved.is_relative_to(self.root):
+        roots = [self.root] + ([self.versions_root] if self.versions_root is not None else [])
+        if not any(resolved.is_relative_to(root) for root in roots):
             raise ModelError(f"{what} {path} leads outside the model repository")
         return resolved
 
@@ -188,11 +166,30 @@ class ModelRepository:
             raise _Missing(f"{what} {relative!r} is missing")
         return path
 
-    def manifest(self, name: str) -> tuple[Path, Manifest]:
-        """Parse a model's manifest without touching artifacts (cheap; for validation)."""
+    def manifest(self, name: str, version: str | None = None) -> tuple[Path, Manifest]:
+        """Parse a model's manifest (`version`, or the newest installed) without touching artifacts
+        (cheap; for validation)."""
         if not valid_model_name(name):
             raise ModelError(f"model name {name!r} is not valid (must match {MODEL_NAME_RE.pattern})")
-        folder = self._inside(self.root / name, "model folder")
+        if version is not None and not valid_version(version):
+            raise ModelError(f"model version {version!r} is not valid (must match {VERSION_RE.pattern})")
+        versions = self.versions(name)
+        if not versions:
+            raise ModelError(f"unknown model {name!r} (available: {', '.join(self.names()) or 'none'})")
+        if version is None:
+            version = next(iter(versions))
+        elif version not in versions:
+            raise ModelError(
+                f"model {name!r} has no version {version!r} on this device (installed: {', '.join(versions)})"
+            )
+        folder = self._inside(versions[version], "model folder")
+        manifest = self._read_manifest(folder, name)
+        delivered = folder.parent.name == name and folder.parent.parent == self.versions_root
+        if delivered and manifest.version != version:
+            raise ModelError(f"model {name!r}: folder {version!r} holds version {manifest.version!r}")
+        return folder, manifest
+
+    def _read_manifest(self, folder: Path, name: str) -> Manifest:
         toml_path, json_path = folder / "model.toml", folder / "model.json"
         try:
             if toml_path.is_file():
@@ -212,11 +209,12 @@ class ModelRepository:
             raise ModelError(f"model {name!r}: bad manifest: {exc}") from exc
         if manifest.name != name:
             raise ModelError(f"model folder {name!r} holds a manifest named {manifest.name!r}")
-        return folder, manifest
+        return manifest
 
-    def load(self, name: str, verify: bool = True) -> Model:
-        """The verified model `name`. Blocking file I/O: call it from a worker thread."""
-        folder, manifest = self.manifest(name)
+    def load(self, name: str, verify: bool = True, version: str | None = None) -> Model:
+        """The verified model `name` (`version`, or the newest installed). Blocking file I/O: call it
+        from a worker thread."""
+        folder, manifest = self.manifest(name, version)
         try:
             labels_path = self._model_file(folder, manifest.labels, "labels file")
             text = labels_path.read_text(encoding="utf-8")

@@ -1,0 +1,162 @@
+"""Model delivery end to end: a real console, a real agent, a real Mosquitto (docs/fleet.md).
+
+An operator uploads a new version of a classifier through the console's API (a bearer token),
+delivers it to the device, places it, and the answers come from the new version. A version that is
+refused by the console or the device never reaches the placement.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import shutil
+import tarfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from agent.protocol.signing import generate_keypair
+from tests.conftest import MODELS, sample
+from tests.test_console import ConsoleProcess, device_detail, tracking_state, wait_until
+
+pytestmark = pytest.mark.timeout(240)
+
+NAME = "efficientnet-lite0"
+
+
+def new_version(tmp: Path, version: str, label_prefix: str) -> Path:
+    """The bundled classifier as `version`, its labels prefixed (so answers show which served)."""
+    folder = tmp / f"src-{version}" / NAME
+    folder.mkdir(parents=True)
+    for file in ("model.toml", "model.onnx", "labels.txt"):
+        shutil.copy(MODELS / NAME / file, folder / file)
+    toml = (folder / "model.toml").read_text().replace('version = "1.0.0"', f'version = "{version}"')
+    (folder / "model.toml").write_text(toml)
+    labels = (folder / "labels.txt").read_text().splitlines()
+    (folder / "labels.txt").write_text("\n".join(label_prefix + x for x in labels) + "\n")
+    return folder
+
+
+def tar_of(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return buf.getvalue()
+
+
+def raw(
+    base: str, method: str, path: str, body: bytes | None, token: str, kind: str = "application/gzip"
+) -> tuple[int, Any]:
+    """A request with a bearer token, as a script or `edge-console models upload` sends it."""
+    req = urllib.request.Request(base + path, data=body, method=method)
+    req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", kind)
+    try:
+        with urllib.request.urlopen(req, timeout=120) as res:
+            return res.status, json.loads(res.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"null")
+
+
+def installed_versions(status: dict[str, Any]) -> dict[str, list[str]]:
+    caps = status.get("capabilities") or {}
+    return {m["name"]: [v["version"] for v in m["versions"]] for m in caps.get("installed", [])}
+
+
+def test_upload_deliver_place_and_the_new_version_answers(agent_factory, broker, collector, tmp_path):
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    try:
+        admin = console.client("admin")
+        status, made = admin.call("POST", "/api/tokens", {"name": "ci", "role": "admin"})
+        assert status == 201, made
+        token = made["token"]
+        config = f'[models]\nconsole_url = "{console.base}"\ntoken = "{token}"\n'
+        agent = agent_factory("edge1", config).start()
+        agent.wait_ready()
+        events = collector(["edge/edge1/events", "edge/edge1/result"])
+        statuses = collector(["edge/edge1/status"])
+
+        # Upload: a good version is accepted; a tampered one is refused with the reason.
+        good = tar_of(new_version(tmp_path, "1.1.0", "v110 "))
+        status, entry = raw(console.base, "POST", "/api/models", good, token)
+        assert status == 201, entry
+        assert {f["name"] for f in entry["files"]} == {"model.toml", "model.onnx", "labels.txt"}
+        bad_folder = new_version(tmp_path, "1.2.0", "v120 ")
+        onnx = bytearray((bad_folder / "model.onnx").read_bytes())
+        onnx[-100] ^= 0xFF
+        (bad_folder / "model.onnx").write_bytes(bytes(onnx))
+        status, refused = raw(console.base, "POST", "/api/models", tar_of(bad_folder), token)
+        assert status == 422 and "sha256" in refused["detail"], refused
+        listed = admin.get("/api/models")
+        assert [(e["name"], e["version"]) for e in listed] == [(NAME, "1.1.0")]
+
+        # Deliver: the device fetches, verifies and installs; status and events say so.
+        body = json.dumps({"model": NAME, "version": "1.1.0"}).encode()
+        status, manifest = raw(
+            console.base, "POST", "/api/devices/edge1/models", body, token, "application/json"
+        )
+        assert status == 200, manifest
+        statuses.wait_for(
+            lambda msgs: bool(msgs) and "1.1.0" in installed_versions(msgs[-1]).get(NAME, []),
+            "edge/edge1/status",
+            timeout=120,
+        )
+        outcome = events.wait_for(
+            lambda msgs: any(m.get("type") == "delivery" and m["state"] == "installed" for m in msgs),
+            "edge/edge1/events",
+            timeout=30,
+        )
+        assert [m["state"] for m in outcome if m.get("type") == "delivery"][:1] == ["downloading"]
+        wait_until(
+            lambda: any(e["devices"] == ["edge1"] for e in admin.get("/api/models")),
+            "the console to list edge1 as having 1.1.0",
+        )
+
+        # Place the new version: answers come from it.
+        tenants = {"tenants": [{"model": NAME, "version": "1.1.0"}]}
+        status, placed = admin.call("PUT", "/api/devices/edge1/placement", tenants)
+        assert status == 200, placed
+        wait_until(
+            lambda: tracking_state(admin, "edge1", placed["generation"], {"applied"}),
+            "the placement of 1.1.0 applied",
+            timeout=90,
+        )
+        frame = json.dumps({"request_id": "v-1", "image_b64": base64.b64encode(sample("cat.jpg")).decode()})
+        events.publish(f"edge/edge1/infer/{NAME}", frame.encode())
+        results = events.wait_for(
+            lambda msgs: any(m.get("request_id") == "v-1" for m in msgs), "edge/edge1/result", timeout=60
+        )
+        answer = next(m for m in results if m.get("request_id") == "v-1")
+        assert answer["top"][0]["label"].startswith("v110 "), answer
+        detail = device_detail(admin, "edge1")
+        assert detail["status"]["placement"]["tenants"][0]["version"] == "1.1.0"
+    finally:
+        assert console.stop() == 0, console.log()[-2000:]
+
+
+def test_device_refuses_unsigned_and_foreign_manifests(agent_factory, broker, collector, tmp_path):
+    """Where placements must be signed, so must deliveries; and only the console's host is fetched from."""
+    _, public = generate_keypair(tmp_path)
+    config = (
+        f'[security]\nplacement_public_key = "{public.read_text().strip()}"\n'
+        '[models]\nconsole_url = "http://127.0.0.1:9"\n'
+    )
+    agent = agent_factory("edge2", config).start()
+    agent.wait_ready()
+    events = collector(["edge/edge2/events"])
+    unsigned = {
+        "model": NAME,
+        "version": "9",
+        "artifacts": [{"name": "model.toml", "size": 10, "sha256": "0" * 64, "url": "http://127.0.0.1:9/x"}],
+    }
+    events.publish("edge/edge2/models", json.dumps(unsigned).encode())
+    got = events.wait_for(
+        lambda msgs: any(m.get("type") == "delivery" for m in msgs), "edge/edge2/events", timeout=30
+    )
+    refusal = next(m for m in got if m.get("type") == "delivery")
+    assert refusal["state"] == "failed" and "unsigned" in refusal["error"], refusal
+    assert not (agent.state_dir / "models" / NAME / "9").exists()
