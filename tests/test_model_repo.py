@@ -214,7 +214,7 @@ def test_versions_newest_serves_and_a_pin_picks_one(repo, tmp_path):
     assert repo.load("efficientnet-lite0").labels[967] == "v10 espresso"
     assert repo.load("efficientnet-lite0", version="1.0.9").labels[967] == "v9 espresso"
     assert repo.load("efficientnet-lite0", version="1.0.0").labels[967] == "espresso"
-    with pytest.raises(ModelError, match="no version '2'.*installed: 1.0.10, 1.0.9, 1.0.0"):
+    with pytest.raises(ModelError, match=r"no version '2'.*installed: 1\.0\.10, 1\.0\.9, 1\.0\.0"):
         repo.manifest("efficientnet-lite0", "2")
     with pytest.raises(ModelError, match="not valid"):
         repo.manifest("efficientnet-lite0", "..")
