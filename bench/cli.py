@@ -40,6 +40,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead: the COCO detector and --model together vs each alone (raw, pipeline, e2e, naive)",
     )
+    parser.add_argument(
+        "--cascade",
+        action="store_true",
+        help="instead: --model on the COCO detector's boxes (1, 5, 10 crops) vs the detector alone",
+    )
+    parser.add_argument("--inflight", type=int, default=2, help="--cascade: frames outstanding")
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
@@ -55,6 +61,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         from bench.placement import run as run_placement
 
         return exit_status(lambda: run_placement(args))
+    if args.cascade:
+        from bench.cascade import run as run_cascade
+
+        return exit_status(lambda: run_cascade(args))
     if args.mixed:
         from bench.mixed import run as run_mixed
 

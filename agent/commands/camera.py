@@ -352,9 +352,12 @@ class CameraRun:
             return json.dumps({"frame": index, "latency_ms": round(reply.latency_ms, 2), **payload})
         if reply.ok:
             best = reply.best  # a classifier top-1 or a detector best box
-            return (
-                f"frame {index:5d}  {best['label']:24s} {best['score']:6.3f}  "
-                f"{reply.latency_ms:7.1f} ms  ({payload['model']})"
+            return "\n".join(  # a cascade's answer: each box with its class below
+                [
+                    f"frame {index:5d}  {best['label']:24s} {best['score']:6.3f}  "
+                    f"{reply.latency_ms:7.1f} ms  ({payload['model']})",
+                    *reply.boxes,
+                ]
             )
         err = payload.get("error", {})
         return f"frame {index:5d}  error {err.get('code')}: {err.get('message')}"

@@ -125,6 +125,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                         f"{path.name:24s} {best['label']:24s} {best['score']:6.3f}  "
                         f"{reply.latency_ms:7.1f} ms  ({reply.payload['model']})"
                     )
+                    for line in reply.boxes:  # a cascade: each box with its class
+                        print(line)
                 else:
                     err = reply.payload["error"]
                     print(f"{path.name:24s} error {err['code']}: {err['message']}")

@@ -107,6 +107,26 @@ class Reply:
             return {**found[0], "label": f"{found[0]['label']}{more}"}
         return dict(self.payload["top"][0])
 
+    @property
+    def boxes(self) -> list[str]:
+        """A cascade's answer (docs/detection.md "Cascades"): one line per box with its classes, the
+        boxes not classified marked as such; none for other answers."""
+        cascade = self.payload.get("cascade")
+        if not cascade:
+            return []
+        lines = []
+        for d in self.payload.get("detections", []):
+            box = d["box"]
+            where = f"x {box['x_min']:.2f}..{box['x_max']:.2f} y {box['y_min']:.2f}..{box['y_max']:.2f}"
+            classes = d.get("classes")
+            what = (
+                ", ".join(f"{c['label']} {c['score']:.3f}" for c in classes[:3])
+                if classes
+                else f"(not classified{'' if cascade['status'] == 'complete' else ': ' + cascade['status']})"
+            )
+            lines.append(f"    {d['label']:12s} {d['score']:.3f}  {where}  {what}")
+        return lines
+
 
 @dataclass
 class InferClient:

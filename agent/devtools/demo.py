@@ -125,6 +125,8 @@ def run_demo(keep_running: bool | None = None, instances: int = 2) -> int:
             "[placement]\ngeneration = 0\n"
             f'[[placement.tenants]]\nmodel = "efficientnet-lite0"\nbackend = "onnxruntime"\n'
             f'device = "cpu"\ninstances = {instances}\n'
+            # A cascade: the classifier also runs on the detector's dogs, in the detector's answer.
+            f'cascade = {{ after = "{DETECTOR}", labels = ["dog"] }}\n'
             f'[[placement.tenants]]\nmodel = "{DETECTOR}"\nbackend = "onnxruntime"\ndevice = "cpu"\n'
         )
         agent = start_agent(broker.url, state, DEVICE_ID, config)
@@ -203,9 +205,11 @@ async def _show_detections(broker_url: str, name: str, image: bytes) -> int:
     print(f"\ndetection: {name} -> {DETECTOR}, {len(found)} found in {reply.latency_ms:.0f} ms")
     for d in found:
         box = d["box"]
+        # A box the cascade classified (the dog): its breed, the classifier's best class.
+        breed = f"  -> {d['classes'][0]['label']} {d['classes'][0]['score']:.3f}" if d.get("classes") else ""
         print(
             f"  {d['label']:14s} {d['score']:.3f}  x {box['x_min']:.2f}..{box['x_max']:.2f}  "
-            f"y {box['y_min']:.2f}..{box['y_max']:.2f}"
+            f"y {box['y_min']:.2f}..{box['y_max']:.2f}{breed}"
         )
     return 0
 

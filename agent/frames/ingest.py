@@ -12,7 +12,9 @@ import binascii
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -54,6 +56,11 @@ class Frame:
     caller_id: bool = False  # the request id is the caller's own (recognisable when sent again)
     tracked: bool = False  # remembered by the router's duplicate check until answered
     source_topic: str | None = None  # an [[inputs]] topic it came from (named in its answer)
+    # Cascades (agent/frames/cascade.py): a detector's frame keeps its full-resolution decode for
+    # the crops; a crop carries its pixels and hands its answer to `on_answer`, not to MQTT.
+    keep_pixels: bool = False
+    pixels: Any = None  # numpy (H, W, 3) uint8 once decoded, or a crop's
+    on_answer: Callable[[Any], None] | None = None
 
 
 def request_id_from_correlation(data: bytes) -> str:

@@ -82,16 +82,22 @@ class Preprocessor:
         size = (int(pixels.shape[1]), int(pixels.shape[0]))
         return self._normalise(self._crop_resize(pixels), out), size
 
-    def decode(self, data: bytes) -> np.ndarray:
-        """Header checks, then a (possibly reduced-scale) decode to RGB (H, W, 3); raises BadImage."""
+    def prepare_pixels(self, pixels: np.ndarray, out: np.ndarray | None = None) -> tuple[int, int]:
+        """An already decoded frame (or a cascade's crop of one) into `out`; returns its (width, height)."""
+        self._normalise(self._crop_resize(pixels), out)
+        return (int(pixels.shape[1]), int(pixels.shape[0]))
+
+    def decode(self, data: bytes, full: bool = False) -> np.ndarray:
+        """Header checks, then a (possibly reduced-scale) decode to RGB (H, W, 3); raises BadImage.
+        `full`: no DCT scaling, for a cascade's crops cut from the original frame."""
         fmt = sniff_format(data)
         if fmt is None:
             raise BadImage("payload is not a JPEG or PNG image")
         if fmt == "JPEG" and simplejpeg is not None:
-            pixels = self._decode_turbo(data)
+            pixels = self._decode_turbo(data, full)
             if pixels is not None:
                 return pixels
-        return np.asarray(self._decode_pillow(data, fmt))
+        return np.asarray(self._decode_pillow(data, fmt, full))
 
     def _check_budget(self, width: int, height: int) -> None:
         if width <= 0 or height <= 0:
@@ -101,7 +107,7 @@ class Preprocessor:
                 f"image is {width}x{height} = {width * height} pixels, over the limit of {self.max_pixels}"
             )
 
-    def _decode_turbo(self, data: bytes) -> np.ndarray | None:
+    def _decode_turbo(self, data: bytes, full: bool = False) -> np.ndarray | None:
         """simplejpeg's strict decode; None hands the frame to Pillow (for its error message, or
         for a JPEG variant libjpeg-turbo's simple API refuses)."""
         try:
@@ -113,7 +119,9 @@ class Preprocessor:
         # Power-of-two DCT scaling only, as Pillow's draft mode does: libjpeg-turbo's M/8 factors
         # shrink further but flip near-tie top-1s against the full-resolution reference.
         factor = 1
-        while factor < 8 and width // (factor * 2) >= need_w and height // (factor * 2) >= need_h:
+        while (
+            not full and factor < 8 and width // (factor * 2) >= need_w and height // (factor * 2) >= need_h
+        ):
             factor *= 2
         try:
             pixels: np.ndarray = simplejpeg.decode_jpeg(
@@ -127,12 +135,12 @@ class Preprocessor:
             return None
         return pixels
 
-    def _decode_pillow(self, data: bytes, fmt: str) -> Image.Image:
+    def _decode_pillow(self, data: bytes, fmt: str, full: bool = False) -> Image.Image:
         try:
             image = Image.open(io.BytesIO(data), formats=[fmt])
             width, height = image.size
             self._check_budget(width, height)
-            if fmt == "JPEG":
+            if fmt == "JPEG" and not full:
                 # DCT scaling: decode at 1/2, 1/4 or 1/8 size, still >= what the crop needs.
                 image.draft("RGB", self._needed_size(width, height))
             image.load()

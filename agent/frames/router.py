@@ -15,6 +15,7 @@ from typing import Any
 
 from paho.mqtt.properties import Properties
 
+from agent.frames.cascade import Cascades
 from agent.frames.dedup import Answered, First, RecentRequests
 from agent.frames.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.frames.tenant_table import TenantTable
@@ -56,6 +57,7 @@ class FrameRouter:
         self.outbox: Outbox | None = None  # attached at start, once the event loop runs
         # Called with every answer, on the thread that made it (Home Assistant's last top-1): cheap.
         self.answer_hooks: list[Callable[[Frame, Any], None]] = []
+        self.cascades = Cascades(table, self._send)
 
     def on_frame(self, message: Incoming) -> None:
         """A message on edge/<id>/infer[/<model>] (event loop: cheap checks only, no decoding)."""
@@ -95,6 +97,7 @@ class FrameRouter:
                 served = ", ".join(self.table.served_models()) or "none"
                 self._refuse(frame, "unknown_model", f"no tenant serves {frame.model!r} (served: {served})")
             return
+        frame.keep_pixels = self.cascades.followed(frame.model)
         tenant.submit(frame)
 
     def _first(self, frame: Frame, redelivered: bool) -> bool:
@@ -143,7 +146,22 @@ class FrameRouter:
         )
 
     def emit(self, frame: Frame, outcome: InferResult | DetectionResult | ErrorResult) -> None:
-        """Send a frame's one answer (thread-safe): the result topic, plus its response topic."""
+        """A frame's one outcome (thread-safe): a cascade's crop goes back to its frame's cascade, a
+        detector's boxes to the classifier following it (agent/frames/cascade.py), the rest out."""
+        if frame.on_answer is not None:
+            frame.on_answer(outcome)
+            return
+        if (
+            isinstance(outcome, DetectionResult)
+            and frame.pixels is not None
+            and self.cascades.start(frame, outcome)
+        ):
+            return
+        frame.pixels = None
+        self._send(frame, outcome)
+
+    def _send(self, frame: Frame, outcome: InferResult | DetectionResult | ErrorResult) -> None:
+        """Send a frame's one answer: the result topic, plus its response topic."""
         for hook in self.answer_hooks:
             hook(frame, outcome)
         if frame.source_topic is None:

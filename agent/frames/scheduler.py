@@ -53,6 +53,24 @@ class BatchQueue(Generic[T]):
             self._cond.notify()
             return dropped
 
+    def put_many(self, items: list[T]) -> tuple[list[T], list[T]]:
+        """Enqueue together (one wake-up, so one free instance takes them as one batch); returns the
+        items dropped to make room (drop_oldest) and the ones refused (reject_new)."""
+        with self._cond:
+            if self._closed:
+                raise QueueClosed
+            dropped: list[T] = []
+            refused: list[T] = []
+            for item in items:
+                if len(self._items) >= self.depth:
+                    if self.policy == "reject_new":
+                        refused.append(item)
+                        continue
+                    dropped.append(self._items.popleft())
+                self._items.append(item)
+            self._cond.notify()
+            return dropped, refused
+
     def get_batch(self, max_size: int, max_delay_s: float, poll_s: float | None = None) -> list[T] | None:
         """Up to `max_size` items; [] when `poll_s` passed with nothing; None once closed and empty."""
         with self._cond:

@@ -321,6 +321,36 @@ class Tenant:
         self.stats.frame_in()
         self._take(frame)
 
+    def submit_many(self, frames: list[Frame]) -> None:
+        """Queue frames that belong together (a cascade's crops) in one step, so that a free
+        instance takes them as one batch; each still gets exactly one outcome."""
+        for _ in frames:
+            self.stats.frame_in()
+        dropped: list[Frame] = []
+        refused: list[Frame] = []
+        with self._lock:
+            relay, failed = self._handoff, self.state == "failed"
+            if relay is None and not failed:
+                try:
+                    dropped, refused = self.queue.put_many(frames)
+                except QueueClosed:
+                    relay, failed = None, True
+        if relay is not None:
+            relay.put(frames)
+            return
+        if failed:
+            for frame in frames:
+                self.answers.error(frame, "unavailable", f"tenant {self.name} is not taking frames")
+            return
+        for frame in dropped:
+            self.stats.dropped()
+            self.answers.error(
+                frame, "overloaded", f"dropped as the oldest of {self.queue.depth} queued frames"
+            )
+        for frame in refused:
+            self.stats.dropped()
+            self.answers.error(frame, "overloaded", f"queue full ({self.queue.depth} frames); frame refused")
+
     def take_over(self, frame: Frame) -> None:
         """A frame relayed from the tenant this one replaces (failover): already counted in there."""
         self._take(frame)

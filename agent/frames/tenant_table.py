@@ -16,6 +16,7 @@ from agent.protocol.schemas import (
     AutoChoice,
     Candidate,
     Capabilities,
+    CascadeSpec,
     Failover,
     Refusal,
     TenantSpec,
@@ -49,6 +50,14 @@ class TenantTable:
         if entry is None:
             return None
         return "is still loading" if entry.state == "loading" else f"failed to load: {entry.error}"
+
+    def follower(self, model: str) -> tuple[str, CascadeSpec] | None:
+        """The classifier placed to run on `model`'s boxes, and how (docs/detection.md "Cascades"):
+        serving, or placed but not serving (its frames' boxes then go out marked unavailable)."""
+        for spec in [*(t.placed for t in list(self._serving.values())), *list(self._failed.values())]:
+            if spec.cascade is not None and spec.cascade.after == model:
+                return spec.model, spec.cascade
+        return None
 
     def served_models(self) -> list[str]:
         return sorted(self._serving)

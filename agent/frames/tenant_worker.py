@@ -123,6 +123,16 @@ class Worker:
                     if id(frame) not in settled:
                         t.answers.error(frame, "internal", "internal error while serving this frame")
 
+    def _prepare(self, frame: Frame, out: np.ndarray) -> tuple[int, int]:
+        """Decode and preprocess into `out`; returns the frame's (width, height). A frame a cascade
+        follows keeps its full-resolution decode for the crops (decoded once); a crop comes decoded."""
+        pre = self.tenant.preprocessor
+        if frame.pixels is None and frame.keep_pixels:
+            frame.pixels = pre.decode(frame.image, full=True)
+        if frame.pixels is not None:
+            return pre.prepare_pixels(frame.pixels, out)
+        return pre.prepare(frame.image, out=out)[1]
+
     def _run_batch(self, batch: list[Frame], settled: set[int]) -> None:
         t, index = self.tenant, self.index
 
@@ -139,7 +149,7 @@ class Worker:
                 fail([frame], "expired", "message expiry passed before inference")
                 continue
             try:
-                sizes.append(t.preprocessor.prepare(frame.image, out=self.buffer[len(ready)])[1])
+                sizes.append(self._prepare(frame, self.buffer[len(ready)]))
             except BadImage as exc:
                 fail([frame], "bad_image", str(exc))
                 continue

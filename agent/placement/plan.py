@@ -5,11 +5,15 @@ and what is saved for the next start. The reconciler carries the plan out (docs/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from agent.protocol.schemas import Placement, TenantSpec, generation_refusal
 from agent.service.errors import PlacementRefused
+from agent.service.model_repo import ModelError, ModelRepository
+
+# A model's task ("detection", "classification") and labels, for the cascade checks.
+Describe = Callable[[TenantSpec], tuple[str, tuple[str, ...]]]
 
 
 @dataclass(frozen=True)
@@ -62,3 +66,62 @@ def to_save(asked: Placement, resolved: Placement, serving: Mapping[str, TenantS
         failed_move = running is not None and running.key() != wanted[spec.model].key()
         saved.append(running if failed_move and running is not None else spec)
     return asked.model_copy(update={"tenants": saved})
+
+
+def check_cascades(placement: Placement, describe: Describe) -> None:
+    """Refuse a cascade that cannot run (docs/detection.md "Cascades"): it follows a tenant the
+    placement lacks, the follows form a cycle, the follower is not a classifier or the followed
+    tenant not a detector, it names a label the detector does not have, or a second classifier
+    follows the same detector."""
+    specs = {spec.model: spec for spec in placement.tenants}
+    followed: dict[str, str] = {}
+    for spec in placement.tenants:
+        cascade = spec.cascade
+        if cascade is None:
+            continue
+        if cascade.after not in specs:
+            raise PlacementRefused(
+                f"cascade: {spec.model} follows {cascade.after!r}, which this placement does not run"
+            )
+        chain = [spec.model]
+        step: TenantSpec | None = spec
+        while step is not None and step.cascade is not None:
+            chain.append(step.cascade.after)
+            if step.cascade.after in chain[:-1]:
+                raise PlacementRefused(f"cascade: a cycle, {' -> '.join(chain)}")
+            step = specs.get(step.cascade.after)
+        if cascade.after in followed:
+            raise PlacementRefused(
+                f"cascade: {followed[cascade.after]} and {spec.model} both follow {cascade.after}; "
+                "one classifier per detector"
+            )
+        followed[cascade.after] = spec.model
+        task, _ = describe(spec)
+        if task != "classification":
+            raise PlacementRefused(f"cascade: {spec.model} is a {task} model; a cascade runs a classifier")
+        detector_task, labels = describe(specs[cascade.after])
+        if detector_task != "detection":
+            raise PlacementRefused(
+                f"cascade: {spec.model} follows {cascade.after}, a {detector_task} model; "
+                "a cascade follows a detector"
+            )
+        known = {label.lower() for label in labels}
+        unknown = [label for label in cascade.labels or [] if label.lower() not in known]
+        if unknown:
+            raise PlacementRefused(
+                f"cascade: labels {unknown} of {spec.model} are not classes of the detector "
+                f"{cascade.after} (e.g. {', '.join(labels[:5])})"
+            )
+
+
+def describe_with(repo: ModelRepository) -> Describe:
+    """`describe` from the model repository (blocking file reads: call from a worker thread)."""
+
+    def describe(spec: TenantSpec) -> tuple[str, tuple[str, ...]]:
+        try:
+            model = repo.load(spec.model, verify=False, version=spec.version)
+        except ModelError as exc:
+            raise PlacementRefused(str(exc)) from exc
+        return model.manifest.task, model.labels
+
+    return describe

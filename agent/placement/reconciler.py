@@ -29,7 +29,7 @@ from agent.frames.tenant_table import TenantTable
 from agent.placement.auto import AutoPlacer
 from agent.placement.failover import FailoverMover
 from agent.placement.intake import Applied, Intake, Outcome, Refused, newest
-from agent.placement.plan import check_generation, plan, to_save
+from agent.placement.plan import check_cascades, check_generation, describe_with, plan, to_save
 from agent.placement.profiler import Profiler
 from agent.placement.starter import Starter, TenantFactory
 from agent.placement.store import PlacementStore
@@ -77,6 +77,7 @@ def check_runnable(placement: Placement, repo: ModelRepository) -> None:
                     raise PlacementRefused(str(exc)) from exc
         # An installed-but-unavailable runtime is not refused: its tenant shows `failed` with the
         # reason while the others serve.
+    check_cascades(placement, describe_with(repo))
 
 
 class Reconciler:

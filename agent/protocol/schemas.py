@@ -82,6 +82,21 @@ class Detection(BaseModel):
     label: str
     score: float
     box: Box
+    # A cascade's classifier on this box (docs/detection.md "Cascades"): its best classes, best first.
+    classes: list[TopK] | None = None
+
+
+class CascadeReport(BaseModel):
+    """How a cascade's classifier went on this frame's boxes (docs/protocol.md "Cascades")."""
+
+    model: str  # the classifier tenant's model
+    # complete: every selected box classified; partial: some crops failed; timed_out: the frame's
+    # deadline came first (boxes without `classes`); unavailable: the classifier serves nothing now.
+    status: Literal["complete", "partial", "timed_out", "unavailable"]
+    crops: int  # boxes sent to the classifier (labels, minimum size and max_crops applied)
+    classified: int
+    ms: float  # from the detector's answer to the last crop's
+    reason: str | None = None
 
 
 class DetectionResult(_Served):
@@ -91,6 +106,7 @@ class DetectionResult(_Served):
     timing_ms: Timing
     batch_size: int = 1
     ts: float = Field(default_factory=time.time)
+    cascade: CascadeReport | None = None  # a classifier follows this detector
 
 
 class ErrorInfo(BaseModel):
@@ -132,6 +148,18 @@ class Candidate(Strict):
         return f"{self.backend}:{self.device}"
 
 
+class CascadeSpec(Strict):
+    """A classifier tenant run on the boxes of a detector tenant (docs/detection.md "Cascades")."""
+
+    after: str  # the detector tenant's model, in the same placement
+    labels: list[str] | None = Field(default=None, min_length=1, max_length=1000)  # None: every box
+    min_box_px: int = Field(default=32, ge=1, le=100_000)  # smaller side, pixels of the original frame
+    max_crops: int = Field(default=10, ge=1, le=256)  # per frame, best detections first
+    margin: float = Field(default=0.1, ge=0.0, le=1.0)  # added on each side, as a fraction of the box
+    top_k: int = Field(default=3, ge=1, le=20)  # classes given per box
+    timeout_ms: float = Field(default=1000.0, gt=0.0, le=60_000.0)  # deadline without message expiry
+
+
 class TenantSpec(Strict):
     """One tenant of a placement: a model on a backend/device with N instances.
 
@@ -157,6 +185,8 @@ class TenantSpec(Strict):
     candidates: list[Candidate] | None = Field(default=None, min_length=1, max_length=8)
     # The model version to serve (docs/fleet.md); None: the newest the device has installed.
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
+    # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
+    cascade: CascadeSpec | None = None
 
     @field_validator("model")
     @classmethod
@@ -207,6 +237,7 @@ class TenantSpec(Strict):
             (self.min_score, self.max_detections, tuple(self.labels or ())),
             tuple(c.label.lower() for c in self.candidates or []),
             self.version,
+            None if self.cascade is None else self.cascade.model_dump_json(),
         )
 
 

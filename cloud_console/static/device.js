@@ -103,11 +103,17 @@
         (t) =>
           `<div class="detections" data-model="${EC.esc(t.model)}"><strong>${EC.esc(t.model)}</strong>: ` +
           (t.last_detections.length
-            ? t.last_detections.map((d) => `<span class="chip">${EC.esc(d.label)} ${EC.num(d.score, 2)}</span>`).join(" ")
+            ? t.last_detections.map((d) => `<span class="chip">${EC.esc(d.label)} ${EC.num(d.score, 2)}${classOf(d)}</span>`).join(" ")
             : '<span class="muted">nothing found</span>') +
           "</div>",
       )
       .join("");
+  }
+
+  // A cascade's classifier on the box (docs/detection.md "Cascades"): its best class.
+  function classOf(d) {
+    const c = Array.isArray(d.classes) && d.classes[0];
+    return c ? ` <span class="class" title="classified">&rarr; ${EC.esc(c.label)} ${EC.num(c.score, 2)}</span>` : "";
   }
 
   function renderCapabilities() {
