@@ -8,6 +8,7 @@ refused by the console or the device never reaches the placement.
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
 import shutil
@@ -160,3 +161,52 @@ def test_device_refuses_unsigned_and_foreign_manifests(agent_factory, broker, co
     refusal = next(m for m in got if m.get("type") == "delivery")
     assert refusal["state"] == "failed" and "unsigned" in refusal["error"], refusal
     assert not (agent.state_dir / "models" / NAME / "9").exists()
+
+
+def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, broker, collector, tmp_path):
+    """Digests right, model broken: installed, but placing it fails that tenant and the old serves."""
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    try:
+        admin = console.client("admin")
+        status, made = admin.call("POST", "/api/tokens", {"name": "edge3", "role": "viewer"})
+        assert status == 201, made
+        token = made["token"]  # a viewer token is enough for a device to fetch files
+        admin_token = admin.call("POST", "/api/tokens", {"name": "ops", "role": "admin"})[1]["token"]
+        agent = agent_factory("edge3", f'[models]\nconsole_url = "{console.base}"\ntoken = "{token}"\n')
+        agent.start().wait_ready()
+        results = collector(["edge/edge3/result", "edge/edge3/status"])
+        folder = new_version(tmp_path, "1.3.0", "v130 ")
+        (folder / "model.onnx").write_bytes(b"not an onnx graph" * 100)
+        toml = (folder / "model.toml").read_text()
+        good = hashlib.sha256((MODELS / NAME / "model.onnx").read_bytes()).hexdigest()
+        bad = hashlib.sha256((folder / "model.onnx").read_bytes()).hexdigest()
+        (folder / "model.toml").write_text(toml.replace(good, bad))
+        status, entry = raw(console.base, "POST", "/api/models", tar_of(folder), admin_token)
+        assert status == 201, entry
+        status, data = admin.call("POST", "/api/devices/edge3/models", {"model": NAME})
+        assert status == 200 and data["version"] == "1.3.0", data
+        results.wait_for(
+            lambda msgs: bool(msgs) and "1.3.0" in installed_versions(msgs[-1]).get(NAME, []),
+            "edge/edge3/status",
+            timeout=120,
+        )
+        status, placed = admin.call(
+            "PUT", "/api/devices/edge3/placement", {"tenants": [{"model": NAME, "version": "1.3.0"}]}
+        )
+        assert status == 200, placed
+
+        def failed_beside_serving(msgs: list[dict[str, Any]]) -> bool:
+            tenants = (msgs[-1].get("placement") or {}).get("tenants", []) if msgs else []
+            states = {(t.get("version"), t["state"]) for t in tenants}
+            return ("1.3.0", "failed") in states and (None, "ready") in states
+
+        results.wait_for(failed_beside_serving, "edge/edge3/status", timeout=90)
+        frame = json.dumps({"request_id": "old-1", "image_b64": base64.b64encode(sample("cat.jpg")).decode()})
+        results.publish(f"edge/edge3/infer/{NAME}", frame.encode())
+        got = results.wait_for(
+            lambda msgs: any(m.get("request_id") == "old-1" for m in msgs), "edge/edge3/result", timeout=60
+        )
+        answer = next(m for m in got if m.get("request_id") == "old-1")
+        assert "top" in answer and not answer["top"][0]["label"].startswith("v130 "), answer
+    finally:
+        assert console.stop() == 0, console.log()[-2000:]

@@ -90,7 +90,7 @@ def check_manifest(
 
 
 def allowed_hosts(settings: ModelsConfig) -> set[str]:
-    """`host:port` of the console and of each `allow_hosts` entry."""
+    """The console's and each `allow_hosts` entry's `scheme://host:port` (https unless given)."""
     out = set()
     if settings.console_url:
         parts = urlsplit(settings.console_url)
@@ -102,8 +102,11 @@ def allowed_hosts(settings: ModelsConfig) -> set[str]:
 
 
 def _host(scheme: str, netloc: str) -> str:
+    """`scheme://host:port`: the scheme counts (an https console is not fetched from over http)."""
     host = netloc.rsplit("@", 1)[-1].lower()
-    return host if ":" in host.rsplit("]", 1)[-1] else f"{host}:{443 if scheme == 'https' else 80}"
+    if ":" not in host.rsplit("]", 1)[-1]:
+        host = f"{host}:{443 if scheme == 'https' else 80}"
+    return f"{scheme}://{host}"
 
 
 class Fetcher:
