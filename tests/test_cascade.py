@@ -7,19 +7,34 @@ from __future__ import annotations
 
 import asyncio
 import io
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from agent.commands.client import publish_placement
-from agent.frames.cascade import chosen_boxes, crop
+from agent.frames.cascade import Job, chosen_boxes, crop
+from agent.frames.ingest import Frame
 from agent.placement.plan import check_cascades, describe_with
-from agent.protocol.schemas import Box, CascadeSpec, Detection, DetectionResult, Placement
+from agent.protocol.schemas import (
+    Box,
+    CascadeSpec,
+    Detection,
+    DetectionResult,
+    ErrorInfo,
+    ErrorResult,
+    InferResult,
+    Placement,
+    TenantRef,
+    Timing,
+    TopK,
+)
 from agent.service.errors import PlacementRefused
 from agent.service.model_repo import ModelRepository
 from tests.conftest import MODELS, SAMPLES
 from tests.test_backends import backend_or_skip
+from tests.test_cli import edge_agent
 
 DETECTOR = "mb3-centernet"
 CLASSIFIER = "efficientnet-lite0"
@@ -65,6 +80,50 @@ def test_a_crop_is_cut_from_the_full_frame_with_its_margin_and_kept_inside() -> 
     assert crop(frame, box, 0.1).shape == (120, 180, 3)  # 10% of each side added on each side
     edge = Box(x_min=0.0, y_min=0.0, x_max=0.1, y_max=0.1)
     assert crop(frame, edge, 0.5).shape == (60, 90, 3)  # cut at the frame's edges
+
+
+def _result(*labels: str) -> DetectionResult:
+    return DetectionResult(
+        request_id="f1",
+        model=DETECTOR,
+        tenant=TenantRef(backend="onnxruntime", device="cpu", instance=0),
+        detections=[_found(label, (0.1, 0.1, 0.5, 0.5)) for label in labels],
+        timing_ms=Timing(queue=0.0, preprocess=1.0, infer=2.0, total=3.0),
+    )
+
+
+def _top(label: str) -> InferResult:
+    return InferResult(
+        request_id="f1#0",
+        model=CLASSIFIER,
+        tenant=TenantRef(backend="onnxruntime", device="cpu", instance=0),
+        top=[TopK(index=1, label=label, score=0.9)],
+        timing_ms=Timing(queue=0.0, preprocess=1.0, infer=2.0, total=3.0),
+    )
+
+
+def test_a_frame_is_answered_once_whichever_comes_first() -> None:
+    """The last crop answers the frame; a deadline after that, or a crop after the deadline, sends
+    nothing more (exactly once); a crop the classifier found expired marks the frame timed_out."""
+    sent: list[DetectionResult] = []
+    frame = Frame(request_id="f1", model=DETECTOR, image=b"", received=0.0)
+    spec = CascadeSpec(after=DETECTOR)
+    job = Job(frame, _result("dog", "cat"), CLASSIFIER, spec, lambda _f, r: sent.append(r))
+    job.expect(2)
+    job.answer(0, _top("Cardigan"))
+    assert sent == []
+    job.answer(1, ErrorResult(request_id="f1#1", error=ErrorInfo(code="expired", message="late")))
+    job.expire()
+    assert len(sent) == 1 and sent[0].cascade is not None
+    assert (sent[0].cascade.status, sent[0].cascade.classified) == ("timed_out", 1)
+    assert sent[0].detections[0].classes == [TopK(index=1, label="Cardigan", score=0.9)]
+    assert sent[0].detections[1].classes is None
+    late = Job(frame, _result("dog"), CLASSIFIER, spec, lambda _f, r: sent.append(r))
+    late.expect(1)
+    late.expire()
+    late.answer(0, _top("Cardigan"))
+    assert len(sent) == 2 and sent[1].cascade is not None and sent[1].cascade.status == "timed_out"
+    assert sent[1].detections[0].classes is None
 
 
 # -- placement checks -------------------------------------------------------------------------------
@@ -185,14 +244,33 @@ def test_the_dog_gets_its_breed_in_one_answer(agent_factory, collector, broker) 
     assert dogs and dogs[0].classes, first.detections
     assert any(top.index in DOG_BREEDS for top in dogs[0].classes), dogs[0].classes
     assert len(dogs[0].classes) == 5
+    # `edge-agent infer` prints each box with its classes under the frame's line (its answer is the
+    # second on the result topic).
+    done = edge_agent(
+        "infer",
+        str(SAMPLES / "detection" / "person.jpg"),
+        "--model",
+        DETECTOR,
+        "--broker",
+        broker.url,
+        "--device-id",
+        "casc1",
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    breed = dogs[0].classes[0].label
+    assert re.search(
+        rf"^ +dog +0\.\d{{3}} +x [\d.]+\.\.[\d.]+ y [\d.]+\.\.[\d.]+ +{re.escape(breed)} 0\.\d{{3}}",
+        done.stdout,
+        re.M,
+    ), done.stdout
     # The same scene at a fifth of the size: the dog is ~17 px high, under the 40-px minimum.
     c.publish(f"edge/casc1/infer/{DETECTOR}", _jpeg("person.jpg", 0.2))
-    small = DetectionResult.model_validate(c.wait_for(lambda m: len(m) >= 2, "edge/casc1/result", 60)[1])
+    small = DetectionResult.model_validate(c.wait_for(lambda m: len(m) >= 3, "edge/casc1/result", 60)[2])
     assert small.detections and all(d.classes is None for d in small.detections), small.detections
     assert small.cascade is not None and small.cascade.crops == 0
     # The classifier still answers frames of its own, as a tenant of its own.
     c.publish(f"edge/casc1/infer/{CLASSIFIER}", _jpeg("dog.jpg"))
-    own = c.wait_for(lambda m: len(m) >= 3, "edge/casc1/result", 60)[2]
+    own = c.wait_for(lambda m: len(m) >= 4, "edge/casc1/result", 60)[3]
     assert own["model"] == CLASSIFIER and "top" in own
 
 

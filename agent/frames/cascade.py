@@ -121,6 +121,7 @@ class Job:
         self._crops = 0
         self._classes: dict[int, list[TopK]] = {}
         self._failures: list[str] = []
+        self._expired = 0
         self.started = time.monotonic()
 
     def expect(self, crops: int) -> None:
@@ -135,11 +136,13 @@ class Job:
                 self._classes[index] = outcome.top[: self.spec.top_k]
             else:
                 self._failures.append(f"box {index}: {outcome.error.code}: {outcome.error.message}")
+                self._expired += outcome.error.code == "expired"
             self._pending -= 1
             if self._pending > 0:
                 return
             self._done = True
-        status = "partial" if self._failures else "complete"
+        # Crops the classifier found expired ran into the frame's deadline, as the timer would have.
+        status = "timed_out" if self._expired else "partial" if self._failures else "complete"
         self.finish(status, "; ".join(self._failures[:3]) or None)
 
     def expire(self) -> None:
