@@ -585,11 +585,22 @@ def create_app(console: Console) -> FastAPI:
         return {"device_id": device_id, "placements": rows}
 
     @api.put("/devices/{device_id}/placement", response_model=PlacementResponse, tags=["placement"])
-    async def api_put_placement(device_id: str, body: PlacementRequest, who: Admin) -> PlacementResponse:
+    async def api_put_placement(
+        device_id: str, body: PlacementRequest, request: Request, who: Admin
+    ) -> PlacementResponse:
         """Publish a desired placement (retained, QoS 1); generation = max(applied, desired) + 1.
 
-        422 when the device cannot run it (per its reported capabilities); 503 when the broker is down."""
+        A model version the device lacks and the model store has is delivered first, and the placement
+        published once the device reports it installed. 422 when the device cannot run it (per its
+        reported capabilities) or the delivery failed; 503 when the broker is down."""
         _device_or_404(console, device_id)
+        try:  # a version the device lacks is delivered from the model store first (docs/fleet.md)
+            base = console.config.public_url or str(request.base_url)
+            await console.deliver_missing(device_id, body.tenants, base, who.name)
+        except PlacementInvalid as exc:
+            raise HTTPException(422, str(exc)) from exc
+        except PublishFailed as exc:
+            raise HTTPException(503, str(exc)) from exc
         return await _publish(console.publish_placement(device_id, body.tenants, who.name, "edit"), device_id)
 
     @api.post("/devices/{device_id}/auto-place", response_model=PlacementResponse, tags=["placement"])

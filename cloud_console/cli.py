@@ -8,6 +8,7 @@
     edge-console hash-password            (prompts; or --stdin)
     edge-console token create --user NAME --name LABEL [--role viewer]   (prints the token once)
     edge-console token list | token revoke ID          (each takes --config / --db)
+    edge-console models upload DIR | list | delete NAME VERSION | deliver DEVICE NAME   (docs/fleet.md)
 
 `edge-console --broker ...` without a command means `serve`.
 """
@@ -31,6 +32,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.protocol.broker import BrokerUrlError, client_tls, redact_url
+from cloud_console import models_cli
 from cloud_console.auth import hash_password
 from cloud_console.config import (
     ConsoleConfig,
@@ -42,7 +44,7 @@ from cloud_console.config import (
 )
 
 EXIT_CONFIG = 2
-COMMANDS = ("serve", "simulate", "hash-password", "token")
+COMMANDS = ("serve", "simulate", "hash-password", "token", "models")
 log = logging.getLogger("cloud_console")
 
 
@@ -348,6 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     hashpw.add_argument("--stdin", action="store_true", help="read the password from stdin")
     hashpw.set_defaults(func=cmd_hash_password)
 
+    models_cli.add_parser(sub)
     return parser
 
 

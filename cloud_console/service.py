@@ -38,7 +38,7 @@ from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
-from cloud_console.model_store import ModelStore
+from cloud_console.model_store import ModelRejected, ModelStore
 from cloud_console.mqtt import ConsoleMqtt, PublishFailed
 from cloud_console.store import ConsoleStore
 from cloud_console.tokens import TokenStore
@@ -393,6 +393,48 @@ class Console:
         await self.mqtt.publish(Topics(device_id, self.prefix).models, payload, qos=1, retain=False)
         log.info("%s delivers %s %s to %s", user, name, version, device_id)
         return ModelDelivery.model_validate_json(payload)
+
+    async def deliver_missing(
+        self, device_id: str, tenants: list[TenantSpec], base_url: str, user: str, timeout_s: float = 900.0
+    ) -> list[tuple[str, str]]:
+        """Placement follows delivery: deliver each version the tenants need that the device lacks
+        and the store has (a pinned `version`, or the newest of a model the device has none of),
+        and wait until the device's status lists them installed. Raises PlacementInvalid with the
+        device's reason when a delivery fails. Returns what was delivered."""
+        device = self.device(device_id)
+        caps = device.capabilities
+        have = {(m.name, v.version) for m in caps.installed for v in m.versions} if caps else set()
+        names = {name for name, _ in have} | set(caps.models if caps else [])
+        wanted = []
+        for tenant in tenants:
+            version = tenant.version
+            if version is None and tenant.model not in names:
+                version = await asyncio.to_thread(self.models.newest, tenant.model)
+            if version is not None and (tenant.model, version) not in have:
+                try:
+                    await asyncio.to_thread(self.models.get, tenant.model, version)
+                except ModelRejected:
+                    continue  # not in the store either: the device refuses it with the reason
+                wanted.append((tenant.model, version))
+        if not wanted:
+            return []
+        started = time.time()
+        for model, version in wanted:
+            await self.deliver(device_id, model, version, base_url, user)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            caps = self.device(device_id).capabilities
+            have = {(m.name, v.version) for m in caps.installed for v in m.versions} if caps else set()
+            if all(w in have for w in wanted):
+                return wanted
+            for d in caps.deliveries if caps else []:
+                if (d.model, d.version) in wanted and d.state == "failed" and d.ts >= started - 5:
+                    raise PlacementInvalid(
+                        f"delivering {d.model} {d.version} to {device_id} failed: {d.error}"
+                    )
+            if time.monotonic() > deadline:
+                raise PlacementInvalid(f"{device_id} did not install {wanted} within {timeout_s:g} s")
+            await asyncio.sleep(0.2)  # status arrives over MQTT; checked a few times a second
 
     def installed_on(self) -> dict[tuple[str, str], list[str]]:
         """(model, version) -> the devices whose last status lists it installed."""

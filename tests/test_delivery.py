@@ -11,7 +11,10 @@ import base64
 import hashlib
 import io
 import json
+import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import urllib.error
 import urllib.request
@@ -86,7 +89,7 @@ def test_upload_deliver_place_and_the_new_version_answers(agent_factory, broker,
         status, entry = raw(console.base, "POST", "/api/models", good, token)
         assert status == 201, entry
         assert {f["name"] for f in entry["files"]} == {"model.toml", "model.onnx", "labels.txt"}
-        bad_folder = new_version(tmp_path, "1.2.0", "v120 ")
+        bad_folder = new_version(tmp_path, "1.9.9", "v199 ")
         onnx = bytearray((bad_folder / "model.onnx").read_bytes())
         onnx[-100] ^= 0xFF
         (bad_folder / "model.onnx").write_bytes(bytes(onnx))
@@ -135,6 +138,48 @@ def test_upload_deliver_place_and_the_new_version_answers(agent_factory, broker,
         assert answer["top"][0]["label"].startswith("v110 "), answer
         detail = device_detail(admin, "edge1")
         assert detail["status"]["placement"]["tenants"][0]["version"] == "1.1.0"
+
+        # Placement follows delivery: upload 1.2.0 with the CLI, place it; the console delivers first.
+        cli = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "cloud_console",
+                "models",
+                "upload",
+                str(new_version(tmp_path, "1.2.0", "v120 ")),
+            ],
+            env={**os.environ, "EDGE_CONSOLE_URL": console.base, "EDGE_CONSOLE_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert cli.returncode == 0 and f"uploaded {NAME} 1.2.0" in cli.stdout, cli.stderr
+        tenants = {"tenants": [{"model": NAME, "version": "1.2.0"}]}
+        status, placed = admin.call("PUT", "/api/devices/edge1/placement", tenants)
+        assert status == 200, placed
+        wait_until(
+            lambda: tracking_state(admin, "edge1", placed["generation"], {"applied"}),
+            "the placement of 1.2.0 applied",
+            timeout=90,
+        )
+        frame = json.dumps({"request_id": "v-2", "image_b64": base64.b64encode(sample("cat.jpg")).decode()})
+        events.publish(f"edge/edge1/infer/{NAME}", frame.encode())
+        results = events.wait_for(
+            lambda msgs: any(m.get("request_id") == "v-2" for m in msgs), "edge/edge1/result", timeout=60
+        )
+        answer = next(m for m in results if m.get("request_id") == "v-2")
+        assert answer["top"][0]["label"].startswith("v120 "), answer
+        # The store lists both versions, each with the device that installed it.
+        listing = subprocess.run(
+            [sys.executable, "-m", "cloud_console", "models", "list", "--json"],
+            env={**os.environ, "EDGE_CONSOLE_URL": console.base, "EDGE_CONSOLE_TOKEN": token},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        stored = {e["version"]: e["devices"] for e in json.loads(listing.stdout)}
+        assert stored == {"1.1.0": ["edge1"], "1.2.0": ["edge1"]}, listing.stderr
     finally:
         assert console.stop() == 0, console.log()[-2000:]
 

@@ -243,3 +243,21 @@ def sha256_of(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_models_command_lists_delivered_versions(tmp_path):
+    """`edge-agent models` shows the delivered versions ([models] dir) beside models_dir's."""
+    versions = tmp_path / "delivered"
+    _new_version(versions, "efficientnet-lite0", "1.1.0", label_prefix="v11 ")
+    config = tmp_path / "agent.toml"
+    config.write_text(f'models_dir = "{MODELS}"\n[models]\ndir = "{versions}"\n')
+    out = subprocess.run(
+        [sys.executable, "-m", "agent", "models", "--json", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    entries = {e["name"]: e for e in json.loads(out.stdout)}
+    lite0 = entries["efficientnet-lite0"]
+    assert lite0["verified"] and lite0["version"] == "1.1.0", lite0
+    assert lite0["versions"] == ["1.1.0", "1.0.0"]

@@ -316,7 +316,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     from agent.commands import model_admin
 
     config = _config_from_args(args)
-    return model_admin.run(args, config.models_dir)
+    return model_admin.run(args, config.models_dir, config.versions_dir)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

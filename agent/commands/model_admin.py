@@ -25,6 +25,7 @@ def describe(repo: ModelRepository, name: str) -> dict[str, Any]:
     try:
         folder, manifest = repo.manifest(name)
         entry.update(version=manifest.version, task=manifest.task, source=manifest.source)
+        entry["versions"] = list(repo.versions(name))  # newest first; the newest is described
         model = repo.load(name, verify=True)
     except ModelError as exc:
         entry["error"] = str(exc)
@@ -98,8 +99,9 @@ def add(repo: ModelRepository, source: Path, force: bool = False) -> str:
     return name
 
 
-def run(args: argparse.Namespace, models_dir: Path) -> int:
-    repo = ModelRepository(models_dir)
+def run(args: argparse.Namespace, models_dir: Path, versions_dir: Path | None = None) -> int:
+    """`versions_dir`: where delivered versions are (docs/fleet.md), listed beside models_dir's."""
+    repo = ModelRepository(models_dir, versions_dir)
     if args.action == "add":
         try:
             for source in args.sources:
@@ -123,6 +125,8 @@ def run(args: argparse.Namespace, models_dir: Path) -> int:
                     f"  {e['name']:22s} {e['version']:8s} {e['task']:15s} ok  {e['size_mb']:7.1f} MB  "
                     f"{', '.join(e['artifacts'])}"
                 )
+                if len(e["versions"]) > 1:
+                    print(f"  {'':22s} versions: {', '.join(e['versions'])}")
             else:
                 print(f"  {e['name']:22s} FAILED  {e.get('error')}")
         if not entries:
