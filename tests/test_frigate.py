@@ -254,3 +254,37 @@ def test_bad_requests_get_zero_rows_and_a_log_line_never_a_stuck_socket(agent_fa
     finally:
         sock.close(linger=0)
         context.term()
+
+
+def test_labelmaps_frigate_ships_and_its_file_format(tmp_path):
+    """Pure: the model's labels land on the ids of the labelmap Frigate is configured with."""
+    from agent.frigate import labelmap
+
+    labels = tuple((ROOT / "models" / MODEL / "labels.txt").read_text().split())
+    ids, missing = labelmap.class_ids(labels, labelmap.load("coco91"))
+    assert not missing
+    assert ids[labels.index("person")] == PERSON and ids[labels.index("dog")] == DOG
+    assert ids[labels.index("toothbrush")] == 89 and ids[labels.index("truck")] == 7
+    assert list(labelmap.class_ids(labels, labelmap.load("coco80"))[0]) == list(range(80))
+    own = tmp_path / "labelmap.txt"
+    own.write_text("0  dog\n5  Person\n")  # Frigate's "<id>  <label>" lines
+    ids, missing = labelmap.class_ids(labels, labelmap.load(str(own)))
+    assert ids[labels.index("person")] == 5 and ids[labels.index("dog")] == 0
+    assert "cat" in missing and ids[labels.index("cat")] == -1
+
+
+def test_tensor_layouts_and_dtypes_frigate_sends_give_the_same_pixels():
+    """Pure: NHWC uint8, NCHW uint8, float 0..1 and float_denorm 0..255 are one image to the agent."""
+    from agent.frigate import wire
+
+    rgb = frigate_tensor("detection/dog.jpg", 64)
+    nchw = np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))
+    expected = rgb[0]
+    for shape, dtype, data in [
+        ([1, 64, 64, 3], "uint8", rgb.tobytes()),
+        ([1, 3, 64, 64], "uint8", nchw.tobytes()),
+        ([1, 64, 64, 3], "float32", (rgb.astype(np.float32) / 255).tobytes()),
+        ([1, 3, 64, 64], "float32", nchw.astype(np.float32).tobytes()),
+    ]:
+        got = wire.pixels(shape, dtype, data)
+        assert got.shape == (64, 64, 3) and np.abs(got.astype(int) - expected).max() <= 1
