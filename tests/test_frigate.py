@@ -215,6 +215,27 @@ def test_a_timeout_rebuilds_the_socket_and_repeats_the_handshake(agent_factory, 
         detector.close()
 
 
+def test_after_an_agent_restart_frigate_repeats_the_handshake_through_its_timeout(agent_factory, endpoint):
+    """With two models mapped, a socket the restarted agent has no handshake from is not answered:
+    Frigate's timeout rebuilds it and repeats the handshake, and the next request is served."""
+    two = config(endpoint) + '"other.onnx" = "efficientnet-lite0"\n'
+    agent = agent_factory("frig5", two).start()
+    agent.wait_ready()
+    detector = FrigateDetector(endpoint, Path("mobiledet.onnx"))
+    try:
+        tensor = frigate_tensor("detection/person.jpg")
+        assert PERSON in found(detector.detect_raw(tensor))
+        agent.stop()
+        agent.start()
+        agent.wait_ready()
+        assert not detector.detect_raw(tensor).any()  # the same socket, reconnected: no answer
+        assert detector.rebuilt == 1 and detector.model_ready
+        wait_for_log(agent, "made no handshake")
+        assert PERSON in found(detector.detect_raw(tensor))
+    finally:
+        detector.close()
+
+
 def test_bad_requests_get_zero_rows_and_a_log_line_never_a_stuck_socket(agent_factory, endpoint):
     agent = agent_factory("frig4", config(endpoint)).start()
     agent.wait_ready()

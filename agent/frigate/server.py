@@ -17,6 +17,7 @@ call_soon_threadsafe (a ZeroMQ socket is not thread-safe).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -57,7 +58,7 @@ class FrigateServer:
         served = {*config.models.values(), *([config.default_model] if config.default_model else [])}
         self._sole_model = next(iter(served)) if len(served) == 1 else None
         self._clients: OrderedDict[bytes, str] = OrderedDict()  # socket identity -> model
-        self._ids: dict[str, np.ndarray] = {}  # model -> Frigate class id of each of its classes
+        self._ids: dict[tuple[str, ...], np.ndarray] = {}  # a model's labels -> their Frigate ids
         self._numbers = itertools.count()
         self._logged: dict[str, tuple[float, int]] = {}  # problem -> (last logged, times since)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -189,27 +190,31 @@ class FrigateServer:
             self._note(f"model {model}: not served now; zero rows answered")
             self._send(envelope, wire.ZERO_ROWS)
             return
-        ids = self._ids.get(model)
+        labels = tuple(tenant.model.labels)  # the key: a new version of the model may differ
+        ids = self._ids.get(labels)
         if ids is None:
-            ids, missing = labelmap.class_ids(tenant.model.labels, self.labelmap)
+            ids, missing = labelmap.class_ids(labels, self.labelmap)
             if missing:
                 log.warning(
                     "model %s: classes not in the Frigate labelmap, never answered: %s", model, missing
                 )
-            self._ids[model] = ids
+            self._ids[labels] = ids
         loop = self._loop
         assert loop is not None  # run() set it
 
         def answer(outcome: Any) -> None:  # a worker thread: build the bytes here, send on the loop
+            problem = None
             if isinstance(outcome, DetectionResult):
                 payload = wire.rows(outcome.detections, ids)
             else:
                 if isinstance(outcome, ErrorResult):
-                    self._note(f"model {model}: {outcome.error.code}: {outcome.error.message}")
+                    problem = f"model {model}: {outcome.error.code}: {outcome.error.message}"
                 else:
-                    self._note(f"model {model} is not a detector: zero rows answered")
+                    problem = f"model {model} is not a detector: zero rows answered"
                 payload = wire.ZERO_ROWS
-            loop.call_soon_threadsafe(self._send, envelope, payload)
+            # RuntimeError: the loop has closed (the agent stopped), nobody is left to answer.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._answered, envelope, payload, problem)
 
         now = time.monotonic()
         frame = Frame(
@@ -223,6 +228,11 @@ class FrigateServer:
             on_answer=answer,
         )
         tenant.submit(frame)
+
+    def _answered(self, envelope: list[bytes], payload: bytes, problem: str | None) -> None:
+        if problem is not None:
+            self._note(problem)
+        self._send(envelope, payload)
 
     def _send(self, envelope: list[bytes], payload: bytes) -> None:
         """Answer on the loop (an identity whose socket is gone is dropped by the ROUTER socket)."""
