@@ -480,6 +480,13 @@ def create_app(console: Console) -> FastAPI:
             return RedirectResponse("/login?next=/tokens", 303)
         return HTMLResponse(pages.tokens(who.name, who.role, console.signer.csrf_token(who.session)))
 
+    @app.get("/models", response_class=HTMLResponse, include_in_schema=False)
+    async def models_page(request: Request) -> Response:
+        who = principal(request)
+        if who is None or who.session is None:
+            return RedirectResponse("/login?next=/models", 303)
+        return HTMLResponse(pages.models(who.name, who.role, console.signer.csrf_token(who.session)))
+
     # -- API ------------------------------------------------------------------------------------
     api = APIRouter(prefix="/api", dependencies=[Depends(guard_changes)])
 

@@ -50,6 +50,7 @@ def _header(user: str, role: str, crumbs: str = "") -> str:
         f'<nav class="crumbs">{crumbs}</nav>'
         f'<span class="who">signed in as <b id="who-user">{escape(user)}</b> '
         f'<span id="who-role" class="role role-{escape(role)}">{escape(role)}</span></span>'
+        '<a href="/models" id="models-link" class="link">models</a>'
         '<a href="/tokens" id="tokens-link" class="link">API tokens</a>'
         '<button id="logout" type="button" class="link">log out</button>'
         '<span id="live" class="live" title="live updates">●</span></header>'
@@ -174,6 +175,31 @@ def tokens(user: str, role: str, csrf: str) -> str:
         "</section></main>"
     )
     return _signed_in("API tokens", body, user, role, csrf, "tokens.js")
+
+
+def models(user: str, role: str, csrf: str) -> str:
+    """The model store (docs/fleet.md): upload a version, deliver it to a device, delete it."""
+    admin = role == "admin"
+    upload = (
+        "<section><h2>Upload a model version</h2>"
+        '<p class="note">A tar or tar.gz of the model folder (<code>model.toml</code>, labels, artifacts). '
+        "It is checked like <code>edge-agent models add</code> before it is kept.</p>"
+        '<form id="model-form" class="inline">'
+        '<label>archive <input id="model-file" type="file" required accept=".tar,.tgz,.tar.gz,.gz"></label>'
+        '<button type="submit" id="model-upload" class="primary">Upload</button></form>'
+        '<p id="model-message" class="result"></p></section>'
+        if admin
+        else ""
+    )
+    body = (
+        _header(user, role, "/ models") + '<main class="models">' + upload + "<section><h2>Model store</h2>"
+        '<table class="grid" id="models"><thead><tr>'
+        "<th>model</th><th>version</th><th>task</th><th>size</th><th>uploaded</th><th>installed on</th>"
+        f"{'<th>deliver to</th><th></th>' if admin else ''}"
+        '</tr></thead><tbody id="models-body"><tr><td colspan="8">loading…</td></tr></tbody></table>'
+        '<p id="models-status" class="result"></p></section></main>'
+    )
+    return _signed_in("Models", body, user, role, csrf, "models.js")
 
 
 def not_found(device_id: str, user: str, role: str) -> str:
