@@ -8,7 +8,8 @@ sample photo of a person with her dog) after another, a timeout of `--timeout-ms
 after which the socket is rebuilt and the handshake repeated. Prints requests/s, p50 and p99 of the
 round trip, and the requests that timed out.
 
-`--hang`: one client, the tenant placed with candidates OpenVINO CPU then ONNX Runtime CPU, and
+`--hang`: one client against ONNX Runtime alone without a fault (the machine's own timeouts), then
+one client, the tenant placed with candidates OpenVINO CPU then ONNX Runtime CPU, and
 OpenVINO made to hang after `--after` frames (EDGE_AGENT_FAULTS). Prints how long Frigate got zero
 rows, and how many requests timed out after the failover settled (the first answer with boxes after
 the hang began): the target is none.
@@ -91,10 +92,10 @@ class Client:
         self.socket.close(linger=0)
 
 
-def agent_config(endpoint: str, timeout_ms: int, tenant: str, faults: str = "") -> str:
+def agent_config(endpoint: str, timeout_ms: int, tenant: str, faults: str = "", stall_s: float = 1.0) -> str:
     return (
         f'log_level = "WARNING"\nfaults = "{faults}"\n'
-        f"[failover]\nstall_timeout_s = 0.5\n"
+        f"[failover]\nstall_timeout_s = {stall_s}\n"
         f"[placement]\ngeneration = 1\n[[placement.tenants]]\n{tenant}\n"
         f'[frigate]\nenabled = true\nendpoints = ["{endpoint}"]\nrequest_timeout_ms = {timeout_ms}\n'
         f'[frigate.models]\n"{MODEL_NAME}" = "{MODEL}"\n'
@@ -164,6 +165,7 @@ def hang(endpoint: str, seconds: float, timeout_ms: int) -> dict[str, float]:
     settled = first + length
     return {
         "requests": float(len(outcomes)),
+        "misses": float(sum(not ok for _, ok in outcomes)),
         "zero_row_s": (outcomes[settled][0] - outcomes[first][0])
         if length and settled < len(outcomes)
         else 0.0,
@@ -183,10 +185,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout-ms", type=int, default=200, help="Frigate's request_timeout_ms")
     parser.add_argument("--hang", action="store_true", help="measure a failover during a hang instead")
     parser.add_argument("--after", type=int, default=100, help="--hang: frames served before the hang")
+    parser.add_argument(
+        "--stall-timeout-s",
+        type=float,
+        default=1.0,
+        help="--hang: failover.stall_timeout_s (above the slowest candidate's worst inference time)",
+    )
     args = parser.parse_args(argv)
     devices = {"onnxruntime": "cpu", "openvino": "CPU"}
     with LocalBroker() as broker, tempfile.TemporaryDirectory() as tmp:
-        runs = ["hang"] if args.hang else args.backends
+        # --hang: first the same client against ONNX Runtime alone, no fault (the machine's own misses).
+        runs = ["baseline", "hang"] if args.hang else args.backends
         for run in runs:
             endpoint = f"ipc://{tmp}/{run}.sock"
             if run == "hang":
@@ -196,20 +205,29 @@ def main(argv: list[str] | None = None) -> int:
                 )
                 faults = f"openvino:CPU:hang:after={args.after}"
             else:
+                backend = "onnxruntime" if run == "baseline" else run
                 tenant = (
-                    f'model = "{MODEL}"\nbackend = "{run}"\ndevice = "{devices[run]}"\n'
+                    f'model = "{MODEL}"\nbackend = "{backend}"\ndevice = "{devices[backend]}"\n'
                     f"instances = {args.instances}"
                 )
                 faults = ""
             state = Path(tmp) / run
             state.mkdir()
             agent = start_agent(
-                broker.url, state, f"frigate-{run}", agent_config(endpoint, args.timeout_ms, tenant, faults)
+                broker.url,
+                state,
+                f"frigate-{run}",
+                agent_config(endpoint, args.timeout_ms, tenant, faults, args.stall_timeout_s),
             )
             try:
                 asyncio.run(wait_ready(broker.url, f"frigate-{run}", 120))
-                if run == "hang":
-                    print(json.dumps(hang(endpoint, args.seconds, args.timeout_ms)))
+                if run in ("baseline", "hang"):
+                    r = hang(endpoint, args.seconds, args.timeout_ms)
+                    if run == "baseline":
+                        misses = f"{r['misses']:.0f} of {r['requests']:.0f}"
+                        print(f"baseline (ONNX Runtime, no fault): {misses} requests timed out", flush=True)
+                    else:
+                        print(f"hang: {json.dumps(r)}", flush=True)
                     continue
                 for clients in args.clients:
                     r = run_clients(endpoint, clients, args.seconds, args.timeout_ms)
