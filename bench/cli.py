@@ -46,6 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="instead: --model on the COCO detector's boxes (1, 5, 10 crops) vs the detector alone",
     )
     parser.add_argument("--inflight", type=int, default=2, help="--cascade: frames outstanding")
+    parser.add_argument(
+        "--rounds", type=int, default=2, help="--cascade: alternating rounds of every configuration"
+    )
 
 
 def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
