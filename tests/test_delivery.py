@@ -16,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -253,5 +255,77 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, 
         )
         answer = next(m for m in got if m.get("request_id") == "old-1")
         assert "top" in answer and not answer["top"][0]["label"].startswith("v130 "), answer
+    finally:
+        assert console.stop() == 0, console.log()[-2000:]
+
+
+def test_two_agents_switch_version_while_streaming_every_frame_answered_once(
+    agent_factory, broker, collector, tmp_path
+):
+    """Two real agents take 1.1.0 (placement follows delivery) while each gets frames at 30 fps:
+    every frame is answered exactly once, and answers from 1.1.0 arrive on both."""
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    try:
+        admin = console.client("admin")
+        token = admin.call("POST", "/api/tokens", {"name": "fleet", "role": "admin"})[1]["token"]
+        devices = ["edge-a", "edge-b"]
+        for device in devices:
+            agent = agent_factory(device, f'[models]\nconsole_url = "{console.base}"\ntoken = "{token}"\n')
+            agent.start().wait_ready()
+        wait_until(lambda: all(device_detail(admin, d) for d in devices), "both agents in the console")
+        status, entry = raw(
+            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.1.0", "v110 ")), token
+        )
+        assert status == 201, entry
+        answers = collector([f"edge/{d}/result" for d in devices])
+        frame = base64.b64encode(sample("cat.jpg")).decode()
+        sent: list[tuple[str, str]] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            """30 frames a second to each agent (a camera's pace), until told to stop."""
+            n, next_at = 0, time.monotonic()
+            while not stop.is_set():
+                for device in devices:
+                    rid = f"{device}-{n}"
+                    payload = json.dumps({"request_id": rid, "image_b64": frame}).encode()
+                    answers.publish(f"edge/{device}/infer/{NAME}", payload)
+                    sent.append((device, rid))
+                n += 1
+                next_at += 1 / 30
+                stop.wait(max(0.0, next_at - time.monotonic()))
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        try:
+            for device in devices:
+                body = {"tenants": [{"model": NAME, "version": "1.1.0"}]}
+                status, placed = admin.call("PUT", f"/api/devices/{device}/placement", body)
+                assert status == 200, placed
+
+            def new_on_both(_msgs: list[dict[str, Any]]) -> bool:
+                got = {d: answers.json(f"edge/{d}/result") for d in devices}
+                return len(sent) >= 300 and all(
+                    any(m.get("top") and m["top"][0]["label"].startswith("v110 ") for m in got[d])
+                    for d in devices
+                )
+
+            answers.wait_for(new_on_both, f"edge/{devices[0]}/result", timeout=180)
+        finally:
+            stop.set()
+            streamer.join(10)
+        expected = {rid for _, rid in sent}
+
+        def all_answered(_msgs: list[dict[str, Any]]) -> bool:
+            seen = {m.get("request_id") for d in devices for m in answers.json(f"edge/{d}/result")}
+            return expected <= seen
+
+        answers.wait_for(all_answered, f"edge/{devices[0]}/result", timeout=180)
+        ids = [m.get("request_id") for d in devices for m in answers.json(f"edge/{d}/result")]
+        assert len(ids) == len(set(ids)) == len(expected), (len(ids), len(set(ids)), len(expected))
+        errors = [m for d in devices for m in answers.json(f"edge/{d}/result") if "error" in m]
+        assert len(expected) >= 300 and not [e for e in errors if e["error"]["code"] != "overloaded"], errors[
+            :3
+        ]
     finally:
         assert console.stop() == 0, console.log()[-2000:]
