@@ -11,6 +11,7 @@ import asyncio
 import hashlib
 import http.server
 import shutil
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -40,6 +41,9 @@ class Files(http.server.ThreadingHTTPServer):
         self.cut: set[str] = set()
         self.extra: set[str] = set()
         self.seen: list[tuple[str, str | None]] = []
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        """A client hanging up mid-file is what some tests provoke: not worth a traceback."""
 
     @property
     def base(self) -> str:
@@ -332,3 +336,35 @@ def test_without_a_console_url_no_delivery_is_taken():
 
     with pytest.raises(DeliveryError, match="console_url"):
         check_manifest(json.dumps(manifest()).encode(), ModelsConfig(), None, 3600.0)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[Path]:
+    """A 24 MB tmpfs: room for the 18 MB model when the download starts, not once it is filled."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)], capture_output=True
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_a_disk_that_fills_mid_download_fails_cleanly(small_disk, server):
+    h = Harness(small_disk, server, min_free_mb=0)
+    doc = publish_version(server, "2.0.0")
+    filler = small_disk / "other-writer.bin"
+
+    class Filling(dict):  # another program fills the disk as the big file starts to arrive
+        def get(self, key: str, default: Any = None) -> Any:
+            if key == "2.0.0-model.onnx" and not filler.exists():
+                filler.write_bytes(b"\0" * (12 * 2**20))
+            return super().get(key, default)
+
+    server.files = Filling(server.files)
+    outcome = h.deliver(doc)
+    assert outcome.state == "failed" and "disk filled up" in (outcome.error or ""), outcome
+    assert list(h.repo.versions(NAME)) == ["1.0.0"]
+    assert not (small_disk / "versions" / ".incoming" / f"{NAME}@2.0.0").exists()
