@@ -272,6 +272,25 @@ def test_the_dog_gets_its_breed_in_one_answer(agent_factory, collector, broker) 
     c.publish(f"edge/casc1/infer/{CLASSIFIER}", _jpeg("dog.jpg"))
     own = c.wait_for(lambda m: len(m) >= 4, "edge/casc1/result", 60)[3]
     assert own["model"] == CLASSIFIER and "top" in own
+    # Duplicates and errors as for a single model: a request id sent again gets the same answer
+    # (classes included) without running the cascade again; a frame that is no image, a coded error.
+    for _ in range(2):
+        c.client.publish(
+            f"edge/casc1/infer/{DETECTOR}", _jpeg("person.jpg"), qos=1, properties=_correlation(b"again-1")
+        ).wait_for_publish(10)
+    again = [
+        r
+        for r in c.wait_for(
+            lambda m: sum(r.get("request_id") == "again-1" for r in m) >= 2, "edge/casc1/result", 60
+        )
+        if r.get("request_id") == "again-1"
+    ]
+    assert again[0] == again[1] and again[0]["cascade"]["status"] == "complete", again
+    c.client.publish(
+        f"edge/casc1/infer/{DETECTOR}", b"not an image", qos=1, properties=_correlation(b"bad-1")
+    ).wait_for_publish(10)
+    bad = c.wait_for(lambda m: any(r.get("request_id") == "bad-1" for r in m), "edge/casc1/result", 60)
+    assert [r["error"]["code"] for r in bad if r.get("request_id") == "bad-1"] == ["bad_image"]
 
 
 def test_a_deadline_that_passes_mid_cascade_sends_the_boxes_unclassified_once(
