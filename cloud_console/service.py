@@ -418,6 +418,9 @@ class Console:
                 wanted.append((tenant.model, version))
         if not wanted:
             return []
+        if not device.online:
+            missing = ", ".join(f"{m} {v}" for m, v in wanted)
+            raise PlacementInvalid(f"{device_id} is offline and lacks {missing}: deliver it when it is back")
         started = time.time()
         for model, version in wanted:
             await self.deliver(device_id, model, version, base_url, user)

@@ -255,6 +255,20 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, 
         )
         answer = next(m for m in got if m.get("request_id") == "old-1")
         assert "top" in answer and not answer["top"][0]["label"].startswith("v130 "), answer
+
+        # An offline device cannot take a delivery: placing a version it lacks says so at once.
+        status, entry = raw(
+            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "")), admin_token
+        )
+        assert status == 201, entry
+        agent.stop()
+        wait_until(
+            lambda: not device_detail(admin, "edge3")["status"]["online"], "the console to see edge3 offline"
+        )
+        status, refused = admin.call(
+            "PUT", "/api/devices/edge3/placement", {"tenants": [{"model": NAME, "version": "1.4.0"}]}
+        )
+        assert status == 422 and "offline" in refused["detail"], refused
     finally:
         assert console.stop() == 0, console.log()[-2000:]
 
