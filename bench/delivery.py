@@ -64,7 +64,7 @@ def wait_installed(base: str, token: str, version: str, devices: list[str], time
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         entries = request(base, "GET", "/api/models", token)
-        have = next((e["devices"] for e in entries if e["version"] == version), [])
+        have: list[str] = next((e["devices"] for e in entries if e["version"] == version), [])
         if set(devices) <= set(have):
             return time.monotonic()
         time.sleep(0.1)  # polls the console's view, which follows the devices' status
