@@ -342,7 +342,7 @@ async def guard_changes(request: Request) -> None:
 
 async def require_admin(who: Annotated[Principal, Depends(require_user)]) -> Principal:
     if not who.is_admin:
-        raise HTTPException(403, "the admin role is needed to change placement")
+        raise HTTPException(403, "the admin role is needed for this change (placements, models)")
     return who
 
 
