@@ -27,6 +27,7 @@ from agent.service.config import ModelsConfig
 from agent.service.delivery import Deliverer, DeliveryError, check_manifest
 from agent.service.model_repo import ModelRepository
 from tests.conftest import MODELS
+from tests.pki import make_pki
 
 NAME = "efficientnet-lite0"
 
@@ -368,3 +369,40 @@ def test_a_disk_that_fills_mid_download_fails_cleanly(small_disk, server):
     assert outcome.state == "failed" and "disk filled up" in (outcome.error or ""), outcome
     assert list(h.repo.versions(NAME)) == ["1.0.0"]
     assert not (small_disk / "versions" / ".incoming" / f"{NAME}@2.0.0").exists()
+
+
+def test_https_with_the_consoles_ca_and_a_client_certificate(tmp_path):
+    """Over HTTPS the device trusts only `ca_file` and shows its client certificate; without either
+    the download is refused and nothing installs."""
+    import ssl
+
+    pki = make_pki(tmp_path / "pki", clients=("device1",))
+    srv = Files()
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.load_cert_chain(pki["server_cert"], pki["server_key"])
+    ctx.load_verify_locations(pki["ca"])
+    ctx.verify_mode = ssl.CERT_REQUIRED  # like a TLS proxy in front of the console asking devices for one
+    srv.socket = ctx.wrap_socket(srv.socket, server_side=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        base = f"https://127.0.0.1:{srv.server_address[1]}"
+        doc = publish_version(srv, "2.0.0")
+        for artifact in doc["artifacts"]:
+            artifact["url"] = artifact["url"].replace("http://", "https://")
+        tls = {"ca_file": pki["ca"], "cert_file": pki["device1_cert"], "key_file": pki["device1_key"]}
+        for missing in ("cert_file", "ca_file"):
+            h = Harness(tmp_path / missing, srv, **{k: v for k, v in tls.items() if k != missing})
+            h.settings = h.deliverer.settings = h.settings.model_copy(update={"console_url": base})
+            outcome = h.deliver(doc)
+            assert outcome.state == "failed" and "download failed" in (outcome.error or ""), (
+                missing,
+                outcome,
+            )
+        h = Harness(tmp_path / "ok", srv, **tls)
+        h.settings = h.deliverer.settings = h.settings.model_copy(update={"console_url": base})
+        assert h.deliver(doc).state == "installed"
+        assert list(h.repo.versions(NAME)) == ["2.0.0", "1.0.0"]
+    finally:
+        srv.shutdown()
+        srv.server_close()

@@ -142,7 +142,8 @@ class Fetcher:
                 self._get(artifact, part, have, progress)
                 break
             except (urllib3.exceptions.HTTPError, ConnectionError, TimeoutError) as exc:
-                if attempt == ATTEMPTS:
+                # A certificate that does not verify will not verify on the next try either.
+                if attempt == ATTEMPTS or isinstance(exc, urllib3.exceptions.SSLError):
                     raise DeliveryError(f"{artifact.name}: download failed: {exc}") from exc
                 log.warning("%s: %s; resuming (attempt %d of %d)", artifact.name, exc, attempt + 1, ATTEMPTS)
                 time.sleep(min(0.25 * 2**attempt, 5.0))
