@@ -99,6 +99,13 @@ def test_upload_deliver_place_and_the_new_version_answers(agent_factory, broker,
         assert status == 422 and "sha256" in refused["detail"], refused
         listed = admin.get("/api/models")
         assert [(e["name"], e["version"]) for e in listed] == [(NAME, "1.1.0")]
+        # The console answers a Range request with the rest of the file (what a resumed download asks).
+        onnx = next(f for f in entry["files"] if f["name"] == "model.onnx")
+        req = urllib.request.Request(f"{console.base}/api/blobs/{onnx['sha256']}")
+        req.add_header("Authorization", f"Bearer {token}")
+        req.add_header("Range", "bytes=1000-")
+        with urllib.request.urlopen(req, timeout=60) as res:
+            assert res.status == 206 and len(res.read()) == onnx["size"] - 1000
 
         # Deliver: the device fetches, verifies and installs; status and events say so.
         body = json.dumps({"model": NAME, "version": "1.1.0"}).encode()
