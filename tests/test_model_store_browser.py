@@ -79,3 +79,7 @@ def test_upload_and_deliver_from_the_models_page(agent_factory, console, page, t
     wait_until(installed, "the console to see 2.0.0 installed on edge-web", timeout=120)
     page.reload()
     expect(page.locator(f'tr[data-name="{NAME}"][data-version="2.0.0"] .devices')).to_have_text("edge-web")
+    # The device page shows the versions it has and how the delivery went.
+    page.goto(console.base + "/devices/edge-web")
+    expect(page.locator("#versions")).to_contain_text(f"{NAME} 2.0.0, 1.0.0")
+    expect(page.locator("#deliveries")).to_contain_text(f"{NAME} 2.0.0: installed")

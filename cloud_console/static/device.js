@@ -134,7 +134,25 @@
     el.innerHTML =
       `<table class="grid" id="backends"><thead><tr><th>backend</th><th>available</th><th>devices</th>` +
       `<th>reason</th></tr></thead><tbody>${backends}</tbody></table>` +
-      `<p>models: <span id="models">${EC.esc(caps.models.join(", ") || "–")}</span></p>`;
+      `<p>models: <span id="models">${EC.esc(caps.models.join(", ") || "–")}</span></p>` +
+      renderVersions(caps);
+  }
+
+  // Installed versions and the last deliveries (docs/fleet.md), from the device's status.
+  function renderVersions(caps) {
+    const versions = (caps.installed || [])
+      .map((m) => `${m.name} ${m.versions.map((v) => v.version).join(", ")}`)
+      .join("; ");
+    const deliveries = (caps.deliveries || [])
+      .map((d) => {
+        const pct = d.bytes_total ? ` ${Math.floor((100 * d.bytes_done) / d.bytes_total)}%` : "";
+        return `${d.model} ${d.version}: ${d.state}${d.state === "downloading" ? pct : ""}${d.error ? ` (${d.error})` : ""}`;
+      })
+      .join("; ");
+    return (
+      `<p>versions: <span id="versions">${EC.esc(versions || "–")}</span></p>` +
+      (deliveries ? `<p>deliveries: <span id="deliveries">${EC.esc(deliveries)}</span></p>` : "")
+    );
   }
 
   function renderErrors() {
