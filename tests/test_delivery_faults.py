@@ -20,8 +20,7 @@ from typing import Any
 
 import pytest
 
-from agent.protocol.delivery import ModelDelivery
-from agent.protocol.schemas import DeliveryProgress
+from agent.protocol.delivery import DeliveryProgress, ModelDelivery
 from agent.protocol.signing import generate_keypair, load_private_key, load_public_keys, sign
 from agent.service.config import ModelsConfig
 from agent.service.delivery import Deliverer, DeliveryError, check_manifest

@@ -7,6 +7,8 @@ when the console signs, and then required to be signed by devices that hold a pl
 from __future__ import annotations
 
 import re
+import time
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -78,3 +80,38 @@ class ModelDelivery(BaseModel):
     @property
     def total_bytes(self) -> int:
         return sum(a.size for a in self.artifacts)
+
+
+# -- what the device reports (status `capabilities`, edge/<id>/events) --------------------------------
+class InstalledVersion(BaseModel):
+    """One installed version of a model: each file's sha256 as its manifest lists it."""
+
+    version: str
+    sha256: dict[str, str] = Field(default_factory=dict)
+
+
+class InstalledModel(BaseModel):
+    name: str
+    versions: list[InstalledVersion] = Field(default_factory=list)  # newest first
+
+
+DeliveryState = Literal["downloading", "installed", "failed"]
+
+
+class DeliveryProgress(BaseModel):
+    """A model delivery as the device sees it (status `capabilities.deliveries`, docs/fleet.md)."""
+
+    model: str
+    version: str
+    state: DeliveryState
+    bytes_done: int = 0
+    bytes_total: int = 0
+    error: str | None = None
+    ts: float = Field(default_factory=time.time)
+
+
+class DeliveryEvent(DeliveryProgress):
+    """Published on edge/<id>/events when a delivery starts, installs or fails."""
+
+    type: Literal["delivery"] = "delivery"
+    device_id: str

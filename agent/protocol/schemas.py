@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from agent.protocol.delivery import DeliveryProgress, InstalledModel
 from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
 
 ErrorCode = Literal[
@@ -336,40 +337,6 @@ class BackendCapability(BaseModel):
     available: bool
     devices: list[str] = Field(default_factory=list)
     reason: str = ""
-
-
-class InstalledVersion(BaseModel):
-    """One installed version of a model: each file's sha256 as its manifest lists it."""
-
-    version: str
-    sha256: dict[str, str] = Field(default_factory=dict)
-
-
-class InstalledModel(BaseModel):
-    name: str
-    versions: list[InstalledVersion] = Field(default_factory=list)  # newest first
-
-
-DeliveryState = Literal["downloading", "installed", "failed"]
-
-
-class DeliveryProgress(BaseModel):
-    """A model delivery as the device sees it (status `capabilities.deliveries`, docs/fleet.md)."""
-
-    model: str
-    version: str
-    state: DeliveryState
-    bytes_done: int = 0
-    bytes_total: int = 0
-    error: str | None = None
-    ts: float = Field(default_factory=time.time)
-
-
-class DeliveryEvent(DeliveryProgress):
-    """Published on edge/<id>/events when a delivery starts, installs or fails."""
-
-    type: Literal["delivery"] = "delivery"
-    device_id: str
 
 
 class Capabilities(BaseModel):

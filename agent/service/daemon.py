@@ -24,7 +24,8 @@ from agent.observability.metrics import MetricsStore
 from agent.observability.reporting import Reporter
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
-from agent.protocol.schemas import Capabilities, DeliveryEvent, DeliveryProgress, TenantSpec
+from agent.protocol.delivery import DeliveryEvent, DeliveryProgress
+from agent.protocol.schemas import Capabilities, TenantSpec
 from agent.protocol.signing import load_public_keys
 from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.service import memory

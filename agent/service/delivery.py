@@ -27,8 +27,7 @@ from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
-from agent.protocol.delivery import ArtifactRef, ModelDelivery
-from agent.protocol.schemas import DeliveryProgress
+from agent.protocol.delivery import ArtifactRef, DeliveryProgress, ModelDelivery
 from agent.protocol.signing import PublicKeys, SignatureRefused, verify
 from agent.service.config import ModelsConfig
 from agent.service.errors import AgentError

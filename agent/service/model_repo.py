@@ -26,8 +26,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from agent.protocol.delivery import InstalledModel, InstalledVersion
 from agent.protocol.model_manifest import ArtifactSpec, DetectionSpec, InputSpec, Manifest
-from agent.protocol.schemas import InstalledModel, InstalledVersion
 from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name, valid_version
 from agent.service.errors import AgentError
 from backends.base import ModelArtifacts
