@@ -37,6 +37,16 @@ def test_contracts_name_every_agent_package():
     assert not missing, f"add {sorted(missing)} to the console-protocol-only contract in pyproject.toml"
 
 
+def test_no_agent_module_is_over_500_lines():
+    """A module that grows past 500 lines is doing more than one job: split it by job."""
+    long = {
+        str(path.relative_to(ROOT)): n
+        for path in (ROOT / "agent").rglob("*.py")
+        if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, f"split these by job: {long}"
+
+
 def test_agent_cli_loads_no_benchmark_code():
     code = (
         "import sys, agent.commands.cli; agent.commands.cli.build_parser(); "
