@@ -126,6 +126,7 @@ class ModelStore:
         tmp_index = target.with_suffix(".tmp")
         tmp_index.write_text(json.dumps(entry))
         os.replace(tmp_index, target)
+        self._collect()  # the files of a version this upload replaced
         log.info("%s uploaded model %s %s", user, manifest.name, manifest.version)
         return entry
 
@@ -157,6 +158,10 @@ class ModelStore:
     def delete(self, name: str, version: str) -> None:
         self.get(name, version)
         (self.index / name / f"{version}.json").unlink()
+        self._collect()
+
+    def _collect(self) -> None:
+        """Remove stored files no version lists any more."""
         used = {f["sha256"] for entry in self.list() for f in entry["files"]}
         for blob in self.blobs.iterdir():
             if blob.name not in used:
