@@ -129,7 +129,8 @@ def device(device_id: str, user: str, role: str, csrf: str) -> str:
         '<tbody id="tenants-body"></tbody></table></section>'
         '<section><h2>Placement</h2><div id="placement-state" class="placement-state">–</div>'
         f"{readonly}"
-        '<table class="grid editor" id="editor"><thead><tr><th>model</th><th>backend</th><th>device</th>'
+        '<table class="grid editor" id="editor"><thead><tr><th>model</th><th>version</th><th>backend</th>'
+        "<th>device</th>"
         "<th>instances</th><th>threads</th><th>batch max</th><th>batch delay ms</th><th></th></tr></thead>"
         '<tbody id="editor-body"></tbody></table>'
         '<div class="actions">'

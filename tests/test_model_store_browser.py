@@ -10,9 +10,9 @@ from typing import Any
 
 import pytest
 
-from tests.test_console import wait_until
+from tests.test_console import device_detail, wait_until
 from tests.test_console_browser import CHROMIUM, browser, console, expect, log_in  # noqa: F401
-from tests.test_delivery import NAME, new_version, tar_of
+from tests.test_delivery import NAME, new_version, raw, tar_of
 
 pytestmark = [
     pytest.mark.timeout(240),
@@ -83,3 +83,20 @@ def test_upload_and_deliver_from_the_models_page(agent_factory, console, page, t
     page.goto(console.base + "/devices/edge-web")
     expect(page.locator("#versions")).to_contain_text(f"{NAME} 2.0.0, 1.0.0")
     expect(page.locator("#deliveries")).to_contain_text(f"{NAME} 2.0.0: installed")
+
+    # The placement editor pins a version the device lacks: the console delivers it, then places it.
+    newer = tmp_path / "newer.tar.gz"
+    newer.write_bytes(tar_of(new_version(tmp_path, "2.1.0", "v21 ")))
+    admin_token = admin.call("POST", "/api/tokens", {"name": "ops", "role": "admin"})[1]["token"]
+    status, entry = raw(console.base, "POST", "/api/models", newer.read_bytes(), admin_token)
+    assert status == 201, entry
+    page.locator(f'#editor-body tr[data-model="{NAME}"] .ed-version').fill("2.1.0")
+    page.click("#apply-placement")
+    expect(page.locator("#editor-message")).to_contain_text("published generation")
+    expect(page.locator("#versions")).to_contain_text(f"{NAME} 2.1.0, 2.0.0, 1.0.0")
+
+    def serving_new() -> bool:
+        tenants = device_detail(admin, "edge-web")["status"]["placement"]["tenants"]
+        return [(t.get("version"), t["state"]) for t in tenants] == [("2.1.0", "ready")]
+
+    wait_until(serving_new, "edge-web serving 2.1.0 alone")

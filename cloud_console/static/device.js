@@ -228,6 +228,7 @@
             return (
               `<tr data-row="${i}" data-model="${EC.esc(r.model)}">` +
               `<td><select class="ed-model" data-field="model"${disabled}>${options(caps.models, r.model)}</select></td>` +
+              `<td><input class="ed-version" data-field="version" size="8" placeholder="newest" value="${EC.esc(r.version ?? "")}"${disabled}></td>` +
               `<td><select class="ed-backend" data-field="backend"${disabled}>${options(Object.keys(backends), r.backend)}</select></td>` +
               `<td><select class="ed-device" data-field="device"${disabled}>${options(devices, r.device)}</select></td>` +
               `<td><input class="ed-instances" data-field="instances" type="number" min="1" max="32" value="${r.instances}"${disabled}></td>` +
@@ -238,7 +239,7 @@
             );
           })
           .join("")
-      : '<tr><td colspan="8" class="muted">no tenants: add one</td></tr>';
+      : '<tr><td colspan="9" class="muted">no tenants: add one</td></tr>';
   }
 
   function syncEditor(force) {
@@ -269,6 +270,7 @@
     else if (field === "threads") row.threads = value === "" ? null : Number(value);
     else if (field === "max_size") row.batch.max_size = Number(value);
     else if (field === "max_delay_ms") row.batch.max_delay_ms = Number(value);
+    else if (field === "version") row.version = value.trim() || null;
     else row[field] = value;
     if (field === "backend" || field === "model") {
       normalise(row);
@@ -302,8 +304,16 @@
     message("");
   });
 
+  // Versions the placement pins that the device has not installed: the console delivers them first.
+  function toDeliver(body) {
+    const caps = (detail && detail.capabilities) || {};
+    const have = new Set((caps.installed || []).flatMap((m) => m.versions.map((v) => `${m.name} ${v.version}`)));
+    return ((body && body.tenants) || []).filter((t) => t.version && !have.has(`${t.model} ${t.version}`));
+  }
+
   async function publish(method, path, body, what) {
-    message("publishing…");
+    const missing = toDeliver(body).map((t) => `${t.model} ${t.version}`);
+    message(missing.length ? `delivering ${missing.join(", ")} to the device first, then publishing…` : "publishing…");
     try {
       const res = await EC.api(method, path, body);
       editorDirty = false;
