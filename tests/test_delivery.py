@@ -263,6 +263,16 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, 
         answer = next(m for m in got if m.get("request_id") == "old-1")
         assert "top" in answer and not answer["top"][0]["label"].startswith("v130 "), answer
 
+        # `edge-agent place` with a version the device lacks: it says so, and the device refuses it.
+        place = subprocess.run(
+            [sys.executable, "-m", "agent", "place", "--broker", broker.url, "--device-id", "edge3",
+             "--model", NAME, "--model-version", "9.9", "--timeout", "60"],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert place.returncode == 1, place.stdout + place.stderr
+        assert "not 9.9; first: edge-console models deliver edge3" in place.stdout, place.stdout
+        assert "refused: model 'efficientnet-lite0' has no version '9.9'" in place.stdout, place.stdout
+
         # An offline device cannot take a delivery: placing a version it lacks says so at once.
         status, entry = raw(
             console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "")), admin_token

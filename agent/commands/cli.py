@@ -228,6 +228,18 @@ def cmd_place(args: argparse.Namespace) -> int:
         }
         if args.batch_size:
             tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
+        if version := args.model_version:  # the device refuses a version it lacks (docs/fleet.md)
+            tenant["version"] = version
+            caps = reported.capabilities if reported else None
+            have = [
+                v.version
+                for m in (caps.installed if caps else [])
+                if m.name == args.model
+                for v in m.versions
+            ]
+            if have and version not in have:
+                hint = f"edge-console models deliver {device_id} {args.model} --version {version}"
+                print(f"note: {device_id} has {args.model} {', '.join(have)}, not {version}; first: {hint}")
         if args.candidates:  # backend:device,... in order of preference; the first one serves
             pairs = [c.strip().partition(":") for c in args.candidates.split(",") if c.strip()]
             tenant["candidates"] = [{"backend": b, "device": d or "cpu"} for b, _, d in pairs]
@@ -387,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--backend", default="onnxruntime", help="backend name, or auto")
     place.add_argument("--device", default="cpu")
     place.add_argument("--instances", type=int, default=1)
+    place.add_argument("--model-version", help="the model version to serve (default: the newest installed)")
     place.add_argument(
         "--candidates",
         help="fallback places in order, e.g. openvino:GPU,onnxruntime:cpu (instead of --backend/--device)",
