@@ -40,7 +40,7 @@ demo: deps venv
 # The suite CI runs. Tests marked `slow` (repetitions, soak, wall-clock and memory bounds) run in
 # `make test-all`.
 test: deps venv
-	$(PY) -m pytest -q -ra -m "not slow"
+	$(PY) -m pytest -q -ra --durations=15 -m "not slow"
 
 test-all: deps venv
 	$(PY) -m pytest -q -ra

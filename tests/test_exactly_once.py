@@ -271,7 +271,7 @@ def test_agent_killed_while_the_broker_is_down_sends_its_spool_once(shared_dir):
     state.mkdir()
     config = (
         "[broker]\nreconnect_min_s = 0.2\nreconnect_max_s = 1\n"
-        "[scheduler]\nqueue_depth = 1000\n[metrics]\nflush_interval_s = 0.1\n"
+        "[scheduler]\nqueue_depth = 1000\n[metrics]\nflush_interval_s = 0.1\ntelemetry_interval_s = 0.2\n"
         '[placement]\ngeneration = 0\n[[placement.tenants]]\nmodel = "efficientnet-lite1"\n'
     )
     with LocalBroker(workdir=workdir, persistence=True) as broker:
@@ -279,6 +279,7 @@ def test_agent_killed_while_the_broker_is_down_sends_its_spool_once(shared_dir):
         agent.wait_ready()
         consumer = Consumer(broker.port, "edge/spool1/result", 1)
         camera = Camera(broker.port, "edge/spool1/infer/efficientnet-lite1", 1)
+        telemetry = Collector(broker.port, ["edge/spool1/telemetry"])
         try:
             image = sample("palace.jpg")
             infos = []
@@ -289,7 +290,13 @@ def test_agent_killed_while_the_broker_is_down_sends_its_spool_once(shared_dir):
             for info in infos:
                 info.wait_for_publish(30)  # the broker has every frame
             metrics, outbox = state / "metrics.db", state / "outbox.db"
-            wait_rows(metrics, "SELECT COUNT(*) FROM inferences", 1, "the first frame served")
+            # The broker hands frames over a few at a time (its in-flight limit): stop it only once the
+            # agent holds every frame, else the rest wait in the broker until it is back.
+            telemetry.wait_for(
+                lambda m: any(sum(t["frames_in"] for t in x["tenants"]) >= frames for x in m),
+                "edge/spool1/telemetry",
+                timeout=120,
+            )
             broker.stop()  # the agent goes on answering what it has queued: into its spool
             outage = time.time()  # answered after this, the broker cannot have had it
             wait_rows(metrics, "SELECT COUNT(*) FROM inferences", frames, "every frame served")
@@ -309,6 +316,7 @@ def test_agent_killed_while_the_broker_is_down_sends_its_spool_once(shared_dir):
             broker.start()
             consumer.wait(lambda: len(consumer.answers) >= frames, "every answer", timeout=120)
         finally:
+            telemetry.close()
             camera.close()
             consumer.close()
             agent.stop()
