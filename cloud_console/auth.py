@@ -4,10 +4,12 @@
   leaked config is expensive to brute-force. Hashes of earlier versions
   (`scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>`, N=2^14) still verify and are upgraded at the next
   login (`PasswordUpgrades`).
-- Sessions: a signed cookie `<payload b64>.<hmac-sha256 b64>` holding user, session id and expiry.
-  Stateless, so several console workers sharing `session_secret` accept each other's cookies; the
-  role is looked up in the current users on every request (a demoted user loses admin at once).
-  Logout revokes the session id in this process.
+- Sessions: a signed cookie `<payload b64>.<hmac-sha256 b64>` holding user, session id and expiry,
+  and a row per session in the console's database (cloud_console/db.py). A cookie is valid while its
+  row is there and not revoked, so every console process on one database (sharing `session_secret`,
+  or the secret the database keeps when none is configured) accepts it, and a logout on one holds on
+  all of them. The role is looked up in the current users on every request (a demoted user loses
+  admin at once).
 - CSRF: the token is HMAC(secret, "csrf:" + session id): tied to the session, checked on every change.
 """
 
@@ -19,13 +21,16 @@ import hmac
 import json
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import argon2
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cloud_console import db as schema
+from cloud_console.db import upsert
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +98,6 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(digest, expected)
 
 
-def open_table(db: Path, create: str) -> sqlite3.Connection:
-    """A connection of its own to the console's database, with `create` (CREATE TABLE IF NOT EXISTS)
-    run. Read on the event loop per request: never wait long behind the store's writer."""
-    db.parent.mkdir(parents=True, exist_ok=True)
-    conn = sqlite3.connect(db, timeout=10.0, check_same_thread=False)
-    conn.execute("PRAGMA busy_timeout=2000")
-    with conn:
-        conn.execute(create)
-    return conn
-
-
 class PasswordUpgrades:
     """Stronger hashes of config passwords, made at login, kept in the console's SQLite database.
 
@@ -111,43 +105,33 @@ class PasswordUpgrades:
     stored against a digest of the config hash it replaces, so a password changed in the config
     makes its upgrade void. Workers sharing the database share the upgrades."""
 
-    def __init__(self, db: Path | None) -> None:
-        self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None
-        if db is not None:
-            self._db = open_table(
-                db,
-                "CREATE TABLE IF NOT EXISTS password_upgrades"
-                " (user TEXT PRIMARY KEY, replaces TEXT NOT NULL, hash TEXT NOT NULL, ts REAL NOT NULL)",
-            )
+    def __init__(self, db: Engine | None) -> None:
+        self._db = db
 
     def effective(self, user: str, config_hash: str) -> str:
         """The hash to check a login against: the upgrade of this config hash, else the config's."""
         if self._db is None:
             return config_hash
-        with self._lock:
-            try:
-                row = self._db.execute(
-                    "SELECT hash FROM password_upgrades WHERE user = ? AND replaces = ?",
-                    (user, password_binding(config_hash)),
-                ).fetchone()
-            except sqlite3.Error:
-                log.exception("password upgrades unreadable; using the config's hash")
-                return config_hash
-        return str(row[0]) if row else config_hash
+        t = schema.password_upgrades.c
+        try:
+            with self._db.connect() as conn:
+                found = conn.scalar(
+                    sa.select(t.hash).where(t.user == user, t.replaces == password_binding(config_hash))
+                )
+        except sa.exc.SQLAlchemyError:
+            log.exception("password upgrades unreadable; using the config's hash")
+            return config_hash
+        return str(found) if found else config_hash
 
     def store(self, user: str, config_hash: str, new_hash: str) -> None:
         if self._db is None:
             return
-        with self._lock:
-            try:
-                with self._db:
-                    self._db.execute(
-                        "INSERT OR REPLACE INTO password_upgrades VALUES (?, ?, ?, ?)",
-                        (user, password_binding(config_hash), new_hash, time.time()),
-                    )
-            except sqlite3.Error:
-                log.exception("could not store an upgraded password hash (tried again at next login)")
+        row = {"user": user, "replaces": password_binding(config_hash), "hash": new_hash, "ts": time.time()}
+        try:
+            with self._db.begin() as conn:
+                upsert(conn, schema.password_upgrades, [row], ["user"])
+        except sa.exc.SQLAlchemyError:
+            log.exception("could not store an upgraded password hash (tried again at next login)")
 
     def login(self, user: str, config_hash: str, password: str) -> bool:
         """Check a password (blocking: argon2/scrypt work); on success upgrade a weak hash."""
@@ -176,27 +160,31 @@ def password_binding(password_hash: str) -> str:
 class SessionSigner:
     """Issues and checks signed session cookies and the CSRF tokens bound to them."""
 
-    def __init__(self, secret: bytes, max_age_s: int, revocations: Path | None = None) -> None:
+    def __init__(self, secret: bytes, max_age_s: int, db: Engine | None = None) -> None:
         self._key = hashlib.sha256(b"edge-console-session:" + secret).digest()
         self._csrf_key = hashlib.sha256(b"edge-console-csrf:" + secret).digest()
         self.max_age_s = max_age_s
         self._revoked: dict[str, float] = {}  # sid -> expiry, so the set does not grow forever
         self._lock = threading.Lock()
-        # Logouts are also kept in SQLite (the console's database): they outlive a restart, and
-        # workers sharing the database and the secret honour each other's logouts.
-        self._db: sqlite3.Connection | None = None
-        if revocations is not None:
-            self._db = open_table(
-                revocations,
-                "CREATE TABLE IF NOT EXISTS revoked_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL)",
-            )
+        # Sessions live in the database when there is one (the console always has one): they
+        # outlive a restart and every process on the database honours them and their logouts.
+        self._db = db
 
     def _sign(self, data: bytes) -> str:
         return _b64(hmac.new(self._key, data, hashlib.sha256).digest())
 
     def issue(self, user: str, key: str = "") -> tuple[str, Session]:
-        expires = float(int(time.time() + self.max_age_s))  # whole seconds, as the cookie holds it
+        """A new session and its cookie (blocking: one insert)."""
+        now = time.time()
+        expires = float(int(now + self.max_age_s))  # whole seconds, as the cookie holds it
         session = Session(user=user, sid=secrets.token_urlsafe(16), expires=expires, key=key)
+        if self._db is not None:
+            t = schema.sessions
+            with self._db.begin() as conn:
+                conn.execute(sa.delete(t).where(t.c.expires < now))
+                conn.execute(
+                    sa.insert(t).values(sid=session.sid, user=user, created=now, expires=session.expires)
+                )
         payload = json.dumps(
             {"u": session.user, "s": session.sid, "e": int(session.expires), "k": session.key}
         ).encode()
@@ -225,32 +213,34 @@ class SessionSigner:
         with self._lock:
             if session.sid in self._revoked:
                 return None
-            if self._db is not None:
-                try:
-                    row = self._db.execute("SELECT 1 FROM revoked_sessions WHERE sid = ?", (session.sid,))
-                    if row.fetchone() is not None:
+        if self._db is not None:
+            t = schema.sessions.c
+            try:
+                with self._db.connect() as conn:
+                    row = conn.execute(sa.select(t.user, t.revoked).where(t.sid == session.sid)).one_or_none()
+            except sa.exc.SQLAlchemyError:
+                log.exception("sessions unreadable; refusing the session")
+                return None
+            if row is None or row.user != session.user or row.revoked is not None:
+                if row is not None:
+                    with self._lock:
                         self._revoked[session.sid] = session.expires
-                        return None
-                except sqlite3.Error:
-                    log.exception("session revocations unreadable; refusing the session")
-                    return None
+                return None
         return session
 
     def revoke(self, session: Session) -> None:
+        """Log out: at once in this process, and in every process on the database."""
         now = time.time()
         with self._lock:
             self._revoked = {sid: exp for sid, exp in self._revoked.items() if exp > now}
             self._revoked[session.sid] = session.expires
-            if self._db is not None:
-                try:
-                    with self._db:
-                        self._db.execute("DELETE FROM revoked_sessions WHERE expires < ?", (now,))
-                        self._db.execute(
-                            "INSERT OR REPLACE INTO revoked_sessions VALUES (?, ?)",
-                            (session.sid, session.expires),
-                        )
-                except sqlite3.Error:
-                    log.exception("could not store a logout (it holds in this process only)")
+        if self._db is not None:
+            t = schema.sessions
+            try:
+                with self._db.begin() as conn:
+                    conn.execute(sa.update(t).where(t.c.sid == session.sid).values(revoked=now))
+            except sa.exc.SQLAlchemyError:
+                log.exception("could not store a logout (it holds in this process only)")
 
     def csrf_token(self, session: Session) -> str:
         return _b64(hmac.new(self._csrf_key, b"csrf:" + session.sid.encode(), hashlib.sha256).digest())

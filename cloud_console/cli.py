@@ -93,7 +93,8 @@ def build_config(args: argparse.Namespace) -> tuple[ConsoleConfig, dict[str, str
     )
     web = config.web.model_copy(update={"listen": args.listen} if args.listen else {})
     parse_listen(web.listen)
-    storage = config.storage.model_copy(update={"db": args.db} if args.db else {})
+    storage_flags = {"db": args.db, "database": getattr(args, "database", None)}
+    storage = config.storage.model_copy(update={k: v for k, v in storage_flags.items() if v})
     demo: dict[str, str] = {}
     users = list(config.users)
     if args.demo_users:
@@ -143,6 +144,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                     signal.signal(sig, handler)
 
     from cloud_console.app import create_app
+    from cloud_console.db import database_url, redacted
     from cloud_console.service import Console
 
     config, demo = build_config(args)
@@ -155,7 +157,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"edge-console: demo user {role} password {password} (role {role})", flush=True)
     print(
         f"edge-console: serving http://{host}:{port}/ (broker {redact_url(config.broker.url)},"
-        f" db {config.storage.db},"
+        f" db {redacted(database_url(config.storage.url()))},"
         f" placements {signing});"
         f" ready when GET /healthz answers",
         flush=True,
@@ -196,7 +198,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     from cloud_console.tokens import ROLE_RANK, TokenError, TokenStore
 
     config = load_console_config(args.config)
-    store = TokenStore(args.db or config.storage.db)
+    store = TokenStore(args.database or args.db or config.storage.url())
     users = {u.name: u for u in config.users}
     try:
         if args.action == "create":
@@ -293,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--broker", help="mqtt://HOST:PORT (default: the config's, else localhost:1883)")
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)")
     serve.add_argument("--db", type=Path, help="SQLite file of fleet history (default console.db)")
+    serve.add_argument(
+        "--database", help="postgresql://USER:PW@HOST/NAME: several console processes share it"
+    )
     serve.add_argument("--config", type=Path, help="console TOML file (users, broker, web, storage)")
     serve.add_argument(
         "--shared-group", help="share telemetry with other workers: $share/NAME/edge/+/telemetry"
@@ -319,6 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     token = sub.add_parser("token", help="make, list or revoke API tokens (bearer tokens for scripts)")
     token.add_argument("--config", type=Path, help="console TOML file (its users and storage.db)")
     token.add_argument("--db", type=Path, help="the console's SQLite file (default: the config's)")
+    token.add_argument("--database", help="the console's PostgreSQL URL (default: the config's)")
     token_sub = token.add_subparsers(dest="action", required=True)
     create = token_sub.add_parser("create", help="make a token; printed once on stdout")
     create.add_argument("--user", required=True, help="the user the token acts for")

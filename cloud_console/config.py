@@ -86,9 +86,28 @@ class WebSettings(Section):
 
 
 class StorageSettings(Section):
+    # The embedded default: one SQLite file (one console process).
     db: Path = Path("console.db")
+    # PostgreSQL for several console processes on one fleet: "postgresql://USER:PASSWORD@HOST/NAME"
+    # (docs/operations.md#postgresql). Set, it replaces `db`.
+    database: str | None = Field(default=None, pattern=r"^(postgres(ql)?(\+psycopg)?|sqlite)://")
     retention_hours: float = Field(default=24.0, gt=0)
+    # Raw telemetry older than this becomes one row per device, tenant and bucket (None: never).
+    downsample_after_hours: float | None = Field(default=2.0, gt=0)
+    downsample_bucket_s: float = Field(default=60.0, ge=10, le=3600)
+    # At most this many telemetry rows (and as many host rows): the oldest go first (None: no bound).
+    max_telemetry_rows: int | None = Field(default=5_000_000, ge=1000)
     flush_interval_s: float = Field(default=1.0, gt=0)
+    # Uploaded model files (docs/fleet.md); their records are in the database. Default: the
+    # `model-store` folder beside `db`. Several processes must share this folder.
+    model_store: Path | None = None
+
+    def url(self) -> str:
+        """Where the console's database is: `database`, else the `db` file."""
+        return self.database or str(self.db)
+
+    def model_store_dir(self) -> Path:
+        return self.model_store or self.db.resolve().parent / "model-store"
 
 
 class ConsoleConfig(Section):

@@ -4,7 +4,10 @@ An upload is a tar archive (optionally gzip'd) of one model folder: `model.toml`
 artifacts, flat. It is checked the way `edge-agent models add` checks a folder (the manifest parses,
 the labels are there, every artifact present matches its sha256, at least one is present) before
 anything is kept. Files go to `<db folder>/model-store/blobs/<sha256>` (one copy however many
-versions share it); each version is a small JSON index beside them, written by an atomic rename.
+versions share it). Each version's record (a small JSON entry) is a row of the console's database
+(`model_versions`), so every console process on one database lists the same versions; the JSON
+index files of earlier versions are read into it once. Without a database (tests, tools) the
+records stay JSON files in `index/`, written by an atomic rename.
 """
 
 from __future__ import annotations
@@ -22,11 +25,15 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import ValidationError
+from sqlalchemy.engine import Engine
 
 from agent.protocol.delivery import ArtifactRef, ModelDelivery, valid_file_name
 from agent.protocol.model_manifest import Manifest
 from agent.protocol.topics import valid_model_name, valid_version
+from cloud_console import db as schema
+from cloud_console.db import upsert
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +98,43 @@ def check_folder(folder: Path) -> Manifest:
     return manifest
 
 
+MV = schema.model_versions
+
+
 class ModelStore:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, db: Engine | None = None) -> None:
         self.root = root
         self.blobs = root / "blobs"
         self.index = root / "index"
+        self.db = db
+        if db is not None:
+            self._import_index()
+
+    def _import_index(self) -> None:
+        """Records kept as JSON files by earlier versions become rows (once; the files are kept)."""
+        if not self.index.is_dir():
+            return
+        rows = []
+        for path in sorted(self.index.glob("*/*.json")):
+            try:
+                entry = json.loads(path.read_text())
+                rows.append(_row(entry))
+            except (OSError, ValueError, KeyError, TypeError):
+                log.warning("unreadable model store index %s", path)
+        if rows and self.db is not None:
+            with self.db.begin() as conn:
+                upsert(conn, MV, rows, ["name", "version"], update=[])
+
+    def _put(self, entry: dict[str, Any]) -> None:
+        if self.db is not None:
+            with self.db.begin() as conn:
+                upsert(conn, MV, [_row(entry)], ["name", "version"])
+            return
+        target = self.index / entry["name"] / f"{entry['version']}.json"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp_index = target.with_suffix(".tmp")
+        tmp_index.write_text(json.dumps(entry))
+        os.replace(tmp_index, target)
 
     def add_archive(self, archive: Path, user: str) -> dict[str, Any]:
         """Check and keep the model in `archive` (tar or tar.gz); blocking. Returns its entry."""
@@ -121,16 +160,16 @@ class ModelStore:
             "uploaded_at": time.time(),
             "by": user,
         }
-        target = self.index / manifest.name / f"{manifest.version}.json"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp_index = target.with_suffix(".tmp")
-        tmp_index.write_text(json.dumps(entry))
-        os.replace(tmp_index, target)
+        self._put(entry)
         self._collect()  # the files of a version this upload replaced
         log.info("%s uploaded model %s %s", user, manifest.name, manifest.version)
         return entry
 
     def list(self) -> list[dict[str, Any]]:
+        if self.db is not None:
+            with self.db.connect() as conn:
+                found = conn.scalars(sa.select(MV.c.entry).order_by(MV.c.name, MV.c.version)).all()
+            return [json.loads(text) for text in found]
         if not self.index.is_dir():
             return []
         out = []
@@ -144,6 +183,13 @@ class ModelStore:
     def get(self, name: str, version: str) -> dict[str, Any]:
         if not valid_model_name(name) or not valid_version(version):
             raise ModelRejected(f"no model {name!r} version {version!r} in the store")
+        if self.db is not None:
+            with self.db.connect() as conn:
+                text = conn.scalar(sa.select(MV.c.entry).where(MV.c.name == name, MV.c.version == version))
+            if text is None:
+                raise ModelRejected(f"no model {name!r} version {version!r} in the store")
+            found: dict[str, Any] = json.loads(text)
+            return found
         path = self.index / name / f"{version}.json"
         try:
             entry: dict[str, Any] = json.loads(path.read_text())
@@ -157,12 +203,17 @@ class ModelStore:
 
     def delete(self, name: str, version: str) -> None:
         self.get(name, version)
-        (self.index / name / f"{version}.json").unlink()
+        if self.db is not None:
+            with self.db.begin() as conn:
+                conn.execute(sa.delete(MV).where(MV.c.name == name, MV.c.version == version))
+        (self.index / name / f"{version}.json").unlink(missing_ok=True)  # and its record of old
         self._collect()
 
     def _collect(self) -> None:
         """Remove stored files no version lists any more."""
         used = {f["sha256"] for entry in self.list() for f in entry["files"]}
+        if not self.blobs.is_dir():
+            return
         for blob in self.blobs.iterdir():
             if blob.name not in used:
                 blob.unlink(missing_ok=True)
@@ -187,6 +238,15 @@ class ModelStore:
                 for f in entry["files"]
             ],
         )
+
+
+def _row(entry: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "name": str(entry["name"]),
+        "version": str(entry["version"]),
+        "entry": json.dumps(entry),
+        "uploaded_at": float(entry.get("uploaded_at", 0.0)),
+    }
 
 
 def _version_key(version: str) -> tuple[tuple[int, int | str], ...]:

@@ -11,7 +11,6 @@ import asyncio
 import contextlib
 import json
 import logging
-import secrets
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from agent.protocol.signing import load_private_key, sign
 from agent.protocol.topics import Topics, parse_device_topic
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
+from cloud_console.db import DatabaseError, migrate, open_engine, shared_secret
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -63,10 +63,20 @@ class Console:
         self.config = config
         self.prefix = config.topic_prefix
         self.users: dict[str, UserConfig] = {u.name: u for u in config.users}
-        secret = session_secret or (config.web.session_secret or "").encode() or secrets.token_bytes(32)
-        self.signer = SessionSigner(secret, config.web.session_max_age_s, revocations=config.storage.db)
-        self.passwords = PasswordUpgrades(config.storage.db)
-        self.tokens = TokenStore(config.storage.db)
+        # One database for history, sessions, tokens and model records (SQLite or PostgreSQL):
+        # migrated here, before anything reads it (docs/operations.md#postgresql).
+        try:
+            self.engine = open_engine(config.storage.url())
+            migrate(self.engine)
+            # No configured secret: the one the database keeps, the same for every process on it.
+            secret = (
+                session_secret or (config.web.session_secret or "").encode() or shared_secret(self.engine)
+            )
+        except DatabaseError as exc:
+            raise ConsoleConfigError(str(exc)) from exc
+        self.signer = SessionSigner(secret, config.web.session_max_age_s, db=self.engine)
+        self.passwords = PasswordUpgrades(self.engine)
+        self.tokens = TokenStore(self.engine)
         self.tokens.revoke_all_but(set(self.users))
         self.sign_key: Ed25519PrivateKey | None = None
         if config.signing.key_file is not None:
@@ -76,8 +86,16 @@ class Console:
                 raise ConsoleConfigError(f"signing key {config.signing.key_file}: {exc}") from exc
         self.fleet = Fleet(config.stale_after_s)
         self.hub = Hub()
+        storage = config.storage
         self.store = ConsoleStore(
-            config.storage.db, config.storage.retention_hours * 3600.0, config.storage.flush_interval_s
+            self.engine,
+            storage.retention_hours * 3600.0,
+            storage.flush_interval_s,
+            downsample_after_s=(
+                storage.downsample_after_hours * 3600.0 if storage.downsample_after_hours else None
+            ),
+            downsample_bucket_s=storage.downsample_bucket_s,
+            max_rows=storage.max_telemetry_rows,
         )
         self.mqtt = ConsoleMqtt(
             parse_broker_url(config.broker.url),
@@ -86,8 +104,8 @@ class Console:
             self.dispatch,
             shared_group=config.shared_group,
         )
-        # Uploaded model versions, beside the database (docs/fleet.md).
-        self.models = ModelStore(config.storage.db.resolve().parent / "model-store")
+        # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
+        self.models = ModelStore(storage.model_store_dir(), self.engine)
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
@@ -114,6 +132,7 @@ class Console:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await asyncio.to_thread(self.store.stop)
+        await asyncio.to_thread(self.engine.dispose)
 
     def _load_known_devices(self) -> None:
         """Devices seen before a restart, shown as last known until the broker's retained status."""

@@ -1,79 +1,36 @@
-"""The console's fleet history in SQLite (sqlite-utils): devices, telemetry, placements published.
+"""The console's fleet history: devices, telemetry, host metrics, placements published (cloud_console/db.py).
 
 The event loop only appends rows to an in-memory batch (cheap, non-blocking). The writer thread
 (agent/protocol/storage.py, shared with the agent's metrics.db) inserts a batch per
-`flush_interval_s` in one transaction, coalesces device rows (latest status wins) and deletes
-telemetry past the retention. WAL lets the readers (API requests, run in threads) read while the
-writer writes; busy_timeout covers the short moments they still collide. The telemetry columns come
-from the telemetry schema: a counter added there gets its column, added to an existing database too.
+`flush_interval_s` in one transaction and coalesces device rows (latest status wins). About once a
+minute one process (a lease, when several share a PostgreSQL database) keeps the history bounded:
+raw telemetry older than `downsample_after_s` becomes one row per device, tenant and
+`downsample_bucket_s` (means; counters and queue depth take the bucket's last/largest value), rows
+past the retention go, and past `max_rows` the oldest go. On SQLite, WAL lets the readers (API
+requests, run in threads) read while the writer writes.
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 import time
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
 
 from agent.protocol.schemas import DeviceCounters, Telemetry, TenantCounters
-from agent.protocol.storage import BatchWriter, ensure_table, open_db
+from agent.protocol.storage import BatchWriter
+from cloud_console import db as schema
+from cloud_console.db import HOST_COLUMNS, TELEMETRY_COLUMNS, Lease, migrate, open_engine, upsert
 
 log = logging.getLogger(__name__)
 
-TELEMETRY_COLUMNS: dict[str, type] = {
-    "ts": float,
-    "device_id": str,
-    "model": str,
-    "backend": str,
-    "device": str,
-    "state": str,
-    "instances": int,
-    "fps": float,
-    "p50_ms": float,
-    "p95_ms": float,
-    "p99_ms": float,
-    "queue_depth": int,
-    **dict.fromkeys(TenantCounters.model_fields, int),
-    "batch_size_mean": float,
-}
-HOST_COLUMNS: dict[str, type] = {
-    "ts": float,
-    "device_id": str,
-    "cpu_percent": float,
-    "rss_mb": float,
-    "temperature_c": float,
-    "load_1m": float,
-    **dict.fromkeys(DeviceCounters.model_fields, int),
-}
-DEVICE_COLUMNS: dict[str, type] = {
-    "device_id": str,
-    "online": int,
-    "first_seen": float,
-    "last_seen": float,
-    "status_json": str,
-}
-PLACEMENT_COLUMNS: dict[str, type] = {
-    "id": int,
-    "ts": float,
-    "device_id": str,
-    "generation": int,
-    "user": str,
-    "action": str,
-    "document": str,
-}
-MAX_PENDING_ROWS = 500_000  # held in memory if the disk stalls; beyond that rows are counted as lost
+__all__ = ["HOST_COLUMNS", "TELEMETRY_COLUMNS", "ConsoleStore", "telemetry_rows"]
 
-
-def ensure_schema(db: sqlite_utils.Database) -> None:
-    by_device_and_time = [["device_id", "ts"], ["ts"]]
-    ensure_table(db, "telemetry", TELEMETRY_COLUMNS, by_device_and_time)
-    ensure_table(db, "host_metrics", HOST_COLUMNS, by_device_and_time)
-    ensure_table(db, "devices", DEVICE_COLUMNS, pk="device_id")
-    ensure_table(db, "placements", PLACEMENT_COLUMNS, [["device_id", "ts"]], pk="id")
+MAX_PENDING_ROWS = 500_000  # held in memory if the database stalls; beyond that rows are counted as lost
 
 
 def telemetry_rows(device_id: str, telemetry: Telemetry) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -95,6 +52,7 @@ def telemetry_rows(device_id: str, telemetry: Telemetry) -> tuple[list[dict[str,
             "queue_depth": t.queue_depth,
             **{name: getattr(t, name) for name in TenantCounters.model_fields},
             "batch_size_mean": t.batch_size_mean,
+            "span_s": 0.0,
         }
         for t in telemetry.tenants
     ]
@@ -106,43 +64,99 @@ def telemetry_rows(device_id: str, telemetry: Telemetry) -> tuple[list[dict[str,
         "temperature_c": telemetry.device.temperature_c,
         "load_1m": telemetry.device.load_1m,
         **{name: getattr(telemetry, name) for name in DeviceCounters.model_fields},
+        "span_s": 0.0,
     }
     return tenants, host
 
 
-class ConsoleStore(BatchWriter):
+# How a bucket of raw rows becomes one row: (aggregate, columns). Counters count since the tenant
+# started, so the bucket's largest is its last; everything else not listed is grouped on.
+_TENANT_AGG: dict[str, str] = {
+    **dict.fromkeys(["fps", "p50_ms", "p95_ms", "batch_size_mean", "instances"], "avg"),
+    **dict.fromkeys(["p99_ms", "queue_depth", *TenantCounters.model_fields], "max"),
+    "state": "max",
+}
+_HOST_AGG: dict[str, str] = {
+    **dict.fromkeys(["cpu_percent", "rss_mb", "temperature_c", "load_1m"], "avg"),
+    **dict.fromkeys(DeviceCounters.model_fields, "max"),
+}
+
+
+def downsample(conn: Connection, table: sa.Table, agg: dict[str, str], before: float, bucket_s: float) -> int:
+    """Replace the raw rows older than `before` by one row per device (and tenant) and bucket.
+    Returns how many raw rows went."""
+    c = table.c
+    before = (before // bucket_s) * bucket_s  # whole buckets only: a bucket is never split in two
+    raw = sa.and_(c.ts < before, sa.or_(c.span_s == 0, c.span_s.is_(None)))
+    width: sa.ColumnElement[float] = sa.literal_column(
+        repr(float(bucket_s))
+    )  # inline, so GROUP BY matches the SELECT
+    if conn.dialect.name == "postgresql":
+        bucket = sa.func.floor(c.ts / width) * width
+    else:  # SQLite's floor() needs a build with math functions; CAST truncates (ts > 0)
+        bucket = sa.cast(c.ts / width, sa.Integer) * width
+    keys = [col for col in table.columns if col.name not in agg and col.name not in ("ts", "span_s")]
+    columns: list[Any] = [bucket.label("ts")]
+    names = ["ts"]
+    for col in table.columns:
+        if col.name in ("ts", "span_s"):
+            continue
+        if col.name in agg:
+            fn = getattr(sa.func, agg[col.name])
+            value = fn(col)
+            if isinstance(col.type, (sa.Integer, sa.BigInteger)) and agg[col.name] == "avg":
+                value = sa.func.round(value)
+            columns.append(sa.cast(value, col.type).label(col.name))
+        else:
+            columns.append(col)
+        names.append(col.name)
+    columns.append(width.label("span_s"))
+    names.append("span_s")
+    select = sa.select(*columns).where(raw).group_by(bucket, *keys)
+    conn.execute(sa.insert(table).from_select(names, select))
+    return int(conn.execute(sa.delete(table).where(raw)).rowcount)
+
+
+class ConsoleStore(BatchWriter[Connection]):
     thread_name = "console-db-writer"
 
-    def __init__(self, path: Path, retention_s: float, flush_interval_s: float = 1.0) -> None:
-        super().__init__(path, flush_interval_s)
+    def __init__(
+        self,
+        database: Engine | str | Path,
+        retention_s: float,
+        flush_interval_s: float = 1.0,
+        *,
+        downsample_after_s: float | None = None,
+        downsample_bucket_s: float = 60.0,
+        max_rows: int | None = None,
+    ) -> None:
+        self.engine = database if isinstance(database, Engine) else open_engine(database)
+        super().__init__(Path(self.engine.url.database or "."), flush_interval_s)
         self.retention_s = retention_s
+        self.downsample_after_s = downsample_after_s
+        self.downsample_bucket_s = downsample_bucket_s
+        self.max_rows = max_rows
+        self.maintenance = Lease(self.engine, "history-maintenance", ttl_s=180.0)
         self._lock = threading.Lock()
         self._telemetry: list[dict[str, Any]] = []
         self._hosts: list[dict[str, Any]] = []
         self._devices: dict[str, dict[str, Any]] = {}
         self._placements: list[dict[str, Any]] = []
         self._forget: set[str] = set()
-        self._read_lock = threading.Lock()
-        self._read_db: sqlite_utils.Database | None = None
         self.written = 0
         self.lost = 0
         self.last_flush_ms = 0.0
+        self.downsampled = 0
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def create_schema(self, db: sqlite_utils.Database) -> None:
-        ensure_schema(db)
+    def connect(self) -> Connection:
+        return self.engine.connect()
 
-    def start(self) -> None:
-        super().start()
-        self._read_db = open_db(self.path)
+    def disconnect(self, db: Connection) -> None:
+        db.close()
 
-    def stop(self) -> None:
-        """Flush what is queued and close."""
-        super().stop()
-        with self._read_lock:
-            if self._read_db is not None:
-                self._read_db.conn.close()
-                self._read_db = None
+    def create_schema(self, db: Connection) -> None:
+        migrate(self.engine)  # in a transaction of its own (and a lock on PostgreSQL)
 
     # -- writes (called on the event loop: never block) -----------------------------------------
     def pending(self) -> int:
@@ -191,7 +205,7 @@ class ConsoleStore(BatchWriter):
             self._placements.append(row)
 
     # -- writer thread ---------------------------------------------------------------------------
-    def flush(self, db: sqlite_utils.Database) -> None:
+    def flush(self, db: Connection) -> None:
         with self._lock:
             telemetry, self._telemetry = self._telemetry, []
             hosts, self._hosts = self._hosts, []
@@ -203,55 +217,83 @@ class ConsoleStore(BatchWriter):
             return
         started = time.perf_counter()
         try:
-            with db.conn:  # one transaction per batch
+            with db.begin():  # one transaction per batch
                 if telemetry:
-                    db.table("telemetry").insert_all(telemetry, batch_size=1000)
+                    db.execute(sa.insert(schema.telemetry), telemetry)
                 if hosts:
-                    db.table("host_metrics").insert_all(hosts, batch_size=1000)
+                    db.execute(sa.insert(schema.host_metrics), hosts)
                 if devices:
-                    db.table("devices").upsert_all(list(devices.values()), pk="device_id", batch_size=500)
+                    # Every process following status writes the same row: first_seen stays the first.
+                    rows = sorted(devices.values(), key=lambda r: r["device_id"])  # one lock order
+                    upsert(db, schema.devices, rows, ["device_id"], ["online", "last_seen", "status_json"])
                 if placements:
-                    db.table("placements").insert_all(placements)
-                for device_id in forget:
-                    db.execute("DELETE FROM devices WHERE device_id = ?", [device_id])
+                    db.execute(sa.insert(schema.placements), placements)
+                if forget:
+                    db.execute(sa.delete(schema.devices).where(schema.devices.c.device_id.in_(forget)))
             self.written += count
-        except sqlite3.Error:
+        except sa.exc.SQLAlchemyError:
             log.exception("console db: could not write %d rows", count)
             self.lost += count
         self.last_flush_ms = (time.perf_counter() - started) * 1000.0
 
-    def prune(self, db: sqlite_utils.Database) -> None:
-        cutoff = time.time() - self.retention_s
+    def prune(self, db: Connection) -> None:
+        """Retention, downsampling and the size bound: in one process of several (a lease)."""
+        if not self.maintenance.held():
+            return
+        now = time.time()
+        cutoff = now - self.retention_s
         try:
-            with db.conn:
-                db.execute("DELETE FROM telemetry WHERE ts < ?", [cutoff])
-                db.execute("DELETE FROM host_metrics WHERE ts < ?", [cutoff])
-                db.execute("DELETE FROM placements WHERE ts < ?", [cutoff])
-        except sqlite3.Error:
+            with db.begin():
+                for table in (schema.telemetry, schema.host_metrics, schema.placements):
+                    db.execute(sa.delete(table).where(table.c.ts < cutoff))
+                if self.downsample_after_s is not None:
+                    before = now - self.downsample_after_s
+                    bucket = self.downsample_bucket_s
+                    self.downsampled += downsample(db, schema.telemetry, _TENANT_AGG, before, bucket)
+                    self.downsampled += downsample(db, schema.host_metrics, _HOST_AGG, before, bucket)
+                if self.max_rows is not None:
+                    for table in (schema.telemetry, schema.host_metrics):
+                        self._bound(db, table, self.max_rows)
+        except sa.exc.SQLAlchemyError:
             log.exception("console db: retention delete failed")
 
+    @staticmethod
+    def _bound(db: Connection, table: sa.Table, max_rows: int) -> None:
+        """Keep at most `max_rows` rows: the oldest beyond go."""
+        total = db.scalar(sa.select(sa.func.count()).select_from(table)) or 0
+        if total <= max_rows:
+            return
+        edge = db.scalar(sa.select(table.c.ts).order_by(table.c.ts).offset(total - max_rows).limit(1))
+        if edge is not None:
+            gone = db.execute(sa.delete(table).where(table.c.ts < edge)).rowcount
+            log.info("console db: %s over %d rows, %d oldest removed", table.name, max_rows, gone)
+
     # -- reads (blocking: call them through asyncio.to_thread) ----------------------------------
-    def _query(self, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-        with self._read_lock:
-            if self._read_db is None:
-                return []
-            cursor = self._read_db.execute(sql, params)
-            names = [d[0] for d in cursor.description]
-            return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+    def _query(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
+        try:
+            with self.engine.connect() as conn:
+                return [dict(row) for row in conn.execute(query).mappings()]
+        except sa.exc.SQLAlchemyError:
+            log.exception("console db: read failed")
+            return []
 
     def telemetry_since(self, device_id: str, since: float, limit: int = 20_000) -> list[dict[str, Any]]:
+        t = schema.telemetry.c
+        columns = [t.ts, t.model, t.backend, t.device, t.state, t.fps, t.p50_ms, t.p95_ms, t.p99_ms]
+        columns += [t.queue_depth, t.drops, t.errors, t.span_s]
         return self._query(
-            "SELECT ts, model, backend, device, state, fps, p50_ms, p95_ms, p99_ms, queue_depth, drops,"
-            " errors FROM telemetry WHERE device_id = ? AND ts >= ? ORDER BY ts LIMIT ?",
-            [device_id, since, limit],
+            sa.select(*columns).where(t.device_id == device_id, t.ts >= since).order_by(t.ts).limit(limit)
         )
 
     def placements_of(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        p = schema.placements.c
         return self._query(
-            "SELECT ts, generation, user, action, document FROM placements WHERE device_id = ?"
-            " ORDER BY id DESC LIMIT ?",
-            [device_id, limit],
+            sa.select(p.ts, p.generation, p.user, p.action, p.document)
+            .where(p.device_id == device_id)
+            .order_by(p.id.desc())
+            .limit(limit)
         )
 
     def known_devices(self) -> list[dict[str, Any]]:
-        return self._query("SELECT device_id, online, first_seen, last_seen, status_json FROM devices", [])
+        d = schema.devices.c
+        return self._query(sa.select(d.device_id, d.online, d.first_seen, d.last_seen, d.status_json))

@@ -1,4 +1,4 @@
-"""API tokens: per-user bearer credentials for scripts and CI, kept in the console's SQLite database.
+"""API tokens: per-user bearer credentials for scripts and CI, kept in the console's database.
 
 A token reads `ect_<id>_<secret>`. It is shown once, when made; the database keeps only the SHA-256
 of the secret (the secret is 256 random bits, so a fast hash is enough: there is nothing to guess),
@@ -17,14 +17,17 @@ import hashlib
 import hmac
 import logging
 import secrets
-import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cloud_console.auth import open_table
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
+
+from cloud_console import db as schema
+from cloud_console.db import migrate, open_engine
 
 log = logging.getLogger(__name__)
 
@@ -64,14 +67,17 @@ def effective_role(token_role: str, user_role: str) -> str:
     return token_role if ROLE_RANK.get(token_role, 0) <= ROLE_RANK.get(user_role, 0) else user_role
 
 
+T = schema.api_tokens
+LISTED = ("id", "user", "role", "name", "created", "last_used", "revoked")
+
+
 class TokenStore:
-    def __init__(self, db: Path) -> None:
-        self._db = open_table(
-            db,
-            "CREATE TABLE IF NOT EXISTS api_tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL,"
-            " role TEXT NOT NULL, name TEXT NOT NULL, hash TEXT NOT NULL, created REAL NOT NULL,"
-            " last_used REAL, revoked REAL)",
-        )
+    def __init__(self, db: Engine | str | Path) -> None:
+        """On the console's engine, or opened (and migrated) from a path or URL (the CLI)."""
+        self._owned = not isinstance(db, Engine)
+        self._db = db if isinstance(db, Engine) else open_engine(db)
+        if self._owned:
+            migrate(self._db)
         self._lock = threading.Lock()
         self._last_written: dict[str, float] = {}
 
@@ -84,10 +90,11 @@ class TokenStore:
             raise TokenError("a token needs a name of 1 to 64 characters (what it is for)")
         token_id, secret = secrets.token_hex(8), secrets.token_urlsafe(32)
         now = time.time()
-        with self._lock, self._db:
-            self._db.execute(
-                "INSERT INTO api_tokens (id, user, role, name, hash, created) VALUES (?, ?, ?, ?, ?, ?)",
-                (token_id, user, role, name, _digest(secret), now),
+        with self._db.begin() as conn:
+            conn.execute(
+                sa.insert(T).values(
+                    id=token_id, user=user, role=role, name=name, hash=_digest(secret), created=now
+                )
             )
         log.info("API token %s (%s) made for %s, role %s", token_id, name, user, role)
         row = {"id": token_id, "user": user, "role": role, "name": name, "created": now}
@@ -95,28 +102,24 @@ class TokenStore:
 
     def list(self, user: str | None = None) -> list[dict[str, Any]]:
         """Tokens (never their secrets), newest first; all users' when `user` is None."""
-        query = "SELECT id, user, role, name, created, last_used, revoked FROM api_tokens"
-        args: tuple[str, ...] = ()
+        query = sa.select(*(T.c[k] for k in LISTED)).order_by(T.c.created.desc())
         if user is not None:
-            query += " WHERE user = ?"
-            args = (user,)
-        with self._lock:
-            rows = self._db.execute(query + " ORDER BY created DESC", args).fetchall()
-        keys = ("id", "user", "role", "name", "created", "last_used", "revoked")
-        return [dict(zip(keys, row, strict=True)) for row in rows]
+            query = query.where(T.c.user == user)
+        with self._db.connect() as conn:
+            return [dict(row) for row in conn.execute(query).mappings()]
 
     def owner(self, token_id: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT user FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
-        return str(row[0]) if row else None
+        with self._db.connect() as conn:
+            found = conn.scalar(sa.select(T.c.user).where(T.c.id == token_id))
+        return str(found) if found is not None else None
 
     def revoke(self, token_id: str) -> bool:
-        """Revoke one token (at once, for every worker sharing the database). False if unknown."""
-        with self._lock, self._db:
-            done = self._db.execute(
-                "UPDATE api_tokens SET revoked = ? WHERE id = ? AND revoked IS NULL", (time.time(), token_id)
+        """Revoke one token (at once, for every process on the database). False if unknown."""
+        with self._db.begin() as conn:
+            done = conn.execute(
+                sa.update(T).where(T.c.id == token_id, T.c.revoked.is_(None)).values(revoked=time.time())
             ).rowcount
-            known = self._db.execute("SELECT 1 FROM api_tokens WHERE id = ?", (token_id,)).fetchone()
+            known = conn.scalar(sa.select(T.c.id).where(T.c.id == token_id))
         if done:
             log.info("API token %s revoked", token_id)
         return known is not None
@@ -124,11 +127,11 @@ class TokenStore:
     def revoke_all_but(self, users: set[str]) -> int:
         """Revoke the tokens of users no longer configured: a user added later under the same name
         must not inherit them. Returns how many were revoked."""
-        with self._lock, self._db:
-            rows = self._db.execute("SELECT id, user FROM api_tokens WHERE revoked IS NULL").fetchall()
+        with self._db.begin() as conn:
+            rows = conn.execute(sa.select(T.c.id, T.c.user).where(T.c.revoked.is_(None))).all()
             gone = [token_id for token_id, user in rows if user not in users]
-            now = time.time()
-            self._db.executemany("UPDATE api_tokens SET revoked = ? WHERE id = ?", [(now, t) for t in gone])
+            if gone:
+                conn.execute(sa.update(T).where(T.c.id.in_(gone)).values(revoked=time.time()))
         for token_id in gone:
             log.warning("API token %s revoked: its user is no longer configured", token_id)
         return len(gone)
@@ -140,25 +143,28 @@ class TokenStore:
             return None
         token_id, secret = parsed
         try:
-            with self._lock:
-                row = self._db.execute(
-                    "SELECT user, role, hash, revoked FROM api_tokens WHERE id = ?", (token_id,)
-                ).fetchone()
-        except sqlite3.Error:
+            with self._db.connect() as conn:
+                row = conn.execute(
+                    sa.select(T.c.user, T.c.role, T.c.hash, T.c.revoked).where(T.c.id == token_id)
+                ).one_or_none()
+        except sa.exc.SQLAlchemyError:
             log.exception("API tokens unreadable; refusing the token")
             return None
-        if row is None or row[3] is not None or not hmac.compare_digest(row[2], _digest(secret)):
+        if row is None or row.revoked is not None or not hmac.compare_digest(row.hash, _digest(secret)):
             return None
         now = time.time()
-        if now - self._last_written.get(token_id, 0.0) >= LAST_USE_EVERY_S:
-            self._last_written[token_id] = now
+        with self._lock:
+            due = now - self._last_written.get(token_id, 0.0) >= LAST_USE_EVERY_S
+            if due:
+                self._last_written[token_id] = now
+        if due:
             try:  # best effort: a busy database delays the note of last use, never the request
-                with self._lock, self._db:
-                    self._db.execute("UPDATE api_tokens SET last_used = ? WHERE id = ?", (now, token_id))
-            except sqlite3.Error as exc:
+                with self._db.begin() as conn:
+                    conn.execute(sa.update(T).where(T.c.id == token_id).values(last_used=now))
+            except sa.exc.SQLAlchemyError as exc:
                 log.warning("API token %s: last use not noted (%s)", token_id, exc)
-        return TokenIdentity(token_id, str(row[0]), str(row[1]))
+        return TokenIdentity(token_id, str(row.user), str(row.role))
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
+        if self._owned:
+            self._db.dispose()

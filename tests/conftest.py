@@ -35,6 +35,24 @@ def broker() -> Iterator[LocalBroker]:
         yield b
 
 
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[Any]:
+    """A private PostgreSQL server for the whole test session (tests/pg.py); skipped without one."""
+    from tests.pg import postgres_server
+
+    with postgres_server() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The console's database, once per store: a SQLite file, and a fresh PostgreSQL database."""
+    if request.param == "sqlite":
+        return str(tmp_path / "console.db")
+    server = request.getfixturevalue("postgres")
+    return str(server.fresh_database())
+
+
 class Collector:
     """A paho MQTT 5 subscriber that keeps every message it gets, for assertions."""
 

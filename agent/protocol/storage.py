@@ -1,9 +1,10 @@
-"""SQLite written by one thread in batches: the agent's metrics.db and the console's fleet history.
+"""A database written by one thread in batches: the agent's metrics.db and the console's fleet history.
 
 Both sides keep rows in memory (callers never block on the disk) and hand them to one writer thread,
 which owns its connection (SQLite connections are per thread), writes a batch per `flush_interval_s`
-in one transaction and prunes about once a minute. WAL and busy_timeout let readers (`sqlite3` on
-the device, the console's API threads) in while it writes. A table made by an older version gets the
+in one transaction and prunes about once a minute. The agent writes SQLite through sqlite-utils; the
+console overrides `connect`/`disconnect` with its SQLAlchemy engine (SQLite or PostgreSQL). WAL and
+busy_timeout let readers (`sqlite3` on the device, the console's API threads) in while it writes. A table made by an older version gets the
 columns it lacks: a schema change migrates instead of failing every insert.
 """
 
@@ -15,12 +16,14 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import sqlite_utils
 
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY_S = 60.0
+Conn = TypeVar("Conn")
 
 
 def open_db(path: Path) -> sqlite_utils.Database:
@@ -59,9 +62,10 @@ def ensure_table(
             table.add_column(column, kind)
 
 
-class BatchWriter:
+class BatchWriter(Generic[Conn]):
     """The writer thread: subclasses say what the schema is (`create_schema`), what one batch writes
-    (`flush`) and what retention deletes (`prune`); each is called with the thread's connection."""
+    (`flush`) and what retention deletes (`prune`); each is called with the thread's connection,
+    a sqlite-utils Database unless `connect`/`disconnect` say otherwise."""
 
     thread_name = "db-writer"
 
@@ -71,23 +75,30 @@ class BatchWriter:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def create_schema(self, db: sqlite_utils.Database) -> None:
+    def connect(self) -> Conn:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        db: Any = open_db(self.path)
+        return db  # a sqlite-utils Database: the Conn of writers that keep the default
+
+    def disconnect(self, db: Conn) -> None:
+        db.conn.close()  # type: ignore[attr-defined]
+
+    def create_schema(self, db: Conn) -> None:
         raise NotImplementedError
 
-    def flush(self, db: sqlite_utils.Database) -> None:
+    def flush(self, db: Conn) -> None:
         raise NotImplementedError
 
-    def prune(self, db: sqlite_utils.Database) -> None:
+    def prune(self, db: Conn) -> None:
         raise NotImplementedError
 
     def start(self) -> None:
         """Create the schema now, so a bad path fails at start, then run the writer thread."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        db = open_db(self.path)
+        db = self.connect()
         try:
             self.create_schema(db)
         finally:
-            db.conn.close()
+            self.disconnect(db)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
@@ -99,7 +110,7 @@ class BatchWriter:
             self._thread.join(30.0)
 
     def _run(self) -> None:
-        db = open_db(self.path)
+        db = self.connect()
         last_prune = 0.0
         try:
             while not self._stop.wait(self.flush_interval_s):
@@ -109,4 +120,4 @@ class BatchWriter:
                     last_prune = time.monotonic()
             self.flush(db)
         finally:
-            db.conn.close()
+            self.disconnect(db)
