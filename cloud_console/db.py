@@ -321,8 +321,8 @@ def shared_secret(engine: Engine, key: str = "session_secret") -> bytes:
 
 
 def process_name() -> str:
-    """Who holds a lease: host and pid, readable in the leases table."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+    """Who holds a lease: host, pid and a random tag (two consoles in one process are two holders)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 class Lease:

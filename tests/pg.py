@@ -25,6 +25,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
+INITDB_OPTIONS = ["-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]
+# Durability is not under test here: no fsync, so a test session's server costs little disk time.
+SERVER_OPTIONS = ["-c", "fsync=off", "-c", "full_page_writes=off", "-c", "synchronous_commit=off"]
+SERVER_OPTIONS += ["-c", "max_connections=200"]
 BIN_DIRS = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
 
 
@@ -58,23 +62,29 @@ class PostgresServer:
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError as exc:
-                raise RuntimeError("running as root needs the `postgres` user (apt-get install postgresql)") from exc
+                raise RuntimeError(
+                    "running as root needs the `postgres` user (apt-get install postgresql)"
+                ) from exc
             os.chown(self.folder, user.pw_uid, user.pw_gid)
             self._as = ["runuser", "-u", "postgres", "--"]
 
     def start(self) -> PostgresServer:
         subprocess.run(
-            [*self._as, str(self.bin_dir / "initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres"]
-            + ["--no-sync", "-E", "UTF8"],
+            [*self._as, str(self.bin_dir / "initdb"), "-D", str(self.data), *INITDB_OPTIONS],
             check=True,
             capture_output=True,
             timeout=120,
         )
         with self.log.open("wb") as out:
             self.proc = subprocess.Popen(
-                [*self._as, str(self.bin_dir / "postgres"), "-D", str(self.data), "-p", str(self.port)]
-                + ["-h", "127.0.0.1", "-k", str(self.folder), "-c", "fsync=off", "-c", "full_page_writes=off"]
-                + ["-c", "synchronous_commit=off", "-c", "max_connections=200"],
+                [
+                    *self._as,
+                    str(self.bin_dir / "postgres"),
+                    "-D",
+                    str(self.data),
+                    *self._where(),
+                    *SERVER_OPTIONS,
+                ],
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -88,6 +98,10 @@ class PostgresServer:
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"postgres did not start: {self.log.read_text()[-2000:]}") from None
                 time.sleep(0.1)
+
+    def _where(self) -> list[str]:
+        """Loopback TCP on our port, and the socket in our own folder (not /var/run/postgresql)."""
+        return ["-p", str(self.port), "-h", "127.0.0.1", "-k", str(self.folder)]
 
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@127.0.0.1:{self.port}/{database}"

@@ -17,15 +17,26 @@ from tests.test_console import REPO, Client, ConsoleProcess
 pytestmark = pytest.mark.timeout(180)
 
 
-def test_token_store_keeps_only_a_hash_and_revokes_at_once(tmp_path):
-    db = tmp_path / "console.db"
-    store = TokenStore(db)
+def _dump(database: str) -> str:
+    """Every row of every table, as text."""
+    import sqlalchemy as sa
+
+    from cloud_console.db import metadata, open_engine
+
+    with open_engine(database).connect() as conn:
+        return "\n".join(
+            repr(tuple(row)) for t in metadata.sorted_tables for row in conn.execute(sa.select(t))
+        )
+
+
+def test_token_store_keeps_only_a_hash_and_revokes_at_once(database):
+    store = TokenStore(database)
     token, row = store.create("ops", "admin", "nightly deploy")
     assert token.startswith(f"ect_{row['id']}_")
     secret = token.split("_", 2)[2]
-    dump = "\n".join(sqlite3.connect(db).iterdump())
+    dump = _dump(database)
     assert secret not in dump and row["id"] in dump  # the secret itself is never stored
-    other_worker = TokenStore(db)  # a second console worker on the same database
+    other_worker = TokenStore(database)  # a second console process on the same database
     identity = other_worker.authenticate(token)
     assert identity is not None and (identity.user, identity.role) == ("ops", "admin")
     assert other_worker.authenticate(token[:-1] + ("A" if token[-1] != "A" else "B")) is None

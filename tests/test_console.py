@@ -236,19 +236,27 @@ def test_session_cookie_rejects_tampering_expiry_and_logout():
     assert signer.read(cookie) is None
 
 
-def test_a_logout_outlives_a_restart_and_reaches_other_workers(tmp_path):
-    """Revocations live in the console's database: a worker started later with the same secret and
-    database (a restart, or a second worker) refuses the logged-out cookie too."""
-    db = tmp_path / "console.db"
-    first = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
-    other_worker = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
+def test_a_logout_outlives_a_restart_and_reaches_other_workers(database):
+    """Sessions live in the console's database (SQLite or PostgreSQL): a process started later with
+    the same secret and database (a restart, or a second process) accepts the session and refuses it
+    once logged out."""
+    from cloud_console.db import migrate, open_engine
+
+    engine = open_engine(database)
+    migrate(engine)
+    first = auth.SessionSigner(b"k" * 32, 3600, db=engine)
+    other_worker = auth.SessionSigner(b"k" * 32, 3600, db=open_engine(database))
     cookie, session = first.issue("alice", auth.password_binding("scrypt$old"))
     kept, _ = first.issue("alice")
     assert other_worker.read(cookie) == session
     first.revoke(session)
     assert other_worker.read(cookie) is None
-    restarted = auth.SessionSigner(b"k" * 32, 3600, revocations=db)
+    restarted = auth.SessionSigner(b"k" * 32, 3600, db=open_engine(database))
     assert restarted.read(cookie) is None and restarted.read(kept) is not None
+    # A validly signed cookie whose session the database never issued is refused (a database reset,
+    # or a secret that leaked without the database).
+    stateless = auth.SessionSigner(b"k" * 32, 3600).issue("alice")[0]
+    assert restarted.read(stateless) is None
     # The cookie carries a digest of the password hash at login; a changed password ends it.
     assert session.key == auth.password_binding("scrypt$old") != auth.password_binding("scrypt$new")
     assert "scrypt" not in cookie

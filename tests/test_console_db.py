@@ -1,0 +1,274 @@
+"""The console's database on both stores (a SQLite file, a real PostgreSQL server from tests/pg.py):
+history written and read back, downsampling and the size bound, leases for run-once work, the
+shared session secret, and the upgrade in place of a console.db from the previous version."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+from agent.protocol.schemas import DeviceTelemetry, Percentiles, Telemetry, TenantTelemetry
+from cloud_console import auth
+from cloud_console import db as schema
+from cloud_console.db import SCHEMA_VERSION, Lease, migrate, open_engine, run_once, shared_secret
+from cloud_console.model_store import ModelStore
+from cloud_console.store import ConsoleStore
+from cloud_console.tokens import TokenStore
+
+pytestmark = pytest.mark.timeout(120)
+
+
+def _telemetry(device_id: str, ts: float, fps: float, frames_out: int) -> Telemetry:
+    return Telemetry(
+        device_id=device_id,
+        ts=ts,
+        interval_s=5.0,
+        tenants=[
+            TenantTelemetry(
+                model="efficientnet-lite0",
+                backend="onnxruntime",
+                device="cpu",
+                instances=1,
+                state="ready",
+                fps=fps,
+                frames_in=frames_out,
+                frames_out=frames_out,
+                queue_depth=int(fps) % 7,
+                latency_ms=Percentiles(p50=8.0, p95=12.5, p99=13.0 + fps),
+            )
+        ],
+        device=DeviceTelemetry(cpu_percent=fps, rss_mb=200.0),
+    )
+
+
+def _store(database: str, **kwargs: Any) -> ConsoleStore:
+    """A store with its schema made and no writer thread: the test drives flush and prune."""
+    store = ConsoleStore(database, retention_s=1e9, **kwargs)
+    store.create_schema(store.connect())
+    return store
+
+
+def _rows(store: ConsoleStore, query: str) -> list[tuple[object, ...]]:
+    with store.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.text(query)).all()]
+
+
+def test_history_is_written_in_batches_and_read_back(database):
+    store = _store(database)
+    now = time.time()
+    for i in range(3):
+        store.add_telemetry("cam1", _telemetry("cam1", now - 30 + i, fps=10.0 + i, frames_out=i))
+    store.put_device("cam1", True, now - 60, now - 10, '{"old": true}')
+    store.put_device("cam1", True, now - 60, now, '{"online": true}')  # coalesced: the latest wins
+    store.put_device("gone", False, now, now, "{}")
+    store.forget_device("gone")
+    store.add_placement("cam1", 3, "ops", "edit", '{"generation": 3}')
+    with store.connect() as conn:
+        store.flush(conn)
+    assert store.written == 3 + 3 + 1 + 1 + 1 and store.lost == 0
+    history = store.telemetry_since("cam1", now - 3600)
+    assert [(r["fps"], r["p99_ms"], r["span_s"]) for r in history] == [
+        (10.0, 23.0, 0.0),
+        (11.0, 24.0, 0.0),
+        (12.0, 25.0, 0.0),
+    ]
+    assert [(d["device_id"], d["status_json"]) for d in store.known_devices()] == [
+        ("cam1", '{"online": true}')
+    ]
+    placed = store.placements_of("cam1")
+    assert [(p["generation"], p["user"], p["action"]) for p in placed] == [(3, "ops", "edit")]
+    # A second process on the same database sees the first's device row with the first first_seen.
+    other = _store(database)
+    other.put_device("cam1", False, now, now + 1, '{"online": false}')
+    with other.connect() as conn:
+        other.flush(conn)
+    [row] = other.known_devices()
+    assert row["first_seen"] == pytest.approx(now - 60) and row["online"] == 0
+
+
+def test_old_telemetry_is_downsampled_and_the_history_bounded(database):
+    store = _store(database, downsample_after_s=3600.0, downsample_bucket_s=60.0, max_rows=None)
+    now = time.time()
+    bucket = (now - 3 * 3600) // 60 * 60  # one whole minute, three hours ago
+    for i, (fps, frames) in enumerate([(10.0, 5), (20.0, 7), (30.0, 9)]):
+        store.add_telemetry("cam1", _telemetry("cam1", bucket + 5 + 10 * i, fps, frames))
+    store.add_telemetry("cam2", _telemetry("cam2", bucket + 30, 50.0, 1))
+    for i in range(4):  # recent: kept raw
+        store.add_telemetry("cam1", _telemetry("cam1", now - 60 + i, 40.0, 100 + i))
+    with store.connect() as conn:
+        store.flush(conn)
+        store.prune(conn)
+    history = store.telemetry_since("cam1", 0)
+    old = [r for r in history if r["ts"] < now - 3600]
+    assert len(old) == 1, history  # three raw rows became one per device and minute
+    assert old[0]["ts"] == pytest.approx(bucket) and old[0]["span_s"] == 60.0
+    assert old[0]["fps"] == pytest.approx(20.0) and old[0]["p99_ms"] == pytest.approx(43.0)
+    assert _rows(
+        store, f"SELECT frames_out FROM telemetry WHERE device_id = 'cam1' AND ts < {now - 3600}"
+    ) == [(9,)]  # a counter (since the tenant started) keeps its last value
+    assert [r["span_s"] for r in history if r["ts"] >= now - 3600] == [0.0] * 4
+    assert len([r for r in store.telemetry_since("cam2", 0)]) == 1
+    host = _rows(
+        store, f"SELECT cpu_percent, span_s FROM host_metrics WHERE device_id = 'cam1' AND ts < {now - 3600}"
+    )
+    assert host == [(pytest.approx(20.0), 60.0)]
+    assert store.downsampled == 4 + 4  # raw rows replaced: tenants and host
+    with store.connect() as conn:
+        store.prune(conn)  # again: nothing more to do, the downsampled rows stay as they are
+    assert len(store.telemetry_since("cam1", 0)) == 5
+
+    bounded = _store(database, max_rows=3)
+    with bounded.connect() as conn:
+        bounded.prune(conn)  # another holder's lease: nothing happens
+    assert len(_rows(bounded, "SELECT ts FROM telemetry")) == 6
+    bounded.maintenance.holder = store.maintenance.holder
+    with bounded.connect() as conn:
+        bounded.prune(conn)
+    kept = sorted(t for (t,) in _rows(bounded, "SELECT ts FROM telemetry"))
+    assert len(kept) == 3 and kept[0] >= now - 60  # the newest stay
+
+
+def test_a_lease_has_one_holder_until_it_expires(database):
+    engine = open_engine(database)
+    migrate(engine)
+    first = Lease(engine, "rollout-step", ttl_s=60.0, holder="a")
+    second = Lease(engine, "rollout-step", ttl_s=60.0, holder="b")
+    ran: list[str] = []
+    assert run_once(first, lambda: ran.append("a"))
+    assert not run_once(second, lambda: ran.append("b"))
+    assert first.held() and ran == ["a"]
+    with engine.begin() as conn:  # the holder died a while ago: its lease ran out
+        conn.execute(sa.update(schema.leases).values(expires=time.time() - 1))
+    assert second.held() and not first.held()
+    second.release()
+    assert first.held()
+    assert Lease(engine, "other-job", holder="b").held()  # one lease per job name
+
+
+def test_every_process_on_a_database_gets_the_same_session_secret(database):
+    engines = [open_engine(database) for _ in range(2)]
+    migrate(engines[0])
+    secrets_seen = {shared_secret(e) for e in engines}
+    assert len(secrets_seen) == 1 and len(next(iter(secrets_seen))) >= 32
+
+
+def test_processes_starting_together_migrate_once(database):
+    engines = [open_engine(database) for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def start(engine: sa.engine.Engine) -> None:
+        try:
+            migrate(engine)
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if database.startswith("postgresql"):
+        assert errors == []
+    with engines[0].connect() as conn:
+        assert conn.execute(sa.select(schema.schema_version.c.version)).scalars().all() == [SCHEMA_VERSION]
+
+
+# The previous version's console.db, as sqlite-utils and the auth modules made it (no schema_version).
+PREVIOUS_LAYOUT = """
+CREATE TABLE "telemetry" ("ts" REAL, "device_id" TEXT, "model" TEXT, "backend" TEXT, "device" TEXT,
+  "state" TEXT, "instances" INTEGER, "fps" REAL, "p50_ms" REAL, "p95_ms" REAL, "p99_ms" REAL,
+  "queue_depth" INTEGER, "frames_in" INTEGER, "frames_out" INTEGER, "errors" INTEGER, "drops" INTEGER,
+  "stalls" INTEGER, "batch_size_mean" REAL);
+CREATE INDEX "idx_telemetry_device_id_ts" ON "telemetry" ("device_id", "ts");
+CREATE INDEX "idx_telemetry_ts" ON "telemetry" ("ts");
+CREATE TABLE "host_metrics" ("ts" REAL, "device_id" TEXT, "cpu_percent" REAL, "rss_mb" REAL,
+  "temperature_c" REAL, "load_1m" REAL, "duplicates" INTEGER, "publishes_refused" INTEGER);
+CREATE INDEX "idx_host_metrics_device_id_ts" ON "host_metrics" ("device_id", "ts");
+CREATE INDEX "idx_host_metrics_ts" ON "host_metrics" ("ts");
+CREATE TABLE "devices" ("device_id" TEXT PRIMARY KEY, "online" INTEGER, "first_seen" REAL,
+  "last_seen" REAL, "status_json" TEXT);
+CREATE TABLE "placements" ("id" INTEGER PRIMARY KEY, "ts" REAL, "device_id" TEXT, "generation" INTEGER,
+  "user" TEXT, "action" TEXT, "document" TEXT);
+CREATE INDEX "idx_placements_device_id_ts" ON "placements" ("device_id", "ts");
+CREATE TABLE password_upgrades (user TEXT PRIMARY KEY, replaces TEXT NOT NULL, hash TEXT NOT NULL,
+  ts REAL NOT NULL);
+CREATE TABLE revoked_sessions (sid TEXT PRIMARY KEY, expires REAL NOT NULL);
+CREATE TABLE api_tokens (id TEXT PRIMARY KEY, user TEXT NOT NULL, role TEXT NOT NULL, name TEXT NOT NULL,
+  hash TEXT NOT NULL, created REAL NOT NULL, last_used REAL, revoked REAL);
+"""
+
+
+def test_the_previous_sqlite_layout_upgrades_in_place(tmp_path: Path):
+    """A console.db written by the previous version (and its model store index files) opens with
+    every row kept: history, devices, placements, API tokens, upgraded password hashes, models."""
+    path = tmp_path / "console.db"
+    now = time.time()
+    token = "ect_0123456789abcdef_" + "s" * 43  # a token as the previous version stored it
+    from cloud_console.tokens import _digest
+
+    with sqlite3.connect(path) as conn:
+        conn.executescript(PREVIOUS_LAYOUT)
+        conn.execute(
+            "INSERT INTO telemetry (ts, device_id, model, fps, frames_out) VALUES (?, 'cam1', 'm', 12.5, 7)",
+            [now],
+        )
+        conn.execute("INSERT INTO host_metrics (ts, device_id, cpu_percent) VALUES (?, 'cam1', 3.0)", [now])
+        conn.execute(
+            "INSERT INTO devices VALUES ('cam1', 1, ?, ?, '{\"device_id\": \"cam1\"}')", [now - 9, now]
+        )
+        conn.execute(
+            "INSERT INTO placements (ts, device_id, generation, user, action, document)"
+            " VALUES (?, 'cam1', 4, 'ops', 'edit', '{}')",
+            [now],
+        )
+        conn.execute(
+            "INSERT INTO password_upgrades VALUES ('ops', ?, 'upgraded-hash', ?)",
+            [auth.password_binding("cfg"), now],
+        )
+        conn.execute("INSERT INTO revoked_sessions VALUES ('old-sid', ?)", [now + 60])
+        conn.execute(
+            "INSERT INTO api_tokens (id, user, role, name, hash, created) VALUES ('0123456789abcdef', 'ops',"
+            " 'admin', 'ci', ?, ?)",
+            [_digest("s" * 43), now],
+        )
+    entry = {
+        "name": "det",
+        "version": "1.0",
+        "task": "detect",
+        "files": [],
+        "size": 0,
+        "uploaded_at": now,
+        "by": "ops",
+    }
+    index = tmp_path / "model-store" / "index" / "det"
+    index.mkdir(parents=True)
+    (index / "1.0.json").write_text(json.dumps(entry))
+
+    engine = open_engine(path)
+    assert migrate(engine) == 0  # the layout from before versions were kept
+    assert migrate(engine) == SCHEMA_VERSION  # and nothing runs twice
+    store = ConsoleStore(engine, retention_s=1e9)
+    [row] = store.telemetry_since("cam1", 0)
+    assert (row["fps"], row["span_s"]) == (12.5, 0.0)  # old rows count as raw
+    assert [d["device_id"] for d in store.known_devices()] == ["cam1"]
+    assert [p["generation"] for p in store.placements_of("cam1")] == [4]
+    assert auth.PasswordUpgrades(engine).effective("ops", "cfg") == "upgraded-hash"
+    identity = TokenStore(engine).authenticate(token)
+    assert identity is not None and (identity.user, identity.role) == ("ops", "admin")
+    models = ModelStore(tmp_path / "model-store", engine)
+    assert [(e["name"], e["version"], e["by"]) for e in models.list()] == [("det", "1.0", "ops")]
+    # New telemetry takes the new column; new sessions go to the sessions table.
+    store.add_telemetry("cam1", _telemetry("cam1", now + 1, 30.0, 8))
+    with store.connect() as conn:
+        store.flush(conn)
+    assert [r["span_s"] for r in store.telemetry_since("cam1", 0)] == [0.0, 0.0]
+    signer = auth.SessionSigner(b"k" * 32, 3600, db=engine)
+    cookie, _ = signer.issue("ops")
+    assert signer.read(cookie) is not None
