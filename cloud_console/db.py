@@ -92,7 +92,8 @@ host_metrics = sa.Table(
     "host_metrics",
     metadata,
     *(_col(n, k) for n, k in HOST_COLUMNS.items()),
-    sa.Index("idx_host_metrics_device_id_ts", "device_id", "ts"),
+    # One host row per telemetry message: a message the broker sends again is stored once.
+    sa.Index("idx_host_metrics_device_id_ts", "device_id", "ts", unique=True),
     sa.Index("idx_host_metrics_ts", "ts"),
 )
 devices = sa.Table(
@@ -190,7 +191,29 @@ def _step_raw_telemetry(conn: Connection) -> None:
     conn.execute(sa.update(host_metrics).where(host_metrics.c.span_s.is_(None)).values(span_s=0.0))
 
 
-MIGRATIONS: list[Callable[[Connection], None]] = [_step_sessions_in_db, _step_raw_telemetry]
+def _step_one_row_per_message(conn: Connection) -> None:
+    """v3: host rows unique per (device, ts), so a telemetry message delivered twice is stored once."""
+    name = "idx_host_metrics_device_id_ts"
+    found = {i["name"]: i for i in sa.inspect(conn).get_indexes("host_metrics")}
+    if name in found and found[name]["unique"]:
+        return
+    if name in found:
+        conn.execute(sa.text(f"DROP INDEX {name}"))
+    row_id = "ctid" if is_postgres(conn) else "rowid"
+    conn.execute(
+        sa.text(
+            f"DELETE FROM host_metrics WHERE {row_id} NOT IN"  # noqa: S608 - constants only
+            f" (SELECT min({row_id}) FROM host_metrics GROUP BY device_id, ts)"
+        )
+    )
+    conn.execute(sa.text(f"CREATE UNIQUE INDEX {name} ON host_metrics (device_id, ts)"))
+
+
+MIGRATIONS: list[Callable[[Connection], None]] = [
+    _step_sessions_in_db,
+    _step_raw_telemetry,
+    _step_one_row_per_message,
+]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x6564_6765  # "edge": the advisory lock key of migrations on PostgreSQL
 

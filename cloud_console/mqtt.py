@@ -3,8 +3,17 @@
 aiomqtt does not reconnect by itself; `run()` uses the agent's loop for it (agent.protocol.connection:
 exponential backoff with jitter, the MQTT 3.1.1 fallback, which goes back to MQTT 5 after a failed
 3.1.1 try). Subscriptions are replayed on every connect. A handler that raises is logged and
-counted; it never stops dispatch. The console needs no persistent session: what it must know on
-(re)connect is retained at the broker (status, placement), and telemetry is live-only.
+counted; it never stops dispatch. Alone, the console needs no persistent session: what it must
+know on (re)connect is retained at the broker (status, placement), and telemetry is live-only.
+
+With a shared group (several console processes on one database) telemetry is history that must not
+be lost when a process dies: it is subscribed at QoS 1 on a persistent session (a client id stable
+across restarts, a session expiry), and each message is acknowledged only once the database holds
+it (`ack_after`: the store's batch number; `acknowledge_through` when that batch is committed). A
+process killed with messages unstored leaves them unacknowledged in its broker session: the broker
+sends them again when the process (or another one taking its session over, docs/operations.md)
+connects with that client id. MQTT 5 Receive Maximum is raised so that unacknowledged messages
+do not throttle delivery (Mosquitto's default is 20 in flight).
 """
 
 from __future__ import annotations
@@ -14,10 +23,13 @@ import logging
 import os
 import socket
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 import aiomqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from agent.protocol.broker import BrokerAddress, client_tls, credentials
 from agent.protocol.connection import Backoff, Link, VersionChoice, keep_connected
@@ -28,6 +40,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+RECEIVE_MAXIMUM = 65535  # QoS 1 messages in flight to us, unacknowledged until stored
+SESSION_EXPIRY_S = 86400  # a shared-group process's session (and its unacknowledged messages) waits a day
 
 
 class PublishFailed(Exception):
@@ -48,20 +62,30 @@ class ConsoleMqtt:
         prefix: str,
         handler: Handler,
         shared_group: str | None = None,
+        *,
+        ack_after: Callable[[], int] | None = None,
+        stable_id: str | None = None,
     ) -> None:
         self.address = address
         self.settings = settings
         self.prefix = prefix
         self.handler = handler
-        self.client_id = settings.client_id or f"edge-console-{socket.gethostname()[:24]}-{os.getpid()}"
+        # Shared group: the store's batch number a message lands in; acked once that batch is stored.
+        self.ack_after = ack_after if shared_group else None
+        host = socket.gethostname()[:24]
+        default_id = f"edge-console-{host}-{stable_id}" if shared_group and stable_id else None
+        self.client_id = settings.client_id or default_id or f"edge-console-{host}-{os.getpid()}"
+        self.persistent = self.ack_after is not None
         telemetry = fleet_filter("telemetry", prefix)
         self.subscriptions: list[tuple[str, int]] = [
             (fleet_filter("status", prefix), 1),
             (fleet_filter("placement", prefix), 1),
-            # Telemetry is live-only here (agents publish it at QoS 1; QoS 0 is enough for a live view).
-            # A shared group splits it between console workers.
-            (f"$share/{shared_group}/{telemetry}" if shared_group else telemetry, 0),
+            # Alone, telemetry is live-only (agents publish it at QoS 1; QoS 0 is enough for a live
+            # view). A shared group splits it between console processes, at QoS 1: none is lost.
+            (f"$share/{shared_group}/{telemetry}", 1) if shared_group else (telemetry, 0),
         ]
+        self._unacked: deque[tuple[int, Link, int, int]] = deque()  # (batch, link, mid, qos)
+        self.acked = 0
         self.connected = asyncio.Event()
         self.connects = 0
         self.received = 0
@@ -88,8 +112,10 @@ class ConsoleMqtt:
         username, password = credentials(self.address, self.settings.username, self.settings.password)
 
         def link_for(version: str) -> Link:
-            # A fresh client each time: the console keeps no session.
-            return Link(self._new_client(version, username, password, tls))
+            # A fresh client each time (a persistent session lives at the broker, not in the client).
+            link = Link(self._new_client(version, username, password, tls))
+            link.paho.manual_ack_set(True)  # acked in _dispatch, or once stored (acknowledge_through)
+            return link
 
         def failed(exc: BaseException) -> None:
             self.last_error = str(exc)
@@ -122,8 +148,15 @@ class ConsoleMqtt:
         self, version: str, username: str | None, password: str | None, tls: ssl.SSLContext | None
     ) -> aiomqtt.Client:
         v311 = version == "3.1.1"
-        # MQTT 5 starts clean; 3.1.1 has a clean session instead (the console keeps no session).
-        session: dict[str, Any] = {"clean_session": True} if v311 else {"clean_start": True}
+        # Alone: MQTT 5 starts clean, 3.1.1 has a clean session. Shared group: the session persists.
+        clean = not self.persistent
+        session: dict[str, Any] = {"clean_session": clean} if v311 else {"clean_start": clean}
+        if not v311:
+            props = Properties(PacketTypes.CONNECT)
+            props.ReceiveMaximum = RECEIVE_MAXIMUM
+            if self.persistent:
+                props.SessionExpiryInterval = SESSION_EXPIRY_S
+            session["properties"] = props
         client = aiomqtt.Client(
             hostname=self.address.host,
             port=self.address.port,
@@ -144,6 +177,8 @@ class ConsoleMqtt:
     def _down(self) -> None:
         self.connected.clear()
         self._link = None
+        # Unacknowledged messages of the lost connection come again on the next (persistent session).
+        self._unacked.clear()
 
     def _dispatch(self, message: aiomqtt.Message) -> None:
         self.received += 1
@@ -153,6 +188,23 @@ class ConsoleMqtt:
         except Exception:
             self.handler_errors += 1
             log.exception("handler failed on %s", message.topic.value)
+        if message.qos == 0:
+            return
+        link = self._link
+        if link is None:
+            return
+        if self.ack_after is not None and message.topic.value.endswith("/telemetry"):
+            self._unacked.append((self.ack_after(), link, message.mid, message.qos))
+        else:
+            link.paho.ack(message.mid, message.qos)
+
+    def acknowledge_through(self, batch: int) -> None:
+        """The store committed batches up to `batch`: acknowledge their messages (event loop only)."""
+        while self._unacked and self._unacked[0][0] <= batch:
+            _, link, mid, qos = self._unacked.popleft()
+            if link is self._link:
+                link.paho.ack(mid, qos)
+                self.acked += 1
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and, for QoS 1, wait for the broker's ack. Raises PublishFailed when down."""

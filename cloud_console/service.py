@@ -103,6 +103,8 @@ class Console:
             self.prefix,
             self.dispatch,
             shared_group=config.shared_group,
+            ack_after=self.store.batch_number,  # with a shared group: acked once stored
+            stable_id=config.web.listen.rpartition(":")[2],  # the same id (and session) after a restart
         )
         # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
         self.models = ModelStore(storage.model_store_dir(), self.engine)
@@ -116,6 +118,12 @@ class Console:
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def committed(batch: int) -> None:  # on the writer thread
+            loop.call_soon_threadsafe(self.mqtt.acknowledge_through, batch)
+
+        self.store.on_commit = committed
         await asyncio.to_thread(self.store.start)
         await asyncio.to_thread(self._load_known_devices)
         self._tasks = [

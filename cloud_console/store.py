@@ -15,10 +15,13 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql as pg
+from sqlalchemy.dialects import sqlite as sq
 from sqlalchemy.engine import Connection, Engine
 
 from agent.protocol.schemas import DeviceCounters, Telemetry, TenantCounters
@@ -113,8 +116,15 @@ def downsample(conn: Connection, table: sa.Table, agg: dict[str, str], before: f
     columns.append(width.label("span_s"))
     names.append("span_s")
     select = sa.select(*columns).where(raw).group_by(bucket, *keys)
-    conn.execute(sa.insert(table).from_select(names, select))
-    return int(conn.execute(sa.delete(table).where(raw)).rowcount)
+    # Aggregate aside, delete, then insert: a bucket row may share (device, ts) with a raw row it
+    # replaces, and host rows are unique on that pair.
+    query = select.compile(dialect=conn.dialect, compile_kwargs={"literal_binds": True})
+    conn.execute(sa.text(f"CREATE TEMPORARY TABLE downsampled AS {query}"))
+    gone = int(conn.execute(sa.delete(table).where(raw)).rowcount)
+    listed = ", ".join(names)
+    conn.execute(sa.text(f"INSERT INTO {table.name} ({listed}) SELECT {listed} FROM downsampled"))  # noqa: S608
+    conn.execute(sa.text("DROP TABLE downsampled"))
+    return gone
 
 
 class ConsoleStore(BatchWriter[Connection]):
@@ -147,6 +157,11 @@ class ConsoleStore(BatchWriter[Connection]):
         self.lost = 0
         self.last_flush_ms = 0.0
         self.downsampled = 0
+        self.duplicates = 0  # messages delivered again and not stored twice
+        # Rows added now land in batch `batch`; `on_commit(n)` (from the writer thread) says every
+        # batch up to n is in the database: the MQTT side acknowledges their messages then.
+        self.batch = 0
+        self.on_commit: Callable[[int], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------
     def connect(self) -> Connection:
@@ -205,8 +220,14 @@ class ConsoleStore(BatchWriter[Connection]):
             self._placements.append(row)
 
     # -- writer thread ---------------------------------------------------------------------------
+    def batch_number(self) -> int:
+        """The batch rows added now will be written in (the event loop's side of `on_commit`)."""
+        return self.batch
+
     def flush(self, db: Connection) -> None:
         with self._lock:
+            batch = self.batch
+            self.batch += 1
             telemetry, self._telemetry = self._telemetry, []
             hosts, self._hosts = self._hosts, []
             devices, self._devices = self._devices, {}
@@ -214,14 +235,19 @@ class ConsoleStore(BatchWriter[Connection]):
             forget, self._forget = self._forget, set()
         count = len(telemetry) + len(hosts) + len(devices) + len(placements) + len(forget)
         if not count:
+            self._committed(batch)
             return
         started = time.perf_counter()
         try:
             with db.begin():  # one transaction per batch
+                if hosts:
+                    # A message sent again (its ack was lost with a process) is there already.
+                    fresh = self._insert_new(db, hosts)
+                    if len(fresh) < len(hosts):
+                        self.duplicates += len(hosts) - len(fresh)
+                        telemetry = [r for r in telemetry if (r["device_id"], float(r["ts"])) in fresh]
                 if telemetry:
                     db.execute(sa.insert(schema.telemetry), telemetry)
-                if hosts:
-                    db.execute(sa.insert(schema.host_metrics), hosts)
                 if devices:
                     # Every process following status writes the same row: first_seen stays the first.
                     rows = sorted(devices.values(), key=lambda r: r["device_id"])  # one lock order
@@ -231,10 +257,29 @@ class ConsoleStore(BatchWriter[Connection]):
                 if forget:
                     db.execute(sa.delete(schema.devices).where(schema.devices.c.device_id.in_(forget)))
             self.written += count
+            self._committed(batch)
         except sa.exc.SQLAlchemyError:
+            # Not acknowledged: with a shared group the broker sends these messages again.
             log.exception("console db: could not write %d rows", count)
             self.lost += count
         self.last_flush_ms = (time.perf_counter() - started) * 1000.0
+
+    @staticmethod
+    def _insert_new(db: Connection, hosts: list[dict[str, Any]]) -> set[tuple[str, float]]:
+        """Insert the host rows not stored yet; the (device, ts) of those inserted."""
+        h = schema.host_metrics
+        stmt = (pg.insert if db.dialect.name == "postgresql" else sq.insert)(h)
+        done = stmt.on_conflict_do_nothing(index_elements=["device_id", "ts"]).returning(
+            h.c.device_id, h.c.ts
+        )
+        return {(device_id, float(ts)) for device_id, ts in db.execute(done, hosts)}
+
+    def _committed(self, batch: int) -> None:
+        if self.on_commit is not None:
+            try:
+                self.on_commit(batch)
+            except Exception:  # an event loop already closed at shutdown
+                log.debug("commit of batch %d not passed on", batch, exc_info=True)
 
     def prune(self, db: Connection) -> None:
         """Retention, downsampling and the size bound: in one process of several (a lease)."""

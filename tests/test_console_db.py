@@ -84,6 +84,13 @@ def test_history_is_written_in_batches_and_read_back(database):
     ]
     placed = store.placements_of("cam1")
     assert [(p["generation"], p["user"], p["action"]) for p in placed] == [(3, "ops", "edit")]
+    # A message the broker sends again (its ack was lost with a killed process) is stored once.
+    store.add_telemetry("cam1", _telemetry("cam1", now - 30, fps=10.0, frames_out=0))
+    store.add_telemetry("cam1", _telemetry("cam1", now - 5, fps=99.0, frames_out=9))
+    with store.connect() as conn:
+        store.flush(conn)
+    assert store.duplicates == 1
+    assert [r["fps"] for r in store.telemetry_since("cam1", now - 3600)] == [10.0, 11.0, 12.0, 99.0]
     # A second process on the same database sees the first's device row with the first first_seen.
     other = _store(database)
     other.put_device("cam1", False, now, now + 1, '{"online": false}')
@@ -219,7 +226,10 @@ def test_the_previous_sqlite_layout_upgrades_in_place(tmp_path: Path):
             "INSERT INTO telemetry (ts, device_id, model, fps, frames_out) VALUES (?, 'cam1', 'm', 12.5, 7)",
             [now],
         )
-        conn.execute("INSERT INTO host_metrics (ts, device_id, cpu_percent) VALUES (?, 'cam1', 3.0)", [now])
+        for _ in range(2):  # the same message twice: kept once
+            conn.execute(
+                "INSERT INTO host_metrics (ts, device_id, cpu_percent) VALUES (?, 'cam1', 3.0)", [now]
+            )
         conn.execute(
             "INSERT INTO devices VALUES ('cam1', 1, ?, ?, '{\"device_id\": \"cam1\"}')", [now - 9, now]
         )
@@ -259,6 +269,7 @@ def test_the_previous_sqlite_layout_upgrades_in_place(tmp_path: Path):
     assert (row["fps"], row["span_s"]) == (12.5, 0.0)  # old rows count as raw
     assert [d["device_id"] for d in store.known_devices()] == ["cam1"]
     assert [p["generation"] for p in store.placements_of("cam1")] == [4]
+    assert _rows(store, "SELECT device_id, cpu_percent FROM host_metrics") == [("cam1", 3.0)]
     assert auth.PasswordUpgrades(engine).effective("ops", "cfg") == "upgraded-hash"
     identity = TokenStore(engine).authenticate(token)
     assert identity is not None and (identity.user, identity.role) == ("ops", "admin")
