@@ -420,8 +420,13 @@ class FleetSimulator:
         username: str | None = None,
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
+        telemetry_qos: int = 0,
     ) -> None:
         self.host, self.port = host, port
+        # Agents publish telemetry at QoS 1; 0 is cheaper for a live view. At 1, stop() waits for
+        # every telemetry publish to be acknowledged by the broker (a count to check storage against).
+        self.telemetry_qos = telemetry_qos
+        self._inflight: list[paho.MQTTMessageInfo] = []
         self.interval_s = interval_s
         self.run_id = f"{id_prefix}-{random.randrange(1 << 30):x}"
         rng = random.Random(seed)
@@ -482,9 +487,10 @@ class FleetSimulator:
                     include={"online", "device_id"}
                 )
                 infos.append(conn.client.publish(device.topics.status, offline.encode(), qos=1, retain=True))
-        for info in infos:
+        for info in [*self._inflight, *infos]:
             if info.rc == paho.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(5.0)
+        self._inflight = []
         for conn in self.connections:
             conn.client.disconnect()
             conn.client.loop_stop()
@@ -521,10 +527,17 @@ class FleetSimulator:
                 if device.next_telemetry < now:  # fell behind (a paused process): do not burst
                     device.next_telemetry = now + self.interval_s
                 tel = device.telemetry(self.interval_s).model_dump_json().encode()
-                out.append((self.by_id[device.device_id], device.topics.telemetry, tel, 0, False))
+                out.append((self.by_id[device.device_id], device.topics.telemetry, tel, -1, False))
                 self.telemetry_sent += 1
+        if self.telemetry_qos:
+            self._inflight = [i for i in self._inflight if not i.is_published()]
         for conn, topic, payload, qos, retain in out:
-            conn.client.publish(topic, payload, qos=qos, retain=retain)
+            if qos == -1:  # telemetry
+                info = conn.client.publish(topic, payload, qos=self.telemetry_qos, retain=retain)
+                if self.telemetry_qos:
+                    self._inflight.append(info)
+            else:
+                conn.client.publish(topic, payload, qos=qos, retain=retain)
 
     def expected_rate(self) -> float:
         return len(self.devices) / self.interval_s if self.interval_s > 0 else math.inf

@@ -1,0 +1,89 @@
+"""Two `edge-console serve` processes on one PostgreSQL and one Mosquitto (docs/operations.md#postgresql):
+a login on one is valid on the other, telemetry through the shared subscription is stored once,
+and a process killed mid-run loses nothing: the other carries on, and the messages the killed one
+held unstored wait, unacknowledged, in its broker session until it is back."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+import sqlalchemy as sa
+
+from cloud_console import auth
+from cloud_console.db import open_engine
+from cloud_console.simulator import FleetSimulator
+from tests.test_console import Client, ConsoleProcess, wait_until
+
+pytestmark = pytest.mark.timeout(300)
+
+DEVICES = 20
+
+
+def test_two_processes_share_logins_and_store_each_message_once(broker, postgres, tmp_path):
+    database = postgres.fresh_database()
+    config = tmp_path / "console.toml"
+    config.write_text(
+        f'[storage]\ndatabase = "{database}"\nflush_interval_s = 2.0\n'
+        f'[[users]]\nname = "ops"\npassword_hash = "{auth.hash_password("ops-password")}"\nrole = "admin"\n'
+    )
+    sim = FleetSimulator(broker.host, broker.port, DEVICES, interval_s=0.5, id_prefix="cl", telemetry_qos=1)
+    consoles: list[ConsoleProcess] = []
+    try:
+        for name in ("a", "b"):
+            (tmp_path / name).mkdir()
+            args = ["--config", str(config), "--shared-group", "console"]
+            consoles.append(ConsoleProcess(broker.url, tmp_path / name, args).start())
+        a, b = consoles
+        sim.start()
+
+        # A login on A is a session on B (the session row and the secret live in the database).
+        on_a = Client(a.base).login("ops", "ops-password")
+        on_b = Client(b.base)
+        for cookie in on_a.jar:
+            on_b.jar.set_cookie(cookie)
+        on_b.csrf = on_a.csrf
+        assert on_b.get("/api/session")["user"] == "ops"
+
+        def both_ingest() -> list[dict[str, int]] | None:
+            stats = [on_a.get("/api/stats"), on_b.get("/api/stats")]
+            return stats if all(s["by_kind"]["telemetry"] >= 20 for s in stats) else None
+
+        wait_until(both_ingest, "telemetry at both processes")
+        # Status is followed by each process: both know the whole fleet.
+        wait_until(lambda: on_b.get("/api/stats")["devices"] == DEVICES, "every device at B")
+
+        a.proc.send_signal(signal.SIGKILL)  # mid-run, with messages in memory and in flight
+        a.proc.wait(30)
+        before = on_b.get("/api/stats")["by_kind"]["telemetry"]
+        wait_until(
+            lambda: on_b.get("/api/stats")["by_kind"]["telemetry"] >= before + 3 * DEVICES, "B carrying on"
+        )
+        assert on_b.get("/api/session")["user"] == "ops"  # nobody is logged out by the loss of A
+
+        a.start()  # the same client id: its broker session still holds what A had not stored
+        wait_until(lambda: Client(a.base).login("ops", "ops-password"), "A back")
+        sim.stop()  # every telemetry publish acknowledged by the broker
+        sent = sim.telemetry_sent
+        engine = open_engine(database)
+
+        def stored() -> int | None:
+            with engine.connect() as conn:
+                count = int(conn.scalar(sa.text("SELECT count(*) FROM host_metrics")) or 0)
+            return count if count >= sent else None
+
+        wait_until(stored, f"all {sent} telemetry messages in the database", timeout=60)
+        with engine.connect() as conn:
+            rows = int(conn.scalar(sa.text("SELECT count(*) FROM host_metrics")) or 0)
+            distinct = int(
+                conn.scalar(
+                    sa.text("SELECT count(*) FROM (SELECT DISTINCT device_id, ts FROM host_metrics) d")
+                )
+                or 0
+            )
+        assert rows == distinct == sent  # each message stored once, none lost
+        engine.dispose()
+    finally:
+        sim.stop()
+        for console in consoles:
+            console.stop()
