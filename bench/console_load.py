@@ -6,6 +6,15 @@ samples the console's /api/stats once a second (messages/s handled, backlog = MQ
 but not yet handled, database rows waiting for the writer), and at the end times the fleet page:
 HTTP GET of the page and of the fleet API, and in headless Chromium (navigation until the table shows
 every device) when Playwright and /usr/bin/chromium are present.
+
+`--postgres` measures the console as several processes instead (docs/console.md, "Measured: 10,000
+devices on PostgreSQL"): a private PostgreSQL (bench/local_postgres.py), the simulator in this
+process publishing telemetry at QoS 1 as agents do, then one console process and then two sharing
+the subscription (`--shared-group`), each on a fresh database: messages stored per second (rows in
+the database), backlog, CPU per process and of PostgreSQL, and 0 lost (every acknowledged publish
+is a row). With `--kill-at S` one of the two processes is killed (SIGKILL) S seconds in: the other
+carries on (ingest and logins), and once the killed one is started again its broker session hands
+over what it held unstored.
 """
 
 from __future__ import annotations
@@ -275,6 +284,192 @@ def run_loadcheck(
     return 0 if kept_up and fast else 1
 
 
+def _pg_cpu_seconds() -> float:
+    """CPU of every PostgreSQL process on the machine (the private server's, during a run)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if stat.read_text().split(" ", 2)[1] in ("(postgres)",):
+                total += cpu_seconds(int(stat.parent.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
+class ConsoleProc:
+    """One `edge-console serve` of a group sharing a database and the telemetry subscription."""
+
+    def __init__(self, name: str, broker_url: str, config: Path, workdir: Path) -> None:
+        self.name = name
+        self.port = free_port()
+        self.http = Http(f"http://127.0.0.1:{self.port}")
+        self.args = [
+            sys.executable, "-m", "cloud_console", "serve", "--broker", broker_url,
+            "--listen", f"127.0.0.1:{self.port}", "--config", str(config),
+            "--shared-group", "console", "--log-level", "WARNING",
+        ]  # fmt: skip
+        self.log = workdir / f"console-{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.cpu0 = 0.0
+
+    def start(self) -> ConsoleProc:
+        self.proc = subprocess.Popen(self.args, stdout=self.log.open("ab"), stderr=subprocess.STDOUT)
+        wait_healthy(self.http, self.proc, timeout_s=120)
+        self.http.login("admin", "bench-password")
+        self.cpu0 = cpu_seconds(self.proc.pid)
+        return self
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.alive() and self.proc is not None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def _cluster_phase(
+    processes: int, broker: LocalBroker, server: Any, devices: int, interval_s: float, duration_s: float,
+    kill_at: float | None, workdir: Path,
+) -> dict[str, Any]:  # fmt: skip
+    import sqlalchemy as sa
+
+    from cloud_console.auth import hash_password
+    from cloud_console.db import open_engine
+    from cloud_console.simulator import FleetSimulator
+
+    database = server.fresh_database()
+    config = workdir / f"console-{processes}.toml"
+    config.write_text(
+        f'[storage]\ndatabase = "{database}"\n'
+        f'[[users]]\nname = "admin"\npassword_hash = "{hash_password("bench-password")}"\nrole = "admin"\n'
+    )
+    consoles = [
+        ConsoleProc(f"{processes}{chr(97 + i)}", broker.url, config, workdir) for i in range(processes)
+    ]
+    engine = open_engine(database)
+
+    def stored() -> int:
+        with engine.connect() as conn:
+            return int(conn.scalar(sa.text("SELECT count(*) FROM host_metrics")) or 0)
+
+    sim = FleetSimulator(
+        broker.host, broker.port, devices, interval_s=interval_s, id_prefix="pg", telemetry_qos=1
+    )
+    killed: ConsoleProc | None = None
+    out: dict[str, Any] = {"processes": processes}
+    try:
+        for console in consoles:
+            console.start()
+        sim.start()
+        print(f"\n{processes} process(es) on PostgreSQL, {devices} devices every {interval_s:g} s")
+        print(
+            f"{'t s':>5} {'stored/s':>9} "
+            + " ".join(f"{c.name + ' backlog':>11} {c.name + ' db rows':>11}" for c in consoles)
+        )
+        t0 = time.monotonic()
+        pg0, last_count, last_t = _pg_cpu_seconds(), stored(), t0
+        rates: list[float] = []
+        backlogs: list[int] = []
+        logins_after_kill = 0
+        while time.monotonic() - t0 < duration_s:
+            time.sleep(1.0)
+            now = time.monotonic()
+            if kill_at is not None and killed is None and now - t0 >= kill_at:
+                killed = consoles[0]
+                out["cpu_killed_before"] = (cpu_seconds(killed.proc.pid) - killed.cpu0) / (now - t0) * 100.0  # type: ignore[union-attr]
+                killed.stop(signal.SIGKILL)
+                print(f"{now - t0:5.0f} killed {killed.name} (SIGKILL)")
+            count = stored()
+            rate = (count - last_count) / (now - last_t)
+            last_count, last_t = count, now
+            rates.append(rate)
+            cells = []
+            for console in consoles:
+                if not console.alive():
+                    cells.append(f"{'-':>11} {'-':>11}")
+                    continue
+                stats = console.http.json("GET", "/api/stats")
+                backlogs.append(stats["backlog"])
+                cells.append(f"{stats['backlog']:11d} {stats['db_pending_rows']:11d}")
+                if killed is not None:  # a new login (the stats above used the session made before)
+                    Http(console.http.base).login("admin", "bench-password")
+                    logins_after_kill += 1
+            print(f"{now - t0:5.0f} {rate:9.0f} " + " ".join(cells))
+        elapsed = time.monotonic() - t0
+        out["cpu"] = {
+            c.name: (cpu_seconds(c.proc.pid) - c.cpu0) / elapsed * 100.0
+            for c in consoles
+            if c.alive() and c.proc
+        }
+        out["cpu_postgres"] = (_pg_cpu_seconds() - pg0) / elapsed * 100.0
+        out["rates"] = rates
+        out["backlog_max"] = max(backlogs) if backlogs else 0
+        out["logins_after_kill"] = logins_after_kill
+        if killed is not None:
+            out["stored_while_one_down"] = stored()
+            restarted = time.monotonic()
+            killed.start()
+            out["restart_s"] = time.monotonic() - restarted
+        sim.stop()  # waits until the broker acknowledged every telemetry publish
+        sent = sim.telemetry_sent
+        deadline = time.monotonic() + 120
+        drained = time.monotonic()
+        while stored() < sent and time.monotonic() < deadline:
+            time.sleep(0.2)
+        out["drain_s"] = time.monotonic() - drained
+        out["sent"], out["stored"] = sent, stored()
+        out["lost"] = sent - out["stored"]
+    finally:
+        sim.stop()
+        for console in consoles:
+            console.stop()
+        engine.dispose()
+    return out
+
+
+def run_cluster(devices: int, duration_s: float, interval_s: float, kill_at: float | None) -> int:
+    from bench.local_postgres import PostgresServer, server_binaries
+
+    bin_dir = server_binaries()
+    if bin_dir is None:
+        print("no PostgreSQL server binaries: make deps installs Debian's postgresql", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="edge-console-pg-"))
+    results = []
+    with LocalBroker() as broker, PostgresServer(bin_dir) as server:
+        for processes, kill in ((1, None), (2, kill_at)):
+            results.append(
+                _cluster_phase(processes, broker, server, devices, interval_s, duration_s, kill, workdir)
+            )
+    print()
+    ok = True
+    for r in results:
+        steady = r["rates"][len(r["rates"]) // 3 :]
+        cpu = ", ".join(f"{name} {value:.0f}%" for name, value in r["cpu"].items())
+        print(
+            f"{r['processes']} process(es): stored/s median {statistics.median(steady):.0f}"
+            f" (min {min(steady):.0f}, published ~{devices / interval_s:.0f}/s);"
+            f" backlog max {r['backlog_max']}; CPU {cpu}, PostgreSQL {r['cpu_postgres']:.0f}% of one core"
+        )
+        if "restart_s" in r:
+            print(
+                f"  killed one mid-run: the other served {r['logins_after_kill']} logins after the kill;"
+                f" the killed one was back in {r['restart_s']:.1f} s and its session drained in"
+                f" {r['drain_s']:.1f} s"
+            )
+        print(
+            f"  telemetry acknowledged by the broker {r['sent']}, rows stored {r['stored']}, lost {r['lost']}"
+        )
+        ok = ok and r["lost"] == 0
+    shutil.rmtree(workdir, ignore_errors=True)
+    return 0 if ok else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m bench.console_load",
@@ -285,8 +480,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--interval", type=float, default=1.0, help="simulated telemetry interval, seconds")
     parser.add_argument("--no-chromium", action="store_true", help="skip the in-browser page load timing")
     parser.add_argument("--log-level", default="WARNING", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument(
+        "--postgres", action="store_true", help="one, then two console processes on a private PostgreSQL"
+    )
+    parser.add_argument("--kill-at", type=float, help="with --postgres: kill one of the two after S seconds")
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.postgres:
+        return run_cluster(args.devices, args.duration, args.interval, args.kill_at)
     return run_loadcheck(
         devices=args.devices,
         duration_s=args.duration,

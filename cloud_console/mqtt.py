@@ -216,6 +216,19 @@ class ConsoleMqtt:
         except aiomqtt.MqttError as exc:
             raise PublishFailed(str(exc) if topic in str(exc) else f"{topic}: {exc}") from exc
 
+    async def leave(self, timeout_s: float = 5.0) -> None:
+        """Unsubscribe from everything before a clean stop: the broker then queues nothing for this
+        process's persistent session while it is gone (its share of telemetry goes to the others)."""
+        link = self._link
+        if link is None or not self.connected.is_set():
+            return
+        try:
+            await asyncio.wait_for(
+                link.client.unsubscribe([topic for topic, _ in self.subscriptions]), timeout_s
+            )
+        except (aiomqtt.MqttError, TimeoutError) as exc:
+            log.warning("could not unsubscribe before stopping (%s); the session expires by itself", exc)
+
     def stop(self) -> None:
         """Stop reconnecting. The owner then cancels `run()`, whose `async with` disconnects cleanly."""
         self._stopping = True

@@ -132,6 +132,16 @@ class Console:
         ]
 
     async def stop(self) -> None:
+        if self.mqtt.persistent:
+            # A shared group: nothing new comes once unsubscribed; what came is handled, stored
+            # (the writer's last flush) and acknowledged before the connection closes.
+            await self.mqtt.leave()
+            for _ in range(100):
+                if not self.mqtt.backlog():
+                    break
+                await asyncio.sleep(0.02)  # the dispatch task is handling what arrived
+            await asyncio.to_thread(self.store.stop)
+            await asyncio.sleep(0)  # the acknowledgements the last flush scheduled on this loop
         self.mqtt.stop()
         self.hub.close_all()
         for task in self._tasks:
