@@ -3,16 +3,19 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 SUDO    = $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-APT_PACKAGES = mosquitto mosquitto-clients chromium systemd \
+APT_PACKAGES = mosquitto mosquitto-clients chromium systemd postgresql \
 	python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good
 
 .PHONY: all deps venv demo test test-all lint format bench install uninstall wheel constraints gpu-wheels gpu-broker gpu-stage gpu-unstage clean
 
 all: test
 
-# System packages from Debian/Ubuntu, installed only when missing.
+# System packages from Debian/Ubuntu, installed only when missing. PostgreSQL: only the server
+# binaries are wanted (the tests run a private server, tests/pg.py), so no "main" cluster is made
+# (createcluster.conf) and hence none is started.
 deps:
 	@missing=""; \
+	ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	[ -x /usr/sbin/mosquitto ] || command -v mosquitto >/dev/null || missing="$$missing mosquitto"; \
 	command -v mosquitto_pub >/dev/null || missing="$$missing mosquitto-clients"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
@@ -22,7 +25,10 @@ deps:
 	  2>/dev/null || missing="$$missing python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing$$missing"; \
-	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; \
+	  case "$$missing" in *postgresql*) [ -e /etc/postgresql-common/createcluster.conf ] || { \
+	    $(SUDO) mkdir -p /etc/postgresql-common && \
+	    echo "create_main_cluster = false" | $(SUDO) tee /etc/postgresql-common/createcluster.conf >/dev/null; };; esac; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq -o Dpkg::Options::=--force-confold $$missing >/dev/null; \
 	fi
 
 # The versions a fleet gets (deploy/constraints.txt) are the versions the tests run with.
