@@ -115,6 +115,9 @@ class ConsoleConfig(Section):
     # MQTT 5 shared subscription group for telemetry ($share/<group>/edge/+/telemetry): several console
     # workers then split the fleet's telemetry. Status stays a plain subscription (it is retained).
     shared_group: str | None = Field(default=None, pattern=GROUP_RE.pattern)
+    # A process of the group silent this long is taken for dead: another drains its MQTT session
+    # (the telemetry it had not stored). Each process notes it is alive every quarter of this.
+    shared_group_timeout_s: float = Field(default=20.0, ge=2.0, le=3600.0)
     # A device is shown "stale" when nothing arrived from it for this long while it claims online.
     stale_after_s: float = Field(default=30.0, gt=0)
     # How devices reach this console (model downloads, docs/fleet.md); None: the URL of the request

@@ -174,6 +174,17 @@ leases = sa.Table(
     sa.Column("holder", sa.Text(), nullable=False),
     sa.Column("expires", sa.Float(), nullable=False),
 )
+# Console processes of a shared group and the MQTT client id of each one's persistent session: a
+# process whose heartbeat stopped (or that stopped with messages left) has its session drained by
+# another (cloud_console/service.py).
+console_processes = sa.Table(
+    "console_processes",
+    metadata,
+    sa.Column("client_id", sa.Text(), primary_key=True),
+    sa.Column("holder", sa.Text(), nullable=False),
+    sa.Column("seen", sa.Float(), nullable=False),
+    sa.Column("left_at", sa.Float()),
+)
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer(), nullable=False))
 
 # Rollouts (and any later part) add their tables here and a step to MIGRATIONS below.

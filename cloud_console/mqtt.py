@@ -86,6 +86,8 @@ class ConsoleMqtt:
         ]
         self._unacked: deque[tuple[int, Link, int, int]] = deque()  # (batch, link, mid, qos)
         self.acked = 0
+        self._paused = asyncio.Event()
+        self._drains: list[tuple[Link, deque[tuple[int, int, int]]]] = []  # sessions being drained
         self.connected = asyncio.Event()
         self.connects = 0
         self.received = 0
@@ -141,8 +143,16 @@ class ConsoleMqtt:
         self.connects += 1
         self.connected.set()
         log.info("connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id)
+        handled = 0
         async for message in client.messages:
+            if self._paused.is_set():  # stopping: what is not handled stays unacknowledged, in the session
+                await asyncio.Event().wait()
             self._dispatch(message)
+            handled += 1
+            if handled % 200 == 0:
+                # A queue that is never empty never yields: let HTTP requests, acknowledgements and
+                # an unsubscribe in between (a backlog of 60,000 starved them all, measured).
+                await asyncio.sleep(0)
 
     def _new_client(
         self, version: str, username: str | None, password: str | None, tls: ssl.SSLContext | None
@@ -205,6 +215,11 @@ class ConsoleMqtt:
             if link is self._link:
                 link.paho.ack(mid, qos)
                 self.acked += 1
+        for link, pending in self._drains:
+            while pending and pending[0][0] <= batch:
+                _, mid, qos = pending.popleft()
+                link.paho.ack(mid, qos)
+                self.acked += 1
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
         """Publish and, for QoS 1, wait for the broker's ack. Raises PublishFailed when down."""
@@ -217,8 +232,11 @@ class ConsoleMqtt:
             raise PublishFailed(str(exc) if topic in str(exc) else f"{topic}: {exc}") from exc
 
     async def leave(self, timeout_s: float = 5.0) -> None:
-        """Unsubscribe from everything before a clean stop: the broker then queues nothing for this
-        process's persistent session while it is gone (its share of telemetry goes to the others)."""
+        """Before a clean stop: handle nothing more, and unsubscribe from everything, so the broker
+        queues nothing for this process's session while it is gone (its share of telemetry goes to
+        the others). What arrived and was not handled stays unacknowledged in the session: another
+        process drains it (`drain_session`), or this one when it is back."""
+        self._paused.set()
         link = self._link
         if link is None or not self.connected.is_set():
             return
@@ -228,6 +246,54 @@ class ConsoleMqtt:
             )
         except (aiomqtt.MqttError, TimeoutError) as exc:
             log.warning("could not unsubscribe before stopping (%s); the session expires by itself", exc)
+
+    async def drain_session(
+        self, client_id: str, is_telemetry: Callable[[str], bool], idle_s: float = 2.0
+    ) -> int:
+        """Take over the persistent session of a console process that died (or stopped with messages
+        left): connect under its client id, unsubscribe it (nothing more is queued there), hand the
+        telemetry it holds to `handler`, and acknowledge each message once stored (through
+        `acknowledge_through`, as for our own). Other kinds are acknowledged unhandled: a status
+        queued minutes ago is older than the one we hold. Returns when nothing arrived for `idle_s`
+        and everything handed over is acknowledged. Raises aiomqtt.MqttError when it cannot connect
+        (the owner came back and took its session again, for one)."""
+        username, password = credentials(self.address, self.settings.username, self.settings.password)
+        tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
+        own_id = self.client_id
+        self.client_id = client_id
+        try:
+            client = self._new_client("5", username, password, tls)
+        finally:
+            self.client_id = own_id
+        link = Link(client)
+        link.paho.manual_ack_set(True)
+        drained = 0
+        async with client:
+            await client.unsubscribe([topic for topic, _ in self.subscriptions])
+            pending: deque[tuple[int, int, int]] = deque()  # (batch, mid, qos)
+            self._drains.append((link, pending))
+            try:
+                messages = aiter(client.messages)
+                while True:
+                    try:
+                        message = await asyncio.wait_for(anext(messages), idle_s)
+                    except TimeoutError:
+                        break
+                    payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+                    if message.qos and is_telemetry(message.topic.value) and self.ack_after is not None:
+                        self.handler(message.topic.value, bytes(payload))
+                        pending.append((self.ack_after(), message.mid, message.qos))
+                        drained += 1
+                    elif message.qos:
+                        link.paho.ack(message.mid, message.qos)
+                for _ in range(int(30 / 0.05)):  # until the store committed what we handed over
+                    if not pending:
+                        break
+                    await asyncio.sleep(0.05)
+            finally:
+                self._drains.remove((link, pending))
+        log.info("drained %d telemetry messages from the session of %s", drained, client_id)
+        return drained
 
     def stop(self) -> None:
         """Stop reconnecting. The owner then cancels `run()`, whose `async with` disconnects cleanly."""

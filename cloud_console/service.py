@@ -16,6 +16,8 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
+import aiomqtt
+import sqlalchemy as sa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
@@ -33,9 +35,10 @@ from agent.protocol.editing import (
 from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
 from agent.protocol.signing import load_private_key, sign
 from agent.protocol.topics import Topics, parse_device_topic
+from cloud_console import db as schema
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
-from cloud_console.db import DatabaseError, migrate, open_engine, shared_secret
+from cloud_console.db import DatabaseError, Lease, migrate, open_engine, process_name, shared_secret, upsert
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -108,6 +111,7 @@ class Console:
         )
         # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
         self.models = ModelStore(storage.model_store_dir(), self.engine)
+        self.holder = process_name()
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
@@ -130,6 +134,8 @@ class Console:
             asyncio.create_task(self.mqtt.run(), name="mqtt"),
             asyncio.create_task(self._fleet_events(), name="fleet-events"),
         ]
+        if self.mqtt.persistent:
+            self._tasks.append(asyncio.create_task(self._sessions(), name="sessions"))
 
     async def stop(self) -> None:
         if self.mqtt.persistent:
@@ -142,6 +148,7 @@ class Console:
                 await asyncio.sleep(0.02)  # the dispatch task is handling what arrived
             await asyncio.to_thread(self.store.stop)
             await asyncio.sleep(0)  # the acknowledgements the last flush scheduled on this loop
+            await asyncio.to_thread(self._beat, True)  # left: another process drains what is left
         self.mqtt.stop()
         self.hub.close_all()
         for task in self._tasks:
@@ -164,6 +171,51 @@ class Console:
             device.status = status
             device.capabilities = status.capabilities
             device.placement = status.placement
+
+    # -- the sessions of a shared group ---------------------------------------------------------
+    async def _sessions(self) -> None:
+        """Note this process alive; drain the MQTT session of a process that died or left (one
+        drainer per session: a lease), so its unstored telemetry is stored without waiting for it."""
+        while True:
+            try:
+                await asyncio.to_thread(self._beat)
+                for client_id in await asyncio.to_thread(self._gone_peers):
+                    lease = Lease(self.engine, f"drain:{client_id}", ttl_s=300.0)
+                    if not await asyncio.to_thread(lease.held):
+                        continue
+                    try:
+                        await self.mqtt.drain_session(client_id, lambda topic: topic.endswith("/telemetry"))
+                        await asyncio.to_thread(self._forget_peer, client_id)
+                    except (aiomqtt.MqttError, TimeoutError) as exc:
+                        log.warning("could not drain the session of %s (%s)", client_id, exc)
+                    finally:
+                        await asyncio.to_thread(lease.release)
+            except sa.exc.SQLAlchemyError as exc:
+                log.warning("console processes: database unavailable (%s)", exc)
+            await asyncio.sleep(self.config.shared_group_timeout_s / 4)
+
+    def _beat(self, left: bool = False) -> None:
+        row = {
+            "client_id": self.mqtt.client_id,
+            "holder": self.holder,
+            "seen": time.time(),
+            "left_at": time.time() if left else None,
+        }
+        with self.engine.begin() as conn:
+            upsert(conn, schema.console_processes, [row], ["client_id"])
+
+    def _gone_peers(self) -> list[str]:
+        t = schema.console_processes.c
+        gone = sa.or_(t.left_at.is_not(None), t.seen < time.time() - self.config.shared_group_timeout_s)
+        with self.engine.connect() as conn:
+            return list(conn.scalars(sa.select(t.client_id).where(t.client_id != self.mqtt.client_id, gone)))
+
+    def _forget_peer(self, client_id: str) -> None:
+        """Drained: forgotten, unless it came back meanwhile (then its heartbeat is fresh)."""
+        t = schema.console_processes.c
+        gone = sa.or_(t.left_at.is_not(None), t.seen < time.time() - self.config.shared_group_timeout_s)
+        with self.engine.begin() as conn:
+            conn.execute(sa.delete(schema.console_processes).where(t.client_id == client_id, gone))
 
     # -- ingest ---------------------------------------------------------------------------------
     def dispatch(self, topic: str, payload: bytes) -> None:
