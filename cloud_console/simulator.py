@@ -379,7 +379,13 @@ class _Connection:
         self.client.reconnect_delay_set(1, 30)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message
+        self.client.on_publish = self._on_publish
         self.connected = threading.Event()
+        self.qos1_sent = 0  # QoS 1 publishes handed to paho, and those the broker acknowledged
+        self.qos1_acked = 0
+
+    def _on_publish(self, *_: object) -> None:
+        self.qos1_acked += 1  # paho's network thread; QoS 0 publishes are not sent with telemetry_qos 1
 
     def _on_connect(self, client: paho.Client, _u: object, _f: object, reason: object, _p: object) -> None:
         if getattr(reason, "is_failure", False):
@@ -426,7 +432,6 @@ class FleetSimulator:
         # Agents publish telemetry at QoS 1; 0 is cheaper for a live view. At 1, stop() waits for
         # every telemetry publish to be acknowledged by the broker (a count to check storage against).
         self.telemetry_qos = telemetry_qos
-        self._inflight: list[paho.MQTTMessageInfo] = []
         self.interval_s = interval_s
         self.run_id = f"{id_prefix}-{random.randrange(1 << 30):x}"
         rng = random.Random(seed)
@@ -487,10 +492,14 @@ class FleetSimulator:
                     include={"online", "device_id"}
                 )
                 infos.append(conn.client.publish(device.topics.status, offline.encode(), qos=1, retain=True))
-        for info in [*self._inflight, *infos]:
+        for info in infos:
             if info.rc == paho.MQTT_ERR_SUCCESS:
                 info.wait_for_publish(5.0)
-        self._inflight = []
+        if self.telemetry_qos:
+            deadline = time.monotonic() + 60.0
+            for conn in self.connections:  # every telemetry publish acknowledged by the broker
+                while conn.qos1_acked < conn.qos1_sent and time.monotonic() < deadline:
+                    time.sleep(0.05)
         for conn in self.connections:
             conn.client.disconnect()
             conn.client.loop_stop()
@@ -529,15 +538,11 @@ class FleetSimulator:
                 tel = device.telemetry(self.interval_s).model_dump_json().encode()
                 out.append((self.by_id[device.device_id], device.topics.telemetry, tel, -1, False))
                 self.telemetry_sent += 1
-        if self.telemetry_qos:
-            self._inflight = [i for i in self._inflight if not i.is_published()]
-        for conn, topic, payload, qos, retain in out:
-            if qos == -1:  # telemetry
-                info = conn.client.publish(topic, payload, qos=self.telemetry_qos, retain=retain)
-                if self.telemetry_qos:
-                    self._inflight.append(info)
-            else:
-                conn.client.publish(topic, payload, qos=qos, retain=retain)
+        for conn, topic, payload, kind_qos, retain in out:
+            qos = self.telemetry_qos if kind_qos == -1 else kind_qos  # -1: telemetry
+            info = conn.client.publish(topic, payload, qos=qos, retain=retain)
+            if qos and info.rc == paho.MQTT_ERR_SUCCESS:
+                conn.qos1_sent += 1
 
     def expected_rate(self) -> float:
         return len(self.devices) / self.interval_s if self.interval_s > 0 else math.inf
