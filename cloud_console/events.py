@@ -49,6 +49,10 @@ class Hub:
     def wants_device(self, device_id: str) -> bool:
         return any(s.device_id == device_id for s in self._subscribers)
 
+    def watched_devices(self) -> set[str]:
+        """The devices a device page is open for."""
+        return {s.device_id for s in self._subscribers if s.device_id is not None}
+
     def has_fleet_pages(self) -> bool:
         return any(s.device_id is None for s in self._subscribers)
 

@@ -40,12 +40,19 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+WATCH_ID = 7  # the subscription identifier of a watched device's telemetry (a live copy, not stored)
 RECEIVE_MAXIMUM = 65535  # QoS 1 messages in flight to us, unacknowledged until stored
 SESSION_EXPIRY_S = 86400  # a shared-group process's session (and its unacknowledged messages) waits a day
 
 
 class PublishFailed(Exception):
     """The broker is not reachable, did not acknowledge in time, or refused it (an ACL)."""
+
+
+def _watch_properties() -> Properties:
+    props = Properties(PacketTypes.SUBSCRIBE)
+    props.SubscriptionIdentifier = WATCH_ID
+    return props
 
 
 def build_tls_context(address: BrokerAddress, settings: BrokerSettings) -> ssl.SSLContext | None:
@@ -65,6 +72,7 @@ class ConsoleMqtt:
         *,
         ack_after: Callable[[], int] | None = None,
         stable_id: str | None = None,
+        live_handler: Handler | None = None,
     ) -> None:
         self.address = address
         self.settings = settings
@@ -87,6 +95,11 @@ class ConsoleMqtt:
         self._unacked: deque[tuple[int, Link, int, int]] = deque()  # (batch, link, mid, qos)
         self.acked = 0
         self._paused = asyncio.Event()
+        # Shared group: a device page open here wants every telemetry message of its device, not
+        # only this process's share: a plain subscription to the device's topic (QoS 0, marked with
+        # WATCH_ID) whose copies go to `live_handler` and are never stored.
+        self.live_handler = live_handler
+        self._watched: set[str] = set()
         self._drains: list[tuple[Link, deque[tuple[int, int, int]]]] = []  # sessions being drained
         self.connected = asyncio.Event()
         self.connects = 0
@@ -139,6 +152,8 @@ class ConsoleMqtt:
         client = link.client
         for topic, qos in self.subscriptions:
             await client.subscribe(topic, qos=qos)
+        for topic in sorted(self._watched):
+            await client.subscribe(topic, qos=0, properties=_watch_properties())
         self._link = link
         self.connects += 1
         self.connected.set()
@@ -195,9 +210,33 @@ class ConsoleMqtt:
         # Unacknowledged messages of the lost connection come again on the next (persistent session).
         self._unacked.clear()
 
+    async def watch(self, topics: set[str]) -> None:
+        """Follow exactly these topics live (the telemetry of devices whose page is open here)."""
+        link = self._link
+        added, gone = topics - self._watched, self._watched - topics
+        self._watched = set(topics)  # replayed on every connect
+        if link is None or not self.connected.is_set() or not (added or gone):
+            return
+        try:
+            for topic in sorted(added):
+                await link.client.subscribe(topic, qos=0, properties=_watch_properties())
+            if gone:
+                await link.client.unsubscribe(sorted(gone))
+        except aiomqtt.MqttError as exc:
+            log.warning("could not change the watched topics (%s); replayed at the next connect", exc)
+
     def _dispatch(self, message: aiomqtt.Message) -> None:
         self.received += 1
         payload = message.payload if isinstance(message.payload, bytes | bytearray) else b""
+        ids = getattr(message.properties, "SubscriptionIdentifier", None) if message.properties else None
+        if ids and WATCH_ID in ids and message.qos == 0:
+            if self.live_handler is not None:  # a live copy: shown, not stored (the shared copy is)
+                try:
+                    self.live_handler(message.topic.value, bytes(payload))
+                except Exception:
+                    self.handler_errors += 1
+                    log.exception("live handler failed on %s", message.topic.value)
+            return
         try:
             self.handler(message.topic.value, bytes(payload))
         except Exception:

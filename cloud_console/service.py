@@ -108,6 +108,7 @@ class Console:
             shared_group=config.shared_group,
             ack_after=self.store.batch_number,  # with a shared group: acked once stored
             stable_id=config.web.listen.rpartition(":")[2],  # the same id (and session) after a restart
+            live_handler=self.on_live_telemetry,
         )
         # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
         self.models = ModelStore(storage.model_store_dir(), self.engine)
@@ -115,6 +116,7 @@ class Console:
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
+        self._shown: dict[str, float] = {}  # device id -> ts of the last telemetry sent to its pages
         self._unclaimed: dict[str, DesiredPlacement] = {}  # device id -> placement seen before the device
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=11)
         self._tasks: list[asyncio.Task[Any]] = []
@@ -295,8 +297,32 @@ class Console:
         device.touch()
         self._dirty.add(device_id)
         self.store.add_telemetry(device_id, telemetry)
-        if self.hub.wants_device(device_id):
-            self.hub.to_device(device_id, "telemetry", telemetry.model_dump(mode="json"))
+        self._show_live(device_id, telemetry)
+
+    def _show_live(self, device_id: str, telemetry: Telemetry) -> None:
+        """To the device's open pages, once per message (it may come as a stored and a live copy)."""
+        if not self.hub.wants_device(device_id) or self._shown.get(device_id, -1.0) >= telemetry.ts:
+            return
+        self._shown[device_id] = telemetry.ts
+        self.hub.to_device(device_id, "telemetry", telemetry.model_dump(mode="json"))
+
+    def on_live_telemetry(self, topic: str, payload: bytes) -> None:
+        """A watched device's telemetry that another process of the group stores: shown, not stored."""
+        parsed = parse_device_topic(topic, self.prefix)
+        device = self.fleet.devices.get(parsed[0]) if parsed is not None else None
+        if device is None:
+            return
+        try:
+            telemetry = Telemetry.model_validate_json(payload)
+        except ValidationError as exc:
+            self._bad("telemetry", device.device_id, exc)
+            return
+        if device.telemetry is None or device.telemetry.ts < telemetry.ts:
+            device.telemetry = telemetry
+            device.telemetry_at = device.last_seen = time.time()
+            device.touch()
+            self._dirty.add(device.device_id)
+        self._show_live(device.device_id, telemetry)
 
     def on_placement(self, device_id: str, payload: bytes) -> None:
         """The retained desired placement, read back (ours, or another console worker's)."""
@@ -331,6 +357,10 @@ class Console:
         while True:
             await asyncio.sleep(FLEET_EVENT_INTERVAL_S)
             self._rate_samples.append((time.monotonic(), self.mqtt.received))
+            if self.mqtt.persistent:  # a shared group: open device pages follow every message
+                watched = self.hub.watched_devices() & self.fleet.devices.keys()  # no wildcards from URLs
+                self._shown = {d: ts for d, ts in self._shown.items() if d in watched}
+                await self.mqtt.watch({Topics(d, self.prefix).telemetry for d in watched})
             dirty, self._dirty = self._dirty, set()
             if not dirty or not self.hub.has_fleet_pages():
                 continue

@@ -5,6 +5,7 @@ session (the messages it held unstored, unacknowledged, and those queued for it 
 
 from __future__ import annotations
 
+import json
 import signal
 
 import pytest
@@ -18,6 +19,26 @@ from tests.test_console import Client, ConsoleProcess, wait_until
 pytestmark = pytest.mark.timeout(300)
 
 DEVICES = 20
+
+
+def _live_telemetry(client: Client, device_id: str, count: int) -> list[float]:
+    """The ts of the first `count` telemetry events a device page's event stream gets, once the
+    stream has started (a page opened now)."""
+    import urllib.request
+
+    req = urllib.request.Request(f"{client.base}/api/events?device={device_id}")
+    seen: list[float] = []
+    with client.opener.open(req, timeout=60) as stream:
+        event = None
+        for raw in stream:
+            line = raw.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event == "telemetry":
+                seen.append(json.loads(line[6:])["ts"])
+                if len(seen) == count:
+                    return seen[1:]  # the first may have come before the live subscription
+    return seen
 
 
 def test_two_processes_share_logins_and_store_each_message_once(broker, postgres, tmp_path):
@@ -53,6 +74,22 @@ def test_two_processes_share_logins_and_store_each_message_once(broker, postgres
         wait_until(both_ingest, "telemetry at both processes")
         # Status is followed by each process: both know the whole fleet.
         wait_until(lambda: on_b.get("/api/stats")["devices"] == DEVICES, "every device at B")
+        # A device page open on B shows every telemetry message of its device live, also those that
+        # A stores.
+        watched = sorted(sim.device_map)[0]
+        shown = _live_telemetry(on_b, watched, count=8)
+        engine = open_engine(database)
+
+        def stored_of_watched() -> list[float] | None:
+            with engine.connect() as conn:
+                found = conn.scalars(
+                    sa.text("SELECT ts FROM host_metrics WHERE device_id = :d AND ts BETWEEN :a AND :b"),
+                    {"d": watched, "a": min(shown), "b": max(shown)},
+                ).all()
+            return sorted(found) if max(shown) in found else None
+
+        stored_ts = wait_until(stored_of_watched, "the watched device's messages stored")
+        assert sorted(shown) == stored_ts  # every message stored (by A or B) was shown on B
 
         a.proc.send_signal(signal.SIGKILL)  # mid-run, with messages in memory and in flight
         a.proc.wait(30)
@@ -64,7 +101,6 @@ def test_two_processes_share_logins_and_store_each_message_once(broker, postgres
 
         sim.stop()  # every telemetry publish acknowledged by the broker
         sent = sim.telemetry_sent
-        engine = open_engine(database)
 
         def stored() -> int | None:
             with engine.connect() as conn:
