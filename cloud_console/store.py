@@ -246,7 +246,12 @@ class ConsoleStore(BatchWriter[Connection]):
                 if devices:
                     # Every process following status writes the same row: first_seen stays the first.
                     rows = sorted(devices.values(), key=lambda r: r["device_id"])  # one lock order
-                    upsert(db, schema.devices, rows, ["device_id"], ["online", "last_seen", "status_json"])
+                    if db.dialect.name == "postgresql":
+                        self._copy_devices(db, rows)
+                    else:
+                        upsert(
+                            db, schema.devices, rows, ["device_id"], ["online", "last_seen", "status_json"]
+                        )
                 if placements:
                     db.execute(sa.insert(schema.placements), placements)
                 if forget:
@@ -307,6 +312,26 @@ class ConsoleStore(BatchWriter[Connection]):
                 with cur.copy(f"COPY telemetry ({', '.join(tenant_cols)}) FROM STDIN") as copy:
                     for row in telemetry:
                         copy.write_row([row[c] for c in tenant_cols])
+
+    @staticmethod
+    def _copy_devices(db: Connection, rows: list[dict[str, Any]]) -> None:
+        """PostgreSQL: the device rows in one COPY and one INSERT ... ON CONFLICT. An executemany
+        of 10,000 upserts took 15 s here: each round trip waits for the GIL the ingest loop holds."""
+        raw: Any = db.connection.driver_connection
+        cols = ["device_id", "online", "first_seen", "last_seen", "status_json"]
+        listed = ", ".join(cols)
+        with raw.cursor() as cur:
+            cur.execute(
+                "CREATE TEMPORARY TABLE IF NOT EXISTS incoming_devices (LIKE devices) ON COMMIT DELETE ROWS"
+            )
+            with cur.copy(f"COPY incoming_devices ({listed}) FROM STDIN") as copy:
+                for row in rows:
+                    copy.write_row([row[c] for c in cols])
+            cur.execute(
+                f"INSERT INTO devices ({listed}) SELECT {listed} FROM incoming_devices"  # noqa: S608
+                " ORDER BY device_id ON CONFLICT (device_id) DO UPDATE SET online = EXCLUDED.online,"
+                " last_seen = EXCLUDED.last_seen, status_json = EXCLUDED.status_json"
+            )
 
     def _committed(self, batch: int) -> None:
         if self.on_commit is not None:
