@@ -4,8 +4,9 @@ Both sides keep rows in memory (callers never block on the disk) and hand them t
 which owns its connection (SQLite connections are per thread), writes a batch per `flush_interval_s`
 in one transaction and prunes about once a minute. The agent writes SQLite through sqlite-utils; the
 console overrides `connect`/`disconnect` with its SQLAlchemy engine (SQLite or PostgreSQL). WAL and
-busy_timeout let readers (`sqlite3` on the device, the console's API threads) in while it writes. A table made by an older version gets the
-columns it lacks: a schema change migrates instead of failing every insert.
+busy_timeout let readers (`sqlite3` on the device, the console's API threads) in while it writes.
+A table made by an older version gets the columns it lacks: a schema change migrates instead of
+failing every insert.
 """
 
 from __future__ import annotations
