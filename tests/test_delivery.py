@@ -360,3 +360,62 @@ def test_two_agents_switch_version_while_streaming_every_frame_answered_once(
         ]
     finally:
         assert console.stop() == 0, console.log()[-2000:]
+
+
+def test_two_versions_serve_side_by_side_and_frames_reach_either(agent_factory, collector, tmp_path):
+    """1.0.0 (bundled, pinned) and 2.0.0 (a delivered version, the newest) on one device: `name`
+    reaches the default (the unpinned tenant), `name@version` one version exactly, every answer says
+    which version served it, and status and telemetry list the two tenants by key."""
+    agent = agent_factory("sbs", "[metrics]\ntelemetry_interval_s = 1\n")
+    shutil.copytree(new_version(tmp_path, "2.0.0", "v200 "), agent.state_dir / "models" / NAME / "2.0.0")
+    agent.start().wait_ready()
+    c = collector(["edge/sbs/result", "edge/sbs/status", "edge/sbs/telemetry"])
+    placement = {"generation": 1, "tenants": [{"model": NAME}, {"model": NAME, "version": "1.0.0"}]}
+    c.publish("edge/sbs/placement", json.dumps(placement).encode(), retain=True)
+
+    def both_ready(msgs: list[dict[str, Any]]) -> bool:
+        placed = (msgs[-1].get("placement") or {}) if msgs else {}
+        tenants = placed.get("tenants", [])
+        return placed.get("applied_generation") == 1 and all(t["state"] == "ready" for t in tenants)
+
+    status = c.wait_for(both_ready, "edge/sbs/status", timeout=90)[-1]
+    served = {t["address"]: t["serving_version"] for t in status["placement"]["tenants"]}
+    assert served == {NAME: "2.0.0", f"{NAME}@1.0.0": "1.0.0"}, status["placement"]
+
+    image = base64.b64encode(sample("cat.jpg")).decode()
+    asks = {"a-default": NAME, "a-v1": f"{NAME}@1.0.0", "a-v2": f"{NAME}@2.0.0"}
+    for rid, model in asks.items():
+        c.publish(
+            "edge/sbs/infer", json.dumps({"request_id": rid, "model": model, "image_b64": image}).encode()
+        )
+    c.publish(f"edge/sbs/infer/{NAME}@1.0.0", json.dumps({"request_id": "t-v1", "image_b64": image}).encode())
+    got = c.wait_for(lambda m: {"a-default", "a-v1", "a-v2", "t-v1"} <= {x.get("request_id") for x in m},
+                     "edge/sbs/result", timeout=60)  # fmt: skip
+    answers = {m["request_id"]: m for m in got}
+    for rid, version, prefix in [("a-default", "2.0.0", "v200 "), ("a-v2", "2.0.0", "v200 "),
+                                 ("a-v1", "1.0.0", ""), ("t-v1", "1.0.0", "")]:  # fmt: skip
+        answer = answers[rid]
+        assert answer.get("version") == version, answer
+        label = answer["top"][0]["label"]
+        assert label.startswith("v200 ") if prefix else not label.startswith("v200 "), answer
+    c.publish(
+        "edge/sbs/infer",
+        json.dumps({"request_id": "a-v3", "model": f"{NAME}@3", "image_b64": image}).encode(),
+    )
+    refused = c.wait_for(lambda m: any(x.get("request_id") == "a-v3" for x in m), "edge/sbs/result")
+    error = next(m for m in refused if m.get("request_id") == "a-v3")["error"]
+    assert error["code"] == "unknown_model" and f"{NAME}@1.0.0" in error["message"], error
+
+    telemetry = c.wait_for(lambda m: bool(m) and len(m[-1]["tenants"]) == 2, "edge/sbs/telemetry")[-1]
+    rows = {t["model"]: t["version"] for t in telemetry["tenants"]}
+    assert rows == {NAME: "2.0.0", f"{NAME}@1.0.0": "1.0.0"}, telemetry["tenants"]
+
+    # One version twice (the unpinned tenant serves 2.0.0): refused with the reason; both serve on.
+    twice = {"generation": 2, "tenants": [{"model": NAME}, {"model": NAME, "version": "2.0.0"}]}
+    c.publish("edge/sbs/placement", json.dumps(twice).encode(), retain=True)
+    status = c.wait_for(
+        lambda m: bool(m) and ((m[-1].get("placement") or {}).get("refused") or {}).get("generation") == 2,
+        "edge/sbs/status",
+    )[-1]
+    assert "would both serve" in status["placement"]["refused"]["reason"], status["placement"]
+    assert status["placement"]["applied_generation"] == 1 and len(status["placement"]["tenants"]) == 2

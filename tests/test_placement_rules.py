@@ -8,11 +8,15 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.frames.tenant_table import resolve_key
 from agent.placement.intake import Accepted, Applied, Intake, Redelivery, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
+from agent.placement.reconciler import check_runnable
 from agent.protocol.schemas import Placement, TenantSpec
 from agent.protocol.signing import sign
 from agent.service.errors import PlacementRefused
+from agent.service.model_repo import ModelRepository
+from tests.conftest import MODELS
 
 NOW = 1_800_000_000.0
 
@@ -199,3 +203,64 @@ def test_saved_copy_of_a_model_that_never_started_is_as_asked():
     asked = Placement(generation=1, tenants=[spec("a", backend="tflite")])
     saved = to_save(asked, asked, {})
     assert saved.tenants[0].backend == "tflite"
+
+
+# -- two versions of one model side by side (docs/protocol.md "Two versions side by side") -----------
+@pytest.mark.parametrize(
+    ("tenants", "refusal"),
+    [
+        ([{}, {"version": "2"}], None),  # the newest beside a pinned one
+        ([{"version": "1"}, {"version": "2"}], None),  # two pinned versions
+        ([{}, {}], "without a version appears twice"),
+        ([{"version": "2"}, {"version": "2"}], "version '2' appears twice"),
+    ],
+)
+def test_intake_takes_two_versions_of_one_model_and_refuses_one_version_twice(tenants, refusal):
+    document = {"generation": 4, "tenants": [{"model": "efficientnet-lite0", **t} for t in tenants]}
+    outcome = Intake().check(raw(document), Applied(), now=NOW)
+    if refusal is None:
+        assert isinstance(outcome, Accepted)
+        keys = [t.tenant_key() for t in outcome.placement.tenants]
+        assert keys == [
+            "efficientnet-lite0" if "version" not in t else f"efficientnet-lite0@{t['version']}"
+            for t in tenants
+        ]
+    else:
+        assert isinstance(outcome, Refused) and outcome.generation == 4
+        assert refusal in outcome.reason and "one tenant per model and version" in outcome.reason
+
+
+def test_an_unpinned_tenant_beside_the_newest_version_pinned_is_refused():
+    """Unpinned serves the newest installed (1.0.0, the bundled one): pinning it too is the same twice."""
+    repo = ModelRepository(MODELS)
+    same = Placement(tenants=[spec("efficientnet-lite0"), spec("efficientnet-lite0", version="1.0.0")])
+    with pytest.raises(
+        PlacementRefused, match=r"efficientnet-lite0 and efficientnet-lite0@1\.0\.0 would both"
+    ):
+        check_runnable(same, repo)
+
+
+def test_plan_keys_a_pinned_tenant_by_name_at_version():
+    """Adding a second version starts only it: the tenant already serving is kept, not restarted."""
+    running = {"m": spec("m")}
+    desired = Placement(tenants=[spec("m"), spec("m", version="2")])
+    steps = plan(desired, running)
+    assert steps.keep == ["m"] and [s.tenant_key() for s in steps.start] == ["m@2"]
+    steps = plan(Placement(tenants=[spec("m", version="2")]), {"m": spec("m"), "m@2": spec("m", version="2")})
+    assert steps.keep == ["m@2"] and steps.retire == ["m"] and not steps.start
+
+
+@pytest.mark.parametrize(
+    ("asked", "serving", "reaches"),
+    [
+        ("m", {"m": "1", "m@2": "2"}, "m"),  # the unpinned tenant is the default
+        ("m", {"m@1": "1", "m@10": "10", "m@9": "9"}, "m@10"),  # else the newest version placed
+        ("m@2", {"m": "1", "m@2": "2"}, "m@2"),
+        ("m@3", {"m": "3", "m@2": "2"}, "m"),  # the unpinned tenant serves 3: `m@3` reaches it
+        ("m@4", {"m": "3", "m@2": "2"}, None),
+        ("other", {"m": "1"}, None),
+        ("m", {}, None),
+    ],
+)
+def test_which_tenant_a_frame_reaches(asked, serving, reaches):
+    assert resolve_key(asked, serving) == reaches

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -60,6 +60,7 @@ class _Served(BaseModel):
     request_id: str
     model: str
     tenant: TenantRef
+    version: str | None = None  # the model version that served it (None from agents before it)
 
 
 class InferResult(_Served):
@@ -224,6 +225,11 @@ class TenantSpec(Strict):
         """This tenant's spec with `candidate` as its backend and device (candidates kept)."""
         return self.model_copy(update={"backend": candidate.backend, "device": candidate.device})
 
+    def tenant_key(self) -> str:
+        """The tenant's key on the device: frames, status and telemetry name it by this (`name`, or
+        `name@version` when pinned; docs/protocol.md "Two versions side by side")."""
+        return tenant_key(self.model, self.version)
+
     def key(self) -> tuple[object, ...]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
         return (
@@ -254,11 +260,16 @@ class Placement(Strict):
     @field_validator("tenants")
     @classmethod
     def _one_tenant_per_model(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        """Two versions of one model may serve side by side; the same version twice may not."""
         seen: set[str] = set()
         for tenant in tenants:
-            if tenant.model in seen:
-                raise ValueError(f"model {tenant.model!r} appears twice; one tenant per model")
-            seen.add(tenant.model)
+            key = tenant.tenant_key()
+            if key in seen:
+                what = "without a version" if tenant.version is None else f"version {tenant.version!r}"
+                raise ValueError(
+                    f"model {tenant.model!r} {what} appears twice; one tenant per model and version"
+                )
+            seen.add(key)
         return tenants
 
 
@@ -300,6 +311,10 @@ class Failover(BaseModel):
 
 class TenantStatus(TenantSpec):
     state: TenantState
+    # What frames name to reach it (`name`, or `name@version` when pinned), and the version it
+    # serves (the newest installed when not pinned). None from agents before side-by-side versions.
+    address: str | None = None
+    serving_version: str | None = None
     error: str | None = None
     auto: AutoChoice | None = None
     # Tenants with candidates: the one serving now (backend/device above say the same), the last
@@ -313,6 +328,7 @@ class TenantStatus(TenantSpec):
 
     def placed(self) -> TenantSpec:
         """The placement entry this tenant serves (with candidates: as placed, on the first)."""
+        # model_fields of TenantSpec only: address and serving_version are status, not the entry.
         entry = self.model_dump(include=set(TenantSpec.model_fields))
         if self.candidates:
             entry.pop("backend"), entry.pop("device")
@@ -413,11 +429,12 @@ class TenantWindow(TenantCounters):
 
 
 class TenantIdentity(BaseModel):
-    model: str
+    model: str  # the tenant's key: `name`, or `name@version` for a pinned tenant
     backend: str
     device: str
     instances: int
     state: TenantState
+    version: str | None = None  # the model version it serves
 
 
 class TenantTelemetry(TenantWindow, TenantIdentity):
