@@ -218,7 +218,8 @@ def test_device_refuses_unsigned_and_foreign_manifests(agent_factory, broker, co
 
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, broker, collector, tmp_path):
-    """Digests right, model broken: installed, but placing it fails that tenant and the old serves."""
+    """Digests right, model broken: installed, but placing it fails that tenant and the old serves.
+    Then the device is offline when a placement needs a version it lacks, and gets it once back."""
     console = ConsoleProcess(broker.url, tmp_path).start()
     try:
         admin = console.client("admin")
@@ -273,19 +274,37 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, 
         assert "not 9.9; first: edge-console models deliver edge3" in place.stdout, place.stdout
         assert "refused: model 'efficientnet-lite0' has no version '9.9'" in place.stdout, place.stdout
 
-        # An offline device cannot take a delivery: placing a version it lacks says so at once.
+        # A device offline when its placement needs a new version: the console sends the manifest
+        # again once the device is back, and publishes the placement again once it is installed.
         status, entry = raw(
-            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "")), admin_token
+            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "v140 ")), admin_token
         )
         assert status == 201, entry
         agent.stop()
         wait_until(
             lambda: not device_detail(admin, "edge3")["status"]["online"], "the console to see edge3 offline"
         )
-        status, refused = admin.call(
+        status, placed = admin.call(
             "PUT", "/api/devices/edge3/placement", {"tenants": [{"model": NAME, "version": "1.4.0"}]}
         )
-        assert status == 422 and "offline" in refused["detail"], refused
+        assert status == 200 and placed["tracking"]["state"] == "pending", placed
+        agent.start()
+
+        def serves_140(msgs: list[dict[str, Any]]) -> bool:
+            tenants = (msgs[-1].get("placement") or {}).get("tenants", []) if msgs else []
+            return [(t.get("serving_version"), t["state"]) for t in tenants] == [("1.4.0", "ready")]
+
+        results.wait_for(serves_140, "edge/edge3/status", timeout=120)
+        assert "1.4.0" in installed_versions(results.json("edge/edge3/status")[-1]).get(NAME, [])
+        frame = json.dumps(
+            {"request_id": "back-1", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}
+        )
+        results.publish(f"edge/edge3/infer/{NAME}", frame.encode())
+        got = results.wait_for(
+            lambda msgs: any(m.get("request_id") == "back-1" for m in msgs), "edge/edge3/result", timeout=60
+        )
+        answer = next(m for m in got if m.get("request_id") == "back-1")
+        assert answer["version"] == "1.4.0" and answer["top"][0]["label"].startswith("v140 "), answer
     finally:
         assert console.stop() == 0, console.log()[-2000:]
 

@@ -220,7 +220,7 @@ def test_intake_takes_two_versions_of_one_model_and_refuses_one_version_twice(te
     outcome = Intake().check(raw(document), Applied(), now=NOW)
     if refusal is None:
         assert isinstance(outcome, Accepted)
-        keys = [t.tenant_key() for t in outcome.placement.tenants]
+        keys = [t.tenant_key() for t in outcome.placement.tenants]  # two tenants of one model
         assert keys == [
             "efficientnet-lite0" if "version" not in t else f"efficientnet-lite0@{t['version']}"
             for t in tenants
@@ -240,14 +240,19 @@ def test_an_unpinned_tenant_beside_the_newest_version_pinned_is_refused():
         check_runnable(same, repo)
 
 
-def test_plan_keys_a_pinned_tenant_by_name_at_version():
-    """Adding a second version starts only it: the tenant already serving is kept, not restarted."""
+def test_plan_keys_a_pinned_tenant_beside_another_version_by_name_at_version():
+    """Adding a second version starts only it: the tenant already serving is kept, not restarted.
+    A lone tenant keeps the model's name as its key whatever its version, so switching its version
+    is a change of that tenant (a version that fails to load leaves the old one serving)."""
     running = {"m": spec("m")}
-    desired = Placement(tenants=[spec("m"), spec("m", version="2")])
-    steps = plan(desired, running)
+    steps = plan(Placement(tenants=[spec("m"), spec("m", version="2")]), running)
     assert steps.keep == ["m"] and [s.tenant_key() for s in steps.start] == ["m@2"]
-    steps = plan(Placement(tenants=[spec("m", version="2")]), {"m": spec("m"), "m@2": spec("m", version="2")})
-    assert steps.keep == ["m@2"] and steps.retire == ["m"] and not steps.start
+    lone = Placement(tenants=[spec("m", version="2")])
+    assert lone.tenants[0].tenant_key() == "m"
+    steps = plan(lone, {"m": spec("m", version="1")})
+    assert [s.tenant_key() for s in steps.start] == ["m"] and not steps.retire
+    steps = plan(lone, {"m": spec("m"), "m@2": spec("m", version="2")})  # a staged switch completes
+    assert [s.tenant_key() for s in steps.start] == ["m"] and steps.retire == ["m@2"]
 
 
 @pytest.mark.parametrize(

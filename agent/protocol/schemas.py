@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
 from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
@@ -189,6 +190,8 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    # Set by the Placement that holds it (it depends on the other tenants): see tenant_key().
+    _key: str | None = PrivateAttr(default=None)
 
     @field_validator("model")
     @classmethod
@@ -226,9 +229,10 @@ class TenantSpec(Strict):
         return self.model_copy(update={"backend": candidate.backend, "device": candidate.device})
 
     def tenant_key(self) -> str:
-        """The tenant's key on the device: frames, status and telemetry name it by this (`name`, or
-        `name@version` when pinned; docs/protocol.md "Two versions side by side")."""
-        return tenant_key(self.model, self.version)
+        """The tenant's key on the device: frames, status and telemetry name it by this. The model
+        name, unless its placement holds another tenant of the same model: then a pinned tenant is
+        `name@version` (docs/protocol.md "Two versions side by side")."""
+        return self._key if self._key is not None else self.model
 
     def key(self) -> tuple[object, ...]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
@@ -259,17 +263,22 @@ class Placement(Strict):
 
     @field_validator("tenants")
     @classmethod
-    def _one_tenant_per_model(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
-        """Two versions of one model may serve side by side; the same version twice may not."""
-        seen: set[str] = set()
+    def _one_tenant_per_version(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        """Two versions of one model may serve side by side; the same version twice may not. Each
+        tenant's key: its model name, or `name@version` when pinned beside another of its model (so
+        switching a lone tenant's version keeps its key: a version that fails to load leaves the
+        old one serving)."""
+        per_model = Counter(t.model for t in tenants)
+        seen: set[tuple[str, str | None]] = set()
         for tenant in tenants:
-            key = tenant.tenant_key()
-            if key in seen:
+            if (tenant.model, tenant.version) in seen:
                 what = "without a version" if tenant.version is None else f"version {tenant.version!r}"
                 raise ValueError(
                     f"model {tenant.model!r} {what} appears twice; one tenant per model and version"
                 )
-            seen.add(key)
+            seen.add((tenant.model, tenant.version))
+            beside = per_model[tenant.model] > 1
+            tenant._key = tenant_key(tenant.model, tenant.version if beside else None)
         return tenants
 
 
