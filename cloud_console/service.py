@@ -229,7 +229,8 @@ class Console:
 
     async def _resend(self, device_id: str, model: str, version: str, base_url: str) -> None:
         try:
-            await self.deliver(device_id, model, version, base_url, "console")
+            await self._send_manifest(device_id, model, version, base_url)
+            log.info("sent %s %s to %s again (its status lacks it)", model, version, device_id)
         except ModelRejected:
             self.convergence.give_up(device_id, model, version)
             log.warning("%s lacks %s %s, which the model store does not have", device_id, model, version)
@@ -442,6 +443,13 @@ class Console:
         """Tell the device to fetch `name` `version` from this console (QoS 1, not retained: a device
         that is offline now is delivered to again later). Signed like placements when signing is on."""
         self.device(device_id)
+        doc = await self._send_manifest(device_id, name, version, base_url)
+        # Sent again while the device's status lacks it (it may be offline now).
+        self.convergence.sent(device_id, name, version, base_url, time.monotonic())
+        log.info("%s delivers %s %s to %s", user, name, version, device_id)
+        return doc
+
+    async def _send_manifest(self, device_id: str, name: str, version: str, base_url: str) -> ModelDelivery:
         doc = await asyncio.to_thread(self.models.manifest, name, version, base_url)
         body = doc.model_dump(mode="json", exclude_none=True)
         if self.sign_key is not None:
@@ -449,9 +457,6 @@ class Console:
         payload = json.dumps(body).encode()
         self._base_url = self.config.public_url or base_url
         await self.mqtt.publish(Topics(device_id, self.prefix).models, payload, qos=1, retain=False)
-        # Sent again while the device's status lacks it (it may be offline now).
-        self.convergence.sent(device_id, name, version, base_url, time.monotonic())
-        log.info("%s delivers %s %s to %s", user, name, version, device_id)
         return ModelDelivery.model_validate_json(payload)
 
     async def deliver_missing(

@@ -48,7 +48,10 @@ class TenantTable:
 
     # -- reads (router, reporting) ----------------------------------------------------------------
     def get(self, model: str) -> Tenant | None:
-        """The tenant a frame's `model` reaches (`resolve`), or None."""
+        """The tenant a frame's `model` reaches (`resolve`), or None. Worker threads call it too."""
+        tenant = self._serving.get(model)  # the usual case: a plain lookup
+        if tenant is not None:
+            return tenant
         key = self.resolve(model)
         return None if key is None else self._serving.get(key)
 
@@ -56,11 +59,12 @@ class TenantTable:
         """The serving tenant key a frame's `model` reaches: the tenant of that key; for
         `name@version`, else the tenant serving that version; for `name`, else the model's newest
         pinned tenant (an unpinned one is keyed `name`). None when none serves it."""
-        return resolve_key(model, {key: t.model.manifest.version for key, t in self._serving.items()})
+        serving = list(self._serving.items())  # one step: the loop may change the table meanwhile
+        return resolve_key(model, {key: t.model.manifest.version for key, t in serving})
 
     def unavailable_reason(self, model: str) -> str | None:
         """Why a placed model serves nothing right now (loading, failed), or None if unknown here."""
-        key = resolve_key(model, {k: entry.version for k, entry in self._failed.items()})
+        key = resolve_key(model, {k: entry.version for k, entry in list(self._failed.items())})
         entry = None if key is None else self._failed.get(key)
         if entry is None:
             return None

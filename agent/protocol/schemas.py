@@ -337,7 +337,6 @@ class TenantStatus(TenantSpec):
 
     def placed(self) -> TenantSpec:
         """The placement entry this tenant serves (with candidates: as placed, on the first)."""
-        # model_fields of TenantSpec only: address and serving_version are status, not the entry.
         entry = self.model_dump(include=set(TenantSpec.model_fields))
         if self.candidates:
             entry.pop("backend"), entry.pop("device")
