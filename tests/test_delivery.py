@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.schemas import Status, Telemetry
 from agent.protocol.signing import generate_keypair
+from cloud_console.fleet import Device
 from tests.conftest import MODELS, sample
 from tests.test_console import ConsoleProcess, device_detail, tracking_state, wait_until
 
@@ -428,6 +430,11 @@ def test_two_versions_serve_side_by_side_and_frames_reach_either(agent_factory, 
     telemetry = c.wait_for(lambda m: bool(m) and len(m[-1]["tenants"]) == 2, "edge/sbs/telemetry")[-1]
     rows = {t["model"]: t["version"] for t in telemetry["tenants"]}
     assert rows == {NAME: "2.0.0", f"{NAME}@1.0.0": "1.0.0"}, telemetry["tenants"]
+    # The console's fleet row, from this status and telemetry: one line per tenant, by key.
+    device = Device("sbs", 0.0, 0.0, status=Status.model_validate(status))
+    device.telemetry = Telemetry.model_validate(telemetry)
+    listed = {(t["model"], t["version"], t["fps"] is not None) for t in device.summary(0.0, 60.0)["tenants"]}
+    assert listed == {(NAME, "2.0.0", True), (f"{NAME}@1.0.0", "1.0.0", True)}, listed
 
     # One version twice (the unpinned tenant serves 2.0.0): refused with the reason; both serve on.
     twice = {"generation": 2, "tenants": [{"model": NAME}, {"model": NAME, "version": "2.0.0"}]}
