@@ -1,5 +1,6 @@
-"""Placement rules without a broker: intake (validity, signatures, replay, newest wins) and the plan
-(start, keep, retire; what is saved). The end-to-end placement tests over MQTT stay the safety net."""
+"""Placement rules without a broker: intake (validity, signatures, replay, newest wins), the plan
+(start, keep, retire; what is saved), and two versions of one model side by side (keys, which tenant
+a frame reaches). The end-to-end placement tests over MQTT stay the safety net."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from agent.frames.tenant_table import resolve_key
+from agent.frames.tenant_table import TenantTable, resolve_key
+from agent.observability.homeassistant import HomeAssistant
 from agent.placement.intake import Accepted, Applied, Intake, Redelivery, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
 from agent.placement.reconciler import check_runnable
-from agent.protocol.schemas import Placement, TenantSpec
+from agent.protocol.schemas import InferResult, Placement, TenantRef, TenantSpec, Timing, TopK
 from agent.protocol.signing import sign
+from agent.protocol.topics import Topics
+from agent.service.config import HomeAssistantConfig
 from agent.service.errors import PlacementRefused
 from agent.service.model_repo import ModelRepository
 from tests.conftest import MODELS
@@ -269,3 +273,27 @@ def test_plan_keys_a_pinned_tenant_beside_another_version_by_name_at_version():
 )
 def test_which_tenant_a_frame_reaches(asked, serving, reaches):
     assert resolve_key(asked, serving) == reaches
+
+
+@pytest.mark.parametrize(
+    ("asked", "version", "announced", "entities"),
+    [
+        ("m", "2", {"m", "m@1"}, "m"),  # the unpinned tenant answered
+        ("m", "2", {"m@1", "m@2"}, "m@2"),  # `m` reached the newest pinned one
+        ("m@1", "1", {"m", "m@1"}, "m@1"),
+        ("m@2", "2", {"m", "m@1"}, "m"),  # the unpinned tenant serves 2
+        ("m", "1", {"m"}, "m"),  # a lone pinned tenant keeps the name
+    ],
+)
+def test_home_assistant_shows_an_answer_on_the_entities_of_the_tenant_that_served_it(
+    asked, version, announced, entities
+):
+    ha = HomeAssistant(HomeAssistantConfig(), Topics("d"), TenantTable(), session=None)  # type: ignore[arg-type]
+    ha.announced = {key: [] for key in announced}
+    ref = TenantRef(backend="onnxruntime", device="cpu", instance=0)
+    timing = Timing(queue=0, preprocess=0, infer=0, total=0)
+    top = [TopK(index=1, label="cat", score=0.9)]
+    ha.observe(
+        None, InferResult(request_id="r", model=asked, tenant=ref, version=version, top=top, timing_ms=timing)
+    )
+    assert list(ha.last_top) == [entities]
