@@ -74,7 +74,7 @@ class TenantTable:
         """The classifier placed to run on `model`'s boxes, and how (docs/detection.md "Cascades"):
         serving, or placed but not serving (its frames' boxes then go out marked unavailable).
         `model` is a frame's; `after` names the detector tenant's key."""
-        key = self.resolve(model) or model
+        key = model if model in self._serving else (self.resolve(model) or model)  # per frame: cheap
         for spec in [*(t.placed for t in list(self._serving.values())), *list(self._failed.values())]:
             if spec.cascade is not None and spec.cascade.after == key:
                 return spec.tenant_key(), spec.cascade
