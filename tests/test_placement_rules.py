@@ -263,7 +263,7 @@ def test_plan_keys_a_pinned_tenant_beside_another_version_by_name_at_version():
     ("asked", "serving", "reaches"),
     [
         ("m", {"m": "1", "m@2": "2"}, "m"),  # the unpinned tenant is the default
-        ("m", {"m@1": "1", "m@10": "10", "m@9": "9"}, "m@10"),  # else the newest version placed
+        ("m", {"m@10": "10", "m@9": "9", "m@2": "2"}, "m@2"),  # else the oldest version placed (staged)
         ("m@2", {"m": "1", "m@2": "2"}, "m@2"),
         ("m@3", {"m": "3", "m@2": "2"}, "m"),  # the unpinned tenant serves 3: `m@3` reaches it
         ("m@4", {"m": "3", "m@2": "2"}, None),
@@ -279,7 +279,7 @@ def test_which_tenant_a_frame_reaches(asked, serving, reaches):
     ("asked", "version", "announced", "entities"),
     [
         ("m", "2", {"m", "m@1"}, "m"),  # the unpinned tenant answered
-        ("m", "2", {"m@1", "m@2"}, "m@2"),  # `m` reached the newest pinned one
+        ("m", "1", {"m@1", "m@2"}, "m@1"),  # `m` reached the oldest pinned one
         ("m@1", "1", {"m", "m@1"}, "m@1"),
         ("m@2", "2", {"m", "m@1"}, "m"),  # the unpinned tenant serves 2
         ("m", "1", {"m"}, "m"),  # a lone pinned tenant keeps the name

@@ -57,8 +57,11 @@ class TenantTable:
 
     def resolve(self, model: str) -> str | None:
         """The serving tenant key a frame's `model` reaches: the tenant of that key; for
-        `name@version`, else the tenant serving that version; for `name`, else the model's newest
-        pinned tenant (an unpinned one is keyed `name`). None when none serves it."""
+        `name@version`, else the tenant serving that version; for `name`, else the model's oldest
+        pinned tenant (an unpinned one is keyed `name`). None when none serves it.
+
+        Oldest, not newest: a version added beside the one that serves takes only the frames that
+        name it, until the operator places it alone (a staged switch, docs/fleet.md)."""
         serving = list(self._serving.items())  # one step: the loop may change the table meanwhile
         return resolve_key(model, {key: t.model.manifest.version for key, t in serving})
 
@@ -212,4 +215,4 @@ def resolve_key(model: str, versions: dict[str, str | None]) -> str | None:
     if version is not None:
         return next((key for key in same if versions[key] == version), None)
     pinned = [key for key in same if split_key(key)[1] is not None]
-    return max(pinned, key=lambda key: version_key(split_key(key)[1] or ""), default=None)
+    return min(pinned, key=lambda key: version_key(split_key(key)[1] or ""), default=None)
