@@ -372,7 +372,8 @@ def _cluster_phase(
         warm = time.monotonic()
         while time.monotonic() - warm < 180:
             time.sleep(1.0)
-            if all(c.http.json("GET", "/api/stats")["backlog"] < 500 for c in consoles):
+            stats = [c.http.json("GET", "/api/stats") for c in consoles]
+            if all(st["devices"] >= devices and st["backlog"] < 500 for st in stats):
                 break
         out["warmup_s"] = time.monotonic() - warm
         for console in consoles:  # CPU over the measured part only
