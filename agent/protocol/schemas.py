@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, POOL_NAME_RE, VERSION_RE, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -188,6 +188,8 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    # A device pool (docs/pools.md): the device also serves this model's frames sent to the pool.
+    pool: str | None = Field(default=None, pattern=POOL_NAME_RE.pattern)
 
     @field_validator("model")
     @classmethod
@@ -239,6 +241,7 @@ class TenantSpec(Strict):
             tuple(c.label.lower() for c in self.candidates or []),
             self.version,
             None if self.cascade is None else self.cascade.model_dump_json(),
+            self.pool,
         )
 
 

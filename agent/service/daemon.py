@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from agent.frames.deadline import call_with_deadline
+from agent.frames.pool import PoolMembers
 from agent.frames.router import FrameRouter
 from agent.frames.tenant import Tenant
 from agent.frames.tenant_table import TenantTable
@@ -113,6 +114,8 @@ class Agent:
         # [[inputs]]: other topics (a camera's, Frigate's snapshots) whose frames a model serves.
         for source in config.inputs:
             self.session.subscribe(source.topic, self.router.input_handler(source.model), qos=source.qos)
+        # Device pools (docs/pools.md): shares joined and left as placed, on their own connection.
+        self.pools = PoolMembers(config.device_id, self.table, self.router, self._pool_session)
         self.homeassistant: HomeAssistant | None = None
         if config.homeassistant.enabled:  # MQTT discovery (docs/home-assistant.md)
             self.homeassistant = HomeAssistant(config.homeassistant, self.topics, self.table, self.session)
@@ -126,6 +129,14 @@ class Agent:
             self.frigate = FrigateServer(
                 config.frigate, self.table, lambda: self.router.accepting, config.state_dir / "frigate-models"
             )
+
+    def _pool_session(self) -> MqttSession:
+        """Pool frames come on a second connection without a session: a member that dies is then
+        handed no more frames (agent/frames/pool.py gives the measurement)."""
+        broker = self.config.broker
+        cfg = broker.model_copy(update={"session_expiry_s": 0})
+        client_id = broker.client_id or f"edge-agent-{self.config.device_id}"
+        return MqttSession(cfg, f"{client_id}-pool", None, b"")
 
     def _publish_event(self, event: bytes) -> None:
         """Failovers are announced on edge/<id>/events (not retained), through the outbox once it runs."""
@@ -197,6 +208,7 @@ class Agent:
             asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
             asyncio.create_task(self.reconciler.health_loop(), name="health"),
             asyncio.create_task(memory.trim_loop(), name="memory"),
+            asyncio.create_task(self.pools.run(), name="pools"),
         ]
         if self.homeassistant is not None:
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
@@ -230,6 +242,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         """Stop taking frames, answer what is queued, publish the final status, flush SQLite."""
+        await self.pools.stop()  # leave pools first: their frames go to the other members
         self.router.accepting = False
         notify("STOPPING=1\nSTATUS=draining queued frames")
         await self.reconciler.stop_applying()
