@@ -1,10 +1,13 @@
-"""Device pools (docs/pools.md) end to end: one real Mosquitto and two real agents serving the real
-efficientnet-lite0 in pool `driveway`, shared by the tests of this module (started once)."""
+"""Device pools (docs/pools.md) end to end: one real Mosquitto, two real agents serving the real
+efficientnet-lite0 in pool `driveway` and the real console, shared by the tests of this module
+(started once); the pools page in real headless Chromium."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -18,6 +21,10 @@ import pytest
 from agent.commands.client import InferClient, Reply
 from agent.devtools.local_broker import LocalBroker
 from tests.conftest import CAT_CLASSES, REPO, SAMPLES, AgentProcess, Collector, sample
+from tests.test_console import ConsoleProcess, wait_until
+from tests.test_console_browser import CHROMIUM, browser, expect, log_in  # noqa: F401
+
+pytestmark = pytest.mark.timeout(300)
 
 POOL, MODEL = "driveway", "efficientnet-lite0"
 MEMBERS = f"edge/pool/{POOL}/members"
@@ -35,9 +42,17 @@ pool = "driveway"
 """
 
 
+def run_async(coro: Any) -> Any:
+    """asyncio.run on a thread of its own: Playwright's sync API keeps a loop on this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coro).result()
+
+
 class Pool:
-    def __init__(self, broker: LocalBroker, a: AgentProcess, b: AgentProcess, watch: Collector) -> None:
-        self.broker, self.a, self.b, self.watch = broker, a, b, watch
+    def __init__(
+        self, broker: LocalBroker, a: AgentProcess, b: AgentProcess, watch: Collector, console: ConsoleProcess
+    ) -> None:
+        self.broker, self.a, self.b, self.watch, self.console = broker, a, b, watch, console
 
     def members(self) -> dict[str, dict[str, Any]]:
         """The newest announcement of each member."""
@@ -61,13 +76,15 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
             AgentProcess.running.discard(agent)  # lives for the module, not one test
             agents.append(agent)
         watch = Collector(broker.port, [MEMBERS, RESULTS])
+        console = ConsoleProcess(broker.url, tmp_path_factory.mktemp("console")).start()
         try:
             for agent in agents:
                 agent.wait_ready()
-            p = Pool(broker, agents[0], agents[1], watch)
+            p = Pool(broker, agents[0], agents[1], watch, console)
             p.wait_open("member-a", "member-b")
             yield p
         finally:
+            console.stop()
             watch.close()
             for agent in agents:
                 agent.stop(signal.SIGKILL, timeout=10)
@@ -129,7 +146,7 @@ def test_a_repeat_reaching_the_other_member_gets_the_first_answer(pool: Pool) ->
     """A frame sent again with its request id (a camera's retry) goes to the other member by round
     robin: that member answers with the first member's answer, learned from the pool's result topic,
     instead of running it again (docs/pools.md, "Exactly once")."""
-    replies = asyncio.run(_send_same(pool, "repeat-1", 3))
+    replies = run_async(_send_same(pool, "repeat-1", 3))
     first = replies[0].payload
     assert first["served_by"] in ("member-a", "member-b") and "top" in first
     assert [r.payload for r in replies[1:]] == [first, first], "served once, answered three times"
@@ -148,11 +165,57 @@ def test_a_full_member_leaves_the_share_instead_of_answering_overloaded(pool: Po
     """Frames faster than one member serves: member-b (a 12-frame queue) leaves the share when nearly
     full and rejoins once drained, while member-a has room; no frame is answered `overloaded`."""
     pool.wait_open("member-a", "member-b")
-    replies = asyncio.run(_burst(pool, 60, 0.003))
+    replies = run_async(_burst(pool, 60, 0.003))
     errors = [r.payload["error"] for r in replies if "error" in r.payload]
     assert errors == [], errors[:3]
     pool.wait_open("member-a", "member-b")  # member-b came back
     assert pool.members()["member-b"]["left"] >= 1, pool.members()
+
+
+def test_the_pools_page_shows_members_their_share_and_the_pool_throughput(pool: Pool, browser) -> None:  # noqa: F811
+    """The console hears the members' announcements: the pools page lists both members with their
+    share of the frames just sent and the pool's frames per second."""
+    run_async(_burst(pool, 20, 0.02))
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    page = context.new_page()
+    problems: list[str] = []
+    page.on("pageerror", lambda exc: problems.append(str(exc)))
+    try:
+        log_in(page, pool.console, "admin", pool.console.admin_password)
+        page.click("#pools-link")
+        section = page.locator(f'section.pool[data-pool="{POOL}"]')
+        for device in ("member-a", "member-b"):
+            expect(section.locator(f'tr[data-device="{device}"] .share')).to_have_text(re.compile(r"^\d+%$"))
+        expect(section.locator(".pool-fps")).not_to_have_text("0")
+    finally:
+        context.close()
+    assert problems == [], problems
+
+
+def _members(client: Any) -> list[str]:
+    pools = client.get("/api/pools")
+    return [m["device_id"] for p in pools if p["pool"] == POOL for m in p["members"]]
+
+
+def test_the_console_removes_a_spare_member_and_adds_one_when_the_pool_falls_short(pool: Pool) -> None:
+    """Automatic scaling through the placement path: with capacity to spare (one member's capacity
+    measured while busy, in the back-pressure test) a member is taken out of the pool; with
+    min_members 2 the pool is short, and the console puts the device back (make-before-break)."""
+    admin = pool.console.client("admin")
+    quick = {"model": MODEL, "auto": True, "up_after_s": 0, "down_after_s": 0, "cooldown_s": 0}
+    status, body = admin.call("PUT", f"/api/pools/{POOL}/target", {**quick, "min_members": 1})
+    assert status == 200, body
+    wait_until(lambda: len(_members(admin)) == 1, "the console to take a member out", timeout=90)
+    removed = next(a for a in admin.get("/api/pools")[0]["actions"] if a["action"] == "removed")
+    assert removed["device_id"] not in _members(admin)
+    status, body = admin.call("PUT", f"/api/pools/{POOL}/target", {**quick, "min_members": 2})
+    assert status == 200, body
+    wait_until(lambda: len(_members(admin)) == 2, "the console to add a member", timeout=90)
+    actions = [(a["action"], a["device_id"]) for a in admin.get("/api/pools")[0]["actions"]]
+    assert actions[-1] == ("added", removed["device_id"]), actions
+    status, body = admin.call("PUT", f"/api/pools/{POOL}/target", {**quick, "min_members": 2, "auto": False})
+    assert status == 200, body
+    pool.wait_open("member-a", "member-b")
 
 
 async def _stream(pool: Pool, frames: int, fps: float, kill_at: int) -> list[Reply]:
@@ -176,7 +239,7 @@ def test_a_member_killed_mid_stream_loses_no_frame(pool: Pool) -> None:
     has no session), and the frames it held are sent again by the camera and served by the other.
     (Last in this module: member-b stays dead.)"""
     pool.wait_open("member-a", "member-b")
-    replies = asyncio.run(_stream(pool, 60, 30.0, kill_at=20))
+    replies = run_async(_stream(pool, 60, 30.0, kill_at=20))
     assert all("top" in r.payload for r in replies), [r.payload for r in replies if "top" not in r.payload]
     late = [r.payload["served_by"] for r in replies[40:]]
     assert set(late) == {"member-a"}, late

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from pydantic import ValidationError
 
 from agent.frames.ingest import Frame
@@ -42,6 +44,7 @@ log = logging.getLogger(__name__)
 LEAVE_AT = 0.75  # a member whose queue is this full leaves the share (if another has room)
 REJOIN_AT = 0.25  # ... and rejoins once it is down to this
 BUSY_AT = 0.5  # a member this full is announced busy: the others do not leave for it
+HOPS = "pool_hops"  # user property of a frame a leaving member handed back to the pool
 TICK_S = 0.02  # how often queues are looked at (a 64-frame queue fills in ~1 s at 60 fps)
 
 
@@ -92,6 +95,7 @@ class PoolMembers:
         self.members: dict[tuple[str, str], Membership] = {}  # (pool, model) -> membership
         self.peers: dict[tuple[str, str, str], Peer] = {}  # (pool, model, device) -> last announcement
         self.learned = 0  # answers of other members kept for repeats
+        self.handed_back = 0  # frames published to the pool again (their model left this device)
         self._watched: set[str] = set()  # pools whose result and members topics are subscribed
         self._lock = threading.Lock()
         self._tasks: list[asyncio.Task[Any]] = []
@@ -166,12 +170,34 @@ class PoolMembers:
         route = self.router.pool_handler(member.pool)
 
         def on_frame(message: Incoming) -> None:
+            if self.table.get(member.model) is None and self._hand_back(message):
+                return
             route(message)
             tenant = self.table.get(member.model)
             if tenant is not None and member.open and len(tenant.queue) >= tenant.queue.depth * LEAVE_AT:
                 self._wake.set()
 
         return on_frame
+
+    def _hand_back(self, message: Incoming) -> bool:
+        """A pool frame for a model this device no longer serves (it left the pool, the broker had
+        sent the frame before the UNSUBSCRIBE): publish it to the pool again, once, for a member
+        that serves it. False when it cannot (MQTT 3.1.1, sent back once already, down)."""
+        props, session = message.properties, self.session
+        user = list(getattr(props, "UserProperty", None) or [])
+        if props is None or session is None or any(k == HOPS for k, _v in user):
+            return False
+        again = Properties(PacketTypes.PUBLISH)
+        for name in ("ResponseTopic", "CorrelationData", "MessageExpiryInterval", "ContentType"):
+            if getattr(props, name, None) is not None:
+                setattr(again, name, getattr(props, name))
+        again.UserProperty = [*user, (HOPS, "1")]
+        try:
+            session.publish_nowait(message.topic, message.payload, 1, False, again, lambda: None)
+        except NotConnected:
+            return False
+        self.handed_back += 1
+        return True
 
     def _others_with_room(self, member: Membership, now: float) -> int:
         count = 0

@@ -129,6 +129,14 @@ class PoolTopics:
         return topic[len(head) :] if topic.startswith(head) else None
 
 
+def parse_pool_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(pool, kind) of a pool's `<prefix>/pool/<pool>/<kind>` (result, members); None otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != prefix or parts[1] != "pool" or not valid_pool_name(parts[2]):
+        return None
+    return parts[2], parts[3]
+
+
 def pool_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
     """Wildcard filter over all pools, e.g. `edge/pool/+/members` (used by the console)."""
     return f"{prefix}/pool/+/{kind}"
