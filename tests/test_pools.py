@@ -18,6 +18,7 @@ from typing import Any
 import cv2
 import pytest
 
+from agent.commands import cli
 from agent.commands.client import InferClient, Reply
 from agent.devtools.local_broker import LocalBroker
 from tests.conftest import CAT_CLASSES, REPO, SAMPLES, AgentProcess, Collector, sample
@@ -121,16 +122,10 @@ def test_a_camera_sends_to_the_pool_and_both_members_answer(pool: Pool, tmp_path
     assert sum(m["request_id"] in ids for m in pooled) == 20, "each answered once on the pool's topic"
 
 
-def test_pool_needs_a_model_and_a_valid_name(pool: Pool) -> None:
+def test_pool_needs_a_model_and_a_valid_name(pool: Pool, capsys: pytest.CaptureFixture[str]) -> None:
     for extra in (["--pool", POOL], ["--pool", "Bad/Name", "--model", MODEL]):
-        run = subprocess.run(
-            [sys.executable, "-m", "agent", "infer", "--broker", pool.broker.url, *extra, "x.jpg"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=REPO,
-        )
-        assert run.returncode == 2 and "--pool" in run.stderr, run.stderr
+        assert cli.main(["infer", "--broker", pool.broker.url, *extra, "x.jpg"]) == 2
+        assert "--pool" in capsys.readouterr().err
 
 
 async def _send_same(pool: Pool, request_id: str, times: int) -> list[Reply]:
