@@ -463,11 +463,10 @@ def test_a_device_joins_a_pool_and_a_camera_sends_to_it_under_the_shipped_acl(fl
     pool reply topic) and 3.1.1 (the pool's result topic) and gets the device's answers."""
     members = fleet.mqtt("console", ["edge/pool/driveway/members"])
     try:
-        doc = fleet.workdir / "pool.json"
-        doc.write_text(json.dumps({"tenants": [{"model": MODEL, "pool": "driveway"}]}))
         done = fleet.cli(
-            "operator", "place", "--file", str(doc), "--sign-key", str(fleet.sign_key), "--timeout", "120"
-        )
+            "operator", "place", "--model", MODEL, "--pool", "driveway",
+            "--sign-key", str(fleet.sign_key), "--timeout", "120",
+        )  # fmt: skip
         assert done.returncode == 0 and "applied generation" in done.stdout, (done.stdout, done.stderr)
         members.wait_for(
             lambda got: any(m["device_id"] == DEVICE and m["open"] for m in got), "edge/pool/driveway/members"

@@ -213,6 +213,8 @@ def cmd_place(args: argparse.Namespace) -> int:
             "device": args.device,
             "instances": args.instances,
         }
+        if args.pool:  # a device pool (docs/pools.md)
+            tenant["pool"] = args.pool
         if args.batch_size:
             tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
         if version := args.model_version:  # the device refuses a version it lacks (docs/fleet.md)
@@ -395,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidates",
         help="fallback places in order, e.g. openvino:GPU,onnxruntime:cpu (instead of --backend/--device)",
     )
+    place.add_argument("--pool", help="also serve the model's frames sent to this pool (docs/pools.md)")
     place.add_argument("--batch-size", type=int)
     place.add_argument(
         "--max-delay-ms", type=float, default=0.0, help="batch wait (0: batch what is queued; best on CPUs)"
