@@ -156,9 +156,15 @@ class PoolScaler:
         tenants = device.editable_tenants()
         if any(t.model == model for t in tenants):
             tenants = [t.model_copy(update={"pool": pool}) if t.model == model else t for t in tenants]
-        else:
-            tenants = [*tenants, self._template(pool, model)]
-            self.added.add((pool, model, device_id))
+            await self._publish_adding(device_id, tenants)
+            return
+        try:  # as a member serves it; else (a backend the device lacks) on the default backend
+            await self._publish_adding(device_id, [*tenants, self._template(pool, model)])
+        except PlacementInvalid:
+            await self._publish_adding(device_id, [*tenants, TenantSpec(model=model, pool=pool)])
+        self.added.add((pool, model, device_id))
+
+    async def _publish_adding(self, device_id: str, tenants: list[TenantSpec]) -> None:
         if self.console.config.public_url:  # the model store's copy first, if the device lacks it
             await self.console.deliver_missing(device_id, tenants, self.console.config.public_url, USER)
         await self.console.publish_placement(device_id, tenants, USER, "pool-add")
@@ -175,6 +181,10 @@ class PoolScaler:
 
     def _note(self, key: Key, what: str, device: str | None, reason: str) -> None:
         entry = {"ts": time.time(), "pool": key[0], "model": key[1], "action": what, "device_id": device}
+        last = self.actions[-1] if self.actions else {}
+        if (last.get("pool"), last.get("action"), last.get("reason")) == (key[0], what, reason):
+            last["ts"] = entry["ts"]  # the same failure again: one line, its latest time
+            return
         self.actions.append({**entry, "reason": reason})
         log.info("pool %s (%s): %s %s: %s", key[0], key[1], what, device or "", reason)
 
