@@ -180,8 +180,8 @@ class Camera:
     """Publishes frames at a fixed rate to the pool (QoS 1, response topic, correlation data); sends a
     frame again after `timeout_s` without an answer, up to `retries` times; keeps every answer."""
 
-    def __init__(self, port: int, timeout_s: float = 30.0, retries: int = 0) -> None:
-        self.timeout_s, self.retries = timeout_s, retries
+    def __init__(self, port: int, timeout_s: float = 30.0, retries: int = 0, topic: str = POOL_TOPIC) -> None:
+        self.timeout_s, self.retries, self.topic = timeout_s, retries, topic
         self.image = small_jpeg()
         self.reply = f"edge/pool/{POOL}/reply/bench/{uuid.uuid4().hex}"
         self.sent: dict[str, float] = {}  # request id -> first send (monotonic)
@@ -221,7 +221,7 @@ class Camera:
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply
         props.CorrelationData = rid.encode()
-        self.client.publish(POOL_TOPIC, self.image, qos=1, properties=props)
+        self.client.publish(self.topic, self.image, qos=1, properties=props)
 
     def _retry_loop(self) -> None:
         while not self._stop.wait(0.05):
@@ -342,6 +342,8 @@ def scale(per_item_ms: float, seconds: float) -> dict[str, Any]:
                     camera.settle(30)
                     out[f"{members}_member_{label}"] = {"rate_fps": rate, **camera.figures(start, end)}
                     camera.close()
+                if members == 2:  # the control: the same two agents, each sent half on its own topic
+                    out["2_agents_own_topics_half_load"] = own_topics(broker.port, capacity / 2, seconds)
             finally:
                 agents.stop()
     one, two = out["1_member_at_2x"]["served_fps"], out["2_member_at_2x"]["served_fps"]
@@ -352,6 +354,33 @@ def scale(per_item_ms: float, seconds: float) -> dict[str, Any]:
     p99_one, p99_two = out["1_member_half_load"]["p99_ms"], out["2_member_half_load"]["p99_ms"]
     out["p99_extra_ms"] = round(p99_two - p99_one, 1) if p99_one and p99_two else None
     return out
+
+
+def own_topics(port: int, rate: float, seconds: float) -> dict[str, Any]:
+    """Two cameras at `rate`, one per agent, on the agents' own topics (no pool): what the machine
+    does to latency with two agents running, apart from the pool."""
+    cameras = [Camera(port, topic=f"edge/m{i}/infer/{MODEL}") for i in range(2)]
+    runs = [threading.Thread(target=lambda c=c: spans.append(c.stream(rate, seconds))) for c in cameras]
+    spans: list[tuple[float, float]] = []
+    for run in runs:
+        run.start()
+    for run in runs:
+        run.join()
+    latencies: list[float] = []
+    for camera in cameras:
+        camera.settle(30)
+        with camera.cond:
+            latencies += [
+                (a[0] - camera.sent[r]) * 1000.0 for r, a in camera.answer.items() if "error" not in a[1]
+            ]
+        camera.close()
+    latencies.sort()
+    return {
+        "rate_fps": 2 * rate,
+        "served": len(latencies),
+        "p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+        "p99_ms": round(latencies[int(0.99 * (len(latencies) - 1))], 1) if latencies else None,
+    }
 
 
 def kill(per_item_ms: float, rate: float, seconds: float, timeout_s: float, trials: int) -> dict[str, Any]:
