@@ -29,10 +29,11 @@ from agent.frames.ingest import Frame
 from agent.frames.postprocess import detection_options
 from agent.frames.preprocess import Preprocessor
 from agent.frames.scheduler import BatchQueue, QueueClosed, QueueFull
+from agent.frames.slo_policy import LatencyTable
 from agent.frames.tenant_answers import Answers, EmitFn, Outcome
 from agent.frames.tenant_failover import FailoverSettings, FailoverWatch, UnhealthyFn
 from agent.frames.tenant_load import load_instances
-from agent.frames.tenant_worker import InFlight, Worker
+from agent.frames.tenant_worker import InFlight, ObjectivePlanner, Worker
 from agent.observability.stats import TenantStats
 from agent.protocol.schemas import Detection, ErrorCode, TenantSpec, TenantState
 from agent.service.model_repo import Model
@@ -74,6 +75,9 @@ class Tenant:
         self.error: str | None = None
         self.fault: faults.Fault | None = None  # injected on this backend and device (set at load)
         self.inflight = InFlight()
+        # Measured batch times per size (objective scheduling; the drift check's like-for-like figure).
+        self.latency = LatencyTable()
+        self.planner = ObjectivePlanner(spec, self.latency) if spec.latency_objective_ms else None
         self._sessions: list[Session] = []
         self._threads: list[threading.Thread] = []
         # State, the hand-off and queueing change together under _lock.

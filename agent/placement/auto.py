@@ -12,9 +12,11 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from agent.frames.slo_threads import apply_budget
 from agent.placement.profiler import Candidate, Profiler
 from agent.protocol.schemas import AutoChoice, Placement, TenantSpec
 from agent.service.errors import PlacementRefused
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Runs a blocking call that may hang (a runtime, a driver) under the load deadline; `what` names it.
 RuntimeCall = Callable[[Callable[[], Any], str], Awaitable[Any]]
+
+
+def host_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def is_auto(spec: TenantSpec) -> bool:
@@ -113,7 +123,13 @@ class AutoPlacer:
         self.runtime_call = runtime_call
 
     async def resolve(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
-        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
+        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached), then
+        give tenants sharing the CPU their share of threads (agent/frames/slo_threads.py)."""
+        resolved, choices = await self._resolve_auto(placement)
+        tenants = apply_budget(resolved.tenants, host_cores(), resource_of)
+        return resolved.model_copy(update={"tenants": tenants}), choices
+
+    async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
         autos = [t for t in placement.tenants if is_auto(t)]
         if not autos:
             return placement, {}

@@ -20,6 +20,7 @@ ErrorCode = Literal[
     "unavailable",  # the tenant for this model failed to load
     "shutting_down",  # the agent is stopping and could not serve it in time
     "internal",  # a bug or runtime failure; the agent keeps serving
+    "shed",  # it could no longer meet its tenant's latency objective: answered at once, not late
 ]
 
 
@@ -188,6 +189,9 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    # Arrival to answer, ms (docs/protocol.md "Latency objectives"); None: served as fast as it can.
+    latency_objective_ms: float | None = Field(default=None, ge=1.0, le=60000.0)
+    priority: Literal["high", "normal", "low"] = "normal"
 
     @field_validator("model")
     @classmethod
@@ -200,6 +204,12 @@ class TenantSpec(Strict):
     def _first_candidate(self) -> TenantSpec:
         if self.candidates:
             self._check_first_candidate(self.candidates[0])
+        objective = self.latency_objective_ms
+        if objective is not None and self.batch.max_delay_ms >= objective:
+            raise ValueError(
+                f"batch.max_delay_ms ({self.batch.max_delay_ms:g}) must be under latency_objective_ms "
+                f"({objective:g}): a frame waiting that long for company would always miss it"
+            )
         return self
 
     def _check_first_candidate(self, first: Candidate) -> None:
@@ -239,6 +249,8 @@ class TenantSpec(Strict):
             tuple(c.label.lower() for c in self.candidates or []),
             self.version,
             None if self.cascade is None else self.cascade.model_dump_json(),
+            self.latency_objective_ms,
+            self.priority,
         )
 
 
@@ -394,6 +406,18 @@ class TenantCounters(BaseModel):
         default=0, description="Frames dropped by the overload policy (answered `overloaded`)."
     )
     stalls: int = Field(default=0, description="Batches answered `internal` because the runtime call hung.")
+    within_objective: int = Field(
+        default=0, description="Results within the tenant's latency objective (tenants with one)."
+    )
+    missed_queueing: int = Field(
+        default=0, description="Results late for the objective because they waited too long to start."
+    )
+    missed_inference: int = Field(
+        default=0, description="Results late for the objective although their own serving alone ran over."
+    )
+    shed: int = Field(
+        default=0, description="Frames answered `shed`: they could no longer meet the objective."
+    )
 
 
 class Percentiles(BaseModel):
@@ -410,6 +434,9 @@ class TenantWindow(TenantCounters):
     fps: float = 0.0
     latency_ms: Percentiles = Field(default_factory=Percentiles)
     batch_size_mean: float = 0.0
+    # Of the frames answered in the window (results and `shed`), the share within the objective;
+    # null without an objective or without answers.
+    objective_share: float | None = None
 
 
 class TenantIdentity(BaseModel):
