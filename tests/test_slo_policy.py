@@ -232,3 +232,71 @@ def test_tenant_sheds_what_cannot_meet_its_objective_and_counts_it(lite0):
     assert counters.within_objective + counters.missed_queueing + counters.missed_inference == 1
     snap = tenant.stats.snapshot(60.0)
     assert snap.objective_share is not None and snap.objective_share <= 1 / 8
+
+
+# -- the real agent, two real models (slow) ---------------------------------------------------------
+
+TWO_TENANTS = """
+[metrics]
+telemetry_interval_s = 1.0
+[placement]
+generation = 1
+[[placement.tenants]]
+model = "efficientnet-lite0"
+priority = "high"
+latency_objective_ms = 60000
+[[placement.tenants]]
+model = "mb3-centernet"
+priority = "low"
+latency_objective_ms = 1
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_two_real_tenants_objectives_shedding_and_thread_budget(agent_factory, collector):
+    """A high priority classifier with an objective it can meet and a low priority detector with one
+    it cannot (1 ms): every classifier frame is served within it, the detector's frames are answered
+    `shed` at once once its batch time is measured (only its first frame runs), each frame once;
+    telemetry counts both, and the two tenants on the CPU got a share of its cores each."""
+    import os
+
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    agent = agent_factory("slo1", config=TWO_TENANTS).start()
+    status = agent.wait_ready(120)
+    share = max(1, len(os.sched_getaffinity(0)) // 2)
+    assert {t["model"]: t["threads"] for t in status["placement"]["tenants"]} == {
+        "efficientnet-lite0": share,
+        "mb3-centernet": share,
+    }
+    c = collector(["edge/slo1/result", "edge/slo1/telemetry"])
+    n = 30
+    for i in range(n):
+        for model, photo in (("efficientnet-lite0", "espresso.jpg"), ("mb3-centernet", "cat.jpg")):
+            props = Properties(PacketTypes.PUBLISH)
+            props.CorrelationData = f"{model}-{i}".encode()
+            c.publish(f"edge/slo1/infer/{model}", sample(photo), properties=props)
+    answers = c.wait_for(lambda r: len(r) >= 2 * n, "edge/slo1/result", timeout=180)
+    assert sorted(a["request_id"] for a in answers) == sorted(
+        f"{m}-{i}" for i in range(n) for m in ("efficientnet-lite0", "mb3-centernet")
+    )
+    classifier = [a for a in answers if a["model"] == "efficientnet-lite0"]
+    detector = [a for a in answers if a["model"] == "mb3-centernet"]
+    assert all("top" in a for a in classifier)
+    shed = [a for a in detector if "error" in a]
+    assert {a["error"]["code"] for a in shed} == {"shed"}
+    assert len(shed) >= n - 1  # only its first frame ran, before its batch time was measured
+
+    def counted(msgs: list[dict]) -> bool:
+        tenants = {t["model"]: t for t in (msgs[-1]["tenants"] if msgs else [])}
+        return tenants.get("efficientnet-lite0", {}).get("frames_out") == n and tenants.get(
+            "mb3-centernet", {}
+        ).get("shed") == len(shed)
+
+    tel = {t["model"]: t for t in c.wait_for(counted, "edge/slo1/telemetry", timeout=30)[-1]["tenants"]}
+    assert tel["efficientnet-lite0"]["within_objective"] == n
+    det = tel["mb3-centernet"]
+    assert det["within_objective"] == 0
+    assert det["missed_queueing"] + det["missed_inference"] == det["frames_out"] == n - len(shed)

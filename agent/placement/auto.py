@@ -126,6 +126,8 @@ class AutoPlacer:
         """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached), then
         give tenants sharing the CPU their share of threads (agent/frames/slo_threads.py)."""
         resolved, choices = await self._resolve_auto(placement)
+        if os.environ.get("EDGE_AGENT_THREAD_BUDGET", "1") == "0":  # each runtime's own default
+            return resolved, choices
         tenants = apply_budget(resolved.tenants, host_cores(), resource_of)
         return resolved.model_copy(update={"tenants": tenants}), choices
 
