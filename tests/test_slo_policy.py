@@ -8,10 +8,12 @@ import time
 
 import pytest
 
+from agent.frames.health import DriftWatch
 from agent.frames.ingest import Frame
 from agent.frames.slo_policy import PRIORITIES, Item, LatencyTable, plan
 from agent.frames.slo_threads import thread_budget
-from agent.frames.tenant import Tenant
+from agent.frames.tenant import FailoverSettings, Tenant
+from agent.placement.auto import choose, goodput
 from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
 from agent.service.model_repo import ModelRepository
 from backends.fake import FakeBackend
@@ -118,6 +120,17 @@ def test_more_instances_drain_the_backlog_faster():
     assert len(two.shed) < len(one.shed)
 
 
+def test_explore_runs_one_frame_an_estimate_stuck_high_would_shed():
+    """One slow batch (a first call, a burst of other work) must not shed every frame from then on:
+    after a while without serving, the first frame still before its deadline runs, to measure again."""
+    items = [Item(0.0, 0.100), Item(0.0, 0.100), Item(-1.0, -0.9)]
+    stuck = table({1: 500.0})
+    assert plan(items, 0.0, 1, stuck).take == []
+    decision = plan(items, 0.0, 1, stuck, explore=True)
+    assert decision.take == [0]
+    assert sorted(decision.shed) == [1, 2]  # the rest shed; a frame past its deadline is never run
+
+
 def test_latency_table_follows_measurements_per_batch_size():
     t = LatencyTable(alpha=0.5)
     assert t.estimate(4) is None
@@ -130,6 +143,8 @@ def test_latency_table_follows_measurements_per_batch_size():
     assert t.per_frame(4) == 6.25
     t.update(2, float("nan"))  # ignored
     assert 2 not in t.measured()
+    t.update(4, 10.0)  # under half the figure: an outlier before, or the device recovered
+    assert t.estimate(4) == 10.0
 
 
 def spec(model: str, backend: str = "openvino", device: str = "CPU", **extra) -> TenantSpec:
@@ -173,6 +188,20 @@ def test_objective_must_leave_room_beyond_the_batch_delay():
     with pytest.raises(ValueError):
         TenantSpec(model="m", priority="urgent")
     assert TenantSpec(model="m", latency_objective_ms=50, priority="high").priority == "high"
+
+
+def test_automatic_placement_counts_only_answers_within_the_objective():
+    """Throughput-first puts `a` on the CPU (60 + 100 img/s beats 100 + 10), where a frame takes
+    16.7 ms: over its 15 ms objective, so none of those answers count. Within objectives, `a` takes
+    the GPU and `b` (no objective) the CPU."""
+    a = {("torch", "cuda:0"): 100.0, ("openvino", "CPU"): 60.0}
+    b = {("torch", "cuda:0"): 100.0, ("openvino", "CPU"): 10.0}
+    assert choose({"a": a, "b": b}) == {"a": ("openvino", "CPU"), "b": ("torch", "cuda:0")}
+    assert choose({"a": a, "b": b}, objectives={"a": (1, 15.0), "b": (1, None)}) == {
+        "a": ("torch", "cuda:0"),
+        "b": ("openvino", "CPU"),
+    }
+    assert goodput(60.0, 1, 15.0) == 0.0 and goodput(60.0, 1, 20.0) == 60.0
 
 
 # -- a tenant on the fake runtime -----------------------------------------------------------------
@@ -232,6 +261,35 @@ def test_tenant_sheds_what_cannot_meet_its_objective_and_counts_it(lite0):
     assert counters.within_objective + counters.missed_queueing + counters.missed_inference == 1
     snap = tenant.stats.snapshot(60.0)
     assert snap.objective_share is not None and snap.objective_share <= 1 / 8
+
+
+def test_drift_check_compares_like_with_like_across_batch_sizes(lite0):
+    """The drift baseline taken on batches of 4 (5 ms a frame) is what a batch of 1 costs (10 ms):
+    a single frame at 12 ms is no drift, where a per-frame comparison would see 2.4x."""
+    reported: list[str] = []
+    tenant = Tenant(
+        TenantSpec(model="efficientnet-lite0", backend="fake", batch={"max_size": 4}),
+        lite0,
+        FakeBackend(),
+        Sink(),
+        queue_depth=8,
+        overload_policy="drop_oldest",
+        max_pixels=40_000_000,
+    )
+    tenant.placed_as(
+        tenant.spec,
+        FailoverSettings(
+            on_unhealthy=lambda _t, kind, why: reported.append(f"{kind}: {why}"),
+            drift=DriftWatch(2.0, warmup=1, window=1),
+        ),
+    )
+    tenant.latency.update(1, 10.0)
+    tenant.latency.update(4, 20.0)
+    tenant.batch_served(5.0, 4)  # the baseline: 10 ms at batch 1
+    tenant.batch_served(12.0, 1)
+    assert reported == []
+    tenant.batch_served(25.0, 1)  # a real drift still shows
+    assert reported and reported[0].startswith("drift")
 
 
 # -- the real agent, two real models (slow) ---------------------------------------------------------

@@ -15,6 +15,8 @@ clock, takes a lock or touches a frame, so every rule is a table-driven unit tes
 
 `LatencyTable` is the measured time of one batch per batch size (EWMA), kept up to date by the
 worker from each batch it serves; `estimate` fills sizes not yet seen from the nearest one measured.
+When nothing was served for a while, `plan(explore=True)` runs one frame the estimate would shed,
+so that a figure stuck high is measured again.
 """
 
 from __future__ import annotations
@@ -52,10 +54,20 @@ def order_key(item: Item) -> tuple[int, float, float]:
     return (item.priority, math.inf if item.deadline is None else item.deadline, item.arrival)
 
 
-def plan(items: Sequence[Item], now: float, max_size: int, estimate: Estimate, servers: int = 1) -> Decision:
+def plan(
+    items: Sequence[Item],
+    now: float,
+    max_size: int,
+    estimate: Estimate,
+    servers: int = 1,
+    explore: bool = False,
+) -> Decision:
     """The next batch and the frames to shed, for an instance free at `now`.
 
     `servers` is how many instances serve the queue (the backlog drains that much faster).
+    `explore`: nothing was served for a while; the first frame that only the estimate would shed
+    (its deadline not passed yet) runs instead, so that an estimate stuck high (one slow batch, a
+    device that recovered) is measured again rather than shedding every frame from then on.
     """
     if not items:
         return Decision()
@@ -71,6 +83,9 @@ def plan(items: Sequence[Item], now: float, max_size: int, estimate: Estimate, s
             kept.append(index)
             continue
         if now + one_s > item.deadline:  # even alone and next, it would be late
+            if explore and not kept and now <= item.deadline:
+                kept.append(index)
+                continue
             shed.append(index)
             continue
         if item.priority > PRIORITIES["high"]:
@@ -117,11 +132,14 @@ class LatencyTable:
         self._ms: dict[int, float] = {}
 
     def update(self, size: int, ms: float) -> None:
+        """One batch of `size` took `ms`. A batch under half the current figure replaces it: the
+        figure came from a slow outlier (a first call, a burst of other work) or the device
+        recovered, and a figure stuck high sheds frames that would have made it."""
         if size < 1 or not math.isfinite(ms) or ms < 0:
             return
         with self._lock:
             old = self._ms.get(size)
-            self._ms[size] = ms if old is None else old + self.alpha * (ms - old)
+            self._ms[size] = ms if old is None or ms < old / 2 else old + self.alpha * (ms - old)
 
     def measured(self) -> dict[int, float]:
         with self._lock:

@@ -287,9 +287,15 @@ class Tenant:
         reason = self.watch.runtime_error(message)
         return None if reason is None else self.unhealthy("error", reason)
 
-    def batch_served(self, per_frame_ms: float) -> None:
+    def batch_served(self, per_frame_ms: float, size: int = 1) -> None:
         """A batch came back (a worker). A slow drift: the candidate still answers, so it serves
-        until the next one is ready (make-before-break); reported once per tenant."""
+        until the next one is ready (make-before-break); reported once per tenant.
+
+        The drift check compares like with like: a batch of `size` counts as the per-frame time it
+        means at batch 1 (larger batches cost less per frame), from the measured batch times."""
+        one, this = self.latency.per_frame(1), self.latency.per_frame(size)
+        if size > 1 and one and this:
+            per_frame_ms *= one / this
         reason = self.watch.served(per_frame_ms)
         settings = self.watch.settings
         if reason is not None and settings is not None and not self.handing_off:

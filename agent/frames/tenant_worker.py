@@ -102,14 +102,21 @@ class ObjectivePlanner:
         self.max_size = spec.batch.max_size
         self.servers = spec.instances
         self.table = table
+        # Nothing taken for this long: run one frame the estimate would shed (slo_policy.plan).
+        self.explore_after_s = max(1.0, 2.0 * self.objective_s)
+        self.last_taken = time.monotonic()
 
     def deadline(self, frame: Frame) -> float:
         own = frame.received + self.objective_s
         return own if frame.expires_at is None else min(own, frame.expires_at)
 
     def choose(self, frames: list[Frame]) -> tuple[list[int], list[int]]:
+        now = time.monotonic()
         items = [Item(f.received, self.deadline(f), self.priority) for f in frames]
-        decision = plan(items, time.monotonic(), self.max_size, self.table.estimate, self.servers)
+        explore = now - self.last_taken > self.explore_after_s
+        decision = plan(items, now, self.max_size, self.table.estimate, self.servers, explore)
+        if decision.take:
+            self.last_taken = now
         return decision.take, decision.shed
 
 
@@ -222,7 +229,7 @@ class Worker:
                 return
             fail(ready, "internal", failure)
             return
-        t.batch_served((done - preprocessed) * 1000.0 / len(ready))
+        t.batch_served((done - preprocessed) * 1000.0 / len(ready), len(ready))
         t.latency.update(len(ready), (done - started) * 1000.0)
         if len(logits) != len(ready):
             fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
