@@ -132,18 +132,21 @@ def test_explore_runs_one_frame_an_estimate_stuck_high_would_shed():
 
 
 def test_latency_table_follows_measurements_per_batch_size():
-    t = LatencyTable(alpha=0.5)
+    t = LatencyTable(window=4)
     assert t.estimate(4) is None
     t.update(1, 10.0)
-    t.update(4, 20.0)
-    t.update(4, 30.0)  # EWMA: 20 + 0.5 * 10
-    assert t.estimate(4) == 25.0
+    for ms in (20.0, 22.0, 200.0):  # one slow batch does not move the figure much
+        t.update(4, ms)
+    assert t.estimate(4) == 22.0
     assert t.estimate(1) == 10.0
-    assert t.estimate(8) == 50.0  # from size 4's per-frame time
-    assert t.per_frame(4) == 6.25
+    assert t.estimate(8) == 44.0  # from size 4's per-frame time
+    assert t.per_frame(4) == 5.5
+    for ms in (40.0, 40.0, 40.0):  # a device that slowed down: followed within a few batches
+        t.update(4, ms)
+    assert t.estimate(4) == 40.0
     t.update(2, float("nan"))  # ignored
     assert 2 not in t.measured()
-    t.update(4, 10.0)  # under half the figure: an outlier before, or the device recovered
+    t.update(4, 10.0)  # under half the figure: outliers before, or the device recovered
     assert t.estimate(4) == 10.0
 
 

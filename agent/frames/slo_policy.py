@@ -13,16 +13,18 @@ clock, takes a lock or touches a frame, so every rule is a table-driven unit tes
   deadline among its frames; larger batches serve more per second but each of their frames waits
   for the whole batch.
 
-`LatencyTable` is the measured time of one batch per batch size (EWMA), kept up to date by the
-worker from each batch it serves; `estimate` fills sizes not yet seen from the nearest one measured.
-When nothing was served for a while, `plan(explore=True)` runs one frame the estimate would shed,
-so that a figure stuck high is measured again.
+`LatencyTable` is the measured time of one batch per batch size (the median of its recent
+batches), kept up to date by the worker from each batch it serves; `estimate` fills sizes not yet
+seen from the nearest one measured. When nothing was served for a while, `plan(explore=True)` runs
+one frame the estimate would shed, so that a figure stuck high is measured again.
 """
 
 from __future__ import annotations
 
 import math
+import statistics
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -121,25 +123,30 @@ def batch_size(
 class LatencyTable:
     """Milliseconds of one batch (preprocessing and inference) per batch size, as measured (thread-safe).
 
-    An exponentially weighted mean per size follows a device that slows down or speeds up; a size
-    not measured yet is estimated from the nearest measured one, per frame (never cheaper per frame
-    than a larger batch measured, never dearer than a smaller one).
+    The figure per size is the median of its last `window` batches: it follows a device that slows
+    down or speeds up within a few batches, and one slow batch (another process's burst, a page
+    fault) does not move it. (A mean did: on a busy 2-core machine one 200 ms batch lifted a 15 ms
+    figure over 50 ms, and the frames shed for it would have made their objective.) A batch under
+    half the figure starts it again: the figure came from slow outliers, or the device recovered.
+    A size not measured yet is estimated from the nearest measured one, per frame.
     """
 
-    def __init__(self, alpha: float = 0.2) -> None:
-        self.alpha = alpha
+    def __init__(self, window: int = 16) -> None:
+        self.window = window
         self._lock = threading.Lock()
+        self._samples: dict[int, deque[float]] = {}
         self._ms: dict[int, float] = {}
 
     def update(self, size: int, ms: float) -> None:
-        """One batch of `size` took `ms`. A batch under half the current figure replaces it: the
-        figure came from a slow outlier (a first call, a burst of other work) or the device
-        recovered, and a figure stuck high sheds frames that would have made it."""
+        """One batch of `size` took `ms`."""
         if size < 1 or not math.isfinite(ms) or ms < 0:
             return
         with self._lock:
-            old = self._ms.get(size)
-            self._ms[size] = ms if old is None or ms < old / 2 else old + self.alpha * (ms - old)
+            samples = self._samples.get(size)
+            if samples is None or ms < self._ms[size] / 2:
+                samples = self._samples[size] = deque(maxlen=self.window)
+            samples.append(ms)
+            self._ms[size] = statistics.median(samples)
 
     def measured(self) -> dict[int, float]:
         with self._lock:
