@@ -14,7 +14,7 @@ from agent.frames.slo_policy import PRIORITIES, Item, LatencyTable, plan
 from agent.frames.slo_threads import thread_budget
 from agent.frames.tenant import FailoverSettings, Tenant
 from agent.placement.auto import choose, goodput
-from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
+from agent.protocol.schemas import ErrorResult, InferResult, Placement, TenantSpec
 from agent.service.model_repo import ModelRepository
 from backends.fake import FakeBackend
 from tests.conftest import MODELS, sample
@@ -177,6 +177,11 @@ def on_cpu(backend: str, device: str) -> str:
 )
 def test_thread_budget_shares_the_cores(tenants, cores, budget):
     assert thread_budget(tenants, cores, on_cpu) == budget
+
+
+def test_thread_budget_counts_two_versions_side_by_side_as_two_tenants():
+    placed = Placement(tenants=[spec("a", version="1.0.0"), spec("a", version="2.0.0", priority="high")])
+    assert thread_budget(placed.tenants, 5, on_cpu) == {"a@2.0.0": 3, "a@1.0.0": 2}
 
 
 def test_thread_budget_never_exceeds_the_cores_when_it_can():

@@ -22,8 +22,8 @@ HOST = "cpu"  # the resource name backends give the host CPU (backends/base.py B
 def thread_budget(
     tenants: Sequence[TenantSpec], cores: int, resource_of: Callable[[str, str], str]
 ) -> dict[str, int]:
-    """Threads per instance, by model, for the tenants on the host CPU that left `threads` unset,
-    when more than one tenant runs there; {} otherwise."""
+    """Threads per instance, by tenant key (`TenantSpec.tenant_key`), for the tenants on the host
+    CPU that left `threads` unset, when more than one tenant runs there; {} otherwise."""
     on_cpu = [t for t in tenants if _on_host(t, resource_of)]
     if len(on_cpu) < 2:
         return {}
@@ -36,10 +36,10 @@ def thread_budget(
     share = max(1, left // instances)
     spare = max(0, left - share * instances)
     out: dict[str, int] = {}
-    for spec in sorted(free, key=lambda t: (PRIORITIES[t.priority], t.model)):
+    for spec in sorted(free, key=lambda t: (PRIORITIES[t.priority], t.tenant_key())):
         extra = spare // spec.instances
         spare -= extra * spec.instances
-        out[spec.model] = share + extra
+        out[spec.tenant_key()] = share + extra
     return out
 
 
@@ -55,4 +55,7 @@ def apply_budget(
 ) -> list[TenantSpec]:
     """`tenants` with their budgeted `threads` filled in (the others unchanged)."""
     budget = thread_budget(tenants, cores, resource_of)
-    return [t.model_copy(update={"threads": budget[t.model]}) if t.model in budget else t for t in tenants]
+    return [
+        t.model_copy(update={"threads": budget[t.tenant_key()]}) if t.tenant_key() in budget else t
+        for t in tenants
+    ]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from agent.protocol.counters import DeviceCounters, TenantCounters
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -61,6 +63,7 @@ class _Served(BaseModel):
     request_id: str
     model: str
     tenant: TenantRef
+    version: str | None = None  # the model version that served it (None from agents before it)
 
 
 class InferResult(_Served):
@@ -192,6 +195,8 @@ class TenantSpec(Strict):
     # Arrival to answer, ms (docs/protocol.md "Latency objectives"); None: served as fast as it can.
     latency_objective_ms: float | None = Field(default=None, ge=1.0, le=60000.0)
     priority: Literal["high", "normal", "low"] = "normal"
+    # Set by the Placement that holds it (it depends on the other tenants): see tenant_key().
+    _key: str | None = PrivateAttr(default=None)
 
     @field_validator("model")
     @classmethod
@@ -234,6 +239,12 @@ class TenantSpec(Strict):
         """This tenant's spec with `candidate` as its backend and device (candidates kept)."""
         return self.model_copy(update={"backend": candidate.backend, "device": candidate.device})
 
+    def tenant_key(self) -> str:
+        """The tenant's key on the device: frames, status and telemetry name it by this. The model
+        name, unless its placement holds another tenant of the same model: then a pinned tenant is
+        `name@version` (docs/protocol.md "Two versions side by side")."""
+        return self._key if self._key is not None else self.model
+
     def key(self) -> tuple[object, ...]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
         return (
@@ -265,12 +276,22 @@ class Placement(Strict):
 
     @field_validator("tenants")
     @classmethod
-    def _one_tenant_per_model(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
-        seen: set[str] = set()
+    def _one_tenant_per_version(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        """Two versions of one model may serve side by side; the same version twice may not. Each
+        tenant's key: its model name, or `name@version` when pinned beside another of its model (so
+        switching a lone tenant's version keeps its key: a version that fails to load leaves the
+        old one serving)."""
+        per_model = Counter(t.model for t in tenants)
+        seen: set[tuple[str, str | None]] = set()
         for tenant in tenants:
-            if tenant.model in seen:
-                raise ValueError(f"model {tenant.model!r} appears twice; one tenant per model")
-            seen.add(tenant.model)
+            if (tenant.model, tenant.version) in seen:
+                what = "without a version" if tenant.version is None else f"version {tenant.version!r}"
+                raise ValueError(
+                    f"model {tenant.model!r} {what} appears twice; one tenant per model and version"
+                )
+            seen.add((tenant.model, tenant.version))
+            beside = per_model[tenant.model] > 1
+            tenant._key = tenant_key(tenant.model, tenant.version if beside else None)
         return tenants
 
 
@@ -312,6 +333,10 @@ class Failover(BaseModel):
 
 class TenantStatus(TenantSpec):
     state: TenantState
+    # What frames name to reach it (`name`, or `name@version` when pinned), and the version it
+    # serves (the newest installed when not pinned). None from agents before side-by-side versions.
+    address: str | None = None
+    serving_version: str | None = None
     error: str | None = None
     auto: AutoChoice | None = None
     # Tenants with candidates: the one serving now (backend/device above say the same), the last
@@ -396,30 +421,6 @@ REJECTED_CODES: tuple[ErrorCode, ...] = (
 )
 
 
-class TenantCounters(BaseModel):
-    """A tenant's counters since it started (a moved model starts again at 0)."""
-
-    frames_in: int = Field(default=0, description="Frames routed to the tenant.")
-    frames_out: int = Field(default=0, description="Frames answered with a result.")
-    errors: int = Field(default=0, description="Frames answered with an error by the tenant.")
-    drops: int = Field(
-        default=0, description="Frames dropped by the overload policy (answered `overloaded`)."
-    )
-    stalls: int = Field(default=0, description="Batches answered `internal` because the runtime call hung.")
-    within_objective: int = Field(
-        default=0, description="Results within the tenant's latency objective (tenants with one)."
-    )
-    missed_queueing: int = Field(
-        default=0, description="Results late for the objective because they waited too long to start."
-    )
-    missed_inference: int = Field(
-        default=0, description="Results late for the objective although their own serving alone ran over."
-    )
-    shed: int = Field(
-        default=0, description="Frames answered `shed`: they could no longer meet the objective."
-    )
-
-
 class Percentiles(BaseModel):
     """p50, p95, p99 of `timing_ms.total` over the window, ms (0 when nothing was served)."""
 
@@ -440,11 +441,12 @@ class TenantWindow(TenantCounters):
 
 
 class TenantIdentity(BaseModel):
-    model: str
+    model: str  # the tenant's key: `name`, or `name@version` for a pinned tenant
     backend: str
     device: str
     instances: int
     state: TenantState
+    version: str | None = None  # the model version it serves
 
 
 class TenantTelemetry(TenantWindow, TenantIdentity):
@@ -475,18 +477,6 @@ class DeviceTelemetry(BaseModel):
     memory_available_mb: float | None = None
     disk_free_mb: float | None = None
     gpus: list[GpuTelemetry] | None = None
-
-
-class DeviceCounters(BaseModel):
-    """The agent's own counters since it started (not a tenant's)."""
-
-    duplicates: int = Field(
-        default=0, description="Frames not run again: their request id was served or in flight."
-    )
-    publishes_refused: int = Field(
-        default=0,
-        description="Publishes the broker refused (MQTT 5 reason code, e.g. not authorised by its ACL).",
-    )
 
 
 class Telemetry(DeviceCounters):
