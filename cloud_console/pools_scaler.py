@@ -188,15 +188,30 @@ class PoolScaler:
         self.actions.append({**entry, "reason": reason})
         log.info("pool %s (%s): %s %s: %s", key[0], key[1], what, device or "", reason)
 
+    def _objectives(self, model: str, members: list[dict[str, Any]]) -> dict[str, Any]:
+        """Each member's share of answers within its tenant's latency objective (its telemetry, over
+        all its frames of the model), and the pool's, weighted by the members' pool frames/s."""
+        weighted = total = 0.0
+        for row in members:
+            device = self.console.fleet.devices.get(row["device_id"])
+            tenants = device.telemetry.tenants if device is not None and device.telemetry is not None else []
+            share = next((t.objective_share for t in tenants if t.model == model), None)
+            row["objective_share"] = share
+            if share is not None:
+                weighted, total = weighted + share * row["fps"], total + row["fps"]
+        return {"objective_share": round(weighted / total, 3) if total > 0 else None}
+
     def overview(self) -> list[dict[str, Any]]:
         """Every pool seen or targeted, with its figures, target and last decision (the API's list)."""
         out = []
         for pool, model in sorted(set(self.view.pools()) | set(self.targets)):
             key = (pool, model)
             target, decision = self.targets.get(key), self.decisions.get(key)
+            summary = self.view.summary(pool, model)
             out.append(
                 {
-                    **self.view.summary(pool, model),
+                    **summary,
+                    **self._objectives(model, summary["members"]),
                     "target": None
                     if target is None
                     else {**target.__dict__, "auto": self.auto.get(key, False)},

@@ -9,11 +9,12 @@
     const state = m.open ? (m.busy ? "busy" : "open") : "left the share";
     const share = m.share === null ? "–" : `${(m.share * 100).toFixed(0)}%`;
     const latency = m.latency_ms === null ? "–" : `${m.latency_ms} ms`;
+    const objective = m.objective_share == null ? "–" : `${(m.objective_share * 100).toFixed(1)}%`;
     return (
       `<tr data-device="${EC.esc(m.device_id)}"><td><a href="/devices/${encodeURIComponent(m.device_id)}">` +
       `${EC.esc(m.device_id)}</a></td><td class="state">${EC.esc(state)}</td>` +
       `<td>${m.queued}/${m.depth}</td><td class="fps">${m.fps}</td><td class="share">${share}</td>` +
-      `<td>${latency}</td><td>${m.error_fps}</td><td>${m.left}</td></tr>`
+      `<td>${latency}</td><td class="objective">${objective}</td><td>${m.error_fps}</td><td>${m.left}</td></tr>`
     );
   }
 
@@ -31,10 +32,11 @@
       `<h3>${EC.esc(p.pool)} <small>${EC.esc(p.model)}</small></h3>` +
       `<p class="figures">${p.members.length} member(s), <b class="pool-fps">${p.fps}</b> frames/s, ` +
       `mean latency ${p.latency_ms === null ? "–" : p.latency_ms + " ms"}, errors ${p.error_fps}/s, ` +
+      (p.objective_share == null ? "" : `within objective ${(p.objective_share * 100).toFixed(1)}%, `) +
       `one member's measured capacity ${p.capacity_fps === null ? "not yet measured" : p.capacity_fps + " fps"}</p>` +
       `<p class="target">${target}</p><p class="decision">${decision}</p>` +
       '<table class="grid"><thead><tr><th>member</th><th>state</th><th>queue</th><th>frames/s</th>' +
-      "<th>share</th><th>latency</th><th>errors/s</th><th>left share</th></tr></thead>" +
+      "<th>share</th><th>latency</th><th>within objective</th><th>errors/s</th><th>left share</th></tr></thead>" +
       `<tbody>${p.members.map(member).join("")}</tbody></table>` +
       (actions ? `<ul class="actions">${actions}</ul>` : "") +
       "</section>"
