@@ -51,6 +51,7 @@ def _header(user: str, role: str, crumbs: str = "") -> str:
         f'<span class="who">signed in as <b id="who-user">{escape(user)}</b> '
         f'<span id="who-role" class="role role-{escape(role)}">{escape(role)}</span></span>'
         '<a href="/models" id="models-link" class="link">models</a>'
+        '<a href="/pools" id="pools-link" class="link">pools</a>'
         '<a href="/tokens" id="tokens-link" class="link">API tokens</a>'
         '<button id="logout" type="button" class="link">log out</button>'
         '<span id="live" class="live" title="live updates">●</span></header>'
@@ -124,7 +125,8 @@ def device(device_id: str, user: str, role: str, csrf: str) -> str:
         '<div class="chart" id="chart-queue"><h3>queue depth</h3></div></section>'
         '<section><h2>Tenants</h2><table class="grid" id="tenants"><thead><tr>'
         "<th>model</th><th>backend</th><th>device</th><th>instances</th><th>state</th>"
-        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num">queue</th>'
+        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num" title="answers within the '
+        'tenant\'s latency objective, last telemetry window">on time</th><th class="num">queue</th>'
         '<th class="num">drops</th><th class="num">errors</th><th>error</th></tr></thead>'
         '<tbody id="tenants-body"></tbody></table></section>'
         '<section><h2>Placement</h2><div id="placement-state" class="placement-state">–</div>'
