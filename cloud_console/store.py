@@ -374,12 +374,17 @@ class ConsoleStore(BatchWriter[Connection]):
 
     # -- reads (blocking: call them through asyncio.to_thread) ----------------------------------
     def _query(self, query: sa.Select[Any]) -> list[dict[str, Any]]:
-        try:
-            with self.engine.connect() as conn:
-                return [dict(row) for row in conn.execute(query).mappings()]
-        except sa.exc.SQLAlchemyError:
-            log.exception("console db: read failed")
-            return []
+        for attempt in (1, 2):  # a read that meets SQLite busy (a checkpoint) is tried once more
+            try:
+                with self.engine.connect() as conn:
+                    return [dict(row) for row in conn.execute(query).mappings()]
+            except sa.exc.OperationalError:
+                if attempt == 2:
+                    log.exception("console db: read failed")
+            except sa.exc.SQLAlchemyError:
+                log.exception("console db: read failed")
+                break
+        return []
 
     def telemetry_since(self, device_id: str, since: float, limit: int = 20_000) -> list[dict[str, Any]]:
         t = schema.telemetry.c
