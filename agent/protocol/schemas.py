@@ -365,6 +365,9 @@ class Status(BaseModel):
     ts: float = Field(default_factory=time.time)
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
+    # The broker (node of a cluster) the agent is connected to, as `host:port`: agents given several
+    # nodes (`broker.nodes`) move to the next when theirs goes down.
+    mqtt_broker: str | None = None
 
 
 # -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------
