@@ -1,15 +1,20 @@
 """The fleet as the console sees it: one record per device id, built only from MQTT messages.
 
 Kept in memory (the pages and the API read it without touching SQLite); the store keeps history.
-Per-device summaries are cached and rebuilt only when that device sends something, so a fleet page
-of 500 devices costs a dict copy per row.
+Per-device summaries, and the keys the table filters on, are cached and rebuilt only when that device
+sends something. The fleet table is served a page at a time (`Fleet.page`): one pass over the cached
+rows filters, counts and picks the page (a partial sort, not a sort of the fleet), and only the rows
+of the page are copied, so a page of 100 rows at 10,000 devices costs a few milliseconds
+(docs/console.md#measured-10000-devices).
 """
 
 from __future__ import annotations
 
+import heapq
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from agent.protocol.editing import DesiredPlacement, current_tenants, next_generation, track
 from agent.protocol.schemas import Capabilities, PlacementStatus, Status, Telemetry, TenantSpec
@@ -26,6 +31,13 @@ SORT_KEYS = {
     "status_errors",
     "applied_generation",
 }
+DeviceState = Literal["online", "stale", "offline"]
+STATES: tuple[DeviceState, ...] = ("online", "stale", "offline")
+MAX_PAGE = 1000
+PLACEMENT_STATES = ("none", "pending", "applied", "failed", "refused", "superseded")
+# Device tags in status (`tags`, from agent.toml), where this version of the contract has them: read
+# only then (a pydantic model's missing attribute is an exception, and slow).
+_STATUS_TAGS = "tags" in Status.model_fields
 
 
 def _candidates(tenant: Any) -> dict[str, Any]:
@@ -61,15 +73,23 @@ class Device:
     telemetry_at: float | None = None
     desired: DesiredPlacement | None = None
     seq: int = 0  # bumped on every change: pages drop a view older than the one they show
+    # Marked offline by the console: it claimed online, but nothing arrived from it for the console's
+    # `offline_after_s` (its broker node may be down, and a will published there never reaches us).
+    silent: bool = False
+    # When the console last re-published the desired placement because the device's status showed an
+    # older generation (the broker node it is on never had the retained copy).
+    republished_at: float = 0.0
     _summary: dict[str, Any] | None = field(default=None, repr=False)
+    _keys: Keys | None = field(default=None, repr=False)
 
     @property
     def online(self) -> bool:
-        return self.status is not None and self.status.online
+        return self.status is not None and self.status.online and not self.silent
 
     def touch(self) -> None:
         self.seq += 1
         self._summary = None
+        self._keys = None
 
     def effective_status(self) -> Status | None:
         """The status with the last known capabilities and placement filled in when offline."""
@@ -152,7 +172,13 @@ class Device:
         return rows
 
     def summary(self, now: float, stale_after_s: float) -> dict[str, Any]:
-        """One fleet-table row (cached until the device sends something)."""
+        """One fleet-table row (a copy of the cached row, with `stale` as of `now`)."""
+        out = dict(self._row())
+        out["stale"] = out["online"] and now - self.last_seen > stale_after_s
+        return out
+
+    def _row(self) -> dict[str, Any]:
+        """The cached fleet-table row, rebuilt only after the device sent something."""
         if self._summary is None:
             tenants = self._tenant_rows()
             placement = self.status.placement if self.status and self.status.placement else self.placement
@@ -172,10 +198,110 @@ class Device:
                 "last_error": errors[-1] if errors else None,
                 "applied_generation": placement.applied_generation if placement else None,
                 "placement": self.tracking(),
+                "silent": self.silent,
+                "tags": self.tags(),
+                # The broker node the device is connected to (status `mqtt_broker`, docs/protocol.md).
+                "broker": self.status.mqtt_broker if self.status else None,
             }
-        out = dict(self._summary)
-        out["stale"] = out["online"] and now - self.last_seen > stale_after_s
+        return self._summary
+
+    def tags(self) -> dict[str, str]:
+        """The device's tags: its own (status `tags`, from agent.toml) and those the console assigned
+        (`console_tags`), the console's winning. Empty where neither exists."""
+        own = getattr(self.status, "tags", None) if _STATUS_TAGS and self.status is not None else None
+        assigned = self.__dict__.get("console_tags")
+        out: dict[str, str] = {}
+        for source in (own, assigned):
+            if isinstance(source, dict):
+                out.update({str(k): str(v) for k, v in source.items()})
         return out
+
+    def keys(self) -> Keys:
+        """What the fleet table filters and sorts this device by (cached like the summary)."""
+        if self._keys is None:
+            row = self._row()
+            models, backends, parts = set(), set(), [self.device_id]
+            failover = False
+            for t in row["tenants"]:
+                models.add(t["model"])
+                backends.add(t["backend"])
+                parts += [t["model"], t["backend"], t["device"], t["state"]]
+                failover = failover or t.get("preferred") is False
+            tags = row["tags"]
+            parts += [f"{k}:{v}" for k, v in tags.items()]
+            self._keys = Keys(
+                row=row,
+                haystack=" ".join(parts).lower(),
+                models=frozenset(models),
+                backends=frozenset(backends),
+                failover=failover,
+                tags=tags,
+            )
+        return self._keys
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    row: dict[str, Any]  # the cached summary (not a copy: read only)
+    haystack: str
+    models: frozenset[str]
+    backends: frozenset[str]
+    failover: bool  # a tenant serves on a later candidate than its first (docs/protocol.md)
+    tags: dict[str, str]
+
+
+class BadQuery(ValueError):
+    """A fleet-table query the console cannot answer; the message says which part (HTTP 422)."""
+
+
+@dataclass(frozen=True)
+class FleetQuery:
+    """One page of the fleet table: filters (all must hold), the sort, and the window.
+
+    `q` is a substring of the id, a tenant's model, backend, device or state, or a `key:value` tag;
+    `state` online (and not stale) | stale | offline; `tag` `key:value` (or `key`, any value);
+    `failover` True for devices with a tenant off its first candidate."""
+
+    q: str = ""
+    device_id: str = ""  # substring of the id only
+    state: str | None = None  # a DeviceState
+    online: bool | None = None
+    model: str | None = None
+    backend: str | None = None
+    tag: str | None = None
+    failover: bool | None = None
+    placement: str | None = None  # where its desired placement stands: a PLACEMENT_STATES entry
+    sort: str = "device_id"
+    desc: bool = False
+    offset: int = 0
+    limit: int = 100
+    facets: bool = False  # also count devices per model and per backend (the page's filter choices)
+
+    def check(self) -> FleetQuery:
+        if self.sort not in SORT_KEYS:
+            raise BadQuery(f"sort: one of {', '.join(sorted(SORT_KEYS))}")
+        if self.state is not None and self.state not in STATES:
+            raise BadQuery(f"state: one of {', '.join(STATES)}")
+        if self.placement is not None and self.placement not in PLACEMENT_STATES:
+            raise BadQuery(f"placement: one of {', '.join(PLACEMENT_STATES)}")
+        if not 0 <= self.limit <= MAX_PAGE:
+            raise BadQuery(f"limit: 0..{MAX_PAGE}")
+        if self.offset < 0:
+            raise BadQuery("offset: 0 or more")
+        if self.tag is not None and not self.tag.partition(":")[0].strip():
+            raise BadQuery("tag: key:value or key")
+        return self
+
+
+def _state(row: dict[str, Any], now: float, last_seen: float, stale_after_s: float) -> DeviceState:
+    if not row["online"]:
+        return "offline"
+    return "stale" if now - last_seen > stale_after_s else "online"
+
+
+def _sort_value(row: dict[str, Any], key: str) -> tuple[bool, Any]:
+    value = row[key]
+    return (value is None, value if value is not None else 0)
 
 
 class Fleet:
@@ -191,28 +317,103 @@ class Fleet:
             self.devices[device_id] = device
         return device
 
-    def summaries(
-        self,
-        query: str = "",
-        online: bool | None = None,
-        sort: str = "device_id",
-        descending: bool = False,
-    ) -> list[dict[str, Any]]:
-        """Fleet-table rows, filtered (substring of id, model, backend, device) and sorted."""
-        now = time.time()
-        rows = [d.summary(now, self.stale_after_s) for d in self.devices.values()]
-        if online is not None:
-            rows = [r for r in rows if r["online"] == online]
-        needle = query.strip().lower()
-        if needle:
-            rows = [r for r in rows if needle in _haystack(r)]
-        key = sort if sort in SORT_KEYS else "device_id"
-        rows.sort(key=lambda r: (r[key] is None, r[key] if r[key] is not None else 0), reverse=descending)
-        return rows
+    def counts(self, now: float | None = None) -> dict[str, int]:
+        """Fleet-wide figures for the top of the fleet page (one pass over the cached rows)."""
+        return self._scan(FleetQuery(), time.time() if now is None else now, collect=False)[1]
 
+    def page(self, query: FleetQuery, now: float | None = None) -> dict[str, Any]:
+        """One page of fleet-table rows, filtered and sorted, with the fleet-wide counts.
 
-def _haystack(row: dict[str, Any]) -> str:
-    parts = [row["device_id"]]
-    for t in row["tenants"]:
-        parts += [t["model"], t["backend"], t["device"], t["state"]]
-    return " ".join(parts).lower()
+        `matched` is how many rows pass the filters; `devices` holds rows offset..offset+limit of them."""
+        query.check()
+        now = time.time() if now is None else now
+        matched, counts, facets = self._scan(query, now)
+        want = query.offset + query.limit
+        key = query.sort
+
+        def order(k: Keys) -> tuple[tuple[bool, Any], str]:
+            return (_sort_value(k.row, key), k.row["device_id"])
+
+        if want == 0:
+            window: list[Keys] = []
+        elif want < len(matched) // 2:  # a partial sort: the first pages of a large fleet
+            pick = heapq.nlargest if query.desc else heapq.nsmallest
+            window = pick(want, matched, key=order)[query.offset :]
+        else:
+            window = sorted(matched, key=order, reverse=query.desc)[query.offset : want]
+        rows = []
+        for k in window:
+            row = dict(k.row)
+            row["stale"] = row["online"] and now - row["last_seen"] > self.stale_after_s
+            rows.append(row)
+        return {
+            "devices": rows,
+            "matched": len(matched),
+            "total": len(self.devices),
+            "offset": query.offset,
+            "limit": query.limit,
+            "counts": counts,
+            **({"facets": facets} if query.facets else {}),
+        }
+
+    def rows(self, device_ids: Iterable[str], now: float | None = None) -> list[dict[str, Any]]:
+        """The current rows of these devices (the live updates of a page); unknown ids are skipped."""
+        now = time.time() if now is None else now
+        return [self.devices[d].summary(now, self.stale_after_s) for d in device_ids if d in self.devices]
+
+    def _scan(
+        self, query: FleetQuery, now: float, collect: bool = True
+    ) -> tuple[list[Keys], dict[str, int], dict[str, dict[str, int]]]:
+        """One pass: count every device, keep those that pass every filter."""
+        needle = query.q.strip().lower()
+        id_part = query.device_id.strip().lower()
+        tag_key, has_value, tag_value = (query.tag or "").partition(":")
+        tag_key, tag_value = tag_key.strip(), tag_value.strip()
+        counts = dict.fromkeys(
+            ("total", "online", "stale", "offline", "silent", "failover", "pending", "refused", "failed"), 0
+        )
+        counts["total"] = len(self.devices)
+        matched: list[Keys] = []
+        models: dict[str, int] = {}
+        backends: dict[str, int] = {}
+        stale_after = self.stale_after_s
+        for device in self.devices.values():
+            k = device.keys()
+            row = k.row
+            state = _state(row, now, device.last_seen, stale_after)
+            counts[state] += 1
+            if row["silent"]:
+                counts["silent"] += 1
+            if k.failover:
+                counts["failover"] += 1
+            placement_state = row["placement"]["state"]
+            if placement_state in ("pending", "refused", "failed"):
+                counts[placement_state] += 1
+            if query.facets:
+                for name in k.models:
+                    models[name] = models.get(name, 0) + 1
+                for name in k.backends:
+                    backends[name] = backends.get(name, 0) + 1
+            if not collect:
+                continue
+            if query.state is not None and state != query.state:
+                continue
+            if query.online is not None and row["online"] != query.online:
+                continue
+            if query.model is not None and query.model not in k.models:
+                continue
+            if query.backend is not None and query.backend not in k.backends:
+                continue
+            if query.failover is not None and k.failover != query.failover:
+                continue
+            if query.placement is not None and placement_state != query.placement:
+                continue
+            if tag_key and (tag_key not in k.tags or (has_value and k.tags[tag_key] != tag_value)):
+                continue
+            if id_part and id_part not in device.device_id.lower():
+                continue
+            if needle and needle not in k.haystack:
+                continue
+            matched.append(k)
+        facets = {"models": dict(sorted(models.items())), "backends": dict(sorted(backends.items()))}
+        return matched, counts, facets
