@@ -84,7 +84,7 @@ class Console:
                 self.sign_key = load_private_key(config.signing.key_file)
             except (OSError, ValueError, TypeError) as exc:
                 raise ConsoleConfigError(f"signing key {config.signing.key_file}: {exc}") from exc
-        self.fleet = Fleet(config.stale_after_s)
+        self.fleet = Fleet(config.stale_after_s, counts_max_age_s=FLEET_EVENT_INTERVAL_S)
         self.hub = Hub()
         self.store = ConsoleStore(
             config.storage.db, config.storage.retention_hours * 3600.0, config.storage.flush_interval_s
@@ -219,8 +219,11 @@ class Console:
         device.telemetry = telemetry
         device.telemetry_at = now
         device.last_seen = now
-        device.silent = False  # (it was shown offline for silence: it is back)
-        device.touch()
+        if device.silent:  # shown offline for silence: it is back
+            device.silent = False
+            device.touch()
+        else:
+            device.touch(telemetry=True)
         self._dirty.add(device_id)
         self.store.add_telemetry(device_id, telemetry)
         if self.hub.wants_device(device_id):

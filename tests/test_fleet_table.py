@@ -15,11 +15,14 @@ from agent.protocol.connection import Nodes
 from agent.protocol.editing import DesiredPlacement
 from agent.protocol.schemas import (
     Candidate,
+    DeviceTelemetry,
     PlacementStatus,
     Refusal,
     Status,
+    Telemetry,
     TenantSpec,
     TenantStatus,
+    TenantTelemetry,
 )
 from agent.service.config import ConfigError, load_config
 from cloud_console.config import ConsoleConfig, StorageSettings
@@ -175,6 +178,35 @@ def test_a_changed_device_is_filtered_by_what_it_sent_last(fleet):
     assert device is fresh.devices["dev-x"]
     assert ids(fresh.page(FleetQuery(backend="onnxruntime"), NOW)) == []
     assert ids(fresh.page(FleetQuery(backend="openvino"), NOW)) == ["dev-x"]
+
+
+def test_telemetry_moves_a_device_in_a_sort_by_throughput_and_the_default_page_follows_joins():
+    fresh = Fleet(30.0)
+    for name in ("b", "a", "c"):
+        add(fresh, name, [tenant("efficientnet-lite0", "onnxruntime")])
+    by_fps = FleetQuery(sort="fps", desc=True, limit=1)
+    assert ids(fresh.page(by_fps, NOW)) == ["c"]  # all at 0 fps: the id decides
+    device = fresh.devices["a"]
+    device.telemetry = Telemetry(
+        device_id="a",
+        interval_s=5.0,
+        device=DeviceTelemetry(cpu_percent=1.0, rss_mb=100.0),
+        tenants=[
+            TenantTelemetry(
+                model="efficientnet-lite0", backend="onnxruntime", device="cpu", instances=1,
+                state="ready", queue_depth=0, fps=42.0,
+            )
+        ],
+    )  # fmt: skip
+    device.touch(telemetry=True)
+    assert ids(fresh.page(by_fps, NOW)) == ["a"]
+    assert fresh.page(FleetQuery(device_id="a"), NOW)["devices"][0]["fps"] == 42.0
+    assert ids(fresh.page(FleetQuery(backend="onnxruntime"), NOW)) == ["a", "b", "c"]
+    # The default page (no filter, by id) is a slice of the ids in order: a device joins, one leaves.
+    add(fresh, "0", [])
+    del fresh.devices["b"]
+    assert ids(fresh.page(FleetQuery(), NOW)) == ["0", "a", "c"]
+    assert ids(fresh.page(FleetQuery(desc=True, offset=1), NOW)) == ["a", "0"]
 
 
 @pytest.mark.parametrize(

@@ -63,6 +63,10 @@
   }
 
   function stateCell(r) {
+    if (r.silent) {
+      const why = `nothing heard for over ${stats.offline_after_s || 90} s (its last will may be on another broker node)`;
+      return `<span class="badge offline" title="${EC.esc(why)}">offline</span>`;
+    }
     if (!r.online) return '<span class="badge offline">offline</span>';
     if (isStale(r)) return '<span class="badge stale">stale</span>';
     return '<span class="badge online">online</span>';
@@ -174,7 +178,8 @@
   function rowHtml(r) {
     return (
       `<tr data-device="${EC.esc(r.device_id)}" class="${r.online ? "" : "is-offline"}">` +
-      `<td><a href="/devices/${encodeURIComponent(r.device_id)}">${EC.esc(r.device_id)}</a></td>` +
+      `<td><a href="/devices/${encodeURIComponent(r.device_id)}"` +
+      `${r.broker ? ` title="on broker ${EC.esc(r.broker)}"` : ""}>${EC.esc(r.device_id)}</a></td>` +
       `<td>${stateCell(r)}</td>` +
       `<td class="age">${EC.esc(EC.age(r.last_seen))}</td>` +
       `<td class="tenants">${tenantChips(r)}</td>` +
@@ -209,6 +214,7 @@
       th.classList.toggle("desc", th.dataset.sort === query.sort && query.desc);
     }
     document.body.dataset.rendered = String(list.length);
+    if (!performance.getEntriesByName("fleet-rows").length) performance.mark("fleet-rows"); // first rows (bench)
   }
 
   function schedule() {
