@@ -187,6 +187,8 @@ def run(devices: int, interval_s: float, repeat: int, chromium: bool) -> int:
         path = queries.get(name, "")
         size = f", {sizes[path] // 1024} KiB" if path in sizes else ""
         print(f"{name:28s} {fmt_ms(values)}{size}")
+        if name.startswith("first screen"):
+            print(f"{'':28s} each load, in order: {', '.join(f'{v:.0f}' for v in values)} ms")
     ok = True
     for name, target in TARGETS_MS.items():
         if name in results:

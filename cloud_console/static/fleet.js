@@ -99,8 +99,7 @@
     const mine = ++loads;
     const qs = queryString();
     history.replaceState(null, "", qs ? `?${qs}` : location.pathname);
-    const facets = facetsLoaded ? "" : "facets=true";
-    const data = await EC.api("GET", `/api/devices?${[qs, facets].filter(Boolean).join("&")}`);
+    const data = await EC.api("GET", `/api/devices${qs ? "?" + qs : ""}`);
     if (mine !== loads) return;
     if (!data.devices.length && query.offset > 0 && data.matched > 0) {
       // Past the end (devices went away): the last page instead.
@@ -111,12 +110,13 @@
     rows.clear();
     for (const r of data.devices) rows.set(r.device_id, r);
     ({ counts, stats, matched, total } = data);
-    if (data.facets) {
-      fillFacets(data.facets);
-      facetsLoaded = true;
-    }
     render();
     watch();
+    if (!facetsLoaded) {
+      // The filter choices (models, backends with their device counts) after the first rows are up.
+      facetsLoaded = true;
+      fillFacets((await EC.api("GET", "/api/devices?limit=0&facets=true")).facets);
+    }
   }
 
   function reload(delay = 0) {
