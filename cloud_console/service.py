@@ -36,6 +36,7 @@ from agent.protocol.signing import load_private_key, sign
 from agent.protocol.topics import Topics, parse_device_topic
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
+from cloud_console.convergence import Convergence
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -98,6 +99,10 @@ class Console:
         )
         # Uploaded model versions, beside the database (docs/fleet.md).
         self.models = ModelStore(config.storage.db.resolve().parent / "model-store")
+        # Versions each device should install, sent again until its status lists them (docs/fleet.md).
+        self.convergence = Convergence()
+        self._base_url = config.public_url  # else the URL the last delivery was asked through
+        self._converging: set[asyncio.Task[Any]] = set()
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
@@ -107,7 +112,6 @@ class Console:
         self.republishes = 0
         self.marked_silent = 0
         self._tasks: list[asyncio.Task[Any]] = []
-        self._background: set[asyncio.Task[Any]] = set()
         self.started_at = time.time()
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -122,9 +126,9 @@ class Console:
     async def stop(self) -> None:
         self.mqtt.stop()
         self.hub.close_all()
-        for task in [*self._tasks, *self._background]:
+        for task in [*self._tasks, *self._converging]:
             task.cancel()
-        for task in [*self._tasks, *self._background]:
+        for task in [*self._tasks, *self._converging]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await asyncio.to_thread(self.store.stop)
@@ -186,6 +190,7 @@ class Console:
             if self.fleet.devices.pop(device_id, None) is not None:
                 self._dirty.add(device_id)
             self.store.forget_device(device_id)
+            self.convergence.forget(device_id)
             return
         try:
             status = Status.model_validate_json(payload)
@@ -206,7 +211,59 @@ class Console:
         self.store.put_device(device_id, status.online, device.first_seen, now, payload.decode())
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "device", self.detail(device))
-        self._converge(device, now)
+        self._converge(device_id, device)
+        self._converge_placement(device, now)
+
+    # -- delivery convergence (cloud_console/convergence.py) -------------------------------------------
+    def _converge(self, device_id: str, device: Device) -> None:
+        """A status arrived: send again what the device still lacks, and publish again a placement it
+        refused for want of a version it now has. Cheap; the sends run as tasks."""
+        now = time.monotonic()
+        self.convergence.seen(device_id, device.online, now)
+        caps = device.capabilities
+        installed = {(m.name, v.version) for m in caps.installed for v in m.versions} if caps else set()
+        desired = device.desired
+        pinned = [(t.model, t.version) for t in desired.tenants if t.version] if desired else []
+        for model, version, base_url in self.convergence.due(device_id, installed, pinned, now):
+            base = base_url or self._base_url
+            if base is None:
+                continue  # no URL known yet for the manifest: the next delivery through the API sets one
+            self.convergence.sent(device_id, model, version, base, now)
+            self._spawn(self._resend(device_id, model, version, base), f"resend {model} {version}")
+        placement = device.status.placement if device.status else None
+        if desired is not None and placement is not None:
+            refused = placement.refused.generation if placement.refused else None
+            applied = placement.applied_generation
+            if self.convergence.republish(device_id, desired.generation, refused, applied, installed, pinned):
+                self._spawn(self._republish(device_id, desired), f"republish {device_id}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._converging.add(task)
+        task.add_done_callback(self._converging.discard)
+
+    async def _resend(self, device_id: str, model: str, version: str, base_url: str) -> None:
+        try:
+            await self._send_manifest(device_id, model, version, base_url)
+            log.info("sent %s %s to %s again (its status lacks it)", model, version, device_id)
+        except ModelRejected:
+            self.convergence.give_up(device_id, model, version)
+            log.warning("%s lacks %s %s, which the model store does not have", device_id, model, version)
+        except (PublishFailed, LookupError) as exc:
+            log.warning("sending %s %s to %s again: %s", model, version, device_id, exc)
+
+    async def _republish(self, device_id: str, desired: DesiredPlacement) -> None:
+        """The device refused the placement while it lacked a version it now has: the same tenants
+        again, as a new generation."""
+        log.info(
+            "%s now has the versions of placement %d: publishing it again", device_id, desired.generation
+        )
+        try:
+            await self.publish_placement(
+                device_id, desired.tenants, desired.by or "console", "converge", check=False
+            )
+        except (PublishFailed, PlacementInvalid, LookupError) as exc:
+            log.warning("publishing the placement of %s again: %s", device_id, exc)
 
     def on_telemetry(self, device_id: str, payload: bytes) -> None:
         try:
@@ -269,8 +326,9 @@ class Console:
             return False
         return track(desired, device.effective_status()).state != "refused"
 
-    def _converge(self, device: Device, now: float) -> None:
-        """Publish the desired placement again where `needs_placement` (rate-limited)."""
+    def _converge_placement(self, device: Device, now: float) -> None:
+        """Publish the desired placement again where `needs_placement` (rate-limited): a placement the
+        device's broker node never had (delivery convergence above handles one it refused)."""
         if not self.needs_placement(device) or device.desired is None:
             return
         desired = device.desired
@@ -284,11 +342,10 @@ class Console:
             return  # the next sweep (once a second) comes back to it
         self._republished.append(now)
         device.republished_at = now
-        task = asyncio.get_running_loop().create_task(self._republish(device.device_id, desired))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+        self._spawn(self._republish_same(device.device_id, desired), f"converge {device.device_id}")
 
-    async def _republish(self, device_id: str, desired: DesiredPlacement) -> None:
+    async def _republish_same(self, device_id: str, desired: DesiredPlacement) -> None:
+        """The desired placement again, the same generation: the device's node never had it."""
         status = self.fleet.devices[device_id].status if device_id in self.fleet.devices else None
         reported = status.placement.generation if status and status.placement else None
         try:
@@ -338,7 +395,7 @@ class Console:
         self.mark_silent(now)
         for device in self.fleet.devices.values():
             if device.desired is not None:
-                self._converge(device, now)
+                self._converge_placement(device, now)
 
     # -- live events ----------------------------------------------------------------------------
     async def _fleet_events(self) -> None:
@@ -502,13 +559,20 @@ class Console:
         """Tell the device to fetch `name` `version` from this console (QoS 1, not retained: a device
         that is offline now is delivered to again later). Signed like placements when signing is on."""
         self.device(device_id)
+        doc = await self._send_manifest(device_id, name, version, base_url)
+        # Sent again while the device's status lacks it (it may be offline now).
+        self.convergence.sent(device_id, name, version, base_url, time.monotonic())
+        log.info("%s delivers %s %s to %s", user, name, version, device_id)
+        return doc
+
+    async def _send_manifest(self, device_id: str, name: str, version: str, base_url: str) -> ModelDelivery:
         doc = await asyncio.to_thread(self.models.manifest, name, version, base_url)
         body = doc.model_dump(mode="json", exclude_none=True)
         if self.sign_key is not None:
             body = sign(body, self.sign_key, valid_s=self.config.signing.valid_s)
         payload = json.dumps(body).encode()
+        self._base_url = self.config.public_url or base_url
         await self.mqtt.publish(Topics(device_id, self.prefix).models, payload, qos=1, retain=False)
-        log.info("%s delivers %s %s to %s", user, name, version, device_id)
         return ModelDelivery.model_validate_json(payload)
 
     async def deliver_missing(
@@ -536,8 +600,13 @@ class Console:
         if not wanted:
             return []
         if not device.online:
-            missing = ", ".join(f"{m} {v}" for m, v in wanted)
-            raise PlacementInvalid(f"{device_id} is offline and lacks {missing}: deliver it when it is back")
+            # Delivered when it is back (cloud_console/convergence.py); the placement it refuses
+            # meanwhile is published again once it has the versions.
+            for model, version in wanted:
+                self.convergence.want(device_id, model, version, base_url)
+            self._base_url = self.config.public_url or base_url
+            log.info("%s is offline: %s delivered when it is back", device_id, wanted)
+            return wanted
         started = time.time()
         for model, version in wanted:
             await self.deliver(device_id, model, version, base_url, user)
