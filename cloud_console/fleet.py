@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import heapq
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -420,11 +419,6 @@ class Fleet:
             "counts": counts,
             **({"facets": facets} if query.facets else {}),
         }
-
-    def rows(self, device_ids: Iterable[str], now: float | None = None) -> list[dict[str, Any]]:
-        """The current rows of these devices (the live updates of a page); unknown ids are skipped."""
-        now = time.time() if now is None else now
-        return [self.devices[d].summary(now, self.stale_after_s) for d in device_ids if d in self.devices]
 
     def _scan(
         self, query: FleetQuery, now: float, collect: bool = True
