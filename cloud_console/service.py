@@ -145,6 +145,19 @@ class Console:
             device.status = status
             device.capabilities = status.capabilities
             device.placement = status.placement
+            device.desired = self._last_published(row["device_id"])
+
+    def _last_published(self, device_id: str) -> DesiredPlacement | None:
+        """The last placement this console published to the device, from its database: what it
+        converges the device to even when no broker node kept the retained copy (a retained one that
+        arrives replaces it)."""
+        for row in self.store.placements_of(device_id, 1):
+            try:
+                doc = Placement.model_validate_json(row["document"])
+            except (ValidationError, TypeError):
+                return None
+            return DesiredPlacement(doc.generation, doc.tenants, row["ts"], row["user"], row["action"])
+        return None
 
     # -- ingest ---------------------------------------------------------------------------------
     def dispatch(self, topic: str, payload: bytes) -> None:
