@@ -363,7 +363,11 @@ class Fleet:
         """Fleet-wide figures for the top of the fleet page (one pass over the cached keys, or the
         last pass if it is at most `counts_max_age_s` old)."""
         cached = self._counts
-        if cached is not None and time.monotonic() - cached[0] < self.counts_max_age_s:
+        if (
+            cached is not None
+            and time.monotonic() - cached[0] < self.counts_max_age_s
+            and cached[1]["total"] == len(self.devices)  # (a device that joined or left: count again)
+        ):
             return dict(cached[1])
         counts = self._scan(FleetQuery(), time.time() if now is None else now, collect=False)[1]
         self._counts = (time.monotonic(), counts)

@@ -448,12 +448,12 @@ class Console:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def stats(self) -> dict[str, Any]:
-        devices = self.fleet.devices.values()
+        counts = self.fleet.counts()  # (reused for a second: the pages ask for stats with every page)
         return {
             "mqtt_connected": self.mqtt.connected.is_set(),
             "mqtt_connects": self.mqtt.connects,
             "devices": len(self.fleet.devices),
-            "online": sum(1 for d in devices if d.online),
+            "online": counts["online"] + counts["stale"],  # (stale devices still claim online)
             "received": self.mqtt.received,
             "by_kind": dict(self.by_kind),
             "messages_per_s": round(self.rate(), 1),
