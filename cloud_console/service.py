@@ -328,11 +328,15 @@ class Console:
 
     # -- convergence: desired placement from live status, not from retained copies alone ---------
     def needs_placement(self, device: Device) -> bool:
-        """Whether the device, online, reports an older generation than the console's desired
-        placement and has not refused that one: on a broker cluster that does not share retained
-        messages, the node it is connected to may never have had the retained placement."""
+        """Whether the device, online, reports an older generation than the placement this console
+        published to it and has not refused that one: on a broker cluster that does not share
+        retained messages, the node it is connected to may never have had the retained placement.
+        A document only read back (`published_at` None: another publisher's) is not signed and sent
+        again by this console."""
         desired, status = device.desired, device.status
-        if desired is None or status is None or not device.online or status.placement is None:
+        if desired is None or desired.published_at is None or status is None or status.placement is None:
+            return False
+        if not device.online:
             return False
         seen = status.placement.generation
         if seen is not None and seen >= desired.generation:

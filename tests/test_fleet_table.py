@@ -257,7 +257,9 @@ def placed(console: Console, device_id: str, *, reported: int, desired: int, ref
     device = add(console.fleet, device_id, [tenant("efficientnet-lite0", "onnxruntime")], generation=reported)
     if refused and device.status is not None and device.status.placement is not None:
         device.status.placement.refused = Refusal(generation=desired, reason="unknown model", ts=NOW)
-    device.desired = DesiredPlacement(desired, [TenantSpec(model="efficientnet-lite0")])
+    device.desired = DesiredPlacement(
+        desired, [TenantSpec(model="efficientnet-lite0")], NOW - 60, "ann", "edit"
+    )
     return device
 
 
@@ -279,6 +281,14 @@ def test_a_device_behind_its_desired_placement_needs_it_again(
         device.status = device.status.model_copy(update={"online": False})
         device.touch()
     assert console.needs_placement(device) is expected
+
+
+def test_a_placement_only_read_back_is_not_published_again(console):
+    device = placed(console, "d1", reported=3, desired=4)
+    assert console.needs_placement(device)
+    assert device.desired is not None
+    device.desired.published_at = None  # a retained document another publisher left
+    assert not console.needs_placement(device)
 
 
 def test_a_silent_device_is_shown_offline_until_it_sends_again(console):
