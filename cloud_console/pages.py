@@ -143,7 +143,8 @@ def device(device_id: str, user: str, role: str, csrf: str) -> str:
         '<div class="chart" id="chart-queue"><h3>queue depth</h3></div></section>'
         '<section><h2>Tenants</h2><table class="grid" id="tenants"><thead><tr>'
         "<th>model</th><th>backend</th><th>device</th><th>instances</th><th>state</th>"
-        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num">queue</th>'
+        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num" title="answers within the '
+        'tenant\'s latency objective, last telemetry window">on time</th><th class="num">queue</th>'
         '<th class="num">drops</th><th class="num">errors</th><th>error</th></tr></thead>'
         '<tbody id="tenants-body"></tbody></table></section>'
         '<section><h2>Placement</h2><div id="placement-state" class="placement-state">–</div>'
