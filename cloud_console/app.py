@@ -42,6 +42,7 @@ from cloud_console.events import format_event
 from cloud_console.fleet import MAX_PAGE, PLACEMENT_STATES, SORT_KEYS, STATES, BadQuery, FleetQuery
 from cloud_console.model_store import ModelRejected
 from cloud_console.mqtt import PublishFailed
+from cloud_console.pools_api import pools_api
 from cloud_console.prometheus import fleet_registry
 from cloud_console.prometheus import render as render_metrics
 from cloud_console.service import Console, UnknownDevice
@@ -388,9 +389,11 @@ def create_app(console: Console) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await console.start()
+        pools.start()  # automatic pool scaling (docs/pools.md)
         try:
             yield
         finally:
+            await pools.stop()
             await console.stop()
 
     app = FastAPI(
@@ -750,6 +753,7 @@ def create_app(console: Console) -> FastAPI:
         return {"watching": len(sub.watch)}
 
     models_api(api, console)
+    pools = pools_api(app, api, console, principal, require_user, require_admin)
     app.include_router(api)
     return app
 

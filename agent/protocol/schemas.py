@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 
 from agent.protocol.counters import DeviceCounters, TenantCounters
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, POOL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -192,6 +192,7 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    pool: str | None = Field(default=None, pattern=POOL_NAME_RE.pattern)  # a device pool (docs/pools.md)
     # Arrival to answer, ms (docs/protocol.md "Latency objectives"); None: served as fast as it can.
     latency_objective_ms: float | None = Field(default=None, ge=1.0, le=60000.0)
     priority: Literal["high", "normal", "low"] = "normal"
@@ -258,7 +259,7 @@ class TenantSpec(Strict):
             self.batch.max_delay_ms,
             (self.min_score, self.max_detections, tuple(self.labels or ())),
             tuple(c.label.lower() for c in self.candidates or []),
-            self.version,
+            (self.version, self.pool),
             None if self.cascade is None else self.cascade.model_dump_json(),
             self.latency_objective_ms,
             self.priority,

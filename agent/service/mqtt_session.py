@@ -65,6 +65,14 @@ class Subscription:
     qos: int
     handler: Handler
 
+    @property
+    def route(self) -> str:
+        """The filter messages are matched against: a shared subscription's (`$share/<group>/<f>`)
+        messages carry topics matching `<f>`."""
+        if self.filter.startswith("$share/"):
+            return self.filter.split("/", 2)[2]
+        return self.filter
+
 
 def build_tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
     """The agent's TLS settings as a context (agent.protocol.broker): blocking, run it in a thread."""
@@ -78,13 +86,13 @@ class MqttSession:
         self,
         cfg: BrokerConfig,
         client_id: str,
-        will_topic: str,
+        will_topic: str | None,
         will_payload: bytes,
         on_connect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
-        self.will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
+        self.will = None if will_topic is None else aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
         self.subscriptions: list[Subscription] = []
         self.connected = asyncio.Event()
         self.connects = 0
@@ -120,6 +128,28 @@ class MqttSession:
         filters would be handled twice."""
         self.subscriptions.append(Subscription(filter_, qos, handler))
 
+    async def add_subscription(self, filter_: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe while running (a device pool's share, docs/pools.md); kept for reconnects."""
+        sub = Subscription(filter_, qos, handler)
+        if any(s.filter == filter_ for s in self.subscriptions):
+            return
+        self.subscriptions.append(sub)
+        for each in self._links.values():  # (a filter's callback replaces an earlier one: once only)
+            each.route(sub.route, self._paho_callback(sub))
+        link = self._link
+        if link is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):  # (down: the next connect subscribes)
+                await link.client.subscribe(filter_, qos=qos)
+
+    async def remove_subscription(self, filter_: str) -> None:
+        """Unsubscribe while running. Its handler stays routed: messages the broker had sent before
+        the UNSUBACK still arrive, and each of them must still get its answer."""
+        self.subscriptions = [s for s in self.subscriptions if s.filter != filter_]
+        link = self._link
+        if link is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await link.client.unsubscribe(filter_)
+
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again. Until stop()."""
         tls = await asyncio.to_thread(build_tls_context, self.cfg)
@@ -135,7 +165,7 @@ class MqttSession:
                 self._links = {k: v for k, v in self._links.items() if k[1:] == (host, port)}
                 link = Link(self._new_client(tls, version, host, port))
                 for sub in self.subscriptions:
-                    link.route(sub.filter, self._paho_callback(sub))
+                    link.route(sub.route, self._paho_callback(sub))
                 link.write_on_loop(loop)
                 self._links[key] = link
             return self._links[key]
@@ -154,7 +184,7 @@ class MqttSession:
     async def _serve(self, link: Link) -> None:
         client = link.client
         self._link = link
-        for sub in self.subscriptions:
+        for sub in list(self.subscriptions):
             await client.subscribe(sub.filter, qos=sub.qos)
         self.connects += 1
         self.connected.set()
@@ -172,7 +202,9 @@ class MqttSession:
         if version == "3.1.1":
             # A persistent session (clean session off): frames wait at the broker while the agent is
             # away, as with MQTT 5's session expiry (for as long as the broker keeps sessions).
-            session: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+            # (session_expiry_s 0, a pool's connection: a clean session, as with MQTT 5.)
+            clean = self.cfg.session_expiry_s == 0
+            session: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": clean}
         else:
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
