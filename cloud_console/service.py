@@ -244,7 +244,8 @@ class Console:
             self.convergence.sent(device_id, model, version, base, now)
             self._spawn(self._resend(device_id, model, version, base), f"resend {model} {version}")
         placement = device.status.placement if device.status else None
-        if desired is not None and placement is not None:
+        # Only what this console published is published again (not a document seen on the broker).
+        if desired is not None and desired.published_at is not None and placement is not None:
             refused = placement.refused.generation if placement.refused else None
             applied = placement.applied_generation
             if self.convergence.republish(device_id, desired.generation, refused, applied, installed, pinned):
