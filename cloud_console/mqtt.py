@@ -43,6 +43,7 @@ NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
 WATCH_ID = 7  # the subscription identifier of a watched device's telemetry (a live copy, not stored)
 RECEIVE_MAXIMUM = 65535  # QoS 1 messages in flight to us, unacknowledged until stored
 SESSION_EXPIRY_S = 86400  # a shared-group process's session (and its unacknowledged messages) waits a day
+YIELD_EVERY = 100  # messages handled between two turns of the event loop for everything else
 
 
 class PublishFailed(Exception):
@@ -164,9 +165,10 @@ class ConsoleMqtt:
                 await asyncio.Event().wait()
             self._dispatch(message)
             handled += 1
-            if handled % 200 == 0:
-                # A queue that is never empty never yields: let HTTP requests, acknowledgements and
-                # an unsubscribe in between (a backlog of 60,000 starved them all, measured).
+            if handled % YIELD_EVERY == 0:
+                # With a backlog, aiomqtt's queue hands out messages without ever suspending: let the
+                # web requests, acknowledgements and an unsubscribe waiting on this event loop in
+                # between (a page must not wait for the backlog to drain).
                 await asyncio.sleep(0)
 
     def _new_client(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-ASSET_VERSION = "1"  # bump to make browsers refetch static files after an upgrade
+ASSET_VERSION = "2"  # bump to make browsers refetch static files after an upgrade
 
 
 def _page(
@@ -74,15 +74,29 @@ def login(*, error: bool, next_url: str) -> str:
 
 
 def fleet(user: str, role: str, csrf: str) -> str:
+    """The fleet table: one page of rows at a time, filtered and sorted by the server
+    (GET /api/devices), with fleet-wide counts above it."""
     admin_only = "" if role == "admin" else " hidden"
     body = (
         _header(user, role) + '<main class="fleet">'
+        '<section class="summary" id="summary" aria-live="polite"></section>'
         '<section class="bar">'
-        '<input id="filter" type="search" placeholder="filter: device, model, backend, state" '
+        '<input id="filter" type="search" placeholder="filter: device, model, backend, state, tag" '
         'aria-label="filter">'
-        '<select id="online-filter" aria-label="online filter"><option value="">all</option>'
-        '<option value="online">online</option><option value="offline">offline</option></select>'
-        '<span id="counts" class="counts"></span><span id="ingest" class="counts"></span>'
+        '<select id="state-filter" aria-label="state filter"><option value="">any state</option>'
+        '<option value="online">online</option><option value="stale">stale</option>'
+        '<option value="offline">offline</option></select>'
+        '<select id="model-filter" aria-label="model filter"><option value="">any model</option></select>'
+        '<select id="backend-filter" aria-label="backend filter"><option value="">any backend</option>'
+        "</select>"
+        '<select id="placement-filter" aria-label="placement filter"><option value="">any placement</option>'
+        + "".join(
+            f"<option>{state}</option>" for state in ("pending", "applied", "failed", "refused", "none")
+        )
+        + "</select>"
+        '<input id="tag-filter" placeholder="tag key:value" size="14" aria-label="tag filter">'
+        '<label class="check"><input id="failover-filter" type="checkbox"> failed over</label>'
+        '<span id="ingest" class="counts"></span>'
         "</section>"
         f'<details class="move" id="move-panel"{admin_only}><summary>Move a model across the fleet</summary>'
         '<form id="move-form" class="inline">'
@@ -104,6 +118,11 @@ def fleet(user: str, role: str, csrf: str) -> str:
         '<th data-sort="drops" class="num">drops</th>'
         '<th data-sort="applied_generation" class="num">placement</th>'
         '</tr></thead><tbody id="fleet-body"><tr><td colspan="10">loading…</td></tr></tbody></table>'
+        '<nav class="pager" id="pager"><button type="button" id="page-prev">‹ previous</button>'
+        '<span id="counts" class="counts"></span>'
+        '<button type="button" id="page-next">next ›</button>'
+        '<select id="page-size" aria-label="rows per page"><option>50</option>'
+        "<option selected>100</option><option>250</option><option>500</option></select></nav>"
         "</main>"
     )
     return _signed_in("Fleet", body, user, role, csrf, "fleet.js")

@@ -403,6 +403,7 @@ class Status(BaseModel):
     ts: float = Field(default_factory=time.time)
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
+    mqtt_broker: str | None = None  # the broker node connected to, host:port (several: broker.nodes)
 
 
 # -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------

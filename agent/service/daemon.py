@@ -67,6 +67,7 @@ class Agent:
             rejected=lambda: self.router.rejected,
             duplicates=lambda: self.router.duplicates,
             mqtt_protocol=lambda: self.session.protocol,
+            mqtt_broker=lambda: self.session.broker,
         )
         self.reconciler = Reconciler(
             config,

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.broker import tls_context
-from agent.protocol.connection import Backoff, Link, PublishRefused, VersionChoice, keep_connected
+from agent.protocol.connection import Backoff, Link, Nodes, PublishRefused, VersionChoice, keep_connected
 from agent.service.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,10 @@ class MqttSession:
         # again after the reconnect).
         self.on_disconnect: list[Callable[[], None]] = []
         self._link: Link | None = None  # set while connected
-        self._links: dict[str, Link] = {}  # one client per MQTT version, kept across reconnects
+        # One client per MQTT version (and node), kept across reconnects to the same node.
+        self._links: dict[tuple[str, str, int], Link] = {}
+        # The nodes of the broker cluster (one for a single broker): the next after a failure.
+        self.nodes = Nodes(cfg.addresses())
         self._stopping = False
         # The MQTT version: 5 unless configured or the broker refused it ("auto", agent.protocol.connection).
         self._versions = VersionChoice(cfg.protocol)
@@ -114,6 +117,11 @@ class MqttSession:
     def protocol(self) -> str:
         """The MQTT version in use ("5" or "3.1.1")."""
         return self._versions.version
+
+    @property
+    def broker(self) -> str:
+        """The broker node in use or tried next, `host:port` (status `mqtt_broker`)."""
+        return self.nodes.label
 
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
         """Filters must not overlap: paho calls every matching callback, so a message matching two
@@ -148,19 +156,22 @@ class MqttSession:
         loop = asyncio.get_running_loop()
 
         def link_for(version: str) -> Link:
-            # One client per version for the session's life: after a reconnect paho itself sends
-            # again what the broker had not acknowledged.
-            if version not in self._links:
-                link = Link(self._new_client(tls, version))
+            # One client per version while on one node: after a reconnect paho itself sends again
+            # what the broker had not acknowledged. On another node (a session is a node's own) a new
+            # client starts; what was in flight is sent again by its owner (`on_disconnect`).
+            host, port = self.nodes.current
+            key = (version, host, port)
+            if key not in self._links:
+                self._links = {k: v for k, v in self._links.items() if k[1:] == (host, port)}
+                link = Link(self._new_client(tls, version, host, port))
                 for sub in self.subscriptions:
                     link.route(sub.route, self._paho_callback(sub))
                 link.write_on_loop(loop)
-                self._links[version] = link
-            return self._links[version]
+                self._links[key] = link
+            return self._links[key]
 
         await keep_connected(
-            host=self.cfg.host,
-            port=self.cfg.port,
+            nodes=self.nodes,
             versions=self._versions,
             backoff=Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s),
             link_for=link_for,
@@ -177,7 +188,9 @@ class MqttSession:
             await client.subscribe(sub.filter, qos=sub.qos)
         self.connects += 1
         self.connected.set()
-        log.info("connected to mqtt %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+        many = len(self.nodes.addresses)
+        of = f" (node {self.nodes.index + 1} of {many})" if many > 1 else ""
+        log.info("connected to mqtt %s%s as %s", self.nodes.label, of, self.client_id)
         if self._on_connect is not None:
             await self._on_connect()
         # Subscribed messages go to the paho callbacks (`Link.route`); this loop sees only strays,
@@ -185,7 +198,7 @@ class MqttSession:
         async for message in client.messages:
             self._dispatch(message)
 
-    def _new_client(self, tls: ssl.SSLContext | None, version: str) -> aiomqtt.Client:
+    def _new_client(self, tls: ssl.SSLContext | None, version: str, host: str, port: int) -> aiomqtt.Client:
         if version == "3.1.1":
             # A persistent session (clean session off): frames wait at the broker while the agent is
             # away, as with MQTT 5's session expiry (for as long as the broker keeps sessions).
@@ -204,8 +217,8 @@ class MqttSession:
                 "properties": connect_props,
             }
         client = aiomqtt.Client(
-            hostname=self.cfg.host,
-            port=self.cfg.port,
+            hostname=host,
+            port=port,
             identifier=self.client_id,
             username=self.cfg.username,
             password=self.cfg.password,
