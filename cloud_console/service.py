@@ -124,6 +124,9 @@ class Console:
         # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
         self.models = ModelStore(storage.model_store_dir(), self.engine)
         self.holder = process_name()
+        # A shared group: placements are converged (published again) by one process at a time.
+        self._convergence_lease = Lease(self.engine, "convergence", ttl_s=config.shared_group_timeout_s)
+        self.converger = False
         # Versions each device should install, sent again until its status lists them (docs/fleet.md).
         self.convergence = Convergence()
         self._base_url = config.public_url  # else the URL the last delivery was asked through
@@ -212,6 +215,7 @@ class Console:
         while True:
             try:
                 await asyncio.to_thread(self._beat)
+                self.converger = await asyncio.to_thread(self._convergence_lease.held)
                 for client_id in await asyncio.to_thread(self._gone_peers):
                     lease = Lease(self.engine, f"drain:{client_id}", ttl_s=300.0)
                     if not await asyncio.to_thread(lease.held):
@@ -526,6 +530,8 @@ class Console:
     def sweep(self, now: float) -> None:
         """Once a second: silent devices offline; devices behind their desired placement converged."""
         self.mark_silent(now)
+        if self.mqtt.persistent and not self.converger:
+            return  # a shared group: the process holding the "convergence" lease publishes, once
         for device in self.fleet.devices.values():
             if device.desired is not None:
                 self._converge_placement(device, now)
