@@ -43,6 +43,10 @@ from cloud_console.model_store import ModelRejected
 from cloud_console.mqtt import PublishFailed
 from cloud_console.prometheus import fleet_registry
 from cloud_console.prometheus import render as render_metrics
+from cloud_console.rollout_api import RolloutCollector
+from cloud_console.rollout_api import install as install_rollouts
+from cloud_console.rollout_engine import RolloutEngine
+from cloud_console.selectors import SelectorError
 from cloud_console.service import Console, UnknownDevice
 from cloud_console.tokens import TokenError, effective_role
 
@@ -178,6 +182,9 @@ class MoveRequest(BaseModel):
     to_backend: str
     to_device: str | None = Field(default=None, description="default: the target backend's first device")
     from_device: str | None = Field(default=None, description="only tenants on this device of from_backend")
+    selector: str = Field(
+        default="", description="only devices this selector matches (docs/fleet.md#selectors)"
+    )
 
 
 class MovePublished(BaseModel):
@@ -360,9 +367,11 @@ def create_app(console: Console) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await console.start()
+        await rollouts.start()
         try:
             yield
         finally:
+            await rollouts.stop()
             await console.stop()
 
     app = FastAPI(
@@ -379,6 +388,7 @@ def create_app(console: Console) -> FastAPI:
         redoc_url=None,
     )
     app.state.console = console
+    rollouts = app.state.rollouts = RolloutEngine(console)  # staged rollouts and tags (docs/fleet.md)
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -426,6 +436,7 @@ def create_app(console: Console) -> FastAPI:
         }
 
     metrics_registry = fleet_registry(console.fleet)
+    metrics_registry.register(RolloutCollector(rollouts))
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def metrics(_who: User) -> Response:
@@ -546,9 +557,17 @@ def create_app(console: Console) -> FastAPI:
         online: bool | None = None,
         sort: str = "device_id",
         desc: bool = False,
+        selector: str = "",
     ) -> JSONResponse:
-        """Fleet table rows: filter by substring `q` (device id, model, backend, device), sort by a column."""
+        """Fleet table rows: filter by substring `q` (device id, model, backend, device) and by a
+        `selector` of tags and ids (docs/fleet.md#selectors), sort by a column."""
         rows = console.fleet.summaries(q, online, sort, desc)
+        if selector.strip():
+            try:
+                chosen = set(rollouts.select(selector))
+            except SelectorError as exc:
+                raise HTTPException(422, str(exc)) from exc
+            rows = [r for r in rows if r["device_id"] in chosen]
         return JSONResponse({"devices": rows, "total": len(console.fleet.devices), "stats": console.stats()})
 
     @api.get("/fleet/capabilities", tags=["fleet"])
@@ -621,8 +640,12 @@ def create_app(console: Console) -> FastAPI:
         """Move model M from backend X to Y on every device that runs it on X."""
         if not console.mqtt.connected.is_set():
             raise HTTPException(503, "not connected to the MQTT broker")
+        try:
+            only = set(rollouts.select(body.selector)) if body.selector.strip() else None
+        except SelectorError as exc:
+            raise HTTPException(422, str(exc)) from exc
         outcome = await console.move_model(
-            body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name
+            body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name, only
         )
         if not outcome.published and not outcome.skipped:
             where = f"{body.from_backend}:{body.from_device}" if body.from_device else body.from_backend
@@ -669,6 +692,7 @@ def create_app(console: Console) -> FastAPI:
         )
 
     models_api(api, console)
+    install_rollouts(app, api, rollouts, require_user, require_admin, principal)
     app.include_router(api)
     return app
 

@@ -51,6 +51,7 @@ def _header(user: str, role: str, crumbs: str = "") -> str:
         f'<span class="who">signed in as <b id="who-user">{escape(user)}</b> '
         f'<span id="who-role" class="role role-{escape(role)}">{escape(role)}</span></span>'
         '<a href="/models" id="models-link" class="link">models</a>'
+        '<a href="/rollouts" id="rollouts-link" class="link">rollouts</a>'
         '<a href="/tokens" id="tokens-link" class="link">API tokens</a>'
         '<button id="logout" type="button" class="link">log out</button>'
         '<span id="live" class="live" title="live updates">●</span></header>'

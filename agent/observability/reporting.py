@@ -82,6 +82,7 @@ class Reporter:
             ),
             errors=list(self.errors),
             mqtt_protocol=self.mqtt_protocol(),
+            tags=dict(self.config.tags),
         )
 
     def offline_payload(self) -> bytes:

@@ -365,6 +365,8 @@ class Status(BaseModel):
     ts: float = Field(default_factory=time.time)
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
+    # The device's own tags (agent.toml `tags`), for selectors (docs/fleet.md#selectors).
+    tags: dict[str, str] = Field(default_factory=dict)
 
 
 # -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------

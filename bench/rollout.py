@@ -1,0 +1,290 @@
+"""`python -m bench.rollout`: a staged rollout of a new model version to a simulated fleet, and of a
+faulty one, with the figures docs/fleet.md#measured quotes.
+
+Starts a private Mosquitto, the console (`edge-console serve`, a subprocess as in production) and
+`--devices` simulated devices (cloud_console/simulator.py) with a fault: a share of them fails to
+load version 9.0.0 (`--fault-kind load`, or answers errors / doubles latency with it). Uploads two
+small model versions to the console's model store with a bearer token, then:
+
+1. rolls 2.0.0 out to every device in 4 waves (1, 10%, 50%, all) and waits until it completes:
+   wall time, per-wave times, and that every device's status runs 2.0.0;
+2. rolls 9.0.0 out the same way: it must stop at wave 1 and roll back by itself. Prints the time from
+   the gate failing to every device of the wave serving its old version again (the console's own
+   figure, and one measured here from the devices' statuses), and that no device past wave 1 got it.
+
+Figures, not a test. The simulated devices install a delivered version at once (no download).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from agent.devtools.local_broker import LocalBroker, free_port
+from cloud_console.simulator import FleetSimulator, SimFault
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "efficientnet-lite0"
+
+
+def tiny_model(folder: Path, version: str, name: str = MODEL) -> Path:
+    """A valid model folder of a few bytes (the simulator never loads it): model.toml, labels, onnx."""
+    target = folder / f"{name}-{version}" / name
+    target.mkdir(parents=True)
+    blob = f"not a real network: {name} {version}\n".encode()
+    (target / "model.onnx").write_bytes(blob)
+    (target / "labels.txt").write_text("cat\ndog\n")
+    (target / "model.toml").write_text(
+        f'name = "{name}"\nversion = "{version}"\nlabels = "labels.txt"\n\n'
+        '[input]\nlayout = "NCHW"\nsize = [224, 224]\ndtype = "float32"\n'
+        "mean = [127.0, 127.0, 127.0]\nstd = [128.0, 128.0, 128.0]\n\n"
+        f'[artifacts.onnx]\nfile = "model.onnx"\nsha256 = "{hashlib.sha256(blob).hexdigest()}"\n'
+    )
+    return target
+
+
+def tar_gz(folder: Path) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        tar.add(folder, arcname=folder.name)
+    return buf.getvalue()
+
+
+class Api:
+    """The console's REST API with a bearer token (as `edge-console rollout` uses it)."""
+
+    def __init__(self, base: str, token: str = "") -> None:
+        self.base, self.token = base, token
+
+    def call(self, method: str, path: str, body: Any = None, raw: bytes | None = None) -> Any:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(self.base + path, data=data, method=method)  # noqa: S310 - our console
+        if self.token:
+            req.add_header("Authorization", f"Bearer {self.token}")
+        req.add_header("Content-Type", "application/gzip" if raw is not None else "application/json")
+        try:
+            with urllib.request.urlopen(req, timeout=120) as res:  # noqa: S310
+                return json.loads(res.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {exc.read()[:500]!r}") from exc
+
+
+def start_console(broker_url: str, workdir: Path) -> tuple[subprocess.Popen[bytes], Api]:
+    port = free_port()
+    password = secrets.token_urlsafe(9)
+    log = (workdir / "console.log").open("ab")
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cloud_console",
+            "serve",
+            "--broker",
+            broker_url,
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--db",
+            str(workdir / "console.db"),
+            "--demo-users",
+            f"admin={password},viewer={password}x",
+            "--log-level",
+            "WARNING",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if Api(base).call("GET", "/healthz")["mqtt_connected"]:
+                break
+        except (OSError, RuntimeError):
+            pass
+        if time.monotonic() > deadline or proc.poll() is not None:
+            raise RuntimeError("the console did not start; see console.log")
+        time.sleep(0.2)
+    # A session to make an API token, then the token for everything else.
+    jar = urllib.request.HTTPCookieProcessor()
+    opener = urllib.request.build_opener(jar)
+    login = urllib.request.Request(  # noqa: S310
+        base + "/api/login",
+        data=json.dumps({"username": "admin", "password": password}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    csrf = json.loads(opener.open(login).read())["csrf_token"]
+    make = urllib.request.Request(  # noqa: S310
+        base + "/api/tokens",
+        data=json.dumps({"name": "bench"}).encode(),
+        headers={"Content-Type": "application/json", "X-CSRF-Token": csrf},
+        method="POST",
+    )
+    token = json.loads(opener.open(make).read())["token"]
+    return proc, Api(base, token)
+
+
+def wait(fn: Any, what: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = fn()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise RuntimeError(f"gave up waiting for {what}")
+
+
+def versions_running(sim: FleetSimulator, device_ids: list[str]) -> dict[str, str | None]:
+    """The version of MODEL each device's simulated status says is ready (None: not ready)."""
+    out: dict[str, str | None] = {}
+    with sim.lock:
+        for device_id in device_ids:
+            device = sim.device_map[device_id]
+            tenant = device.tenants.get(MODEL)
+            pending = device.target is not None
+            out[device_id] = tenant.spec.version if tenant is not None and not pending else None
+    return out
+
+
+def run_rollout(api: Api, spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
+    started = time.monotonic()
+    rollout = api.call("POST", "/api/rollouts", spec)
+
+    def done() -> Any:
+        detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
+        return detail if detail["state"] in ("completed", "rolled_back", "aborted", "paused") else None
+
+    detail = wait(done, f"rollout {rollout['id']}", timeout)
+    return detail, time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--devices", type=int, default=1000)
+    parser.add_argument("--interval", type=float, default=1.0, help="telemetry interval of the devices, s")
+    parser.add_argument("--soak", type=float, default=5.0, help="soak time of each wave, s")
+    parser.add_argument("--fault-kind", default="load", choices=["load", "errors", "slow"])
+    parser.add_argument("--fault-share", type=float, default=0.3)
+    parser.add_argument("--waves", default="1,10%,50%,all")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args(argv)
+    figures: dict[str, Any] = {"devices": args.devices, "waves": args.waves, "soak_s": args.soak}
+    with tempfile.TemporaryDirectory(prefix="bench-rollout-") as tmp, LocalBroker() as broker:
+        workdir = Path(tmp)
+        # The faulty version hits the first device (the canary) for sure, and a share of the rest.
+        fault = SimFault(args.fault_kind, args.fault_share, "9.0.0", MODEL)
+        sim = FleetSimulator(
+            broker.host,
+            broker.port,
+            args.devices,
+            interval_s=args.interval,
+            per_connection=100,
+            faults=(fault,),
+        )
+        sim.start()
+        proc, api = start_console(broker.url, workdir)
+        try:
+            wait(lambda: api.call("GET", "/api/stats")["online"] == args.devices, "every device online", 120)
+            for version in ("2.0.0", "9.0.0"):
+                api.call("POST", "/api/models", raw=tar_gz(tiny_model(workdir, version)))
+            gates = {"soak_s": args.soak, "max_p95_factor": 1.8, "min_throughput_ratio": 0.5}
+            spec = {
+                "change": {"model": MODEL, "set": {"version": "2.0.0"}},
+                "waves": args.waves,
+                "gates": gates,
+            }
+            good, took = run_rollout(api, spec, 1800)
+            ids = [d["device_id"] for w in good["wave_list"] for d in w["devices"]]
+            running = versions_running(sim, ids)
+            figures["good"] = {
+                "state": good["state"],
+                "wall_s": round(took, 1),
+                "targeted": len(ids),
+                "on_new_version": sum(1 for v in running.values() if v == "2.0.0"),
+                "waves": [
+                    {
+                        "size": w["size"],
+                        "devices": len(w["devices"]),
+                        "s": round((w["decided_at"] or 0) - (w["started_at"] or 0), 1),
+                        "worst": {k: v for k, v in w["figures"].items() if k.startswith("worst_")},
+                    }
+                    for w in good["wave_list"]
+                ],
+            }
+            print(json.dumps({"good": figures["good"]}, indent=1), flush=True)
+
+            # The canary is whichever device sorts first: give the fault a device it is sure to hit.
+            bad_spec = {**spec, "change": {"model": MODEL, "set": {"version": "9.0.0"}}}
+            first_wave = good["wave_list"][0]["devices"][0]["device_id"]
+            with sim.lock:
+                for device in sim.devices:
+                    if device.device_id == first_wave:
+                        device.faults = (SimFault(args.fault_kind, 1.0, "9.0.0", MODEL),)
+            started = time.monotonic()
+            rollout = api.call("POST", "/api/rollouts", bad_spec)
+
+            def failed() -> Any:
+                detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
+                return detail if detail["failed_at"] else None
+
+            detail = wait(failed, "the faulty wave to fail", 600)
+            seen_failed = time.monotonic()
+            wave1 = [d["device_id"] for d in detail["wave_list"][0]["devices"]]
+            wait(
+                lambda: all(v == "2.0.0" for v in versions_running(sim, wave1).values()),
+                "wave 1 serving 2.0.0 again",
+                600,
+            )
+            restored = time.monotonic()
+            detail = wait(
+                lambda: (
+                    (d := api.call("GET", f"/api/rollouts/{rollout['id']}"))["state"] == "rolled_back" and d
+                ),
+                "the rollout to say rolled back",
+                600,
+            )
+            others = [d["device_id"] for w in detail["wave_list"][1:] for d in w["devices"]]
+            figures["faulty"] = {
+                "state": detail["state"],
+                "fault": f"{args.fault_kind} on the canary (and {args.fault_share:.0%} of the rest)",
+                "stopped_at_wave": detail["current_wave"] + 1,
+                "to_gate_failure_s": round(seen_failed - started, 1),
+                "rollback_s_console": round(detail["rolled_back_at"] - detail["failed_at"], 2),
+                "rollback_s_devices": round(restored - seen_failed, 2),
+                "wave1_devices": len(wave1),
+                "later_devices_touched": sum(
+                    1 for w in detail["wave_list"][1:] for d in w["devices"] if d["state"] != "cancelled"
+                ),
+                "later_devices_on_2_0_0": sum(
+                    1 for v in versions_running(sim, others).values() if v == "2.0.0"
+                ),
+                "reason": detail["reason"],
+            }
+            print(json.dumps({"faulty": figures["faulty"]}, indent=1), flush=True)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            sim.stop()
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
