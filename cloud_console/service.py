@@ -180,6 +180,8 @@ class Console:
             return
         now = time.time()
         device = self._device(device_id, now)
+        if not status.tags and not status.online and device.status is not None:
+            status.tags = device.status.tags  # a last will carries no tags: selectors keep matching
         device.status = status
         device.last_seen = now
         if status.capabilities is not None:
