@@ -8,9 +8,13 @@ small model versions to the console's model store with a bearer token, then:
 
 1. rolls 2.0.0 out to every device in 4 waves (1, 10%, 50%, all) and waits until it completes:
    wall time, per-wave times, and that every device's status runs 2.0.0;
-2. rolls 9.0.0 out the same way: it must stop at wave 1 and roll back by itself. Prints the time from
-   the gate failing to every device of the wave serving its old version again (the console's own
-   figure, and one measured here from the devices' statuses), and that no device past wave 1 got it.
+2. rolls 9.0.0 out the same way with the canary faulty: it must stop at wave 1 and roll back by
+   itself. Prints the time from the gate failing to every device of the wave serving its old version
+   again (the console's own figure, and one measured here from the devices), and that no device past
+   wave 1 got it;
+3. the same with a healthy canary: wave 2 (10%, the fault's share of it faulty) fails, and its
+   devices are restored: the same times, for a wave of 99 devices;
+4. rolls the first rollout back by hand: the time until all devices serve 1.0.0 again.
 
 Figures, not a test. The simulated devices install a delivered version at once (no download).
 """
@@ -174,6 +178,44 @@ def run_rollout(api: Api, spec: dict[str, Any], timeout: float) -> tuple[dict[st
     return detail, time.monotonic() - started
 
 
+def faulty_wave(api: Api, sim: FleetSimulator, spec: dict[str, Any]) -> dict[str, Any]:
+    """Roll `spec` out until a wave fails; time its rollback as the console and the devices see it."""
+    rollout = api.call("POST", "/api/rollouts", spec)
+    started = time.monotonic()
+
+    def failed() -> Any:
+        detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
+        return detail if detail["failed_at"] else None
+
+    detail = wait(failed, "a wave to fail", 900)
+    seen_failed = time.monotonic()
+    index = detail["current_wave"]
+    wave = [d["device_id"] for d in detail["wave_list"][index]["devices"]]
+    wait(
+        lambda: all(v == "2.0.0" for v in versions_running(sim, wave).values()),
+        "the failed wave serving 2.0.0 again",
+        900,
+    )
+    restored = time.monotonic()
+    detail = wait(
+        lambda: (d := api.call("GET", f"/api/rollouts/{rollout['id']}"))["state"] == "rolled_back" and d,
+        "the rollout to say rolled back",
+        600,
+    )
+    return {
+        "stopped_at_wave": index + 1,
+        "wave_devices": len(wave),
+        "failed_devices": sum(1 for d in detail["wave_list"][index]["devices"] if d["reason"]),
+        "to_gate_failure_s": round(seen_failed - started, 1),
+        "rollback_s_console": round(detail["rolled_back_at"] - detail["failed_at"], 2),
+        "rollback_s_devices": round(restored - seen_failed, 2),
+        "later_waves_touched": sum(
+            1 for w in detail["wave_list"][index + 1 :] for d in w["devices"] if d["state"] != "cancelled"
+        ),
+        "reason": detail["reason"][:200],
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--devices", type=int, default=1000)
@@ -277,6 +319,35 @@ def main(argv: list[str] | None = None) -> int:
                 "reason": detail["reason"],
             }
             print(json.dumps({"faulty": figures["faulty"]}, indent=1), flush=True)
+
+            # The same faulty version with a healthy canary: the fault shows in wave 2 (its share of
+            # those devices), which fails and is restored: the rollback of a wave at scale.
+            with sim.lock:
+                sim.device_map[first_wave].faults = ()
+            figures["faulty_later"] = faulty_wave(api, sim, bad_spec)
+            print(json.dumps({"faulty_later": figures["faulty_later"]}, indent=1), flush=True)
+
+            # A person rolls the good rollout back: every device restored to 1.0.0.
+            started = time.monotonic()
+            api.call("POST", f"/api/rollouts/{good['id']}/rollback")
+            wait(
+                lambda: all(v == "1.0.0" for v in versions_running(sim, ids).values()),
+                "every device serving 1.0.0 again",
+                900,
+            )
+            restored_s = time.monotonic() - started
+            detail = wait(
+                lambda: (d := api.call("GET", f"/api/rollouts/{good['id']}"))["state"] == "rolled_back" and d,
+                "the rollout to say rolled back",
+                600,
+            )
+            figures["manual_rollback"] = {
+                "devices": len(ids),
+                "s_devices": round(restored_s, 1),
+                "s_console": round(detail["rolled_back_at"] - detail["failed_at"], 1),
+                "counts": detail["counts"],
+            }
+            print(json.dumps({"manual_rollback": figures["manual_rollback"]}, indent=1), flush=True)
         finally:
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
