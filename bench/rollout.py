@@ -150,7 +150,7 @@ def wait(fn: Any, what: str, timeout: float) -> Any:
         value = fn()
         if value:
             return value
-        time.sleep(0.1)
+        time.sleep(0.25)
     raise RuntimeError(f"gave up waiting for {what}")
 
 
@@ -166,16 +166,21 @@ def versions_running(sim: FleetSimulator, device_ids: list[str]) -> dict[str, st
     return out
 
 
+def summary(api: Api, rollout_id: str) -> dict[str, Any]:
+    """The rollout's summary row (light: the detail of 1,000 devices is not built for each poll)."""
+    return next(r for r in api.call("GET", "/api/rollouts") if r["id"] == rollout_id)
+
+
 def run_rollout(api: Api, spec: dict[str, Any], timeout: float) -> tuple[dict[str, Any], float]:
     started = time.monotonic()
     rollout = api.call("POST", "/api/rollouts", spec)
 
     def done() -> Any:
-        detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
-        return detail if detail["state"] in ("completed", "rolled_back", "aborted", "paused") else None
+        return summary(api, rollout["id"])["state"] in ("completed", "rolled_back", "aborted", "paused")
 
-    detail = wait(done, f"rollout {rollout['id']}", timeout)
-    return detail, time.monotonic() - started
+    wait(done, f"rollout {rollout['id']}", timeout)
+    took = time.monotonic() - started
+    return api.call("GET", f"/api/rollouts/{rollout['id']}"), took
 
 
 def faulty_wave(api: Api, sim: FleetSimulator, spec: dict[str, Any]) -> dict[str, Any]:
@@ -183,12 +188,9 @@ def faulty_wave(api: Api, sim: FleetSimulator, spec: dict[str, Any]) -> dict[str
     rollout = api.call("POST", "/api/rollouts", spec)
     started = time.monotonic()
 
-    def failed() -> Any:
-        detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
-        return detail if detail["failed_at"] else None
-
-    detail = wait(failed, "a wave to fail", 900)
+    wait(lambda: summary(api, rollout["id"])["failed_at"], "a wave to fail", 900)
     seen_failed = time.monotonic()
+    detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
     index = detail["current_wave"]
     wave = [d["device_id"] for d in detail["wave_list"][index]["devices"]]
     wait(
@@ -197,11 +199,8 @@ def faulty_wave(api: Api, sim: FleetSimulator, spec: dict[str, Any]) -> dict[str
         900,
     )
     restored = time.monotonic()
-    detail = wait(
-        lambda: (d := api.call("GET", f"/api/rollouts/{rollout['id']}"))["state"] == "rolled_back" and d,
-        "the rollout to say rolled back",
-        600,
-    )
+    wait(lambda: summary(api, rollout["id"])["state"] == "rolled_back", "the rollout to say rolled back", 600)
+    detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
     return {
         "stopped_at_wave": index + 1,
         "wave_devices": len(wave),
@@ -281,12 +280,9 @@ def main(argv: list[str] | None = None) -> int:
             started = time.monotonic()
             rollout = api.call("POST", "/api/rollouts", bad_spec)
 
-            def failed() -> Any:
-                detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
-                return detail if detail["failed_at"] else None
-
-            detail = wait(failed, "the faulty wave to fail", 600)
+            wait(lambda: summary(api, rollout["id"])["failed_at"], "the faulty wave to fail", 600)
             seen_failed = time.monotonic()
+            detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
             wave1 = [d["device_id"] for d in detail["wave_list"][0]["devices"]]
             wait(
                 lambda: all(v == "2.0.0" for v in versions_running(sim, wave1).values()),
@@ -294,13 +290,12 @@ def main(argv: list[str] | None = None) -> int:
                 600,
             )
             restored = time.monotonic()
-            detail = wait(
-                lambda: (
-                    (d := api.call("GET", f"/api/rollouts/{rollout['id']}"))["state"] == "rolled_back" and d
-                ),
+            wait(
+                lambda: summary(api, rollout["id"])["state"] == "rolled_back",
                 "the rollout to say rolled back",
                 600,
             )
+            detail = api.call("GET", f"/api/rollouts/{rollout['id']}")
             others = [d["device_id"] for w in detail["wave_list"][1:] for d in w["devices"]]
             figures["faulty"] = {
                 "state": detail["state"],
@@ -336,11 +331,12 @@ def main(argv: list[str] | None = None) -> int:
                 900,
             )
             restored_s = time.monotonic() - started
-            detail = wait(
-                lambda: (d := api.call("GET", f"/api/rollouts/{good['id']}"))["state"] == "rolled_back" and d,
+            wait(
+                lambda: summary(api, good["id"])["state"] == "rolled_back",
                 "the rollout to say rolled back",
                 600,
             )
+            detail = api.call("GET", f"/api/rollouts/{good['id']}")
             figures["manual_rollback"] = {
                 "devices": len(ids),
                 "s_devices": round(restored_s, 1),

@@ -78,8 +78,8 @@ def fleet(user: str, role: str, csrf: str) -> str:
     body = (
         _header(user, role) + '<main class="fleet">'
         '<section class="bar">'
-        '<input id="filter" type="search" placeholder="filter: device, model, backend, state" '
-        'aria-label="filter">'
+        '<input id="filter" type="search" '
+        'placeholder="filter: device, model, backend, state; or site=north,hw=jetson" aria-label="filter">'
         '<select id="online-filter" aria-label="online filter"><option value="">all</option>'
         '<option value="online">online</option><option value="offline">offline</option></select>'
         '<span id="counts" class="counts"></span><span id="ingest" class="counts"></span>'

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 
 TICK_S = 0.5
 SAVE_EVERY_S = 5.0  # an open rollout is written at least this often (figures move between changes)
+# Device-level progress is written at most this often: a record of 1,000 devices is ~0.5 MB of JSON,
+# ~50 ms to serialise on the event loop. A restart loses at most this much device progress, which it
+# re-derives from the devices' statuses (a publish it forgot is done again, harmlessly).
+SAVE_MIN_S = 2.0
 MAX_TAGS = 32
 VIEWED = ("targeted", "publishing", "applying", "soaking", "rolling_back")
 
@@ -49,6 +53,7 @@ class RolloutEngine:
         self.placements = Counter[str]()  # placements published, by purpose
         self._logged: dict[str, int] = {}
         self._signature: dict[str, tuple[Any, ...]] = {}
+        self._counts: dict[str, tuple[Any, ...]] = {}
         self._saved_at: dict[str, float] = {}
         self._dirty: set[str] = set()
         self._limit = asyncio.Semaphore(64)
@@ -203,11 +208,14 @@ class RolloutEngine:
                 self._jobs.add(job)
                 job.add_done_callback(self._jobs.discard)
             self._log_timeline(rollout)
-            signature = (rollout.state, rollout.current_wave, tuple(sorted(rollout.counts().items())))
-            if actions or signature != self._signature.get(rollout.id):
-                self._signature[rollout.id] = signature
+            major = (rollout.state, rollout.current_wave, tuple(w.state for w in rollout.waves))
+            counts = tuple(sorted(rollout.counts().items()))
+            since = now - self._saved_at.get(rollout.id, 0.0)
+            if major != self._signature.get(rollout.id):  # a wave or the rollout moved: at once
+                self._signature[rollout.id] = major
                 self._dirty.add(rollout.id)
-            elif now - self._saved_at.get(rollout.id, 0.0) > SAVE_EVERY_S:
+            elif (counts != self._counts.get(rollout.id) and since >= SAVE_MIN_S) or since > SAVE_EVERY_S:
+                self._counts[rollout.id] = counts
                 self._dirty.add(rollout.id)
 
     async def _place(self, rollout: Rollout, action: Place) -> None:
@@ -234,7 +242,6 @@ class RolloutEngine:
             else:
                 self.placements[action.purpose] += 1
                 planner.published(rollout, action.device_id, action.purpose, doc.generation, time.time())
-        self._dirty.add(rollout.id)
 
     def _log_timeline(self, rollout: Rollout) -> None:
         start = self._logged.get(rollout.id, 0)
@@ -255,7 +262,7 @@ class RolloutEngine:
             rollout = self.rollouts.get(rollout_id)
             if rollout is None:
                 continue
-            document = rollout.model_dump_json()
+            document = rollout.model_dump_json(exclude_defaults=True)
             try:
                 await asyncio.to_thread(
                     self.store.save, rollout.id, rollout.state, rollout.created_at, now, document

@@ -57,7 +57,7 @@ class Gates(BaseModel):
     model_config = ConfigDict(extra="forbid")
     soak_s: float = Field(default=60.0, ge=0.0, le=7 * 86400.0)
     apply_timeout_s: float = Field(default=600.0, gt=0.0, le=7 * 86400.0)
-    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)  # (errors + stalls) / frames in
+    max_error_rate: float = Field(default=0.01, ge=0.0, le=1.0)  # error answers / frames in
     min_errors: int = Field(default=3, ge=1)  # fewer error answers are not a rate (a short soak)
     max_p95_factor: float = Field(default=1.5, ge=1.0)  # p95 after / the device's own p95 before
     min_throughput_ratio: float = Field(default=0.7, ge=0.0, le=1.0)  # fps after / fps before
@@ -122,7 +122,7 @@ class Figures(BaseModel):
 
     ts: float
     frames_in: int = 0
-    errors: int = 0  # errors + stalls
+    errors: int = 0  # frames answered with an error (overload drops and stalls included)
     fps: float = 0.0
     p95_ms: float = 0.0
     failovers: int = 0
@@ -291,7 +291,7 @@ def figures_of(telemetry: Telemetry | None, at: float | None, models: list[str])
     return Figures(
         ts=at,
         frames_in=sum(t.frames_in for t in rows),
-        errors=sum(t.errors + t.stalls for t in rows),
+        errors=sum(t.errors for t in rows),
         fps=sum(t.fps for t in rows),
         p95_ms=max(t.latency_ms.p95 for t in rows),
         failovers=sum(t.failovers for t in rows),
@@ -456,9 +456,10 @@ def publish_failed(rollout: Rollout, device_id: str, purpose: str, reason: str, 
 def restart(rollout: Rollout) -> None:
     """After a console restart: a publish that was in flight is done again (a placement published
     twice is the same tenants under a newer generation, which the device applies without a change)."""
+    undoing = rollout.state in ("rolling_back", "rolled_back")
     for rec in rollout.devices.values():
-        if rec.state == "publishing":
-            rec.state = "targeted"
+        if rec.state == "publishing":  # restored anyway when the rollout is being undone
+            rec.state = "rollback_queued" if undoing and rec.before is not None else "targeted"
         elif rec.state == "rollback_publishing":
             rec.state = "rollback_queued"
 

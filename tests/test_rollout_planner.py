@@ -476,3 +476,16 @@ def test_a_restart_publishes_again_what_was_in_flight():
     assert restored.devices["d0"].state == "targeted"
     again = planner.step(restored, rig.views(), 2.0)
     assert [(a.device_id, a.purpose) for a in again] == [("d0", "forward")]
+
+
+def test_a_restart_during_a_rollback_restores_what_was_in_flight():
+    rig = Rig(3, waves=["2", "all"])
+    actions = planner.step(rig.rollout, rig.views(), 1.0)
+    assert len(actions) == 2
+    planner.published(rig.rollout, "d0", "forward", 2, 1.0)
+    planner.command(rig.rollout, "rollback", 1.5, "ops")  # d1's change still on its way
+    restored = planner.Rollout.model_validate_json(rig.rollout.model_dump_json())
+    planner.restart(restored)
+    assert restored.devices["d1"].state == "rollback_queued"
+    again = planner.step(restored, rig.views(), 2.0)
+    assert sorted((a.device_id, a.purpose) for a in again) == [("d0", "rollback"), ("d1", "rollback")]

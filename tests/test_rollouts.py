@@ -198,3 +198,133 @@ def test_the_simulator_refuses_a_version_it_lacks(tmp_path: Path):
     device.installed = {M: ["1.0.0"]}
     device.apply(b'{"generation": 1, "tenants": [{"model": "efficientnet-lite0", "version": "3"}]}', 0.0)
     assert "efficientnet-lite0 3 is not installed" in device.errors[-1]
+
+
+@pytest.mark.slow
+def test_real_agents_rolled_forward_and_back_answer_every_frame_once(
+    agent_factory, broker, collector, tmp_path
+):
+    """Two real agents (tagged in agent.toml) get 1.1.0 in two waves and then a rollback, while each
+    gets 30 frames a second: every frame is answered exactly once, by 1.1.0 in between and by the
+    bundled 1.0.0 after the rollback."""
+    import base64
+    import json
+    import threading
+    import time
+
+    from tests.conftest import sample
+    from tests.test_delivery import NAME, new_version, tar_of
+
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    try:
+        admin = console.client("admin")
+        token = admin.call("POST", "/api/tokens", {"name": "fleet", "role": "admin"})[1]["token"]
+        devices = ["edge-a", "edge-b"]
+        for device in devices:
+            config = (
+                'tags = {site = "lab"}\n[metrics]\ntelemetry_interval_s = 0.5\n'
+                f'[models]\nconsole_url = "{console.base}"\ntoken = "{token}"\n'
+            )
+            agent_factory(device, config).start().wait_ready()
+        rows = wait_until(
+            lambda: len(r := admin.get("/api/devices?selector=site=lab")["devices"]) == 2 and r,
+            "tagged agents",
+        )
+        assert [r["device_id"] for r in rows] == devices
+        status, _ = raw(
+            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.1.0", "v110 ")), token
+        )
+        assert status == 201
+        answers = collector([f"edge/{d}/result" for d in devices])
+        frame = base64.b64encode(sample("cat.jpg")).decode()
+        sent: list[str] = []
+        stop = threading.Event()
+
+        def stream() -> None:
+            n, next_at = 0, time.monotonic()
+            while not stop.is_set():
+                for device in devices:
+                    rid = f"{device}-{n}"
+                    answers.publish(
+                        f"edge/{device}/infer/{NAME}",
+                        json.dumps({"request_id": rid, "image_b64": frame}).encode(),
+                    )
+                    sent.append(rid)
+                n += 1
+                next_at += 1 / 30
+                stop.wait(max(0.0, next_at - time.monotonic()))
+
+        def labels(device: str, since: int) -> list[str]:
+            return [
+                m["top"][0]["label"] for m in answers.json(f"edge/{device}/result")[since:] if m.get("top")
+            ]
+
+        streamer = threading.Thread(target=stream, daemon=True)
+        streamer.start()
+        try:
+            body = {
+                "selector": "site=lab",
+                "change": {"model": NAME, "set": {"version": "1.1.0"}},
+                "waves": ["1", "all"],
+                # Gates wide open: this is about frames while devices switch, on a busy test machine.
+                "gates": {
+                    "soak_s": 3.0,
+                    "max_error_rate": 1.0,
+                    "max_p95_factor": 100.0,
+                    "min_throughput_ratio": 0.0,
+                },
+            }
+            status, rollout = raw(
+                console.base, "POST", "/api/rollouts", json.dumps(body).encode(), token, "application/json"
+            )
+            assert status == 201, rollout
+            done = wait_until(
+                lambda: (
+                    (r := admin.get(f"/api/rollouts/{rollout['id']}"))["state"]
+                    in ("completed", "rolled_back")
+                    and r
+                ),
+                "the rollout to finish",
+                timeout=180,
+            )
+            assert done["state"] == "completed", done["reason"]
+            marks = {d: len(answers.json(f"edge/{d}/result")) for d in devices}
+            wait_until(
+                lambda: all(
+                    labels(d, marks[d])[-5:] and all(x.startswith("v110 ") for x in labels(d, marks[d])[-5:])
+                    for d in devices
+                ),
+                "answers from 1.1.0",
+            )
+            assert admin.call("POST", f"/api/rollouts/{rollout['id']}/rollback")[0] == 200
+            wait_until(
+                lambda: admin.get(f"/api/rollouts/{rollout['id']}")["state"] == "rolled_back",
+                "the rollback",
+                timeout=180,
+            )
+            marks = {d: len(answers.json(f"edge/{d}/result")) for d in devices}
+            wait_until(
+                lambda: all(
+                    labels(d, marks[d])[-5:]
+                    and not any(x.startswith("v110 ") for x in labels(d, marks[d])[-5:])
+                    for d in devices
+                ),
+                "answers from 1.0.0 again",
+            )
+        finally:
+            stop.set()
+            streamer.join(10)
+        expected = set(sent)
+
+        def all_answered(_msgs: list[dict[str, Any]]) -> bool:
+            return expected <= {
+                m.get("request_id") for d in devices for m in answers.json(f"edge/{d}/result")
+            }
+
+        answers.wait_for(all_answered, f"edge/{devices[0]}/result", timeout=180)
+        ids = [m.get("request_id") for d in devices for m in answers.json(f"edge/{d}/result")]
+        assert len(ids) == len(set(ids)) == len(expected) >= 300
+        errors = [m["error"] for d in devices for m in answers.json(f"edge/{d}/result") if "error" in m]
+        assert not [e for e in errors if e["code"] != "overloaded"], errors[:3]
+    finally:
+        assert console.stop() == 0, console.log()[-2000:]

@@ -1,5 +1,5 @@
-"""The rollouts page in real headless Chromium (docs/fleet.md#rollouts): an admin starts a rollout
-with the form, approves its second wave, sees each device succeed with its gate figures, then rolls
+"""The rollouts page in real headless Chromium (docs/fleet.md#rollouts): a selector filters the fleet
+table; an admin starts a rollout with the form, approves its second wave, sees each device succeed with its gate figures, then rolls
 it back from the page and sees every device restored."""
 
 from __future__ import annotations
@@ -40,6 +40,11 @@ def test_start_approve_and_roll_back_from_the_rollouts_page(console, sim, page, 
     assert raw(console.base, "POST", "/api/models", tar_gz(tiny_model(tmp_path, "2.0.0")), token)[0] == 201
     wait_until(lambda: admin.get("/api/devices")["stats"]["online"] == 3, "the simulated devices")
     log_in(page, console, "admin", console.admin_password)
+    page.fill("#filter", "hw=jetson")  # a selector in the fleet filter: web-0001 is the Jetson
+    expect(page.locator("#fleet-body tr")).to_have_count(1)
+    expect(page.locator("#fleet-body tr")).to_contain_text("web-0001")
+    page.fill("#filter", "web")
+    expect(page.locator("#fleet-body tr")).to_have_count(3)
     page.click("#rollouts-link")
     page.wait_for_url(console.base + "/rollouts")
     expect(page.locator("#rollouts-body")).to_contain_text("no rollouts yet")

@@ -63,12 +63,39 @@
       .toLowerCase();
   }
 
+  // A filter with `=` or `!` is a selector of tags and ids (docs/fleet.md#selectors): the console
+  // says which devices it matches; the fleet move then goes to those only.
+  let selected = null;
+  let selectorTimer = null;
+  const isSelector = (text) => /[=!]/.test(text);
+  async function applySelector() {
+    const text = filter.value.trim();
+    if (!isSelector(text)) {
+      selected = null;
+      filter.classList.remove("bad");
+      schedule();
+      return;
+    }
+    try {
+      const res = await EC.api("GET", "/api/selectors/match?selector=" + encodeURIComponent(text));
+      selected = new Set(res.devices);
+      filter.classList.remove("bad");
+      filter.title = "";
+    } catch (err) {
+      selected = new Set();
+      filter.classList.add("bad");
+      filter.title = err.message;
+    }
+    schedule();
+  }
+
   function visible() {
     const needle = filter.value.trim().toLowerCase();
     const want = onlineFilter.value;
     let list = [...rows.values()];
     if (want) list = list.filter((r) => r.online === (want === "online"));
-    if (needle) list = list.filter((r) => haystack(r).includes(needle));
+    if (selected !== null) list = list.filter((r) => selected.has(r.device_id));
+    else if (needle) list = list.filter((r) => haystack(r).includes(needle));
     const dir = descending ? -1 : 1;
     list.sort((a, b) => {
       const x = a[sortKey] ?? -Infinity;
@@ -148,7 +175,11 @@
       render();
     });
   }
-  filter.addEventListener("input", schedule);
+  filter.addEventListener("input", () => {
+    clearTimeout(selectorTimer);
+    if (isSelector(filter.value.trim())) selectorTimer = setTimeout(applySelector, 250);
+    else applySelector();
+  });
   onlineFilter.addEventListener("change", schedule);
 
   // -- fleet-wide move (admin) ------------------------------------------------------------------
@@ -188,6 +219,7 @@
         from_backend: document.getElementById("move-from").value,
         to_backend: document.getElementById("move-to").value,
         to_device: document.getElementById("move-device").value.trim() || null,
+        selector: selected !== null ? filter.value.trim() : "",
       });
       const skipped = res.skipped.length
         ? `; skipped ${res.skipped.length}: ` +
