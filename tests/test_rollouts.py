@@ -157,6 +157,10 @@ def test_tags_and_selectors_pick_devices(fleet: Fleet):
     assert viewer.call("PUT", "/api/devices/sim-0002/tags", {"tags": {"ring": "x"}})[0] == 403
     assert fleet.api("PUT", "/api/devices/sim-0002/tags", {"tags": {"Bad": "x"}})[0] == 422
     assert fleet.api("PUT", "/api/devices/sim-0001/tags", {"tags": {}})[1]["tags"]["site"] == "south"
+    # The fleet move narrowed by a selector: two other Raspberry Pis run the model on the Coral too.
+    move = {"model": M, "from_backend": "edgetpu", "to_backend": "tflite", "selector": "id=sim-0002"}
+    status, moved = fleet.api("POST", "/api/fleet/move", move)
+    assert status == 200 and [p["device_id"] for p in moved["published"]] == ["sim-0002"], moved
 
 
 def test_a_rollout_waiting_for_approval_survives_a_console_restart(
