@@ -534,6 +534,8 @@ def _start_device(
                 rec.wave,
             )
         return
+    if view.telemetry is None:
+        return  # no figures from before the change yet (a console just started): its gates need them
     current = view.tenants or []
     after = target_tenants(rollout.spec.change, current)
     if after is None:

@@ -201,7 +201,7 @@ class Dev:
     failed_version: str | None = None
     frames: int = 0
     errors: int = 0
-    tel_at: float | None = None
+    tel_at: float | None = 0.0  # it has sent telemetry before the rollout
     pending: tuple[int, str] | None = None  # a placement not applied yet (offline)
 
 
@@ -489,3 +489,12 @@ def test_a_restart_during_a_rollback_restores_what_was_in_flight():
     assert restored.devices["d1"].state == "rollback_queued"
     again = planner.step(restored, rig.views(), 2.0)
     assert sorted((a.device_id, a.purpose) for a in again) == [("d0", "rollback"), ("d1", "rollback")]
+
+
+def test_a_device_is_changed_only_once_it_has_figures_from_before():
+    rig = Rig(2, waves=["1", "all"])
+    rig.devices["d0"].tel_at = None  # the console has not heard its telemetry yet
+    assert planner.step(rig.rollout, rig.views(), 1.0) == []
+    assert rig.tick() != []  # its telemetry came: now it gets the change, with a baseline
+    assert rig.rollout.devices["d0"].baseline is not None
+
