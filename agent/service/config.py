@@ -25,7 +25,13 @@ from pydantic_settings import (
 from agent.protocol.broker import BrokerUrlError
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
-from agent.protocol.topics import DEVICE_ID_RE, filters_overlap, tag_problem, valid_device_id, valid_model_name
+from agent.protocol.topics import (
+    DEVICE_ID_RE,
+    filters_overlap,
+    tag_problem,
+    valid_device_id,
+    valid_model_name,
+)
 from agent.service.errors import AgentError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
