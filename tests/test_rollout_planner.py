@@ -497,4 +497,3 @@ def test_a_device_is_changed_only_once_it_has_figures_from_before():
     assert planner.step(rig.rollout, rig.views(), 1.0) == []
     assert rig.tick() != []  # its telemetry came: now it gets the change, with a baseline
     assert rig.rollout.devices["d0"].baseline is not None
-
