@@ -98,8 +98,10 @@ class Device:
         telemetry = list(self.telemetry.tenants) if self.telemetry is not None else []
         placement = self.status.placement if self.status and self.status.placement else self.placement
         for tenant in placement.tenants if placement is not None else []:
+            key = tenant.address or tenant.tenant_key()  # two versions of one model: two rows
             row: dict[str, Any] = {
-                "model": tenant.model,
+                "model": key,
+                "version": tenant.serving_version or tenant.version,
                 "backend": tenant.backend,
                 "device": tenant.device,
                 "instances": tenant.instances,
@@ -114,7 +116,7 @@ class Device:
             }
             for t in telemetry:
                 if (
-                    t.model == tenant.model
+                    t.model == key
                     and t.backend == tenant.backend
                     and t.device.lower() == tenant.device.lower()
                     and tenant.state != "draining"
@@ -137,6 +139,7 @@ class Device:
             rows.append(
                 {
                     "model": t.model,
+                    "version": t.version,
                     "backend": t.backend,
                     "device": t.device,
                     "instances": t.instances,

@@ -255,6 +255,8 @@ def target_tenants(change: Change, current: list[TenantSpec]) -> list[TenantSpec
     """The device's placement with the change made; None when it does not run the changed model."""
     if change.tenants is not None:
         return [t.model_copy(deep=True) for t in change.tenants]
+    if sum(1 for t in current if t.model == change.model) != 1:
+        return None  # runs none, or two versions side by side: which one to change is not said
     out, found = [], False
     for tenant in current:
         if tenant.model != change.model:
@@ -271,21 +273,30 @@ def target_tenants(change: Change, current: list[TenantSpec]) -> list[TenantSpec
     return out if found else None
 
 
-def pin_versions(tenants: list[TenantSpec], installed: dict[str, list[str]] | None) -> list[TenantSpec]:
-    """A tenant that ran "the newest version" is restored to the version that was newest then: once
-    the change delivered a newer one, an unpinned tenant would otherwise serve the new one."""
+def pin_versions(
+    tenants: list[TenantSpec], installed: dict[str, list[str]] | None, status: Status | None = None
+) -> list[TenantSpec]:
+    """A tenant that ran "the newest version" is restored to the version it served then (its
+    status's `serving_version`, else the newest installed): once the change delivered a newer one, an
+    unpinned tenant would otherwise serve the new one."""
+    serving = {
+        t.model: t.serving_version
+        for t in (status.placement.tenants if status is not None and status.placement is not None else [])
+        if t.version is None and t.serving_version and t.state == "ready"
+    }
     out = []
     for tenant in tenants:
-        versions = (installed or {}).get(tenant.model) or []
-        pinned = tenant.version is None and bool(versions)
-        out.append(tenant.model_copy(update={"version": versions[0]}) if pinned else tenant)
+        version = serving.get(tenant.model) or next(iter((installed or {}).get(tenant.model) or []), None)
+        pinned = tenant.version is None and version is not None
+        out.append(tenant.model_copy(update={"version": version}) if pinned else tenant)
     return out
 
 
 def figures_of(telemetry: Telemetry | None, at: float | None, models: list[str]) -> Figures | None:
     if telemetry is None or at is None:
         return None
-    rows = [t for t in telemetry.tenants if t.model in models and t.state != "draining"]
+    # A tenant beside another version of its model reports as `name@version`.
+    rows = [t for t in telemetry.tenants if t.model.split("@")[0] in models and t.state != "draining"]
     if not rows:
         return None
     return Figures(
@@ -540,9 +551,9 @@ def _start_device(
     after = target_tenants(rollout.spec.change, current)
     if after is None:
         rec.state = "skipped"
-        rec.reason = f"runs no {rollout.spec.change.model}"
+        rec.reason = f"runs no {rollout.spec.change.model}, or two versions of it side by side"
         return
-    rec.before = pin_versions(current, view.installed)
+    rec.before = pin_versions(current, view.installed, view.status)
     rec.after = after
     rec.baseline = figures_of(view.telemetry, view.telemetry_at, models)
     rec.state = "publishing"

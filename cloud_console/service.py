@@ -36,6 +36,7 @@ from agent.protocol.signing import load_private_key, sign
 from agent.protocol.topics import Topics, parse_device_topic
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
+from cloud_console.convergence import Convergence
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -88,6 +89,10 @@ class Console:
         )
         # Uploaded model versions, beside the database (docs/fleet.md).
         self.models = ModelStore(config.storage.db.resolve().parent / "model-store")
+        # Versions each device should install, sent again until its status lists them (docs/fleet.md).
+        self.convergence = Convergence()
+        self._base_url = config.public_url  # else the URL the last delivery was asked through
+        self._converging: set[asyncio.Task[Any]] = set()
         self.bad_messages = 0
         self.by_kind: dict[str, int] = {"status": 0, "telemetry": 0, "placement": 0}
         self._dirty: set[str] = set()
@@ -172,6 +177,7 @@ class Console:
             if self.fleet.devices.pop(device_id, None) is not None:
                 self._dirty.add(device_id)
             self.store.forget_device(device_id)
+            self.convergence.forget(device_id)
             return
         try:
             status = Status.model_validate_json(payload)
@@ -193,6 +199,58 @@ class Console:
         self.store.put_device(device_id, status.online, device.first_seen, now, payload.decode())
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "device", self.detail(device))
+        self._converge(device_id, device)
+
+    # -- delivery convergence (cloud_console/convergence.py) -------------------------------------------
+    def _converge(self, device_id: str, device: Device) -> None:
+        """A status arrived: send again what the device still lacks, and publish again a placement it
+        refused for want of a version it now has. Cheap; the sends run as tasks."""
+        now = time.monotonic()
+        self.convergence.seen(device_id, device.online, now)
+        caps = device.capabilities
+        installed = {(m.name, v.version) for m in caps.installed for v in m.versions} if caps else set()
+        desired = device.desired
+        pinned = [(t.model, t.version) for t in desired.tenants if t.version] if desired else []
+        for model, version, base_url in self.convergence.due(device_id, installed, pinned, now):
+            base = base_url or self._base_url
+            if base is None:
+                continue  # no URL known yet for the manifest: the next delivery through the API sets one
+            self.convergence.sent(device_id, model, version, base, now)
+            self._spawn(self._resend(device_id, model, version, base), f"resend {model} {version}")
+        placement = device.status.placement if device.status else None
+        if desired is not None and placement is not None:
+            refused = placement.refused.generation if placement.refused else None
+            applied = placement.applied_generation
+            if self.convergence.republish(device_id, desired.generation, refused, applied, installed, pinned):
+                self._spawn(self._republish(device_id, desired), f"republish {device_id}")
+
+    def _spawn(self, coro: Any, name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._converging.add(task)
+        task.add_done_callback(self._converging.discard)
+
+    async def _resend(self, device_id: str, model: str, version: str, base_url: str) -> None:
+        try:
+            await self._send_manifest(device_id, model, version, base_url)
+            log.info("sent %s %s to %s again (its status lacks it)", model, version, device_id)
+        except ModelRejected:
+            self.convergence.give_up(device_id, model, version)
+            log.warning("%s lacks %s %s, which the model store does not have", device_id, model, version)
+        except (PublishFailed, LookupError) as exc:
+            log.warning("sending %s %s to %s again: %s", model, version, device_id, exc)
+
+    async def _republish(self, device_id: str, desired: DesiredPlacement) -> None:
+        """The device refused the placement while it lacked a version it now has: the same tenants
+        again, as a new generation."""
+        log.info(
+            "%s now has the versions of placement %d: publishing it again", device_id, desired.generation
+        )
+        try:
+            await self.publish_placement(
+                device_id, desired.tenants, desired.by or "console", "converge", check=False
+            )
+        except (PublishFailed, PlacementInvalid, LookupError) as exc:
+            log.warning("publishing the placement of %s again: %s", device_id, exc)
 
     def on_telemetry(self, device_id: str, payload: bytes) -> None:
         try:
@@ -387,13 +445,20 @@ class Console:
         """Tell the device to fetch `name` `version` from this console (QoS 1, not retained: a device
         that is offline now is delivered to again later). Signed like placements when signing is on."""
         self.device(device_id)
+        doc = await self._send_manifest(device_id, name, version, base_url)
+        # Sent again while the device's status lacks it (it may be offline now).
+        self.convergence.sent(device_id, name, version, base_url, time.monotonic())
+        log.info("%s delivers %s %s to %s", user, name, version, device_id)
+        return doc
+
+    async def _send_manifest(self, device_id: str, name: str, version: str, base_url: str) -> ModelDelivery:
         doc = await asyncio.to_thread(self.models.manifest, name, version, base_url)
         body = doc.model_dump(mode="json", exclude_none=True)
         if self.sign_key is not None:
             body = sign(body, self.sign_key, valid_s=self.config.signing.valid_s)
         payload = json.dumps(body).encode()
+        self._base_url = self.config.public_url or base_url
         await self.mqtt.publish(Topics(device_id, self.prefix).models, payload, qos=1, retain=False)
-        log.info("%s delivers %s %s to %s", user, name, version, device_id)
         return ModelDelivery.model_validate_json(payload)
 
     async def deliver_missing(
@@ -421,8 +486,13 @@ class Console:
         if not wanted:
             return []
         if not device.online:
-            missing = ", ".join(f"{m} {v}" for m, v in wanted)
-            raise PlacementInvalid(f"{device_id} is offline and lacks {missing}: deliver it when it is back")
+            # Delivered when it is back (cloud_console/convergence.py); the placement it refuses
+            # meanwhile is published again once it has the versions.
+            for model, version in wanted:
+                self.convergence.want(device_id, model, version, base_url)
+            self._base_url = self.config.public_url or base_url
+            log.info("%s is offline: %s delivered when it is back", device_id, wanted)
+            return wanted
         started = time.time()
         for model, version in wanted:
             await self.deliver(device_id, model, version, base_url, user)

@@ -224,6 +224,7 @@ class SimTenant:
     error: str | None = None
     demand_fps: float = 20.0  # what the cameras send it
     base_fps: float = 0.0  # the demand it wanders around (0: its first demand)
+    error_debt: float = 0.0  # error answers owed by an "errors" fault, below one
     frames_in: int = 0
     frames_out: int = 0
     errors: int = 0
@@ -425,8 +426,10 @@ class SimDevice:
             t.frames_out += round(served)
             if self.rng.random() < 0.002:
                 t.errors += 1
-            if self._fault("errors", t.spec) is not None:
-                t.errors += round(served * FAULT_ERROR_SHARE)
+            if self._fault("errors", t.spec) is not None:  # fractions carried: a slow camera errs too
+                t.error_debt += served * FAULT_ERROR_SHARE
+                t.errors += int(t.error_debt)
+                t.error_debt -= int(t.error_debt)
             service_ms = 1000.0 / capacity * t.spec.instances
             wait_ms = t.queue / capacity * 1000.0
             p50 = service_ms + wait_ms

@@ -25,7 +25,9 @@ from typing import Any
 
 import pytest
 
+from agent.protocol.schemas import Status, Telemetry
 from agent.protocol.signing import generate_keypair
+from cloud_console.fleet import Device
 from tests.conftest import MODELS, sample
 from tests.test_console import ConsoleProcess, device_detail, tracking_state, wait_until
 
@@ -218,7 +220,8 @@ def test_device_refuses_unsigned_and_foreign_manifests(agent_factory, broker, co
 
 
 def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, broker, collector, tmp_path):
-    """Digests right, model broken: installed, but placing it fails that tenant and the old serves."""
+    """Digests right, model broken: installed, but placing it fails that tenant and the old serves.
+    Then the device is offline when a placement needs a version it lacks, and gets it once back."""
     console = ConsoleProcess(broker.url, tmp_path).start()
     try:
         admin = console.client("admin")
@@ -273,19 +276,37 @@ def test_a_version_that_fails_to_load_leaves_the_old_one_serving(agent_factory, 
         assert "not 9.9; first: edge-console models deliver edge3" in place.stdout, place.stdout
         assert "refused: model 'efficientnet-lite0' has no version '9.9'" in place.stdout, place.stdout
 
-        # An offline device cannot take a delivery: placing a version it lacks says so at once.
+        # A device offline when its placement needs a new version: the console sends the manifest
+        # again once the device is back, and publishes the placement again once it is installed.
         status, entry = raw(
-            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "")), admin_token
+            console.base, "POST", "/api/models", tar_of(new_version(tmp_path, "1.4.0", "v140 ")), admin_token
         )
         assert status == 201, entry
         agent.stop()
         wait_until(
             lambda: not device_detail(admin, "edge3")["status"]["online"], "the console to see edge3 offline"
         )
-        status, refused = admin.call(
+        status, placed = admin.call(
             "PUT", "/api/devices/edge3/placement", {"tenants": [{"model": NAME, "version": "1.4.0"}]}
         )
-        assert status == 422 and "offline" in refused["detail"], refused
+        assert status == 200 and placed["tracking"]["state"] == "pending", placed
+        agent.start()
+
+        def serves_140(msgs: list[dict[str, Any]]) -> bool:
+            tenants = (msgs[-1].get("placement") or {}).get("tenants", []) if msgs else []
+            return [(t.get("serving_version"), t["state"]) for t in tenants] == [("1.4.0", "ready")]
+
+        results.wait_for(serves_140, "edge/edge3/status", timeout=120)
+        assert "1.4.0" in installed_versions(results.json("edge/edge3/status")[-1]).get(NAME, [])
+        frame = json.dumps(
+            {"request_id": "back-1", "image_b64": base64.b64encode(sample("cat.jpg")).decode()}
+        )
+        results.publish(f"edge/edge3/infer/{NAME}", frame.encode())
+        got = results.wait_for(
+            lambda msgs: any(m.get("request_id") == "back-1" for m in msgs), "edge/edge3/result", timeout=60
+        )
+        answer = next(m for m in got if m.get("request_id") == "back-1")
+        assert answer["version"] == "1.4.0" and answer["top"][0]["label"].startswith("v140 "), answer
     finally:
         assert console.stop() == 0, console.log()[-2000:]
 
@@ -360,3 +381,67 @@ def test_two_agents_switch_version_while_streaming_every_frame_answered_once(
         ]
     finally:
         assert console.stop() == 0, console.log()[-2000:]
+
+
+def test_two_versions_serve_side_by_side_and_frames_reach_either(agent_factory, collector, tmp_path):
+    """1.0.0 (bundled, pinned) and 2.0.0 (a delivered version, the newest) on one device: `name`
+    reaches the default (the unpinned tenant), `name@version` one version exactly, every answer says
+    which version served it, and status and telemetry list the two tenants by key."""
+    agent = agent_factory("sbs", "[metrics]\ntelemetry_interval_s = 1\n")
+    shutil.copytree(new_version(tmp_path, "2.0.0", "v200 "), agent.state_dir / "models" / NAME / "2.0.0")
+    agent.start().wait_ready()
+    c = collector(["edge/sbs/result", "edge/sbs/status", "edge/sbs/telemetry"])
+    placement = {"generation": 1, "tenants": [{"model": NAME}, {"model": NAME, "version": "1.0.0"}]}
+    c.publish("edge/sbs/placement", json.dumps(placement).encode(), retain=True)
+
+    def both_ready(msgs: list[dict[str, Any]]) -> bool:
+        placed = (msgs[-1].get("placement") or {}) if msgs else {}
+        tenants = placed.get("tenants", [])
+        return placed.get("applied_generation") == 1 and all(t["state"] == "ready" for t in tenants)
+
+    status = c.wait_for(both_ready, "edge/sbs/status", timeout=90)[-1]
+    served = {t["address"]: t["serving_version"] for t in status["placement"]["tenants"]}
+    assert served == {NAME: "2.0.0", f"{NAME}@1.0.0": "1.0.0"}, status["placement"]
+
+    image = base64.b64encode(sample("cat.jpg")).decode()
+    asks = {"a-default": NAME, "a-v1": f"{NAME}@1.0.0", "a-v2": f"{NAME}@2.0.0"}
+    for rid, model in asks.items():
+        c.publish(
+            "edge/sbs/infer", json.dumps({"request_id": rid, "model": model, "image_b64": image}).encode()
+        )
+    c.publish(f"edge/sbs/infer/{NAME}@1.0.0", json.dumps({"request_id": "t-v1", "image_b64": image}).encode())
+    got = c.wait_for(lambda m: {"a-default", "a-v1", "a-v2", "t-v1"} <= {x.get("request_id") for x in m},
+                     "edge/sbs/result", timeout=60)  # fmt: skip
+    answers = {m["request_id"]: m for m in got}
+    for rid, version, prefix in [("a-default", "2.0.0", "v200 "), ("a-v2", "2.0.0", "v200 "),
+                                 ("a-v1", "1.0.0", ""), ("t-v1", "1.0.0", "")]:  # fmt: skip
+        answer = answers[rid]
+        assert answer.get("version") == version, answer
+        label = answer["top"][0]["label"]
+        assert label.startswith("v200 ") if prefix else not label.startswith("v200 "), answer
+    c.publish(
+        "edge/sbs/infer",
+        json.dumps({"request_id": "a-v3", "model": f"{NAME}@3", "image_b64": image}).encode(),
+    )
+    refused = c.wait_for(lambda m: any(x.get("request_id") == "a-v3" for x in m), "edge/sbs/result")
+    error = next(m for m in refused if m.get("request_id") == "a-v3")["error"]
+    assert error["code"] == "unknown_model" and f"{NAME}@1.0.0" in error["message"], error
+
+    telemetry = c.wait_for(lambda m: bool(m) and len(m[-1]["tenants"]) == 2, "edge/sbs/telemetry")[-1]
+    rows = {t["model"]: t["version"] for t in telemetry["tenants"]}
+    assert rows == {NAME: "2.0.0", f"{NAME}@1.0.0": "1.0.0"}, telemetry["tenants"]
+    # The console's fleet row, from this status and telemetry: one line per tenant, by key.
+    device = Device("sbs", 0.0, 0.0, status=Status.model_validate(status))
+    device.telemetry = Telemetry.model_validate(telemetry)
+    listed = {(t["model"], t["version"], t["fps"] is not None) for t in device.summary(0.0, 60.0)["tenants"]}
+    assert listed == {(NAME, "2.0.0", True), (f"{NAME}@1.0.0", "1.0.0", True)}, listed
+
+    # One version twice (the unpinned tenant serves 2.0.0): refused with the reason; both serve on.
+    twice = {"generation": 2, "tenants": [{"model": NAME}, {"model": NAME, "version": "2.0.0"}]}
+    c.publish("edge/sbs/placement", json.dumps(twice).encode(), retain=True)
+    status = c.wait_for(
+        lambda m: bool(m) and ((m[-1].get("placement") or {}).get("refused") or {}).get("generation") == 2,
+        "edge/sbs/status",
+    )[-1]
+    assert "would both serve" in status["placement"]["refused"]["reason"], status["placement"]
+    assert status["placement"]["applied_generation"] == 1 and len(status["placement"]["tenants"]) == 2

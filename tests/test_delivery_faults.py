@@ -8,9 +8,13 @@ appears in the repository.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import http.server
+import json
+import logging
 import shutil
+import socket
 import subprocess
 import threading
 import time
@@ -124,8 +128,10 @@ def publish_version(server: Files, version: str, label_prefix: str = "") -> dict
 
 
 class Harness:
-    def __init__(self, tmp: Path, server: Files, **settings: Any) -> None:
-        self.settings = ModelsConfig(console_url=server.base, **settings)
+    def __init__(self, tmp: Path, server: Files | None, **settings: Any) -> None:
+        if server is not None:
+            settings.setdefault("console_url", server.base)
+        self.settings = ModelsConfig(**settings)
         self.repo = ModelRepository(MODELS, tmp / "versions")
         self.reports: list[DeliveryProgress] = []
         self.placed: set[tuple[str, str]] = set()
@@ -307,14 +313,12 @@ SETTINGS = ModelsConfig(console_url="https://console.example:8443")
     ],
 )
 def test_bad_manifests_are_refused_with_the_reason(doc, reason):
-    import json
 
     with pytest.raises(DeliveryError, match=reason):
         check_manifest(json.dumps(doc).encode(), SETTINGS, None, 3600.0)
 
 
 def test_signed_manifests_where_placements_are_signed(tmp_path):
-    import json
 
     private, public = generate_keypair(tmp_path)
     keys = load_public_keys(public.read_text().strip())
@@ -332,7 +336,6 @@ def test_signed_manifests_where_placements_are_signed(tmp_path):
 
 
 def test_without_a_console_url_no_delivery_is_taken():
-    import json
 
     with pytest.raises(DeliveryError, match="console_url"):
         check_manifest(json.dumps(manifest()).encode(), ModelsConfig(), None, 3600.0)
@@ -405,3 +408,140 @@ def test_https_with_the_consoles_ca_and_a_client_certificate(tmp_path):
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+@contextlib.contextmanager
+def caplog_of(logger: str) -> Iterator[list[str]]:
+    """The messages `logger` logs inside the block (pytest's caplog is per test, this per block)."""
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    handler = Keep()
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        log.removeHandler(handler)
+
+
+# -- a real console restarting mid-download ----------------------------------------------------------
+class SlowLink:
+    """A TCP relay to the console at `rate` bytes/s (a slow uplink), so a download is still under
+    way when the test restarts the console. A connection made while the console is down waits for
+    it to listen again, as a device's request waits on a console behind a load balancer. `served`
+    counts the bytes relayed back; `requests` keeps each request's head (its Range header)."""
+
+    def __init__(self, upstream_port: int, rate: float) -> None:
+        self.upstream_port, self.rate = upstream_port, rate
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.base = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.served = 0
+        self.requests: list[bytes] = []
+        self.changed = threading.Condition()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        deadline = time.monotonic() + 90
+        while True:  # the console may be restarting: wait until it listens again
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.upstream_port))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    client.close()
+                    return
+                time.sleep(0.05)
+
+        def up() -> None:
+            first = True
+            with contextlib.suppress(OSError):
+                while data := client.recv(65536):
+                    if first:
+                        self.requests.append(data)
+                        first = False
+                    upstream.sendall(data)
+            with contextlib.suppress(OSError):
+                upstream.shutdown(socket.SHUT_WR)
+
+        threading.Thread(target=up, daemon=True).start()
+        with contextlib.suppress(OSError):
+            while data := upstream.recv(32768):
+                client.sendall(data)
+                with self.changed:
+                    self.served += len(data)
+                    self.changed.notify_all()
+                time.sleep(len(data) / self.rate)  # the link's pace, not a wait for an event
+        for end in (client, upstream):  # shutdown, not just close: it wakes the other thread's recv
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+            end.close()
+
+    def wait_served(self, at_least: int, timeout: float = 60.0) -> None:
+        with self.changed:
+            if not self.changed.wait_for(lambda: self.served >= at_least, timeout):
+                raise AssertionError(f"only {self.served} bytes relayed")
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_console_restart_mid_download_is_resumed_and_installs(broker, tmp_path):
+    """The console process is killed while the agent's deliverer fetches the 18 MB model from it, and
+    started again: the download resumes with a Range request, every digest is checked, it installs."""
+    from tests.test_console import ConsoleProcess
+    from tests.test_delivery import new_version, raw, tar_of
+
+    console = ConsoleProcess(broker.url, tmp_path).start()
+    link = SlowLink(console.port, rate=16 * 2**20)
+    try:
+        admin = console.client("admin")
+        token = admin.call("POST", "/api/tokens", {"name": "ci", "role": "admin"})[1]["token"]
+        upload = tar_of(new_version(tmp_path, "2.0.0", "v2 "))
+        status, entry = raw(console.base, "POST", "/api/models", upload, token)
+        assert status == 201, entry
+        # The manifest the console publishes (cloud_console/model_store.py), its URLs on the link.
+        doc = {
+            "model": NAME,
+            "version": "2.0.0",
+            "artifacts": [
+                {**f, "url": f"{link.base}/api/blobs/{f['sha256']}"}
+                for f in ({k: f[k] for k in ("name", "size", "sha256")} for f in entry["files"])
+            ],
+        }
+        onnx = next(a for a in doc["artifacts"] if a["name"] == "model.onnx")
+        h = Harness(tmp_path, server=None, console_url=link.base, token=token)
+
+        def restart_console() -> None:
+            link.wait_served(2 * 2**20)  # the big file is on its way
+            assert console.proc is not None
+            console.proc.kill()
+            console.proc.wait(30)
+            console.start()  # the same port and database
+
+        restarter = threading.Thread(target=restart_console)
+        restarter.start()
+        with caplog_of("agent.service.delivery") as logged:
+            outcome = h.deliver(doc)
+        restarter.join(120)
+        assert outcome.state == "installed", outcome
+        assert any("resuming" in line for line in logged), logged
+        resumed = [r for r in link.requests if onnx["sha256"].encode() in r and b"Range: bytes=" in r]
+        assert resumed, [r[:200] for r in link.requests]
+        assert outcome.bytes_done == outcome.bytes_total  # resumed, not fetched again from the start
+        model = h.repo.load(NAME, version="2.0.0")  # digests checked again on load
+        assert model.labels[967] == "v2 espresso"
+    finally:
+        link.close()
+        assert console.stop() == 0, console.log()[-2000:]

@@ -1,5 +1,6 @@
-"""Placement rules without a broker: intake (validity, signatures, replay, newest wins) and the plan
-(start, keep, retire; what is saved). The end-to-end placement tests over MQTT stay the safety net."""
+"""Placement rules without a broker: intake (validity, signatures, replay, newest wins), the plan
+(start, keep, retire; what is saved), and two versions of one model side by side (keys, which tenant
+a frame reaches). The end-to-end placement tests over MQTT stay the safety net."""
 
 from __future__ import annotations
 
@@ -8,11 +9,18 @@ import json
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from agent.frames.tenant_table import TenantTable, resolve_key
+from agent.observability.homeassistant import HomeAssistant
 from agent.placement.intake import Accepted, Applied, Intake, Redelivery, Refused, newest
 from agent.placement.plan import check_generation, plan, to_save
-from agent.protocol.schemas import Placement, TenantSpec
+from agent.placement.reconciler import check_runnable
+from agent.protocol.schemas import InferResult, Placement, TenantRef, TenantSpec, Timing, TopK
 from agent.protocol.signing import sign
+from agent.protocol.topics import Topics
+from agent.service.config import HomeAssistantConfig
 from agent.service.errors import PlacementRefused
+from agent.service.model_repo import ModelRepository
+from tests.conftest import MODELS
 
 NOW = 1_800_000_000.0
 
@@ -199,3 +207,93 @@ def test_saved_copy_of_a_model_that_never_started_is_as_asked():
     asked = Placement(generation=1, tenants=[spec("a", backend="tflite")])
     saved = to_save(asked, asked, {})
     assert saved.tenants[0].backend == "tflite"
+
+
+# -- two versions of one model side by side (docs/protocol.md "Two versions side by side") -----------
+@pytest.mark.parametrize(
+    ("tenants", "refusal"),
+    [
+        ([{}, {"version": "2"}], None),  # the newest beside a pinned one
+        ([{"version": "1"}, {"version": "2"}], None),  # two pinned versions
+        ([{}, {}], "without a version appears twice"),
+        ([{"version": "2"}, {"version": "2"}], "version '2' appears twice"),
+    ],
+)
+def test_intake_takes_two_versions_of_one_model_and_refuses_one_version_twice(tenants, refusal):
+    document = {"generation": 4, "tenants": [{"model": "efficientnet-lite0", **t} for t in tenants]}
+    outcome = Intake().check(raw(document), Applied(), now=NOW)
+    if refusal is None:
+        assert isinstance(outcome, Accepted)
+        keys = [t.tenant_key() for t in outcome.placement.tenants]  # two tenants of one model
+        assert keys == [
+            "efficientnet-lite0" if "version" not in t else f"efficientnet-lite0@{t['version']}"
+            for t in tenants
+        ]
+    else:
+        assert isinstance(outcome, Refused) and outcome.generation == 4
+        assert refusal in outcome.reason and "one tenant per model and version" in outcome.reason
+
+
+def test_an_unpinned_tenant_beside_the_newest_version_pinned_is_refused():
+    """Unpinned serves the newest installed (1.0.0, the bundled one): pinning it too is the same twice."""
+    repo = ModelRepository(MODELS)
+    same = Placement(tenants=[spec("efficientnet-lite0"), spec("efficientnet-lite0", version="1.0.0")])
+    with pytest.raises(
+        PlacementRefused, match=r"efficientnet-lite0 and efficientnet-lite0@1\.0\.0 would both"
+    ):
+        check_runnable(same, repo)
+
+
+def test_plan_keys_a_pinned_tenant_beside_another_version_by_name_at_version():
+    """Adding a second version starts only it: the tenant already serving is kept, not restarted.
+    A lone tenant keeps the model's name as its key whatever its version, so switching its version
+    is a change of that tenant (a version that fails to load leaves the old one serving)."""
+    running = {"m": spec("m")}
+    steps = plan(Placement(tenants=[spec("m"), spec("m", version="2")]), running)
+    assert steps.keep == ["m"] and [s.tenant_key() for s in steps.start] == ["m@2"]
+    lone = Placement(tenants=[spec("m", version="2")])
+    assert lone.tenants[0].tenant_key() == "m"
+    steps = plan(lone, {"m": spec("m", version="1")})
+    assert [s.tenant_key() for s in steps.start] == ["m"] and not steps.retire
+    steps = plan(lone, {"m": spec("m"), "m@2": spec("m", version="2")})  # a staged switch completes
+    assert [s.tenant_key() for s in steps.start] == ["m"] and steps.retire == ["m@2"]
+
+
+@pytest.mark.parametrize(
+    ("asked", "serving", "reaches"),
+    [
+        ("m", {"m": "1", "m@2": "2"}, "m"),  # the unpinned tenant is the default
+        ("m", {"m@10": "10", "m@9": "9", "m@2": "2"}, "m@2"),  # else the oldest version placed (staged)
+        ("m@2", {"m": "1", "m@2": "2"}, "m@2"),
+        ("m@3", {"m": "3", "m@2": "2"}, "m"),  # the unpinned tenant serves 3: `m@3` reaches it
+        ("m@4", {"m": "3", "m@2": "2"}, None),
+        ("other", {"m": "1"}, None),
+        ("m", {}, None),
+    ],
+)
+def test_which_tenant_a_frame_reaches(asked, serving, reaches):
+    assert resolve_key(asked, serving) == reaches
+
+
+@pytest.mark.parametrize(
+    ("asked", "version", "announced", "entities"),
+    [
+        ("m", "2", {"m", "m@1"}, "m"),  # the unpinned tenant answered
+        ("m", "1", {"m@1", "m@2"}, "m@1"),  # `m` reached the oldest pinned one
+        ("m@1", "1", {"m", "m@1"}, "m@1"),
+        ("m@2", "2", {"m", "m@1"}, "m"),  # the unpinned tenant serves 2
+        ("m", "1", {"m"}, "m"),  # a lone pinned tenant keeps the name
+    ],
+)
+def test_home_assistant_shows_an_answer_on_the_entities_of_the_tenant_that_served_it(
+    asked, version, announced, entities
+):
+    ha = HomeAssistant(HomeAssistantConfig(), Topics("d"), TenantTable(), session=None)  # type: ignore[arg-type]
+    ha.announced = {key: [] for key in announced}
+    ref = TenantRef(backend="onnxruntime", device="cpu", instance=0)
+    timing = Timing(queue=0, preprocess=0, infer=0, total=0)
+    top = [TopK(index=1, label="cat", score=0.9)]
+    ha.observe(
+        None, InferResult(request_id="r", model=asked, tenant=ref, version=version, top=top, timing_ms=timing)
+    )
+    assert list(ha.last_top) == [entities]

@@ -146,6 +146,19 @@ def test_new_candidates_replace_backend_and_device():
     assert [c.label for c in after[0].candidate_list()] == ["openvino:GPU", "openvino:CPU"]
 
 
+def test_a_model_served_in_two_versions_side_by_side_is_not_changed():
+    current = [TenantSpec(model=M, version="1.0.0"), TenantSpec(model=M, version="1.1.0")]
+    assert planner.target_tenants(Change(model=M, set={"version": "2.0.0"}), current) is None
+
+
+def test_an_unpinned_tenant_is_restored_to_the_version_it_served():
+    status = Status(
+        online=True,
+        placement=PlacementStatus(tenants=[TenantStatus(model=M, state="ready", serving_version="1.0.5")]),
+    )
+    assert planner.pin_versions([TenantSpec(model=M)], {M: ["1.1.0", "1.0.5"]}, status)[0].version == "1.0.5"
+
+
 def test_an_unpinned_tenant_is_restored_to_the_version_it_ran():
     pinned = planner.pin_versions(
         [TenantSpec(model=M), TenantSpec(model="efficientnet-lite1", version="0.9")], {M: ["1.1.0", "1.0.0"]}

@@ -1,10 +1,11 @@
 """A detector's output row -> boxes in 0..1 of the original frame (docs/detection.md).
 
 Pure numpy, no runtime: the reference decoder the backends are checked against. Steps, per frame:
-the model's rows (x1, y1, x2, y2, score, class) above the score threshold and of the wanted
-classes; non-maximum suppression where the graph has none (across classes by default: one object
-reported as both "car" and "truck" keeps its best class); boxes mapped from the model input back to
-the frame, undoing the stretch, letterbox or crop of preprocessing; the best `max_detections`.
+the output as rows (x1, y1, x2, y2, score, class: the SSD and YOLO layouts are turned into them)
+above the score threshold and of the wanted classes; non-maximum suppression where the graph has
+none (across classes by default: one object reported as both "car" and "truck" keeps its best
+class); boxes mapped from the model input back to the frame, undoing the stretch, letterbox or
+crop of preprocessing; the best `max_detections`.
 """
 
 from __future__ import annotations
@@ -86,6 +87,30 @@ def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
     return np.asarray(keep, dtype=np.int64)
 
 
+def as_rows(output: np.ndarray, decoder: str) -> np.ndarray:
+    """One frame's output in the decoder's layout -> rows (N, 6) of x1, y1, x2, y2, score, class."""
+    out = np.asarray(output, dtype=np.float64)
+    if decoder == "ssd":
+        rows = out.reshape(-1, 7)
+        ended = np.flatnonzero(rows[:, 0] < 0)  # image_id -1: no more boxes
+        rows = rows[: ended[0]] if ended.size else rows
+        return rows[:, [3, 4, 5, 6, 2, 1]]
+    if decoder == "yolo":
+        table = out.reshape(out.shape[-2], out.shape[-1]) if out.ndim >= 2 else out.reshape(1, -1)
+        if table.shape[0] < table.shape[1]:
+            table = table.T  # (4 + classes, N) -> one row per candidate box
+        if table.shape[1] < 5:
+            return np.zeros((0, 6))
+        scores = table[:, 4:]
+        best = scores.argmax(axis=1)
+        cx, cy, w, h = table[:, 0], table[:, 1], table[:, 2], table[:, 3]
+        return np.stack(
+            [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, scores[np.arange(len(table)), best], best],
+            axis=1,
+        )
+    return out.reshape(-1, 6)
+
+
 def decode(
     output: np.ndarray,
     spec: DetectionSpec,
@@ -94,8 +119,8 @@ def decode(
     frame_size: tuple[int, int],
     options: DetectionOptions,
 ) -> list[Detection]:
-    """One frame's detections from its output rows (N, 6); frame_size is (width, height)."""
-    rows = np.asarray(output, dtype=np.float64).reshape(-1, 6)
+    """One frame's detections from its output; frame_size is (width, height)."""
+    rows = as_rows(output, spec.decoder)
     rows = rows[np.isfinite(rows).all(axis=1)]
     keep = rows[:, 4] >= options.min_score
     classes = rows[:, 5].round().astype(np.int64)

@@ -19,7 +19,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from agent.protocol.schemas import Envelope, ErrorCode
-from agent.protocol.topics import valid_model_name
+from agent.protocol.topics import valid_tenant_key
 from agent.service.errors import AgentError
 
 
@@ -130,7 +130,7 @@ def parse_frame(
             "too_large", f"image is {len(image)} bytes, limit {max_bytes}", provisional_id, model
         )
     model = model or default_model
-    if not valid_model_name(model):
+    if not valid_tenant_key(model):  # `name`, or `name@version` for one version exactly
         raise IngestError("unknown_model", f"{model[:80]!r} is not a valid model name", provisional_id)
     # An expiry interval of 0 is "no expiry" (some brokers pass an explicit 0 through).
     expires_at = received + meta.expiry_s if meta.expiry_s else None
@@ -156,5 +156,5 @@ def _envelope_ids(payload: bytes) -> tuple[str | None, str | None]:
         return None, None
     rid, model = doc.get("request_id"), doc.get("model")
     rid = rid if isinstance(rid, str) and 0 < len(rid) <= 256 else None
-    model = model if isinstance(model, str) and valid_model_name(model) else None
+    model = model if isinstance(model, str) and valid_tenant_key(model) else None
     return rid, model

@@ -61,12 +61,20 @@ def load_instances(
 def check_output(model: Model, out: np.ndarray, size: int, detect: DetectionOptions | None) -> None:
     """A classifier answers (batch, classes), one class per label: refused at load, not
     discovered frame by frame. Trailing 1-sized dimensions (N, C, 1, 1) are accepted.
-    A detector answers (batch, boxes, 6): x1, y1, x2, y2, score, class (docs/detection.md)."""
+    A detector answers in its decoder's layout (docs/detection.md): (batch, boxes, 6) rows of x1,
+    y1, x2, y2, score, class; "ssd" (batch, 1, boxes, 7); "yolo" (batch, 4 + classes, boxes)."""
     if detect is not None:
-        if out.ndim != 3 or out.shape[0] != size or out.shape[2] != 6:
+        decoder = model.manifest.detection.decoder if model.manifest.detection else "xyxy_score_class"
+        expected = {
+            "xyxy_score_class": (3, lambda s: s[2] == 6, "(batch, boxes, 6)"),
+            "ssd": (4, lambda s: s[1] == 1 and s[3] == 7, "(batch, 1, boxes, 7)"),
+            "yolo": (3, lambda s: min(s[1], s[2]) >= 5, "(batch, 4 + classes, boxes)"),
+        }[decoder]
+        rank, fits, shape = expected
+        if out.ndim != rank or out.shape[0] != size or not fits(out.shape):
             raise ModelLoadError(
                 f"the model answers a batch of {size} with shape {tuple(out.shape)}; a detector with "
-                "decoder xyxy_score_class must output (batch, boxes, 6)"
+                f"decoder {decoder} must output {shape}"
             )
         return
     if out.ndim < 2 or out.shape[0] != size or any(d != 1 for d in out.shape[2:]):

@@ -195,7 +195,9 @@ class Worker:
         if len(logits) != len(ready):
             fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
             return
-        logits = np.asarray(logits).reshape(len(ready), -1)  # (N, C, 1, 1) heads, checked at load
+        logits = np.asarray(logits)
+        if t.answers.detect is None:
+            logits = logits.reshape(len(ready), -1)  # (N, C, 1, 1) heads, checked at load
         t.stats.batch(len(ready))
         per_frame_pre = (preprocessed - started) * 1000.0 / len(ready)
         infer_ms = (done - preprocessed) * 1000.0

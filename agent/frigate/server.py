@@ -23,7 +23,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +33,10 @@ import zmq.asyncio
 
 from agent.frames.ingest import Frame
 from agent.frames.tenant_table import TenantTable
-from agent.frigate import labelmap, wire
+from agent.frigate import labelmap, transfer, wire
 from agent.protocol.schemas import DetectionResult, ErrorResult
 from agent.service.config import ConfigError, FrigateConfig
+from agent.service.model_repo import ModelRepository
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +46,22 @@ LOG_EVERY_S = 10.0  # a repeated problem is logged once per this long, with how 
 
 class FrigateServer:
     def __init__(
-        self, config: FrigateConfig, table: TenantTable, accepting: Callable[[], bool], save_dir: Path
+        self,
+        config: FrigateConfig,
+        table: TenantTable,
+        accepting: Callable[[], bool],
+        save_dir: Path,
+        repo: ModelRepository | None = None,
+        place: Callable[[str, str], Awaitable[str | None]] | None = None,
     ) -> None:
         self.config = config
         self.table = table
         self.accepting = accepting
         self.save_dir = save_dir
+        # A model Frigate sends is installed in `repo` and placed through `place(model, version)`,
+        # which answers why not (None: placed); without them it is only saved.
+        self.repo = repo
+        self.place = place
         try:
             self.labelmap = labelmap.load(config.labelmap)
         except labelmap.LabelmapError as exc:
@@ -135,7 +146,16 @@ class FrigateServer:
         task.add_done_callback(self._tasks.discard)
 
     def _model_for(self, model_name: str) -> str | None:
-        return self.config.models.get(model_name) or self.config.default_model
+        """The repository model serving Frigate's name: mapped, else one Frigate sent, else the default."""
+        mapped = self.config.models.get(model_name)
+        if mapped is not None:
+            return mapped
+        if self.repo is not None:
+            with contextlib.suppress(transfer.TransferRefused):
+                sent = transfer.repo_name(model_name)
+                if self.table.get(sent) is not None or self.repo.versions(sent):
+                    return sent
+        return self.config.default_model
 
     async def _handshake(self, envelope: list[bytes], model_name: str) -> None:
         model = self._model_for(model_name)
@@ -170,14 +190,37 @@ class FrigateServer:
             log.error("Frigate sent model %r: cannot save it to %s: %s", request.model_name, path, exc)
             self._send(envelope, wire.reply({"model_saved": False, "model_loaded": False}))
             return
-        log.warning(
-            "Frigate sent model %r (%d bytes), saved to %s; it is not loaded: the agent serves Frigate "
-            "with repository models (name it in [frigate.models], docs/frigate.md#models)",
-            request.model_name,
-            len(request.data),
-            path,
-        )
-        self._send(envelope, wire.reply({"model_saved": True, "model_loaded": False}))
+        why = await self._serve_sent(envelope, request)
+        if why is not None:
+            log.warning(
+                "Frigate sent model %r (%d bytes), saved to %s; not served: %s "
+                "(docs/frigate.md#models-frigate-sends)",
+                request.model_name,
+                len(request.data),
+                path,
+                why,
+            )
+        self._send(envelope, wire.reply({"model_saved": True, "model_loaded": why is None}))
+
+    async def _serve_sent(self, envelope: list[bytes], request: wire.ModelData) -> str | None:
+        """Install and place a model Frigate sent; why not (None: its tenant serves)."""
+        if self.repo is None or self.place is None or not self.config.accept_models:
+            return "[frigate] accept_models is off"
+        try:
+            model, version = await asyncio.to_thread(
+                transfer.install, self.repo, request.model_name, request.data, self.labelmap
+            )
+        except transfer.TransferRefused as exc:
+            return str(exc)
+        log.info("Frigate sent model %r: installed as %s %s", request.model_name, model, version)
+        why = await self.place(model, version)
+        if why is not None:
+            return why
+        tenant = self.table.get(model)
+        if tenant is None:
+            return self.table.unavailable_reason(model) or "its tenant did not start"
+        self._clients[envelope[0]] = model
+        return None
 
     def _infer(self, envelope: list[bytes], tensor: wire.Tensor) -> None:
         model = self._clients.get(envelope[0]) or self._sole_model

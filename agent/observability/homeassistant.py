@@ -24,7 +24,7 @@ from typing import Any
 
 from agent import __version__
 from agent.frames.tenant_table import TenantTable
-from agent.protocol.topics import Topics
+from agent.protocol.topics import Topics, split_key, tenant_key
 from agent.service.config import HomeAssistantConfig
 from agent.service.mqtt_session import Incoming, MqttSession
 
@@ -128,7 +128,17 @@ class HomeAssistant:
         model, a classification's best class or a detection's best box; the loop throttles."""
         best = (getattr(outcome, "top", None) or getattr(outcome, "detections", None) or [None])[0]
         if best is not None:
-            self.last_top[outcome.model] = (best.label, float(best.score), outcome.request_id)
+            self.last_top[self._key_of(outcome)] = (best.label, float(best.score), outcome.request_id)
+
+    def _key_of(self, outcome: Any) -> str:
+        """The tenant key that served an answer: its `model` is what the frame asked for (`name`
+        may have reached a pinned tenant, keyed `name@version`)."""
+        version = getattr(outcome, "version", None)
+        if version is None or outcome.model in self.announced:
+            return str(outcome.model)
+        name = split_key(outcome.model)[0]
+        pinned = tenant_key(name, version)
+        return pinned if pinned in self.announced else name
 
     # -- payloads -----------------------------------------------------------------------------------
     def device(self) -> dict[str, Any]:

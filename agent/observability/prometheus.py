@@ -79,7 +79,12 @@ class AgentCollector(Collector):
             "edge_agent_instances", "Instances of the tenant.", labels=TENANT_LABELS
         )
         for tenant in r.table.serving():
-            labels = [device_id, tenant.spec.model, tenant.spec.backend, tenant.device]
+            labels = [
+                device_id,
+                tenant.spec.tenant_key(),
+                tenant.spec.backend,
+                tenant.device,
+            ]  # `model`: the key
             for name, value in tenant.stats.counters():
                 counters[name].add_metric(labels, value)
             for stage, (buckets, total) in tenant.stats.histograms().items():

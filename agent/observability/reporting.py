@@ -93,13 +93,14 @@ class Reporter:
         window = self.config.metrics.telemetry_interval_s
         tenants = [
             TenantTelemetry(
-                model=t.spec.model,
+                model=t.spec.tenant_key(),  # two versions of one model are two tenants
+                version=t.model.manifest.version,
                 backend=t.spec.backend,
                 device=t.device,
                 instances=t.spec.instances,
                 state=t.state,
                 queue_depth=len(t.queue),
-                failovers=self.table.failover_counts[t.spec.model],
+                failovers=self.table.failover_counts[t.spec.tenant_key()],
                 last_detections=t.last_detections,
                 **t.stats.snapshot(window).model_dump(),  # counters and the window's figures
             )

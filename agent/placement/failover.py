@@ -78,7 +78,7 @@ class FailoverMover:
             return None
         noticed = tenant.fault_since if kind != "drift" and tenant.fault_since else time.monotonic()
         relay = None if kind == "drift" else Relay(tenant.reject, self.config.scheduler.queue_depth)
-        self._failing.add(tenant.placed.model)
+        self._failing.add(tenant.placed.tenant_key())
         loop.call_soon_threadsafe(
             lambda: self._spawn(
                 self._fail_over(tenant, kind, reason, relay, noticed), f"failover-{tenant.name}"
@@ -96,16 +96,16 @@ class FailoverMover:
                 relay.fail("the agent stopped while this frame moved to another candidate", "shutting_down")
             raise
         finally:
-            self._failing.discard(tenant.placed.model)
+            self._failing.discard(tenant.placed.tenant_key())
 
     async def _fail_over_now(
         self, tenant: Tenant, kind: str, reason: str, relay: Relay | None, noticed: float
     ) -> None:
         placed, here = tenant.placed, serving_candidate(tenant)
         self._fail(self.health[here], f"{kind}: {reason}", kind=kind)
-        log.error("tenant %s: %s on %s (%s); failing over", placed.model, kind, here.label, reason)
+        log.error("tenant %s: %s on %s (%s); failing over", placed.tenant_key(), kind, here.label, reason)
         async with self._lock:
-            current = self.table.get(placed.model)
+            current = self.table.get(placed.tenant_key())
             if current is not tenant:  # a placement or a failback replaced it meanwhile
                 if relay is not None:
                     relay.connect(current) if current is not None else relay.fail("the tenant was removed")
@@ -118,7 +118,7 @@ class FailoverMover:
             )
             moved = await self._move(tenant, targets, f"{kind}: {reason}", relay, noticed)
         if not moved:
-            message = f"no other candidate could serve {placed.model} after a {kind} on {here.label}"
+            message = f"no other candidate could serve {placed.tenant_key()} after a {kind} on {here.label}"
             if relay is not None:
                 relay.fail(message)
             self.note_error(message)
@@ -154,17 +154,19 @@ class FailoverMover:
                 "recovery_s": None if kind == "failback" else round(time.monotonic() - began, 3),
             }
         )
-        self.table.record_failover(new.placed.model, move)
+        self.table.record_failover(new.placed.tenant_key(), move)
         log.warning(
             "tenant %s: %s from %s to %s (%s)%s",
-            new.placed.model,
+            new.placed.tenant_key(),
             move.kind,
             move.source,
             move.to,
             reason,
             "" if move.recovery_s is None else f", serving again {move.recovery_s:.2f} s after the fault",
         )
-        event = FailoverEvent(**move.model_dump(), device_id=self.config.device_id, model=new.placed.model)
+        event = FailoverEvent(
+            **move.model_dump(), device_id=self.config.device_id, model=new.placed.tenant_key()
+        )
         self._publish_event(event.model_dump_json().encode())
 
     # -- health checks, probes, failback ----------------------------------------------------------
@@ -185,7 +187,7 @@ class FailoverMover:
         for tenant in self.table.serving():
             placed = tenant.placed
             candidates = placed.candidate_list()
-            if len(candidates) < 2 or placed.model in self._failing:
+            if len(candidates) < 2 or placed.tenant_key() in self._failing:
                 continue
             here = serving_candidate(tenant)
             decision = policy.check(
@@ -202,7 +204,7 @@ class FailoverMover:
             if decision.leave is not None:
                 # Another tenant found this accelerator hung or failing: move before it meets it too.
                 async with self._lock:
-                    if self.table.get(placed.model) is tenant:
+                    if self.table.get(placed.tenant_key()) is tenant:
                         await self._move(
                             tenant, decision.leave, decision.leave_reason, None, time.monotonic()
                         )
@@ -214,7 +216,7 @@ class FailoverMover:
                     self._spawn(self._probe(tenant, step.candidate, health), f"probe-{step.candidate.label}")
                     continue
                 async with self._lock:
-                    if self.table.get(placed.model) is not tenant:
+                    if self.table.get(placed.tenant_key()) is not tenant:
                         break
                     if await self._move(tenant, [step.candidate], step.reason, None, now):
                         break
@@ -244,9 +246,9 @@ class FailoverMover:
         except Exception as exc:  # a hang (TimeoutError), a load failure, a runtime error
             reason = "probe did not return" if isinstance(exc, TimeoutError) else f"probe failed: {exc}"
             self._fail(health, reason)
-            log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.model, reason)
+            log.warning("candidate %s of %s: %s", candidate.label, tenant.placed.tenant_key(), reason)
         else:
             health.passed()
             log.warning(
-                "candidate %s of %s: probe passed (%.1f ms)", candidate.label, tenant.placed.model, ms
+                "candidate %s of %s: probe passed (%.1f ms)", candidate.label, tenant.placed.tenant_key(), ms
             )

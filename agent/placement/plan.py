@@ -21,9 +21,10 @@ class Plan:
     """Steps in order: start each of `start` (new or changed), then retire `retire`."""
 
     start: list[TenantSpec] = field(default_factory=list)  # placement order
-    keep: list[str] = field(default_factory=list)  # models whose running tenant already matches
-    retire: list[str] = field(default_factory=list)  # running models no longer asked for
-    forget: list[str] = field(default_factory=list)  # failed entries of models no longer asked for
+    # By tenant key (`TenantSpec.tenant_key`: the model, or `name@version` when pinned).
+    keep: list[str] = field(default_factory=list)  # keys whose running tenant already matches
+    retire: list[str] = field(default_factory=list)  # running keys no longer asked for
+    forget: list[str] = field(default_factory=list)  # failed entries of keys no longer asked for
 
 
 def check_generation(generation: int, applied: int | None) -> None:
@@ -36,12 +37,12 @@ def check_generation(generation: int, applied: int | None) -> None:
 def plan(desired: Placement, running: Mapping[str, TenantSpec], failed: frozenset[str] = frozenset()) -> Plan:
     """Compare by each tenant's key (model, backend, device, instances, batch, ...): a tenant whose
     spec changed in any field is started anew and the old one retired once the new one serves."""
-    wanted = {spec.model for spec in desired.tenants}
+    wanted = {spec.tenant_key() for spec in desired.tenants}
     start, keep = [], []
     for spec in desired.tenants:
-        current = running.get(spec.model)
+        current = running.get(spec.tenant_key())
         if current is not None and current.key() == spec.key():
-            keep.append(spec.model)
+            keep.append(spec.tenant_key())
         else:
             start.append(spec)
     return Plan(
@@ -59,11 +60,11 @@ def to_save(asked: Placement, resolved: Placement, serving: Mapping[str, TenantS
     kept), `resolved` the same with auto choices made. A model whose move failed is saved as the
     tenant that kept serving it, so a restart does not turn a working model into a failed one.
     """
-    wanted = {spec.model: spec for spec in resolved.tenants}
+    wanted = {spec.tenant_key(): spec for spec in resolved.tenants}
     saved = []
     for spec in asked.tenants:
-        running = serving.get(spec.model)
-        failed_move = running is not None and running.key() != wanted[spec.model].key()
+        running = serving.get(spec.tenant_key())
+        failed_move = running is not None and running.key() != wanted[spec.tenant_key()].key()
         saved.append(running if failed_move and running is not None else spec)
     return asked.model_copy(update={"tenants": saved})
 
@@ -73,7 +74,7 @@ def check_cascades(placement: Placement, describe: Describe) -> None:
     placement lacks, the follows form a cycle, the follower is not a classifier or the followed
     tenant not a detector, it names a label the detector does not have, or a second classifier
     follows the same detector."""
-    specs = {spec.model: spec for spec in placement.tenants}
+    specs = {spec.tenant_key(): spec for spec in placement.tenants}
     followed: dict[str, str] = {}
     for spec in placement.tenants:
         cascade = spec.cascade
@@ -81,9 +82,9 @@ def check_cascades(placement: Placement, describe: Describe) -> None:
             continue
         if cascade.after not in specs:
             raise PlacementRefused(
-                f"cascade: {spec.model} follows {cascade.after!r}, which this placement does not run"
+                f"cascade: {spec.tenant_key()} follows {cascade.after!r}, which this placement does not run"
             )
-        chain = [spec.model]
+        chain = [spec.tenant_key()]
         step: TenantSpec | None = spec
         while step is not None and step.cascade is not None:
             chain.append(step.cascade.after)
@@ -92,24 +93,26 @@ def check_cascades(placement: Placement, describe: Describe) -> None:
             step = specs.get(step.cascade.after)
         if cascade.after in followed:
             raise PlacementRefused(
-                f"cascade: {followed[cascade.after]} and {spec.model} both follow {cascade.after}; "
+                f"cascade: {followed[cascade.after]} and {spec.tenant_key()} both follow {cascade.after}; "
                 "one classifier per detector"
             )
-        followed[cascade.after] = spec.model
+        followed[cascade.after] = spec.tenant_key()
         task, _ = describe(spec)
         if task != "classification":
-            raise PlacementRefused(f"cascade: {spec.model} is a {task} model; a cascade runs a classifier")
+            raise PlacementRefused(
+                f"cascade: {spec.tenant_key()} is a {task} model; a cascade runs a classifier"
+            )
         detector_task, labels = describe(specs[cascade.after])
         if detector_task != "detection":
             raise PlacementRefused(
-                f"cascade: {spec.model} follows {cascade.after}, a {detector_task} model; "
+                f"cascade: {spec.tenant_key()} follows {cascade.after}, a {detector_task} model; "
                 "a cascade follows a detector"
             )
         known = {label.lower() for label in labels}
         unknown = [label for label in cascade.labels or [] if label.lower() not in known]
         if unknown:
             raise PlacementRefused(
-                f"cascade: labels {unknown} of {spec.model} are not classes of the detector "
+                f"cascade: labels {unknown} of {spec.tenant_key()} are not classes of the detector "
                 f"{cascade.after} (e.g. {', '.join(labels[:5])})"
             )
 

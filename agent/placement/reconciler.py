@@ -59,11 +59,20 @@ def settle_heap() -> None:
 def check_runnable(placement: Placement, repo: ModelRepository) -> None:
     """Refuse what names an unknown model, backend or device (after auto was resolved). Blocking:
     listing devices can scan USB/PCI (Edge TPU) or ask a driver (OpenVINO)."""
+    serves: dict[tuple[str, str], str] = {}  # (model, version) -> the tenant key serving it
     for spec in placement.tenants:
         try:
-            repo.manifest(spec.model, spec.version)
+            _, manifest = repo.manifest(spec.model, spec.version)
         except ModelError as exc:
             raise PlacementRefused(str(exc)) from exc
+        # Side by side means two versions: an unpinned tenant is the newest installed, and that
+        # version pinned beside it would be the same model twice.
+        other = serves.setdefault((spec.model, manifest.version), spec.tenant_key())
+        if other != spec.tenant_key():
+            raise PlacementRefused(
+                f"{other} and {spec.tenant_key()} would both serve {spec.model} {manifest.version} "
+                "(a tenant without a version serves the newest installed); one tenant per version"
+            )
         for candidate in spec.candidate_list():
             if candidate.backend not in registry.names():
                 raise PlacementRefused(

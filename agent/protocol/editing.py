@@ -91,6 +91,7 @@ def _same_tenant(spec: TenantSpec, status: TenantStatus) -> bool:
     chosen = status.auto is not None
     return (
         spec.model == status.model
+        and spec.version == status.version  # two versions of one model are two tenants
         and (spec.backend == status.backend or (spec.backend == "auto" and chosen))
         and (spec.device.lower() == status.device.lower() or (spec.device.lower() == "auto" and chosen))
         and spec.instances == status.instances
@@ -172,9 +173,10 @@ def current_tenants(status: Status | None, desired: DesiredPlacement | None) -> 
     for tenant in status.placement.tenants:
         if tenant.state == "draining":
             continue
-        held = best.get(tenant.model)
+        key = tenant.address or tenant.model  # two versions side by side: two tenants
+        held = best.get(key)
         if held is None or rank[tenant.state] < rank[held.state]:
-            best[tenant.model] = tenant
+            best[key] = tenant
     return [t.placed() for t in best.values()]
 
 
@@ -228,7 +230,7 @@ def check_against(caps: Capabilities | None, tenants: list[TenantSpec]) -> list[
 
 
 def build(generation: int, tenants: list[TenantSpec]) -> Placement:
-    """A validated placement document (one tenant per model, limits of the schema)."""
+    """A validated placement document (one tenant per model and version, limits of the schema)."""
     return Placement.model_validate({"generation": generation, "tenants": [t.model_dump() for t in tenants]})
 
 

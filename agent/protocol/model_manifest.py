@@ -69,7 +69,11 @@ class DetectionSpec(_Strict):
 
     # "xyxy_score_class": one output (batch, N, 6) of x1, y1, x2, y2, score, class per row, the
     # graph having decoded its own boxes (CenterNet, SSD with its post-processing in the graph).
-    decoder: Literal["xyxy_score_class"] = "xyxy_score_class"
+    # "ssd": one output (batch, 1, N, 7) of image_id, class, score, x1, y1, x2, y2 (the layout of
+    # OpenVINO's and Caffe's DetectionOutput; an image_id below 0 ends the list).
+    # "yolo": one output (batch, 4 + classes, N) or (batch, N, 4 + classes) of centre x, centre y,
+    # width, height and a score per class (YOLOv8 and later exports, Frigate's "yologeneric").
+    decoder: Literal["xyxy_score_class", "ssd", "yolo"] = "xyxy_score_class"
     # Box units: pixels of the model input, or 0..1 of the model input.
     coordinates: Literal["input_pixels", "normalized"] = "input_pixels"
     score_threshold: float = Field(default=0.3, ge=0.0, le=1.0)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import time
+from collections import Counter
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -60,6 +61,7 @@ class _Served(BaseModel):
     request_id: str
     model: str
     tenant: TenantRef
+    version: str | None = None  # the model version that served it (None from agents before it)
 
 
 class InferResult(_Served):
@@ -188,6 +190,8 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    # Set by the Placement that holds it (it depends on the other tenants): see tenant_key().
+    _key: str | None = PrivateAttr(default=None)
 
     @field_validator("model")
     @classmethod
@@ -224,6 +228,12 @@ class TenantSpec(Strict):
         """This tenant's spec with `candidate` as its backend and device (candidates kept)."""
         return self.model_copy(update={"backend": candidate.backend, "device": candidate.device})
 
+    def tenant_key(self) -> str:
+        """The tenant's key on the device: frames, status and telemetry name it by this. The model
+        name, unless its placement holds another tenant of the same model: then a pinned tenant is
+        `name@version` (docs/protocol.md "Two versions side by side")."""
+        return self._key if self._key is not None else self.model
+
     def key(self) -> tuple[object, ...]:
         """Identity of a running tenant: any change means a new tenant (make-before-break)."""
         return (
@@ -253,12 +263,22 @@ class Placement(Strict):
 
     @field_validator("tenants")
     @classmethod
-    def _one_tenant_per_model(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
-        seen: set[str] = set()
+    def _one_tenant_per_version(cls, tenants: list[TenantSpec]) -> list[TenantSpec]:
+        """Two versions of one model may serve side by side; the same version twice may not. Each
+        tenant's key: its model name, or `name@version` when pinned beside another of its model (so
+        switching a lone tenant's version keeps its key: a version that fails to load leaves the
+        old one serving)."""
+        per_model = Counter(t.model for t in tenants)
+        seen: set[tuple[str, str | None]] = set()
         for tenant in tenants:
-            if tenant.model in seen:
-                raise ValueError(f"model {tenant.model!r} appears twice; one tenant per model")
-            seen.add(tenant.model)
+            if (tenant.model, tenant.version) in seen:
+                what = "without a version" if tenant.version is None else f"version {tenant.version!r}"
+                raise ValueError(
+                    f"model {tenant.model!r} {what} appears twice; one tenant per model and version"
+                )
+            seen.add((tenant.model, tenant.version))
+            beside = per_model[tenant.model] > 1
+            tenant._key = tenant_key(tenant.model, tenant.version if beside else None)
         return tenants
 
 
@@ -300,6 +320,10 @@ class Failover(BaseModel):
 
 class TenantStatus(TenantSpec):
     state: TenantState
+    # What frames name to reach it (`name`, or `name@version` when pinned), and the version it
+    # serves (the newest installed when not pinned). None from agents before side-by-side versions.
+    address: str | None = None
+    serving_version: str | None = None
     error: str | None = None
     auto: AutoChoice | None = None
     # Tenants with candidates: the one serving now (backend/device above say the same), the last
@@ -365,8 +389,7 @@ class Status(BaseModel):
     ts: float = Field(default_factory=time.time)
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
-    # The device's own tags (agent.toml `tags`), for selectors (docs/fleet.md#selectors).
-    tags: dict[str, str] = Field(default_factory=dict)
+    tags: dict[str, str] = Field(default_factory=dict)  # agent.toml `tags`, for docs/fleet.md#selectors
 
 
 # -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------
@@ -415,11 +438,12 @@ class TenantWindow(TenantCounters):
 
 
 class TenantIdentity(BaseModel):
-    model: str
+    model: str  # the tenant's key: `name`, or `name@version` for a pinned tenant
     backend: str
     device: str
     instances: int
     state: TenantState
+    version: str | None = None  # the model version it serves
 
 
 class TenantTelemetry(TenantWindow, TenantIdentity):

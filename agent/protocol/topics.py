@@ -37,6 +37,24 @@ def valid_version(version: str) -> bool:
     return bool(VERSION_RE.fullmatch(version)) and ".." not in version
 
 
+def tenant_key(model: str, version: str | None) -> str:
+    """What a frame names to reach a tenant (docs/protocol.md "Two versions side by side"): the
+    model name for a tenant that follows the newest version, `name@version` for a pinned one."""
+    return model if version is None else f"{model}@{version}"
+
+
+def split_key(key: str) -> tuple[str, str | None]:
+    """A frame's `model` as (name, version): `name@version` pins one version, `name` asks for the
+    model's default tenant."""
+    name, sep, version = key.partition("@")
+    return name, (version if sep else None)
+
+
+def valid_tenant_key(key: str) -> bool:
+    name, version = split_key(key)
+    return valid_model_name(name) and (version is None or valid_version(version))
+
+
 # Mosquitto's count of publishes it dropped (queue and in-flight limits), published every sys_interval.
 BROKER_DROPPED = "$SYS/broker/publish/messages/dropped"
 

@@ -258,6 +258,11 @@ class FrigateConfig(Section):
     # How long a handshake waits for the model's tenant to be ready (Frigate waits 30 s for it).
     handshake_wait_s: float = Field(default=20.0, ge=0, le=29)
     max_model_mb: float = Field(default=512.0, gt=0)  # a model file Frigate sends, at most
+    # A model file Frigate sends (ssd or yologeneric ONNX) is installed and placed on this backend
+    # and device (docs/frigate.md#models-frigate-sends); false: saved, never run.
+    accept_models: bool = True
+    transferred_backend: str = "onnxruntime"
+    transferred_device: str = "CPU"
 
     @field_validator("endpoints")
     @classmethod

@@ -25,7 +25,7 @@ from agent.observability.reporting import Reporter
 from agent.placement.intake import Intake
 from agent.placement.reconciler import Reconciler
 from agent.protocol.delivery import DeliveryEvent, DeliveryProgress
-from agent.protocol.schemas import Capabilities, TenantSpec
+from agent.protocol.schemas import Capabilities, Placement, TenantSpec
 from agent.protocol.signing import load_public_keys
 from agent.protocol.topics import BROKER_DROPPED, Topics
 from agent.service import memory
@@ -124,8 +124,36 @@ class Agent:
             from agent.frigate.server import FrigateServer
 
             self.frigate = FrigateServer(
-                config.frigate, self.table, lambda: self.router.accepting, config.state_dir / "frigate-models"
+                config.frigate,
+                self.table,
+                lambda: self.router.accepting,
+                config.state_dir / "frigate-models",
+                repo=self.repo,
+                place=self._place_for_frigate,
             )
+
+    async def _place_for_frigate(self, model: str, version: str) -> str | None:
+        """Add a tenant of a model Frigate sent to this device's placement (generation + 1, as a local
+        edit would); why not, or None once it serves. A device taking signed placements only refuses:
+        its placements come from whoever holds the key (docs/frigate.md#models-frigate-sends)."""
+        if self.config.security.placement_public_key is not None:
+            return "this device applies signed placements only: place the model from the console"
+        saved = await asyncio.to_thread(self.reconciler.saved)
+        keep = [t for t in (saved.tenants if saved is not None else []) if t.model != model]
+        spec = TenantSpec(
+            model=model,
+            version=version,
+            backend=self.config.frigate.transferred_backend,
+            device=self.config.frigate.transferred_device,
+        )
+        generation = max(self.table.applied_generation or 0, saved.generation if saved else 0) + 1
+        try:
+            await self.reconciler.apply(
+                Placement(generation=generation, tenants=[*keep, spec]), source="frigate"
+            )
+        except PlacementRefused as exc:
+            return f"placement refused: {exc}"
+        return None
 
     def _publish_event(self, event: bytes) -> None:
         """Failovers are announced on edge/<id>/events (not retained), through the outbox once it runs."""

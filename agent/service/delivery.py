@@ -31,7 +31,7 @@ from agent.protocol.delivery import ArtifactRef, DeliveryProgress, ModelDelivery
 from agent.protocol.signing import PublicKeys, SignatureRefused, verify
 from agent.service.config import ModelsConfig
 from agent.service.errors import AgentError
-from agent.service.model_repo import ModelError, ModelRepository, version_key
+from agent.service.model_repo import ModelError, ModelRepository, install_staged, version_key
 
 log = logging.getLogger(__name__)
 
@@ -297,13 +297,7 @@ class Deliverer:
                 shutil.rmtree(incoming, ignore_errors=True)  # keep only what a retry can resume
             raise
         try:
-            model = ModelRepository(incoming).load(name, verify=True)
-            if model.manifest.version != version:
-                raise DeliveryError(f"model.toml says version {model.manifest.version!r}, not {version!r}")
-            target = self.root / name / version
-            target.parent.mkdir(parents=True, exist_ok=True)
-            folder.chmod(0o755)
-            folder.rename(target)  # atomic: the version appears whole or not at all
+            install_staged(incoming, self.root, name, version)  # whole or not at all
         except ModelError as exc:
             raise DeliveryError(f"the files arrived but do not make a valid model: {exc}") from exc
         except OSError as exc:

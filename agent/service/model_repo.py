@@ -275,3 +275,16 @@ class ModelRepository:
             with self._lock:
                 self._hashes[key] = cached
         return cached
+
+
+def install_staged(staged: Path, root: Path, name: str, version: str) -> Path:
+    """Verify the model folder `staged/<name>` and rename it to `root/<name>/<version>`: a version
+    appears whole or not at all, never half-written to a placement. ModelError or OSError."""
+    model = ModelRepository(staged).load(name, verify=True)
+    if model.manifest.version != version:
+        raise ModelError(f"model.toml says version {model.manifest.version!r}, not {version!r}")
+    target = root / name / version
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (staged / name).chmod(0o755)
+    (staged / name).rename(target)  # atomic within one filesystem
+    return target
