@@ -22,6 +22,7 @@ Figures, not a test. The simulated devices install a delivered version at once (
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import io
 import json
@@ -32,17 +33,117 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+
 from agent.devtools.local_broker import LocalBroker, free_port
 from cloud_console.simulator import FleetSimulator, SimFault
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "efficientnet-lite0"
+MODEL_DIR = ROOT / "models" / MODEL
+IMAGE = ROOT / "agent" / "samples" / "cat.jpg"
+AGENT_PREFIX = "zz-agent"  # sorts after the simulated devices: real agents are in the last wave
+
+
+def real_model(folder: Path, version: str) -> Path:
+    """The bundled classifier as `version` (model.toml, model.onnx, labels): what real agents load."""
+    target = folder / f"real-{version}" / MODEL
+    target.mkdir(parents=True)
+    for name in ("model.onnx", "labels.txt"):
+        (target / name).write_bytes((MODEL_DIR / name).read_bytes())
+    toml = (MODEL_DIR / "model.toml").read_text().replace('version = "1.0.0"', f'version = "{version}"')
+    (target / "model.toml").write_text(toml)
+    return target
+
+
+class Frames:
+    """Frames at `fps` to each real agent, every answer counted by request id (a camera's view)."""
+
+    def __init__(self, host: str, port: int, devices: list[str], fps: float) -> None:
+        self.devices, self.fps = devices, fps
+        self.frame = base64.b64encode(IMAGE.read_bytes()).decode()
+        self.sent: set[str] = set()
+        self.answers: dict[str, int] = {}
+        self.codes: dict[str, int] = {}
+        self.lock = threading.Lock()
+        self.stop_flag = threading.Event()
+        self.client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"bench-frames-{os.getpid()}")
+        self.client.on_message = self._on_message
+        self.client.connect(host, port)
+        for device in devices:
+            self.client.subscribe(f"edge/{device}/result", qos=1)
+        self.client.loop_start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _on_message(self, _c: object, _u: object, message: paho.MQTTMessage) -> None:
+        doc = json.loads(message.payload)
+        with self.lock:
+            rid = doc.get("request_id", "")
+            self.answers[rid] = self.answers.get(rid, 0) + 1
+            if "error" in doc:
+                code = doc["error"]["code"]
+                self.codes[code] = self.codes.get(code, 0) + 1
+
+    def _run(self) -> None:
+        n, next_at = 0, time.monotonic()
+        while not self.stop_flag.is_set():
+            for device in self.devices:
+                rid = f"{device}-{n}"
+                with self.lock:
+                    self.sent.add(rid)
+                body = json.dumps({"request_id": rid, "image_b64": self.frame}).encode()
+                self.client.publish(f"edge/{device}/infer/{MODEL}", body, qos=1)
+            n += 1
+            next_at += 1 / self.fps
+            self.stop_flag.wait(max(0.0, next_at - time.monotonic()))
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def finish(self, timeout: float = 120) -> dict[str, Any]:
+        self.stop_flag.set()
+        self.thread.join(10)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if self.sent <= set(self.answers):
+                    break
+            time.sleep(0.2)
+        self.client.loop_stop()
+        self.client.disconnect()
+        with self.lock:
+            return {
+                "frames_sent": len(self.sent),
+                "unanswered": len(self.sent - set(self.answers)),
+                "answered_twice": sum(1 for n in self.answers.values() if n > 1),
+                "error_answers": dict(self.codes),
+            }
+
+
+def start_agents(
+    n: int, broker_url: str, base: str, token: str, workdir: Path
+) -> list[subprocess.Popen[bytes]]:
+    agents = []
+    for i in range(n):
+        state = workdir / f"agent-{i}"
+        state.mkdir()
+        (state / "agent.toml").write_text(
+            'tags = {site = "lab"}\n[metrics]\ntelemetry_interval_s = 1\n'
+            f'[models]\nconsole_url = "{base}"\ntoken = "{token}"\n'
+        )
+        run = [sys.executable, "-m", "agent", "run", "--config", str(state / "agent.toml")]
+        run += ["--broker", broker_url, "--device-id", f"{AGENT_PREFIX}-{i}", "--state-dir", str(state)]
+        log = (state / "agent.log").open("ab")
+        agents.append(subprocess.Popen(run, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT))
+    return agents
 
 
 def tiny_model(folder: Path, version: str, name: str = MODEL) -> Path:
@@ -159,11 +260,23 @@ def versions_running(sim: FleetSimulator, device_ids: list[str]) -> dict[str, st
     out: dict[str, str | None] = {}
     with sim.lock:
         for device_id in device_ids:
-            device = sim.device_map[device_id]
+            device = sim.device_map.get(device_id)
+            if device is None:  # a real agent
+                continue
             tenant = device.tenants.get(MODEL)
             pending = device.target is not None
             out[device_id] = tenant.spec.version if tenant is not None and not pending else None
     return out
+
+
+def agent_version(api: Api, device_id: str) -> str | None:
+    """The version of MODEL a real agent serves, from its status in the console (None: not ready)."""
+    status = api.call("GET", f"/api/devices/{device_id}")["status"] or {}
+    tenants = [t for t in (status.get("placement") or {}).get("tenants", []) if t["model"] == MODEL]
+    ready = [t for t in tenants if t["state"] == "ready"]
+    if len(ready) != 1 or len(tenants) != 1:
+        return None
+    return ready[0].get("serving_version") or ready[0].get("version")
 
 
 def summary(api: Api, rollout_id: str) -> dict[str, Any]:
@@ -226,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fault-kind", default="load", choices=["load", "errors", "slow"])
     parser.add_argument("--fault-share", type=float, default=0.3)
     parser.add_argument("--waves", default="1,10%,50%,all")
+    parser.add_argument("--agents", type=int, default=2, help="real agents beside the simulated devices")
+    parser.add_argument("--fps", type=float, default=10.0, help="frames a second to each real agent")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args(argv)
     figures: dict[str, Any] = {"devices": args.devices, "waves": args.waves, "soak_s": args.soak}
@@ -243,10 +358,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         sim.start()
         proc, api = start_console(broker.url, workdir)
+        agents = start_agents(args.agents, broker.url, api.base, api.token, workdir)
+        agent_ids = [f"{AGENT_PREFIX}-{i}" for i in range(args.agents)]
+        frames: Frames | None = None
         try:
-            wait(lambda: api.call("GET", "/api/stats")["online"] == args.devices, "every device online", 120)
-            for version in ("2.0.0", "9.0.0"):
-                api.call("POST", "/api/models", raw=tar_gz(tiny_model(workdir, version)))
+            total = args.devices + args.agents
+            wait(lambda: api.call("GET", "/api/stats")["online"] == total, "every device online", 300)
+            for version in ("2.0.0", "9.0.0"):  # real model files: the real agents load them
+                api.call("POST", "/api/models", raw=tar_gz(real_model(workdir, version)))
+            if agent_ids:
+                frames = Frames(broker.host, broker.port, agent_ids, args.fps)
+                frames.start()
             gates = {"soak_s": args.soak}  # the default gates (p95 at most 1.5x, throughput 70%, errors 1%)
             spec = {
                 "change": {"model": MODEL, "set": {"version": "2.0.0"}},
@@ -254,13 +376,20 @@ def main(argv: list[str] | None = None) -> int:
                 "gates": gates,
             }
             good, took = run_rollout(api, spec, 1800)
-            ids = [d["device_id"] for w in good["wave_list"] for d in w["devices"]]
+            ids = [
+                d["device_id"]
+                for w in good["wave_list"]
+                for d in w["devices"]
+                if d["device_id"] in sim.device_map
+            ]
             running = versions_running(sim, ids)
             figures["good"] = {
                 "state": good["state"],
+                "reason": good["reason"],
                 "wall_s": round(took, 1),
                 "targeted": len(ids),
                 "on_new_version": sum(1 for v in running.values() if v == "2.0.0"),
+                "real_agents_on_new_version": [agent_version(api, a) for a in agent_ids],
                 "waves": [
                     {
                         "size": w["size"],
@@ -272,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
                 ],
             }
             print(json.dumps({"good": figures["good"]}, indent=1), flush=True)
+            if good["state"] != "completed":
+                raise RuntimeError(f"the good rollout did not complete: {good['reason']}")
 
             # The canary is whichever device sorts first: give the fault a device it is sure to hit.
             bad_spec = {**spec, "change": {"model": MODEL, "set": {"version": "9.0.0"}}}
@@ -308,14 +439,33 @@ def main(argv: list[str] | None = None) -> int:
                 600,
             )
             detail = api.call("GET", f"/api/rollouts/{good['id']}")
+            wait(
+                lambda: all(agent_version(api, a) == "1.0.0" for a in agent_ids),
+                "real agents back on 1.0.0",
+                300,
+            )
             figures["manual_rollback"] = {
                 "devices": len(ids),
+                "real_agents": [agent_version(api, a) for a in agent_ids],
                 "s_devices": round(restored_s, 1),
                 "s_console": round(detail["rolled_back_at"] - detail["failed_at"], 1),
                 "counts": detail["counts"],
             }
             print(json.dumps({"manual_rollback": figures["manual_rollback"]}, indent=1), flush=True)
+            if frames is not None:
+                figures["real_agent_frames"] = frames.finish()
+                frames = None
+                print(json.dumps({"real_agent_frames": figures["real_agent_frames"]}), flush=True)
         finally:
+            if frames is not None:
+                frames.finish(5)
+            for agent in agents:
+                agent.send_signal(signal.SIGTERM)
+            for agent in agents:
+                try:
+                    agent.wait(30)
+                except subprocess.TimeoutExpired:
+                    agent.kill()
             proc.send_signal(signal.SIGTERM)
             proc.wait(30)
             sim.stop()

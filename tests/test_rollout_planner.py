@@ -212,6 +212,8 @@ class Dev:
         default_factory=dict
     )  # version -> share of frames answered with errors
     failed_version: str | None = None
+    p95: dict[str, float] = field(default_factory=dict)  # version -> its p95 (default 10 ms)
+    spike_at: float | None = None  # one telemetry window this slow (a busy second)
     frames: int = 0
     errors: int = 0
     tel_at: float | None = 0.0  # it has sent telemetry before the rollout
@@ -253,7 +255,9 @@ class Rig:
             frames_in=dev.frames,
             errors=dev.errors,
             fps=20.0,
-            latency_ms=Percentiles(p50=5, p95=10, p99=12),
+            latency_ms=Percentiles(
+                p50=5, p95=50.0 if dev.tel_at == dev.spike_at else dev.p95.get(dev.version, 10.0), p99=60
+            ),
         )
         return Telemetry(
             device_id=device_id,
@@ -510,3 +514,14 @@ def test_a_device_is_changed_only_once_it_has_figures_from_before():
     assert planner.step(rig.rollout, rig.views(), 1.0) == []
     assert rig.tick() != []  # its telemetry came: now it gets the change, with a baseline
     assert rig.rollout.devices["d0"].baseline is not None
+
+
+def test_a_slower_version_fails_the_latency_gate_and_a_busy_second_does_not():
+    rig = Rig(3, waves=["1", "all"])
+    rig.devices["d0"].spike_at = 5.0  # one window at 5x during d0's soak: the median shrugs it off
+    rig.devices["d1"].p95["2.0.0"] = 20.0  # twice as slow, every window
+    rig.run("rolled_back")
+    assert rig.state("d0") == "succeeded" and rig.rollout.devices["d0"].figures["p95_factor"] == 1.0
+    assert 50.0 in rig.rollout.devices["d0"].p95_samples  # the spike was in its soak
+    assert "d1: p95 20.0 ms is 2.00x its 10.0 ms before (limit 1.5x)" in rig.rollout.reason
+    assert rig.state("d1") == "rolled_back" and rig.state("d0") == "succeeded"  # wave 1 passed and keeps it
