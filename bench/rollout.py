@@ -16,6 +16,10 @@ small model versions to the console's model store with a bearer token, then:
    devices are restored: the same times, for a wave of 99 devices;
 4. rolls the first rollout back by hand: the time until all devices serve 1.0.0 again.
 
+With `--agents N` (default 2) real agents (`edge-agent run`, the real model files delivered and
+loaded) join the target, sorted into the last wave, while a client sends each `--fps` frames a
+second and counts the answers: frames unanswered, answered twice, error answers.
+
 Figures, not a test. The simulated devices install a delivered version at once (no download).
 """
 
