@@ -1,4 +1,4 @@
-"""`edge-agent bench` / `python -m bench`: the concurrency benchmark (--placement, --mixed: the others).
+"""`edge-agent bench` / `python -m bench`: the concurrency benchmark (--placement, --mixed, --slo...).
 
 The benchmark modules import nothing from here (no import cycle): `python -m bench` runs this.
 """
@@ -45,6 +45,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="instead: --model on the COCO detector's boxes (1, 5, 10 crops) vs the detector alone",
     )
+    parser.add_argument(
+        "--slo",
+        action="store_true",
+        help="instead: latency objectives under open-loop load (classifier, detector, both; priorities)",
+    )
+    parser.add_argument(
+        "--objectives",
+        help="--slo: objectives in ms, e.g. efficientnet-lite0=50,mb3-centernet=150 (default: from "
+        "the unloaded latency)",
+    )
     parser.add_argument("--inflight", type=int, default=2, help="--cascade: frames outstanding")
     parser.add_argument(
         "--rounds", type=int, default=2, help="--cascade: alternating rounds of every configuration"
@@ -68,6 +78,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m bench") -> int:
         from bench.cascade import run as run_cascade
 
         return exit_status(lambda: run_cascade(args))
+    if args.slo:
+        from bench.slo import run as run_slo
+
+        return exit_status(lambda: run_slo(args))
     if args.mixed:
         from bench.mixed import run as run_mixed
 

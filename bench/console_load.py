@@ -134,7 +134,9 @@ class Chromium:
             started = time.perf_counter()
             tab.goto(self.base + "/")
             # A selector wait: the page's CSP forbids the string evaluation wait_for_function uses.
-            tab.locator(f"body[data-rendered='{devices}']").wait_for(state="attached", timeout=60_000)
+            # The page shows its first page of rows: 100 (bench.console_page times it at fleet size).
+            shown = min(devices, 100)
+            tab.locator(f"body[data-rendered='{shown}']").wait_for(state="attached", timeout=60_000)
             out.append((time.perf_counter() - started) * 1000.0)
         tab.close()
         return out
@@ -260,11 +262,12 @@ def run_loadcheck(
     )
     print(f"console CPU while ingesting: {cpu:.0f}% of one core")
     print(f"GET / (fleet page HTML): {fmt_ms(html)}")
-    print(f"GET /api/devices ({devices} rows, {api_sizes[-1] // 1024} KiB): {fmt_ms(api)}")
+    page = min(devices, 100)  # the API's default page
+    print(f"GET /api/devices ({page} rows of {devices}, {api_sizes[-1] // 1024} KiB): {fmt_ms(api)}")
     if isinstance(browser, str):
         print(f"Chromium fleet page: {browser}")
     else:
-        print(f"Chromium fleet page, navigation to {devices} rows rendered: {fmt_ms(browser)}")
+        print(f"Chromium fleet page, navigation to the first {page} rows rendered: {fmt_ms(browser)}")
     kept_up = min(rates) >= 0.9 * expected and max(backlogs[-5:]) < max(100, expected)
     fast = statistics.median(api) < 1000 and (isinstance(browser, str) or statistics.median(browser) < 1000)
     print(

@@ -39,8 +39,10 @@ from cloud_console import pages
 from cloud_console.auth import Session, password_binding
 from cloud_console.config import Role
 from cloud_console.events import format_event
+from cloud_console.fleet import MAX_PAGE, PLACEMENT_STATES, SORT_KEYS, STATES, BadQuery, FleetQuery
 from cloud_console.model_store import ModelRejected
 from cloud_console.mqtt import PublishFailed
+from cloud_console.pools_api import pools_api
 from cloud_console.prometheus import fleet_registry
 from cloud_console.prometheus import render as render_metrics
 from cloud_console.rollout_api import RolloutCollector
@@ -232,12 +234,39 @@ class DeviceSummary(BaseModel):
     last_error: str | None
     applied_generation: int | None
     placement: Tracking
+    silent: bool = Field(description="marked offline by the console: nothing arrived for offline_after_s")
+    tags: dict[str, str] = Field(description="the device's tags (its own and those the console assigned)")
+    broker: str | None = Field(description="the broker node the device is connected to (host:port)")
+
+
+class FleetCounts(BaseModel):
+    total: int
+    online: int = Field(description="online and heard from within stale_after_s")
+    stale: int = Field(description="claims online, silent for more than stale_after_s")
+    offline: int
+    silent: int = Field(description="offline because nothing arrived for offline_after_s (no will seen)")
+    failover: int = Field(description="with a tenant serving off its first candidate")
+    pending: int = Field(description="placements published and not yet applied")
+    refused: int
+    failed: int = Field(description="placements applied with failed tenants")
 
 
 class DeviceList(BaseModel):
-    devices: list[DeviceSummary]
-    total: int
+    devices: list[DeviceSummary] = Field(description="rows offset..offset+limit of those matched")
+    matched: int = Field(description="devices that pass the filters")
+    total: int = Field(description="devices in the fleet")
+    offset: int
+    limit: int
+    counts: FleetCounts = Field(description="fleet-wide, whatever the filters")
+    facets: dict[str, dict[str, int]] | None = Field(
+        default=None, description="with facets=true: devices per model and per backend"
+    )
     stats: dict[str, Any]
+
+
+class WatchRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    devices: list[str] = Field(max_length=MAX_PAGE, description="the device ids the page shows")
 
 
 class TokenRequest(BaseModel):
@@ -368,9 +397,11 @@ def create_app(console: Console) -> FastAPI:
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await console.start()
         await rollouts.start()
+        pools.start()  # automatic pool scaling (docs/pools.md)
         try:
             yield
         finally:
+            await pools.stop()
             await rollouts.stop()
             await console.stop()
 
@@ -553,22 +584,59 @@ def create_app(console: Console) -> FastAPI:
     @api.get("/devices", tags=["fleet"], responses={200: {"model": DeviceList}})
     async def api_devices(
         _who: User,
-        q: str = "",
+        q: Annotated[
+            str,
+            Query(
+                max_length=200,
+                description="substring of id, model, backend, device, state, or a key:value tag",
+            ),
+        ] = "",
+        id_: Annotated[str, Query(alias="id", max_length=200, description="substring of the device id")] = "",
+        state: Annotated[str | None, Query(description=f"one of {', '.join(STATES)}")] = None,
         online: bool | None = None,
-        sort: str = "device_id",
+        model: Annotated[str | None, Query(max_length=200, description="runs this model")] = None,
+        backend: Annotated[str | None, Query(max_length=200, description="a tenant on this backend")] = None,
+        tag: Annotated[str | None, Query(max_length=200, description="key:value (or key: any value)")] = None,
+        failover: Annotated[bool | None, Query(description="a tenant off its first candidate")] = None,
+        placement: Annotated[
+            str | None, Query(description=f"its placement: one of {', '.join(PLACEMENT_STATES)}")
+        ] = None,
+        sort: Annotated[str, Query(description=f"one of {', '.join(sorted(SORT_KEYS))}")] = "device_id",
         desc: bool = False,
-        selector: str = "",
+        offset: Annotated[int, Query(ge=0)] = 0,
+        limit: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 100,
+        facets: bool = False,
+        selector: Annotated[str, Query(max_length=1000, description="docs/fleet.md#selectors")] = "",
     ) -> JSONResponse:
-        """Fleet table rows: filter by substring `q` (device id, model, backend, device) and by a
-        `selector` of tags and ids (docs/fleet.md#selectors), sort by a column."""
-        rows = console.fleet.summaries(q, online, sort, desc)
-        if selector.strip():
-            try:
-                chosen = set(rollouts.select(selector))
-            except SelectorError as exc:
-                raise HTTPException(422, str(exc)) from exc
-            rows = [r for r in rows if r["device_id"] in chosen]
-        return JSONResponse({"devices": rows, "total": len(console.fleet.devices), "stats": console.stats()})
+        """One page of the fleet table, filtered and sorted on the server, with fleet-wide counts.
+        Every filter given must hold (a `selector` of tags and ids too); `matched` says how many
+        devices passed them."""
+        try:
+            ids = frozenset(rollouts.select(selector)) if selector.strip() else None
+        except SelectorError as exc:
+            raise HTTPException(422, str(exc)) from exc
+        try:
+            query = FleetQuery(
+                q=q,
+                device_id=id_,
+                state=state,
+                online=online,
+                model=model,
+                backend=backend,
+                tag=tag,
+                failover=failover,
+                placement=placement,
+                sort=sort,
+                desc=desc,
+                offset=offset,
+                limit=limit,
+                facets=facets,
+                ids=ids,
+            )
+            page = console.fleet.page(query)
+        except BadQuery as exc:
+            raise HTTPException(422, str(exc)) from exc
+        return JSONResponse({**page, "stats": console.stats()})
 
     @api.get("/fleet/capabilities", tags=["fleet"])
     async def api_fleet_capabilities(_who: User) -> dict[str, Any]:
@@ -660,16 +728,21 @@ def create_app(console: Console) -> FastAPI:
         return console.stats()
 
     @api.get("/events", tags=["fleet"], response_class=StreamingResponse)
-    async def api_events(request: Request, _who: User, device: str | None = None) -> StreamingResponse:
-        """Server-sent events: `fleet` (changed rows, once a second) or, with `device`, its `device`
-        (status changed) and `telemetry` events. The stream ends when its session does (logout)."""
-        sub = console.hub.subscribe(device)
+    async def api_events(
+        request: Request, who: User, device: str | None = None, watch: bool = False
+    ) -> StreamingResponse:
+        """Server-sent events: `fleet` (once a second: fleet-wide counts and the changed rows) or,
+        with `device`, its `device` (status changed) and `telemetry` events. With `watch=true` a
+        fleet stream carries only the rows of the devices named with POST /api/events/{stream}/watch
+        (the page's visible rows); its id is in the first event, `hello`. The stream ends when its
+        session does (logout)."""
+        sub = console.hub.subscribe(device, owner=who.name, watch=set() if watch and device is None else None)
 
         async def stream() -> AsyncIterator[str]:
             checked = time.monotonic()
             try:
                 yield "retry: 2000\n\n"
-                yield format_event("hello", {"device": device})
+                yield format_event("hello", {"device": device, "stream": sub.stream_id})
                 while True:
                     try:
                         text = await asyncio.wait_for(sub.queue.get(), timeout=15.0)
@@ -691,7 +764,18 @@ def create_app(console: Console) -> FastAPI:
             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
+    @api.post("/events/{stream_id}/watch", tags=["fleet"])
+    async def api_watch(stream_id: str, body: WatchRequest, who: User) -> dict[str, int]:
+        """Which rows a fleet stream (opened with `watch=true`) carries: the devices a page shows.
+        The counts come whatever it watches."""
+        sub = console.hub.find(stream_id)
+        if sub is None or sub.owner != who.name or sub.device_id is not None:
+            raise HTTPException(404, "no such event stream (it may have ended: open another)")
+        sub.watch = set(body.devices)
+        return {"watching": len(sub.watch)}
+
     models_api(api, console)
+    pools = pools_api(app, api, console, principal, require_user, require_admin)
     install_rollouts(app, api, rollouts, require_user, require_admin, principal)
     app.include_router(api)
     return app

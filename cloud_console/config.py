@@ -98,6 +98,9 @@ class ConsoleConfig(Section):
     shared_group: str | None = Field(default=None, pattern=GROUP_RE.pattern)
     # A device is shown "stale" when nothing arrived from it for this long while it claims online.
     stale_after_s: float = Field(default=30.0, gt=0)
+    # ... and offline when nothing arrived for this long: on a broker cluster its last will may be
+    # published on a node the console does not hear (docs/operations.md#broker-clusters).
+    offline_after_s: float = Field(default=90.0, gt=0)
     # How devices reach this console (model downloads, docs/fleet.md); None: the URL of the request
     # that asked for the delivery.
     public_url: str | None = Field(default=None, pattern=r"^https?://[^/\s]+/?$")

@@ -35,6 +35,7 @@ class DeviceWants:
     versions: dict[Version, Wanted] = field(default_factory=dict)  # asked for, not yet installed
     online_since: float | None = None  # monotonic; None while offline
     republished: int | None = None  # the desired generation published again for it
+    lacked: set[Version] = field(default_factory=set)  # pinned versions a status showed missing
 
 
 class Convergence:
@@ -73,6 +74,8 @@ class Convergence:
         wants = self._of(device_id)
         for model, version in pinned:
             wants.versions.setdefault((model, version), Wanted(None))
+            if (model, version) not in installed:
+                wants.lacked.add((model, version))
         for done in [v for v in wants.versions if v in installed]:
             del wants.versions[done]
         if wants.online_since is None:
@@ -97,9 +100,14 @@ class Convergence:
         pinned: Iterable[Version],
     ) -> bool:
         """True (once per generation): the device refused its desired placement, has not applied
-        it, and now has every version it pins, so it should get the placement again."""
+        it, lacked a version it pins and now has every one, so it should get the placement again.
+        A refusal for another reason (unsigned, a bad device) is never answered by publishing again."""
         wants = self._of(device_id)
+        pinned = list(pinned)
+        wants.lacked.update(v for v in pinned if v not in installed)
         if desired is None or refused != desired or (applied is not None and applied >= desired):
+            return False
+        if not any(v in wants.lacked for v in pinned):
             return False
         if wants.republished == desired or not all(v in installed for v in pinned):
             return False

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[str, bytes], None]
 NO_DELAY = ((socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),)
+YIELD_EVERY = 100  # messages handled between two turns of the event loop for everything else
 
 
 class PublishFailed(Exception):
@@ -115,8 +116,15 @@ class ConsoleMqtt:
         self.connects += 1
         self.connected.set()
         log.info("connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id)
+        handled = 0
         async for message in client.messages:
             self._dispatch(message)
+            handled += 1
+            if handled % YIELD_EVERY == 0:
+                # With a backlog, aiomqtt's queue hands out messages without ever suspending: let the
+                # web requests waiting on this event loop in between (a page must not wait for the
+                # backlog to drain).
+                await asyncio.sleep(0)
 
     def _new_client(
         self, version: str, username: str | None, password: str | None, tls: ssl.SSLContext | None

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from html import escape
 
-ASSET_VERSION = "1"  # bump to make browsers refetch static files after an upgrade
+ASSET_VERSION = "2"  # bump to make browsers refetch static files after an upgrade
 
 
 def _page(
@@ -51,6 +51,7 @@ def _header(user: str, role: str, crumbs: str = "") -> str:
         f'<span class="who">signed in as <b id="who-user">{escape(user)}</b> '
         f'<span id="who-role" class="role role-{escape(role)}">{escape(role)}</span></span>'
         '<a href="/models" id="models-link" class="link">models</a>'
+        '<a href="/pools" id="pools-link" class="link">pools</a>'
         '<a href="/rollouts" id="rollouts-link" class="link">rollouts</a>'
         '<a href="/tokens" id="tokens-link" class="link">API tokens</a>'
         '<button id="logout" type="button" class="link">log out</button>'
@@ -74,15 +75,30 @@ def login(*, error: bool, next_url: str) -> str:
 
 
 def fleet(user: str, role: str, csrf: str) -> str:
+    """The fleet table: one page of rows at a time, filtered and sorted by the server
+    (GET /api/devices), with fleet-wide counts above it."""
     admin_only = "" if role == "admin" else " hidden"
     body = (
         _header(user, role) + '<main class="fleet">'
+        '<section class="summary" id="summary" aria-live="polite"></section>'
         '<section class="bar">'
         '<input id="filter" type="search" '
-        'placeholder="filter: device, model, backend, state; or site=north,hw=jetson" aria-label="filter">'
-        '<select id="online-filter" aria-label="online filter"><option value="">all</option>'
-        '<option value="online">online</option><option value="offline">offline</option></select>'
-        '<span id="counts" class="counts"></span><span id="ingest" class="counts"></span>'
+        'placeholder="filter: device, model, backend, state, tag; or a selector site=north,hw=jetson" '
+        'aria-label="filter">'
+        '<select id="state-filter" aria-label="state filter"><option value="">any state</option>'
+        '<option value="online">online</option><option value="stale">stale</option>'
+        '<option value="offline">offline</option></select>'
+        '<select id="model-filter" aria-label="model filter"><option value="">any model</option></select>'
+        '<select id="backend-filter" aria-label="backend filter"><option value="">any backend</option>'
+        "</select>"
+        '<select id="placement-filter" aria-label="placement filter"><option value="">any placement</option>'
+        + "".join(
+            f"<option>{state}</option>" for state in ("pending", "applied", "failed", "refused", "none")
+        )
+        + "</select>"
+        '<input id="tag-filter" placeholder="tag key:value" size="14" aria-label="tag filter">'
+        '<label class="check"><input id="failover-filter" type="checkbox"> failed over</label>'
+        '<span id="ingest" class="counts"></span>'
         "</section>"
         f'<details class="move" id="move-panel"{admin_only}><summary>Move a model across the fleet</summary>'
         '<form id="move-form" class="inline">'
@@ -104,6 +120,11 @@ def fleet(user: str, role: str, csrf: str) -> str:
         '<th data-sort="drops" class="num">drops</th>'
         '<th data-sort="applied_generation" class="num">placement</th>'
         '</tr></thead><tbody id="fleet-body"><tr><td colspan="10">loading…</td></tr></tbody></table>'
+        '<nav class="pager" id="pager"><button type="button" id="page-prev">‹ previous</button>'
+        '<span id="counts" class="counts"></span>'
+        '<button type="button" id="page-next">next ›</button>'
+        '<select id="page-size" aria-label="rows per page"><option>50</option>'
+        "<option selected>100</option><option>250</option><option>500</option></select></nav>"
         "</main>"
     )
     return _signed_in("Fleet", body, user, role, csrf, "fleet.js")
@@ -125,7 +146,8 @@ def device(device_id: str, user: str, role: str, csrf: str) -> str:
         '<div class="chart" id="chart-queue"><h3>queue depth</h3></div></section>'
         '<section><h2>Tenants</h2><table class="grid" id="tenants"><thead><tr>'
         "<th>model</th><th>backend</th><th>device</th><th>instances</th><th>state</th>"
-        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num">queue</th>'
+        '<th class="num">fps</th><th class="num">p95 ms</th><th class="num" title="answers within the '
+        'tenant\'s latency objective, last telemetry window">on time</th><th class="num">queue</th>'
         '<th class="num">drops</th><th class="num">errors</th><th>error</th></tr></thead>'
         '<tbody id="tenants-body"></tbody></table></section>'
         '<section><h2>Placement</h2><div id="placement-state" class="placement-state">–</div>'

@@ -59,6 +59,8 @@ class RolloutEngine:
         self._limit = asyncio.Semaphore(64)
         self._jobs: set[asyncio.Task[None]] = set()
         self._task: asyncio.Task[None] | None = None
+        self._shared: set[str] = set()
+        self._tags_changed = True
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -124,9 +126,8 @@ class RolloutEngine:
             self.assigned[device_id] = dict(tags)
         else:
             self.assigned.pop(device_id, None)
-        device = self.console.fleet.devices.get(device_id)
-        if device is not None:
-            device.touch()
+        self._tags_changed = True
+        self._share_tags()
         log.info("tags of %s set by the console: %s", device_id, tags)
         return self.tags_of(device_id)
 
@@ -198,7 +199,20 @@ class RolloutEngine:
             )
         return views
 
+    def _share_tags(self) -> None:
+        """The fleet table shows and filters by tags (cloud_console/fleet.py reads `console_tags`)."""
+        fleet = self.console.fleet.devices
+        for device_id, device in fleet.items():
+            tags = self.assigned.get(device_id)
+            if device.__dict__.get("console_tags") != tags:
+                setattr(device, "console_tags", tags)  # noqa: B010 - an attribute the fleet reads if set
+                device.touch()
+
     def tick(self, now: float) -> None:
+        if len(self._shared) != len(self.console.fleet.devices) or self._tags_changed:
+            self._share_tags()
+            self._shared = set(self.console.fleet.devices)
+            self._tags_changed = False
         for rollout in list(self.rollouts.values()):
             if not rollout.is_open():
                 continue

@@ -47,6 +47,16 @@ from cloud_console.tokens import TokenStore
 log = logging.getLogger(__name__)
 
 FLEET_EVENT_INTERVAL_S = 1.0
+# Fleet pages get the counts at least this often, also when no row changed (ages and states drift).
+FLEET_COUNTS_INTERVAL_S = 5.0
+# Convergence (docs/operations.md#broker-clusters): a device whose status shows an older generation
+# than the console's desired placement gets it published again, at most once per device in this
+# long, and at most this many devices a second (a console start over a large fleet behind on its
+# placements does not publish them all at once). A placement this console just published is given
+# REPUBLISH_GRACE_S to arrive first.
+REPUBLISH_INTERVAL_S = 30.0
+REPUBLISH_PER_S = 50
+REPUBLISH_GRACE_S = 5.0
 
 
 class UnknownDevice(LookupError):
@@ -75,7 +85,7 @@ class Console:
                 self.sign_key = load_private_key(config.signing.key_file)
             except (OSError, ValueError, TypeError) as exc:
                 raise ConsoleConfigError(f"signing key {config.signing.key_file}: {exc}") from exc
-        self.fleet = Fleet(config.stale_after_s)
+        self.fleet = Fleet(config.stale_after_s, counts_max_age_s=FLEET_EVENT_INTERVAL_S)
         self.hub = Hub()
         self.store = ConsoleStore(
             config.storage.db, config.storage.retention_hours * 3600.0, config.storage.flush_interval_s
@@ -98,6 +108,9 @@ class Console:
         self._dirty: set[str] = set()
         self._unclaimed: dict[str, DesiredPlacement] = {}  # device id -> placement seen before the device
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=11)
+        self._republished: deque[float] = deque()  # when, for the REPUBLISH_PER_S limit
+        self.republishes = 0
+        self.marked_silent = 0
         self._tasks: list[asyncio.Task[Any]] = []
         self.started_at = time.time()
 
@@ -113,9 +126,9 @@ class Console:
     async def stop(self) -> None:
         self.mqtt.stop()
         self.hub.close_all()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._converging]:
             task.cancel()
-        for task in self._tasks:
+        for task in [*self._tasks, *self._converging]:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await asyncio.to_thread(self.store.stop)
@@ -132,6 +145,19 @@ class Console:
             device.status = status
             device.capabilities = status.capabilities
             device.placement = status.placement
+            device.desired = self._last_published(row["device_id"])
+
+    def _last_published(self, device_id: str) -> DesiredPlacement | None:
+        """The last placement this console published to the device, from its database: what it
+        converges the device to even when no broker node kept the retained copy (a retained one that
+        arrives replaces it)."""
+        for row in self.store.placements_of(device_id, 1):
+            try:
+                doc = Placement.model_validate_json(row["document"])
+            except (ValidationError, TypeError):
+                return None
+            return DesiredPlacement(doc.generation, doc.tenants, row["ts"], row["user"], row["action"])
+        return None
 
     # -- ingest ---------------------------------------------------------------------------------
     def dispatch(self, topic: str, payload: bytes) -> None:
@@ -190,6 +216,7 @@ class Console:
             status.tags = device.status.tags  # a last will carries no tags: selectors keep matching
         device.status = status
         device.last_seen = now
+        device.silent = False
         if status.capabilities is not None:
             device.capabilities = status.capabilities
         if status.placement is not None:
@@ -200,6 +227,7 @@ class Console:
         if self.hub.wants_device(device_id):
             self.hub.to_device(device_id, "device", self.detail(device))
         self._converge(device_id, device)
+        self._converge_placement(device, now)
 
     # -- delivery convergence (cloud_console/convergence.py) -------------------------------------------
     def _converge(self, device_id: str, device: Device) -> None:
@@ -218,7 +246,8 @@ class Console:
             self.convergence.sent(device_id, model, version, base, now)
             self._spawn(self._resend(device_id, model, version, base), f"resend {model} {version}")
         placement = device.status.placement if device.status else None
-        if desired is not None and placement is not None:
+        # Only what this console published is published again (not a document seen on the broker).
+        if desired is not None and desired.published_at is not None and placement is not None:
             refused = placement.refused.generation if placement.refused else None
             applied = placement.applied_generation
             if self.convergence.republish(device_id, desired.generation, refused, applied, installed, pinned):
@@ -263,7 +292,11 @@ class Console:
         device.telemetry = telemetry
         device.telemetry_at = now
         device.last_seen = now
-        device.touch()
+        if device.silent:  # shown offline for silence: it is back
+            device.silent = False
+            device.touch()
+        else:
+            device.touch(telemetry=True)
         self._dirty.add(device_id)
         self.store.add_telemetry(device_id, telemetry)
         if self.hub.wants_device(device_id):
@@ -296,25 +329,123 @@ class Console:
         device.touch()
         self._dirty.add(device_id)
 
+    # -- convergence: desired placement from live status, not from retained copies alone ---------
+    def needs_placement(self, device: Device) -> bool:
+        """Whether the device, online, reports an older generation than the placement this console
+        published to it and has not refused that one: on a broker cluster that does not share
+        retained messages, the node it is connected to may never have had the retained placement.
+        A document only read back (`published_at` None: another publisher's) is not signed and sent
+        again by this console."""
+        desired, status = device.desired, device.status
+        if desired is None or desired.published_at is None or status is None or status.placement is None:
+            return False
+        if not device.online:
+            return False
+        seen = status.placement.generation
+        if seen is not None and seen >= desired.generation:
+            return False
+        return track(desired, device.effective_status()).state != "refused"
+
+    def _converge_placement(self, device: Device, now: float) -> None:
+        """Publish the desired placement again where `needs_placement` (rate-limited): a placement the
+        device's broker node never had (delivery convergence above handles one it refused)."""
+        if not self.needs_placement(device) or device.desired is None:
+            return
+        desired = device.desired
+        if now - device.republished_at < REPUBLISH_INTERVAL_S:
+            return
+        if desired.published_at is not None and now - desired.published_at < REPUBLISH_GRACE_S:
+            return
+        while self._republished and now - self._republished[0] > 1.0:
+            self._republished.popleft()
+        if len(self._republished) >= REPUBLISH_PER_S or not self.mqtt.connected.is_set():
+            return  # the next sweep (once a second) comes back to it
+        self._republished.append(now)
+        device.republished_at = now
+        self._spawn(self._republish_same(device.device_id, desired), f"converge {device.device_id}")
+
+    async def _republish_same(self, device_id: str, desired: DesiredPlacement) -> None:
+        """The desired placement again, the same generation: the device's node never had it."""
+        status = self.fleet.devices[device_id].status if device_id in self.fleet.devices else None
+        reported = status.placement.generation if status and status.placement else None
+        try:
+            doc = build(desired.generation, desired.tenants)
+            await self.mqtt.publish(
+                Topics(device_id, self.prefix).placement, self._wire(doc), qos=1, retain=True
+            )
+        except (PublishFailed, ValidationError) as exc:
+            log.warning(
+                "re-publishing placement generation %d to %s failed: %s", desired.generation, device_id, exc
+            )
+            return
+        self.republishes += 1
+        log.info(
+            "re-published placement generation %d to %s: its status reports generation %s",
+            desired.generation,
+            device_id,
+            reported,
+        )
+
+    def mark_silent(self, now: float) -> list[str]:
+        """Devices that claim online but sent nothing for `offline_after_s` are shown offline: on a
+        broker cluster their last will may be published on a node this console does not hear."""
+        limit = self.config.offline_after_s
+        marked = []
+        for device in self.fleet.devices.values():
+            if device.silent or not device.online or now - device.last_seen <= limit:
+                continue
+            device.silent = True
+            device.touch()
+            self._dirty.add(device.device_id)
+            marked.append(device.device_id)
+            if self.hub.wants_device(device.device_id):
+                self.hub.to_device(device.device_id, "device", self.detail(device))
+        if marked:
+            self.marked_silent += len(marked)
+            log.info(
+                "%d device(s) silent for over %.0f s shown offline: %s",
+                len(marked),
+                limit,
+                ", ".join(marked[:10]) + (" ..." if len(marked) > 10 else ""),
+            )
+        return marked
+
+    def sweep(self, now: float) -> None:
+        """Once a second: silent devices offline; devices behind their desired placement converged."""
+        self.mark_silent(now)
+        for device in self.fleet.devices.values():
+            if device.desired is not None:
+                self._converge_placement(device, now)
+
     # -- live events ----------------------------------------------------------------------------
     async def _fleet_events(self) -> None:
-        """Once a second: sample the ingest rate, and send changed rows to fleet pages."""
+        """Once a second: sample the ingest rate, sweep, and send fleet pages the fleet-wide counts
+        and the changed rows each shows."""
+        counts_sent = 0.0
         while True:
             await asyncio.sleep(FLEET_EVENT_INTERVAL_S)
             self._rate_samples.append((time.monotonic(), self.mqtt.received))
-            dirty, self._dirty = self._dirty, set()
-            if not dirty or not self.hub.has_fleet_pages():
-                continue
             now = time.time()
-            rows = []
+            self.sweep(now)
+            dirty, self._dirty = self._dirty, set()
+            if not self.hub.has_fleet_pages() or (not dirty and now - counts_sent < FLEET_COUNTS_INTERVAL_S):
+                continue
+            watched = self.hub.watched()
+            rows: dict[str, dict[str, Any]] = {}
             removed = []
             for device_id in sorted(dirty):
                 device = self.fleet.devices.get(device_id)
                 if device is None:
                     removed.append(device_id)
+                elif watched is None or device_id in watched:
+                    rows[device_id] = device.summary(now, self.fleet.stale_after_s)
                 else:
-                    rows.append(device.summary(now, self.fleet.stale_after_s))
-            self.hub.to_fleet("fleet", {"devices": rows, "removed": removed, "stats": self.stats()})
+                    # Rows no page shows are rebuilt here, off the request path: the next page
+                    # request finds them cached.
+                    device.keys()
+            counts_sent = now
+            common = {"counts": self.fleet.counts(now), "stats": self.stats()}
+            self.hub.to_fleet_rows(rows, removed, common)
 
     def rate(self) -> float:
         """Messages per second handled over the last ~10 s."""
@@ -324,12 +455,12 @@ class Console:
         return (n1 - n0) / (t1 - t0) if t1 > t0 else 0.0
 
     def stats(self) -> dict[str, Any]:
-        devices = self.fleet.devices.values()
+        counts = self.fleet.counts()  # (reused for a second: the pages ask for stats with every page)
         return {
             "mqtt_connected": self.mqtt.connected.is_set(),
             "mqtt_connects": self.mqtt.connects,
             "devices": len(self.fleet.devices),
-            "online": sum(1 for d in devices if d.online),
+            "online": counts["online"] + counts["stale"],  # (stale devices still claim online)
             "received": self.mqtt.received,
             "by_kind": dict(self.by_kind),
             "messages_per_s": round(self.rate(), 1),
@@ -343,6 +474,9 @@ class Console:
             "event_streams": len(self.hub),
             "uptime_s": round(time.time() - self.started_at, 1),
             "stale_after_s": self.fleet.stale_after_s,
+            "offline_after_s": self.config.offline_after_s,
+            "placements_republished": self.republishes,
+            "devices_marked_silent": self.marked_silent,
         }
 
     # -- views ----------------------------------------------------------------------------------

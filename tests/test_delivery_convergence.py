@@ -52,3 +52,13 @@ def test_a_refused_placement_is_published_again_once_its_versions_are_installed(
     assert not c.republish("d", desired=3, refused=3, applied=1, installed={V1, V2}, pinned=[V2])  # once
     assert not c.republish("d", desired=4, refused=3, applied=1, installed={V2}, pinned=[V2])  # not refused
     assert not c.republish("d", desired=5, refused=5, applied=5, installed={V2}, pinned=[V2])  # applied
+
+
+def test_a_placement_refused_for_another_reason_is_not_published_again():
+    """Refused unsigned, or for a bad device: publishing the same tenants again would not help, and
+    must not turn a document someone else published into one the console signs."""
+    c = Convergence()
+    assert not c.republish("d", desired=3, refused=3, applied=1, installed={V1}, pinned=[])
+    assert not c.republish(
+        "d", desired=3, refused=3, applied=1, installed={V1, V2}, pinned=[V2]
+    )  # never lacked

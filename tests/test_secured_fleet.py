@@ -456,6 +456,32 @@ def test_an_operator_places_candidates_and_reads_the_failover_event(fleet: Fleet
         events.close()
 
 
+def test_a_device_joins_a_pool_and_a_camera_sends_to_it_under_the_shipped_acl(fleet: Fleet) -> None:
+    """Device pools under the shipped ACL (docs/security.md): the operator places the tenant in pool
+    `driveway` (signed); the device takes the pool's frames through its shared subscription and
+    announces itself (read by the console user); the camera user sends to the pool over MQTT 5 (its
+    pool reply topic) and 3.1.1 (the pool's result topic) and gets the device's answers."""
+    members = fleet.mqtt("console", ["edge/pool/driveway/members"])
+    try:
+        done = fleet.cli(
+            "operator", "place", "--model", MODEL, "--pool", "driveway",
+            "--sign-key", str(fleet.sign_key), "--timeout", "120",
+        )  # fmt: skip
+        assert done.returncode == 0 and "applied generation" in done.stdout, (done.stdout, done.stderr)
+        members.wait_for(
+            lambda got: any(m["device_id"] == DEVICE and m["open"] for m in got), "edge/pool/driveway/members"
+        )
+        for role in ("camera", "camera-3.1.1"):
+            done = fleet.cli(
+                role, "infer", str(SAMPLES / "cat.jpg"), "--pool", "driveway", "--model", MODEL, "--json"
+            )
+            assert done.returncode == 0, (role, done.stdout, done.stderr)
+            (answer,) = answers(done.stdout)
+            assert is_cat(answer) and (answer["pool"], answer["served_by"]) == ("driveway", DEVICE), answer
+    finally:
+        members.close()
+
+
 def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 

@@ -15,8 +15,10 @@ exponential backoff; the command goes on.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -24,7 +26,8 @@ import os
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,6 +124,7 @@ class Counts:
     skipped: int = 0  # live frames never sent: the agent was busy (back-pressure)
     reconnects: int = 0  # the source dropped and was opened again
     broker_reconnects: int = 0  # the broker connection was lost and made again
+    retried: int = 0  # frames sent again (same request id) after no answer within the timeout
 
     def as_dict(self) -> dict[str, int]:
         return dict(self.__dict__)
@@ -248,9 +252,40 @@ class CameraRun:
     tls_context: Any = None
     prefix: str = "edge"  # broker.topic_prefix of the agent's config
     protocol: str = "auto"  # broker.protocol: "5", "3.1.1" or "auto"
+    pool: str | None = None  # send to this device pool (docs/pools.md) instead of `device_id`
+    # A frame not answered within `timeout_s` is sent again (same request id) this many times: in a
+    # pool it then reaches a live member when the one it went to died (docs/pools.md).
+    retries: int = 1
     emit: Callable[[str], None] = print
     as_json: bool = False
     counts: Counts = field(default_factory=Counts)
+
+    @classmethod
+    def from_args(
+        cls, args: argparse.Namespace, url: str, device_id: str, tls: Any, prefix: str
+    ) -> CameraRun:
+        """The run `edge-agent camera` asks for (its options, and where its agent's config says)."""
+        from agent.service.config import BUNDLED_MODELS_DIR
+
+        short = args.short_side or short_side_for(args.models or BUNDLED_MODELS_DIR, args.model)
+        return cls(
+            source=args.source,
+            broker_url=url,
+            device_id=device_id,
+            model=args.model,
+            fps=args.fps,
+            frames=args.frames,
+            short_side=short,
+            max_in_flight=args.max_in_flight,
+            timeout_s=args.timeout,
+            tls_context=tls,
+            prefix=prefix,
+            protocol=args.protocol,
+            pool=args.pool,
+            retries=args.retries,
+            as_json=args.json,
+            emit=lambda line: print(line, flush=True),
+        )
 
     async def run(self, stop: asyncio.Event | None = None) -> Counts:
         """Until `frames` answers, the end of a file, or `stop`. The broker going away is waited out:
@@ -266,12 +301,19 @@ class CameraRun:
             while True:
                 try:
                     async with InferClient(
-                        self.broker_url, self.device_id, self.prefix, self.tls_context, self.protocol
+                        self.broker_url,
+                        self.device_id,
+                        self.prefix,
+                        self.tls_context,
+                        self.protocol,
+                        self.pool,
                     ) as client:
                         backoff.reset()
                         await self._pump(client, grabber, stop)
                         if self._in_flight:
-                            await asyncio.wait(self._in_flight, timeout=self.timeout_s + 1)
+                            await asyncio.wait(
+                                self._in_flight, timeout=(self.timeout_s + 1) * (self.retries + 1)
+                            )
                     break
                 except aiomqtt.MqttError as exc:
                     if isinstance(exc, Refused):
@@ -311,14 +353,16 @@ class CameraRun:
                 return
             image = await asyncio.to_thread(self._prepare, frame)
             self._index += 1
+            request_id = uuid.uuid4().hex
             try:
-                future = await client.send(image, self.model)
+                future = await client.send(image, self.model, request_id)
             except aiomqtt.MqttError:
                 self._slots.release()
                 self.counts.lost += 1  # taken from the source, never published
                 raise
             self.counts.sent += 1
-            task = asyncio.create_task(self._answer(self._index, future, self._slots, self._done))
+            resend = functools.partial(client.send, image, self.model, request_id)
+            task = asyncio.create_task(self._answer(self._index, future, resend, self._slots, self._done))
             self._in_flight.add(task)
             task.add_done_callback(self._in_flight.discard)
 
@@ -326,12 +370,25 @@ class CameraRun:
         return encode_jpeg(shrink(frame, self.short_side), self.jpeg_quality)
 
     async def _answer(
-        self, index: int, future: asyncio.Future[Reply], slots: asyncio.Semaphore, done: asyncio.Event
+        self,
+        index: int,
+        future: asyncio.Future[Reply],
+        resend: Callable[[], Awaitable[asyncio.Future[Reply]]],
+        slots: asyncio.Semaphore,
+        done: asyncio.Event,
     ) -> None:
         reply: Reply | None = None
         try:
-            reply = await asyncio.wait_for(future, self.timeout_s)
-        except (TimeoutError, asyncio.CancelledError):  # no answer in time, or the connection went
+            for attempt in range(self.retries + 1):
+                try:
+                    reply = await asyncio.wait_for(future, self.timeout_s)
+                    break
+                except TimeoutError:
+                    if attempt == self.retries:
+                        raise
+                    self.counts.retried += 1
+                    future = await resend()
+        except (TimeoutError, asyncio.CancelledError, aiomqtt.MqttError):  # no answer, or connection gone
             self.counts.lost += 1
         finally:
             slots.release()

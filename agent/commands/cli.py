@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 from urllib.parse import quote
 
 from agent import __version__
+from agent.protocol.topics import POOL_NAME_RE, valid_pool_name
 from agent.service.config import AgentConfig, ConfigError, load_config
 from agent.service.logs import setup_logging
 
@@ -89,6 +90,9 @@ def _device_args(args: argparse.Namespace) -> Target:
     from agent.service.mqtt_session import build_tls_context
 
     config = _config_from_args(args)
+    pool = getattr(args, "pool", None)
+    if pool is not None and not (valid_pool_name(pool) and args.model):
+        raise ConfigError(f"--pool {pool!r}: needs --model, and a name matching {POOL_NAME_RE.pattern}")
     b = config.broker
     args.protocol = b.protocol  # broker.protocol: "auto" falls back to 3.1.1 as the agent does
     scheme = "mqtts" if b.tls.enabled else "mqtt"
@@ -109,10 +113,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         failures = 0
-        async with InferClient(url, device_id, prefix, tls, args.protocol) as client:
+        async with InferClient(url, device_id, prefix, tls, args.protocol, args.pool) as client:
             for path in images:
                 try:
-                    reply = await client.infer(path.read_bytes(), args.model, timeout_s=args.timeout)
+                    reply = await client.infer(path.read_bytes(), args.model, args.timeout, args.retries)
                 except TimeoutError:
                     print(f"{path.name}: no answer within {args.timeout}s (is the agent running?)")
                     failures += 1
@@ -139,28 +143,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
 def cmd_camera(args: argparse.Namespace) -> int:
     import time
 
-    from agent.commands.camera import CameraRun, SourceError, run_camera, short_side_for, summary
-    from agent.service.config import BUNDLED_MODELS_DIR
+    from agent.commands.camera import CameraRun, SourceError, run_camera, summary
 
     logging.basicConfig(level=logging.WARNING, format="camera: %(message)s", stream=sys.stderr)
-    url, device_id, tls, prefix, _user = _device_args(args)
-    short = args.short_side or short_side_for(args.models or BUNDLED_MODELS_DIR, args.model)
-    run = CameraRun(
-        source=args.source,
-        broker_url=url,
-        device_id=device_id,
-        model=args.model,
-        fps=args.fps,
-        frames=args.frames,
-        short_side=short,
-        max_in_flight=args.max_in_flight,
-        timeout_s=args.timeout,
-        tls_context=tls,
-        prefix=prefix,
-        protocol=args.protocol,
-        as_json=args.json,
-        emit=lambda line: print(line, flush=True),
-    )
+    target = _device_args(args)
+    run = CameraRun.from_args(args, target.url, target.device_id, target.tls, target.prefix)
     started = time.monotonic()
     try:
         counts = run_camera(run)
@@ -226,6 +213,8 @@ def cmd_place(args: argparse.Namespace) -> int:
             "device": args.device,
             "instances": args.instances,
         }
+        if args.pool:  # a device pool (docs/pools.md)
+            tenant["pool"] = args.pool
         if args.batch_size:
             tenant["batch"] = {"max_size": args.batch_size, "max_delay_ms": args.max_delay_ms}
         if version := args.model_version:  # the device refuses a version it lacks (docs/fleet.md)
@@ -369,6 +358,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+")
     infer.add_argument("--model", help="model name (default: the agent's default model)")
     infer.add_argument("--timeout", type=float, default=30.0)
+    infer.add_argument("--retries", type=int, default=0, help="send again (same id) after a timeout")
     infer.add_argument("--json", action="store_true", help="print the raw result JSON")
     infer.set_defaults(func=cmd_infer)
 
@@ -384,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     camera.add_argument("--short-side", type=int, help="shrink frames to this (default: from the model)")
     camera.add_argument("--models", type=Path, help="model repository (for the model's input size)")
     camera.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for one answer")
+    camera.add_argument("--retries", type=int, default=1, help="send again (same id) after a timeout")
+    for p in (infer, camera):
+        p.add_argument("--pool", help="send to this device pool, not the device (docs/pools.md)")
     camera.add_argument("--json", action="store_true", help="one JSON line per answer")
     camera.set_defaults(func=cmd_camera)
 
@@ -404,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--candidates",
         help="fallback places in order, e.g. openvino:GPU,onnxruntime:cpu (instead of --backend/--device)",
     )
+    place.add_argument("--pool", help="also serve the model's frames sent to this pool (docs/pools.md)")
     place.add_argument("--batch-size", type=int)
     place.add_argument(
         "--max-delay-ms", type=float, default=0.0, help="batch wait (0: batch what is queued; best on CPUs)"

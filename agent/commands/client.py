@@ -29,7 +29,7 @@ from paho.mqtt.properties import Properties
 
 from agent.protocol.broker import parse_broker_url
 from agent.protocol.connection import Link, check_granted, connect_once
-from agent.protocol.topics import Topics
+from agent.protocol.topics import PoolTopics, Topics
 from agent.service.mqtt_session import NO_DELAY
 
 # With "auto", how long an MQTT 5 CONNECT may go unanswered before 3.1.1 is tried (some 3.1.1-only
@@ -135,6 +135,7 @@ class InferClient:
     prefix: str = "edge"
     tls_context: ssl.SSLContext | None = None
     protocol: str = "auto"  # "5", "3.1.1", or "auto": MQTT 5 unless the broker refuses it
+    pool: str | None = None  # send to this device pool (docs/pools.md) instead of `device_id`
     version: str = field(default="5", init=False)  # the version in use once connected
     _link: Link | None = field(default=None, init=False)
     _session: Any = field(default=None, init=False)
@@ -143,9 +144,15 @@ class InferClient:
 
     async def __aenter__(self) -> InferClient:
         self.topics = Topics(self.device_id, self.prefix)
-        self.reply_topic = (  # answers only this user may read (docs/security.md, "Broker ACL")
-            f"{self.topics.base}/reply/{parse_broker_url(self.broker_url).username or '_'}/{uuid.uuid4().hex}"
+        self.pool_topics = PoolTopics(self.pool, self.prefix) if self.pool else None
+        user = parse_broker_url(self.broker_url).username or "_"
+        # Answers only this user may read (docs/security.md, "Broker ACL").
+        self.reply_topic = (
+            self.pool_topics.reply(user, uuid.uuid4().hex)
+            if self.pool_topics
+            else f"{self.topics.base}/reply/{user}/{uuid.uuid4().hex}"
         )
+        result = self.pool_topics.result if self.pool_topics else self.topics.result
         self._session = session(
             self.broker_url, self.tls_context, self.protocol, max_queued_incoming_messages=100_000
         )
@@ -153,7 +160,7 @@ class InferClient:
         self._link.client.pending_calls_threshold = 100_000  # many requests in flight is the point
         try:
             # MQTT 3.1.1 has no response topics: answers come on the device's result topic.
-            await subscribe(self._link, self.reply_topic if self.version == "5" else self.topics.result)
+            await subscribe(self._link, self.reply_topic if self.version == "5" else result)
         except BaseException:
             await self._session.__aexit__(None, None, None)
             raise
@@ -189,6 +196,8 @@ class InferClient:
         """Publish one frame; returns a future of its reply. Raises PublishRefused at once when the
         broker refused the frame (the future is then dropped)."""
         assert self._link is not None
+        if self.pool_topics is not None and not model:
+            raise ValueError("a pool's frames name their model (--model)")
         request_id = request_id or uuid.uuid4().hex
         fut: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._pending[request_id] = (time.perf_counter(), fut)
@@ -199,12 +208,16 @@ class InferClient:
             }
             if model:
                 envelope["model"] = model
-            await self._publish(request_id, self.topics.infer, json.dumps(envelope).encode(), qos, None)
+            topic = self.pool_topics.infer(model) if self.pool_topics and model else self.topics.infer
+            await self._publish(request_id, topic, json.dumps(envelope).encode(), qos, None)
             return fut
         props = Properties(PacketTypes.PUBLISH)
         props.ResponseTopic = self.reply_topic
         props.CorrelationData = request_id.encode()
-        topic = self.topics.infer_model(model) if model else self.topics.infer
+        if self.pool_topics is not None and model:
+            topic = self.pool_topics.infer(model)
+        else:
+            topic = self.topics.infer_model(model) if model else self.topics.infer
         await self._publish(request_id, topic, image, qos, props)
         return fut
 
@@ -220,9 +233,21 @@ class InferClient:
             self._pending.pop(request_id, None)
             raise
 
-    async def infer(self, image: bytes, model: str | None = None, timeout_s: float = 30.0) -> Reply:
-        fut = await self.send(image, model)
-        return await asyncio.wait_for(fut, timeout_s)
+    async def infer(
+        self, image: bytes, model: str | None = None, timeout_s: float = 30.0, retries: int = 0
+    ) -> Reply:
+        """One frame's answer. With `retries`, a frame not answered in time is sent again with the
+        same request id: the device (or another pool member) answers a repeat of a frame it served
+        with the same answer, without running it again (docs/pools.md)."""
+        request_id = uuid.uuid4().hex
+        for attempt in range(retries + 1):
+            fut = await self.send(image, model, request_id)
+            try:
+                return await asyncio.wait_for(fut, timeout_s)
+            except TimeoutError:
+                if attempt == retries:
+                    raise
+        raise TimeoutError  # (not reached: the loop returns or raises)
 
 
 async def read_retained(

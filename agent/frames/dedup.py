@@ -103,6 +103,18 @@ class RecentRequests(Generic[W]):
                 self._trim()
             return waiters
 
+    def learn(self, key: Key, answer: bytes) -> None:
+        """Another device served this key (a pool member, docs/pools.md): a repeat that reaches this
+        device gets that answer. A key in flight here is left to its own answer."""
+        now = self._clock()
+        with self._lock:
+            self._expire(now)
+            if key in self._entries:
+                return
+            self._entries[key] = _Entry(now, answer)
+            self._bytes += len(answer)
+            self._trim()
+
     def _expire(self, now: float) -> None:
         while self._entries:
             key, entry = next(iter(self._entries.items()))

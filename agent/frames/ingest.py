@@ -56,6 +56,7 @@ class Frame:
     caller_id: bool = False  # the request id is the caller's own (recognisable when sent again)
     tracked: bool = False  # remembered by the router's duplicate check until answered
     source_topic: str | None = None  # an [[inputs]] topic it came from (named in its answer)
+    pool: str | None = None  # the device pool it was sent to (docs/pools.md), named in its answer
     # Cascades (agent/frames/cascade.py): a detector's frame keeps its full-resolution decode for
     # the crops; a crop carries its pixels and hands its answer to `on_answer`, not to MQTT.
     keep_pixels: bool = False

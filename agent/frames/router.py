@@ -3,6 +3,7 @@
 Every frame gets exactly one answer (docs/protocol.md, "Answers"): an ingest error or a refusal is
 answered here at once; a queued frame is answered by its tenant through `emit`. A frame that arrives
 again with its caller's request id is not run again (agent/frames/dedup.py, docs/protocol.md "Duplicates").
+Frames sent to a device pool (docs/pools.md) are answered the same way, on the pool's result topic.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from agent.frames.dedup import Answered, First, RecentRequests
 from agent.frames.ingest import Frame, FrameMeta, IngestError, parse_frame
 from agent.frames.tenant_table import TenantTable
 from agent.protocol.schemas import DetectionResult, ErrorCode, ErrorInfo, ErrorResult, InferResult
-from agent.protocol.topics import Topics
+from agent.protocol.topics import PoolTopics, Topics
 from agent.service.config import IngestConfig
 from agent.service.mqtt_session import Incoming
 from agent.service.outbox import Outbox
@@ -58,6 +59,18 @@ class FrameRouter:
         # Called with every answer, on the thread that made it (Home Assistant's last top-1): cheap.
         self.answer_hooks: list[Callable[[Frame, Any], None]] = []
         self.cascades = Cascades(table, self._send)
+        self._pools: dict[str, PoolTopics] = {}
+
+    def pool_topics(self, pool: str) -> PoolTopics:
+        if pool not in self._pools:
+            self._pools[pool] = PoolTopics(pool, self.topics.prefix)
+        return self._pools[pool]
+
+    def pool_handler(self, pool: str) -> Callable[[Incoming], None]:
+        """A handler for a pool's shared subscription: frames answered as this device's own, plus
+        `pool` and `served_by` in the answer, which goes to the pool's result topic."""
+        topics = self.pool_topics(pool)
+        return lambda message: self._route(message, topics.model_from_topic(message.topic), None, pool)
 
     def on_frame(self, message: Incoming) -> None:
         """A message on edge/<id>/infer[/<model>] (event loop: cheap checks only, no decoding)."""
@@ -68,7 +81,9 @@ class FrameRouter:
         name the topic they came from (`source_topic`, docs/protocol.md "Other input topics")."""
         return lambda message: self._route(message, model, message.topic)
 
-    def _route(self, message: Incoming, topic_model: str | None, source_topic: str | None) -> None:
+    def _route(
+        self, message: Incoming, topic_model: str | None, source_topic: str | None, pool: str | None = None
+    ) -> None:
         meta = frame_meta(message.properties)
         try:
             frame = parse_frame(
@@ -80,9 +95,10 @@ class FrameRouter:
             )
         except IngestError as exc:
             self.rejected[exc.code] += 1
-            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message, source_topic)
+            self._answer_unqueued(exc.request_id, exc.model, meta, exc.code, exc.message, source_topic, pool)
             return
         frame.source_topic = source_topic
+        frame.pool = pool
         if not self.accepting:
             self._refuse(frame, "shutting_down", "the agent is stopping")
             return
@@ -130,6 +146,7 @@ class FrameRouter:
         code: ErrorCode,
         message: str,
         source_topic: str | None = None,
+        pool: str | None = None,
     ) -> None:
         frame = Frame(
             request_id=request_id,
@@ -139,6 +156,7 @@ class FrameRouter:
             response_topic=meta.response_topic,
             correlation_data=meta.correlation_data,
             source_topic=source_topic,
+            pool=pool,
         )
         self.emit(
             frame,
@@ -164,10 +182,14 @@ class FrameRouter:
         """Send a frame's one answer: the result topic, plus its response topic."""
         for hook in self.answer_hooks:
             hook(frame, outcome)
-        if frame.source_topic is None:
+        if frame.source_topic is None and frame.pool is None:
             payload = outcome.model_dump_json(exclude_none=True).encode()
-        else:  # a frame from an [[inputs]] topic: its answer says which topic
-            doc = {**outcome.model_dump(mode="json", exclude_none=True), "source_topic": frame.source_topic}
+        else:  # an [[inputs]] topic's frame says which topic; a pool's, which pool and member
+            doc = outcome.model_dump(mode="json", exclude_none=True)
+            if frame.source_topic is not None:
+                doc["source_topic"] = frame.source_topic
+            if frame.pool is not None:
+                doc.update(pool=frame.pool, served_by=self.topics.device_id)
             payload = json.dumps(doc, separators=(",", ":")).encode()
         repeats: list[Frame] = []
         if frame.tracked:  # a served result is kept to answer repeats; an error is forgotten (retry runs)
@@ -180,12 +202,13 @@ class FrameRouter:
     def _publish(self, frame: Frame, payload: bytes) -> None:
         if self.outbox is None:
             return
+        result = self.topics.result if frame.pool is None else self.pool_topics(frame.pool).result
         if frame.response_topic:
             self.outbox.put_many(
                 [
-                    (self.topics.result, payload, self.results_qos, None),
+                    (result, payload, self.results_qos, None),
                     (frame.response_topic, payload, self.results_qos, frame.correlation_data),
                 ]
             )
         else:
-            self.outbox.put(self.topics.result, payload, self.results_qos)
+            self.outbox.put(result, payload, self.results_qos)

@@ -4,6 +4,8 @@ Instance worker threads pull from one shared queue, so a frame goes to the first
 `get_batch` returns as soon as `max_size` frames are there, or `max_delay` after it picked the
 first one, whichever comes first. The queue never holds more than `depth` frames: on overflow it
 either drops the oldest (returned to the caller, who answers it `overloaded`) or refuses the new one.
+A tenant with a latency objective takes its batches with `get_planned` instead: the objective
+policy (slo_policy.py) picks the batch and the frames to shed from everything queued.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Generic, Literal, TypeVar
 
 T = TypeVar("T")
@@ -95,6 +98,31 @@ class BatchQueue(Generic[T]):
             if self._items:
                 self._cond.notify()  # more work left: wake another instance
             return batch
+
+    def get_planned(
+        self, choose: Callable[[list[T]], tuple[list[int], list[int]]], max_size: int, max_delay_s: float
+    ) -> tuple[list[T], list[T]] | None:
+        """(batch, shed) as `choose` picks them from everything queued (indexes to take in order,
+        indexes to shed); None once closed and empty. Waits for a first item, then up to
+        `max_delay_s` for `max_size` of them, as `get_batch` does."""
+        with self._cond:
+            while not self._items:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            deadline = time.monotonic() + max_delay_s
+            while len(self._items) < max_size and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            items = list(self._items)
+            take, shed = choose(items)
+            gone = set(take) | set(shed)
+            self._items = deque(item for i, item in enumerate(items) if i not in gone)
+            if self._items:
+                self._cond.notify()  # more work left: wake another instance
+            return [items[i] for i in take], [items[i] for i in shed]
 
     def close(self) -> None:
         """Take no new items; workers finish what is queued, then see None."""

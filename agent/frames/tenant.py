@@ -29,10 +29,11 @@ from agent.frames.ingest import Frame
 from agent.frames.postprocess import detection_options
 from agent.frames.preprocess import Preprocessor
 from agent.frames.scheduler import BatchQueue, QueueClosed, QueueFull
+from agent.frames.slo_policy import LatencyTable
 from agent.frames.tenant_answers import Answers, EmitFn, Outcome
 from agent.frames.tenant_failover import FailoverSettings, FailoverWatch, UnhealthyFn
 from agent.frames.tenant_load import load_instances
-from agent.frames.tenant_worker import InFlight, Worker
+from agent.frames.tenant_worker import InFlight, ObjectivePlanner, Worker
 from agent.observability.stats import TenantStats
 from agent.protocol.schemas import Detection, ErrorCode, TenantSpec, TenantState
 from agent.service.model_repo import Model
@@ -74,6 +75,9 @@ class Tenant:
         self.error: str | None = None
         self.fault: faults.Fault | None = None  # injected on this backend and device (set at load)
         self.inflight = InFlight()
+        # Measured batch times per size (objective scheduling; the drift check's like-for-like figure).
+        self.latency = LatencyTable()
+        self.planner = ObjectivePlanner(spec, self.latency) if spec.latency_objective_ms else None
         self._sessions: list[Session] = []
         self._threads: list[threading.Thread] = []
         # State, the hand-off and queueing change together under _lock.
@@ -283,9 +287,15 @@ class Tenant:
         reason = self.watch.runtime_error(message)
         return None if reason is None else self.unhealthy("error", reason)
 
-    def batch_served(self, per_frame_ms: float) -> None:
+    def batch_served(self, per_frame_ms: float, size: int = 1) -> None:
         """A batch came back (a worker). A slow drift: the candidate still answers, so it serves
-        until the next one is ready (make-before-break); reported once per tenant."""
+        until the next one is ready (make-before-break); reported once per tenant.
+
+        The drift check compares like with like: a batch of `size` counts as the per-frame time it
+        means at batch 1 (larger batches cost less per frame), from the measured batch times."""
+        one, this = self.latency.per_frame(1), self.latency.per_frame(size)
+        if size > 1 and one and this:
+            per_frame_ms *= one / this
         reason = self.watch.served(per_frame_ms)
         settings = self.watch.settings
         if reason is not None and settings is not None and not self.handing_off:

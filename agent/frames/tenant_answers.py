@@ -68,6 +68,11 @@ class Answers:
         if self._record:
             self._record(row)
 
+    def shed(self, frame: Frame, objective_ms: float) -> None:
+        """A frame the objective policy gave up on: answered now rather than late."""
+        self._stats.shed()
+        self.error(frame, "shed", f"it could no longer be answered within the {objective_ms:g} ms objective")
+
     def served(
         self,
         frame: Frame,
@@ -80,6 +85,9 @@ class Answers:
         """A frame's result from its row of the batch output (`size`: its width and height)."""
         result = self._result(frame, ref, row, size, timing, batch)
         self._stats.served(timing.total, timing.queue, timing.preprocess, timing.infer)
+        objective = self._spec.latency_objective_ms
+        if objective is not None:
+            self._stats.objective(timing.total, timing.total - timing.queue, objective)
         # The row's time is taken before the answer goes to the outbox: a row stamped after a broker
         # went away is then an answer the broker cannot have had (tests/test_exactly_once.py relies on it).
         done = self.row(frame, "ok", ref.instance, timing)

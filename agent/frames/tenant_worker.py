@@ -18,8 +18,9 @@ import numpy as np
 
 from agent.frames.ingest import Frame
 from agent.frames.preprocess import BadImage
+from agent.frames.slo_policy import PRIORITIES, Item, LatencyTable, plan
 from agent.frames.tenant_load import item_shape
-from agent.protocol.schemas import ErrorCode, TenantRef, Timing
+from agent.protocol.schemas import ErrorCode, TenantRef, TenantSpec, Timing
 from backends.base import BackendError, Session
 
 if TYPE_CHECKING:
@@ -91,6 +92,34 @@ class InFlight:
             return index in self._left_open
 
 
+class ObjectivePlanner:
+    """Asks the objective policy (slo_policy.py) for a tenant's next batch: each frame's deadline is
+    its arrival plus the objective, or its MQTT 5 expiry if sooner."""
+
+    def __init__(self, spec: TenantSpec, table: LatencyTable) -> None:
+        self.objective_s = (spec.latency_objective_ms or 0.0) / 1000.0
+        self.priority = PRIORITIES[spec.priority]
+        self.max_size = spec.batch.max_size
+        self.servers = spec.instances
+        self.table = table
+        # Nothing taken for this long: run one frame the estimate would shed (slo_policy.plan).
+        self.explore_after_s = max(1.0, 2.0 * self.objective_s)
+        self.last_taken = time.monotonic()
+
+    def deadline(self, frame: Frame) -> float:
+        own = frame.received + self.objective_s
+        return own if frame.expires_at is None else min(own, frame.expires_at)
+
+    def choose(self, frames: list[Frame]) -> tuple[list[int], list[int]]:
+        now = time.monotonic()
+        items = [Item(f.received, self.deadline(f), self.priority) for f in frames]
+        explore = now - self.last_taken > self.explore_after_s
+        decision = plan(items, now, self.max_size, self.table.estimate, self.servers, explore)
+        if decision.take:
+            self.last_taken = now
+        return decision.take, decision.shed
+
+
 class Worker:
     """One instance's loop on its own thread, serving `tenant`'s queue with `session`."""
 
@@ -105,8 +134,17 @@ class Worker:
     def run(self) -> None:
         t = self.tenant
         max_delay_s = t.spec.batch.max_delay_ms / 1000.0
+        planner = t.planner
         while True:
-            batch = t.queue.get_batch(t.spec.batch.max_size, max_delay_s)
+            if planner is None:
+                batch = t.queue.get_batch(t.spec.batch.max_size, max_delay_s)
+            else:
+                planned = t.queue.get_planned(planner.choose, t.spec.batch.max_size, max_delay_s)
+                batch = None if planned is None else planned[0]
+                for frame in [] if planned is None else planned[1]:
+                    t.answers.shed(frame, planner.objective_s * 1000.0)
+                if batch == []:
+                    continue
             if batch is None:
                 if t.inflight.exit(self.index):  # the call that hung returned after the drain: free it
                     self.session.close()
@@ -191,7 +229,8 @@ class Worker:
                 return
             fail(ready, "internal", failure)
             return
-        t.batch_served((done - preprocessed) * 1000.0 / len(ready))
+        t.batch_served((done - preprocessed) * 1000.0 / len(ready), len(ready))
+        t.latency.update(len(ready), (done - started) * 1000.0)
         if len(logits) != len(ready):
             fail(ready, "internal", f"the runtime returned {len(logits)} results for {len(ready)} frames")
             return

@@ -1,7 +1,8 @@
 """Home Assistant MQTT discovery (opt in: `[homeassistant] enabled = true`).
 
 The agent appears in Home Assistant as one device with, per tenant (model), sensors for throughput,
-p95 latency, the last top-1 label and its score, and the error and drop counters; plus a connectivity
+p95 latency, the last top-1 label and its score, the error and drop counters and, with a latency
+objective, the share of answers within it; plus a connectivity
 binary sensor. Discovery configs are retained on
 `<discovery_prefix>/<component>/edge_<device id>/<object id>/config` and follow HA's MQTT discovery
 schema (docs/home-assistant.md); availability comes from the agent's own retained status and its
@@ -84,6 +85,15 @@ TENANT_SENSORS = (
         "{{ value_json.drops }}",
         (("state_class", "total_increasing"), ("entity_category", "diagnostic"), ("icon", "mdi:delete")),
     ),
+)
+
+# Tenants with a latency objective only: the share of its answers in the window within it.
+OBJECTIVE_SENSOR = SensorDef(
+    "within_objective",
+    "within objective",
+    "stats",
+    "{{ value_json.within_objective_pct }}",
+    (("unit_of_measurement", "%"), ("state_class", "measurement"), ("icon", "mdi:timer-check")),
 )
 
 
@@ -181,7 +191,9 @@ class HomeAssistant:
 
     def tenant_configs(self, model: str) -> dict[str, dict[str, Any]]:
         out = {}
-        for sensor in TENANT_SENSORS:
+        tenant = self.table.get(model)
+        objective = tenant is not None and tenant.placed.latency_objective_ms is not None
+        for sensor in (*TENANT_SENSORS, OBJECTIVE_SENSOR) if objective else TENANT_SENSORS:
             object_id = slug(f"{model}_{sensor.key}")
             doc: dict[str, Any] = {
                 **self._common(),
@@ -204,12 +216,14 @@ class HomeAssistant:
         if tenant is None:
             return None
         snap = tenant.stats.snapshot(self.config.state_interval_s)
+        share = snap.objective_share
         return {
             "fps": round(snap.fps, 2),
             "latency_p95_ms": round(snap.latency_ms.p95, 2) if snap.latency_samples else None,
             "errors": snap.errors,
             "drops": snap.drops,
             "frames_out": snap.frames_out,
+            "within_objective_pct": None if share is None else round(100.0 * share, 2),
         }
 
     # -- the loop -----------------------------------------------------------------------------------
@@ -229,7 +243,7 @@ class HomeAssistant:
         for model in sorted(serving):
             configs = self.tenant_configs(model)
             wanted.update(configs)
-            if model not in self.announced:
+            if sorted(configs) != sorted(self.announced.get(model, [])):  # new, or its objective changed
                 for topic, doc in configs.items():
                     await self._publish(topic, json.dumps(doc).encode(), retain=True)
                 self.announced[model] = list(configs)

@@ -43,6 +43,7 @@ class Reporter:
         rejected: Callable[[], Mapping[str, int]],
         duplicates: Callable[[], int] = lambda: 0,
         mqtt_protocol: Callable[[], str] = lambda: "5",
+        mqtt_broker: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.config = config
         self.topics = topics
@@ -50,6 +51,7 @@ class Reporter:
         self.rejected = rejected  # frames refused before a tenant, by error code
         self.duplicates = duplicates  # frames not run again (a repeated request id)
         self.mqtt_protocol = mqtt_protocol
+        self.mqtt_broker = mqtt_broker  # the broker node connected to (host:port)
         self.started_at = time.time()
         self.errors: deque[str] = deque(maxlen=20)
         self.device_stats = DeviceStats()
@@ -82,6 +84,7 @@ class Reporter:
             ),
             errors=list(self.errors),
             mqtt_protocol=self.mqtt_protocol(),
+            mqtt_broker=self.mqtt_broker(),
             tags=dict(self.config.tags),
         )
 

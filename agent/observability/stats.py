@@ -84,6 +84,7 @@ class TenantStats:
         self._per_second: deque[list[int]] = deque(maxlen=self.RATE_BUCKETS)  # [second, results]
         self.latency = {stage: Histogram(LATENCY_BUCKETS_S) for stage in STAGES}
         self.batch_sizes = Histogram(BATCH_BUCKETS)
+        self._objective: deque[tuple[float, bool]] = deque(maxlen=self.WINDOW)  # (monotonic, in time)
 
     def frame_in(self) -> None:
         with self._lock:
@@ -109,6 +110,24 @@ class TenantStats:
             for stage, ms in (("queue", queue_ms), ("preprocess", preprocess_ms), ("infer", infer_ms)):
                 if ms is not None:
                     self.latency[stage].observe(ms / 1000.0)
+
+    def objective(self, total_ms: float, own_ms: float, objective_ms: float) -> None:
+        """A result of a tenant with an objective: within it, or late because it waited to start
+        (its own serving, `own_ms`, would have fitted) or because its serving alone ran over."""
+        now = time.monotonic()
+        with self._lock:
+            if total_ms <= objective_ms:
+                self._counts.within_objective += 1
+            elif own_ms <= objective_ms:
+                self._counts.missed_queueing += 1
+            else:
+                self._counts.missed_inference += 1
+            self._objective.append((now, total_ms <= objective_ms))
+
+    def shed(self) -> None:
+        with self._lock:
+            self._counts.shed += 1
+            self._objective.append((time.monotonic(), False))
 
     def error(self) -> None:
         with self._lock:
@@ -164,6 +183,7 @@ class TenantStats:
             recent = [ms for t, ms in self._latencies if now - t <= window_s]
             batches = list(self._batches)
             counts = self._counts.model_dump()
+            judged = [ok for t, ok in self._objective if now - t <= window_s]
         lat = np.asarray(recent, np.float64)
         pct = (
             Percentiles(**{f"p{q}": round(float(np.percentile(lat, q)), 3) for q in (50, 95, 99)})
@@ -176,4 +196,5 @@ class TenantStats:
             latency_ms=pct,
             batch_size_mean=float(np.mean(batches)) if batches else 0.0,
             latency_samples=int(lat.size),
+            objective_share=round(sum(judged) / len(judged), 4) if judged else None,
         )

@@ -12,9 +12,11 @@ import asyncio
 import functools
 import itertools
 import logging
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from agent.frames.slo_threads import apply_budget
 from agent.placement.profiler import Candidate, Profiler
 from agent.protocol.schemas import AutoChoice, Placement, TenantSpec
 from agent.service.errors import PlacementRefused
@@ -25,6 +27,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 # Runs a blocking call that may hang (a runtime, a driver) under the load deadline; `what` names it.
 RuntimeCall = Callable[[Callable[[], Any], str], Awaitable[Any]]
+
+
+def host_cores() -> int:
+    """The cores this process may run on (a container or `taskset` may allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def is_auto(spec: TenantSpec) -> bool:
@@ -57,24 +67,40 @@ def candidates_for(backend: str, device: str) -> list[Candidate]:
     return out
 
 
+def goodput(fps: float, instances: int, objective_ms: float | None) -> float:
+    """Frames per second answered within the objective: all of `fps`, unless one frame's own time
+    (`instances` / fps, each instance serving one frame at a time) is over the objective, then none."""
+    if objective_ms is None or fps <= 0:
+        return fps
+    return fps if 1000.0 * instances / fps <= objective_ms else 0.0
+
+
 def choose(
-    tenants: Mapping[str, Mapping[Candidate, float]], fixed: Mapping[str, Candidate] | None = None
+    tenants: Mapping[str, Mapping[Candidate, float]],
+    fixed: Mapping[str, Candidate] | None = None,
+    objectives: Mapping[str, tuple[int, float | None]] | None = None,
 ) -> dict[str, Candidate]:
-    """Assign each auto tenant a candidate to maximise estimated total throughput.
+    """Assign each auto tenant a candidate to maximise estimated total goodput.
 
     Tenants sharing a physical resource split its time evenly, so two models on the same CPU each
     get half of their solo rate; on different accelerators each keeps its own. `fixed` tenants
-    (explicit placements) occupy their resource too. Exhaustive for small fleets, greedy beyond.
+    (explicit placements) occupy their resource too. A tenant with a latency objective
+    (`objectives`: model -> (instances, objective ms)) counts only where its share of the resource
+    still answers a frame within it (`goodput`). Exhaustive for small fleets, greedy beyond.
     """
     fixed = dict(fixed or {})
     names = sorted(tenants)
+    slo = dict(objectives or {})
 
     def score(assignment: Mapping[str, Candidate]) -> float:
         load: dict[str, int] = {}
         for cand in list(assignment.values()) + list(fixed.values()):
             res = resource_of(*cand)
             load[res] = load.get(res, 0) + 1
-        return sum(tenants[n][c] / load[resource_of(*c)] for n, c in assignment.items())
+        return sum(
+            goodput(tenants[n][c] / load[resource_of(*c)], *slo.get(n, (1, None)))
+            for n, c in assignment.items()
+        )
 
     options = [sorted(tenants[n], key=lambda c: -tenants[n][c]) for n in names]
     combos = 1
@@ -113,7 +139,15 @@ class AutoPlacer:
         self.runtime_call = runtime_call
 
     async def resolve(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
-        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached)."""
+        """Replace `backend: "auto"` / `device: "auto"` with measured choices (profiles cached), then
+        give tenants sharing the CPU their share of threads (agent/frames/slo_threads.py)."""
+        resolved, choices = await self._resolve_auto(placement)
+        if os.environ.get("EDGE_AGENT_THREAD_BUDGET", "1") == "0":  # each runtime's own default
+            return resolved, choices
+        tenants = apply_budget(resolved.tenants, host_cores(), resource_of)
+        return resolved.model_copy(update={"tenants": tenants}), choices
+
+    async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
         autos = [t for t in placement.tenants if is_auto(t)]
         if not autos:
             return placement, {}
@@ -138,7 +172,8 @@ class AutoPlacer:
             if not figures:
                 raise PlacementRefused(f"auto placement of {spec.model}: no available backend could run it")
             measured[spec.model] = figures
-        picks = choose(measured, fixed)
+        objectives = {t.model: (t.instances, t.latency_objective_ms) for t in autos}
+        picks = choose(measured, fixed, objectives)
         together: dict[str, float] | None = None
         if len(autos) >= 2:
             picks, together = await self._choose_together(autos, measured, picks)
@@ -181,9 +216,13 @@ class AutoPlacer:
                 ),
                 f"measuring {label} together",
             )
-            totals[label] = round(sum(figures), 1)
-            if sum(figures) > best_total:
-                best, best_total = dict(zip(names, combo, strict=True)), sum(figures)
+            # Within objectives: a tenant too slow for its objective in this combination adds nothing.
+            total = sum(
+                goodput(f, t.instances, t.latency_objective_ms) for f, t in zip(figures, autos, strict=True)
+            )
+            totals[label] = round(total, 1)
+            if total > best_total:
+                best, best_total = dict(zip(names, combo, strict=True)), total
         return best, totals
 
 

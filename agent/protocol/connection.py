@@ -1,7 +1,8 @@
 """The one MQTT connection rule, for the agent's session, the CLI's client and the console.
 
 aiomqtt does not reconnect by itself. `keep_connected` is the loop that does (exponential backoff with
-jitter, `Backoff`); `connect_once` is the CLI's single attempt. Both choose the MQTT version with
+jitter, `Backoff`; with several nodes of a broker cluster, `Nodes`, each attempt after a failure goes
+to the next node); `connect_once` is the CLI's single attempt. Both choose the MQTT version with
 `VersionChoice`: with `protocol = "auto"` a broker that refuses MQTT 5, or that took the TCP
 connection and left MQTT 5 CONNECTs unanswered, gets MQTT 3.1.1; a broker that is down does not
 (docs/protocol.md#mqtt-311-brokers). `Link` is the only code that touches aiomqtt's private parts
@@ -18,7 +19,7 @@ import logging
 import random
 import ssl
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiomqtt
@@ -85,6 +86,36 @@ class Backoff:
         delay = self._next * (0.5 + self._rand())
         self._next = min(self._next * 2, self.max_s)
         return delay
+
+
+class Nodes:
+    """The broker nodes of one cluster, in the configured order. A pure decision (its table is in
+    tests/test_broker_nodes.py): a client stays on the node it is connected to; when an attempt
+    fails or a connection is lost, the next attempt goes to the next node, round and round (the
+    backoff between attempts is `Backoff`'s). One node is the plain single-broker case."""
+
+    def __init__(self, addresses: Sequence[tuple[str, int]]) -> None:
+        if not addresses:
+            raise ValueError("at least one broker node")
+        self.addresses = list(addresses)
+        self.index = 0
+
+    @property
+    def current(self) -> tuple[str, int]:
+        return self.addresses[self.index]
+
+    @property
+    def label(self) -> str:
+        """`host:port` of the current node (IPv6 hosts in brackets)."""
+        host, port = self.current
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def failed(self) -> bool:
+        """The current node failed: move to the next. True when there was another to move to."""
+        if len(self.addresses) == 1:
+            return False
+        self.index = (self.index + 1) % len(self.addresses)
+        return True
 
 
 class VersionChoice:
@@ -272,8 +303,9 @@ class Link:
 
 async def keep_connected(
     *,
-    host: str,
-    port: int,
+    host: str = "",
+    port: int = 0,
+    nodes: Nodes | None = None,
     versions: VersionChoice,
     backoff: Backoff,
     link_for: Callable[[str], Link],
@@ -285,9 +317,13 @@ async def keep_connected(
 ) -> None:
     """Connect, `serve` (subscribe, dispatch; it returns or raises MqttError when the connection
     ends), and on any MQTT error back off and do it again, until `stopping()`. `link_for(version)`
-    gives the client for that MQTT version (the same one again keeps paho's unacknowledged messages
-    across the reconnect); `down()` runs whenever a connection attempt or a connection ends."""
+    gives the client for that MQTT version and `nodes.current` (the same one again keeps paho's
+    unacknowledged messages across the reconnect); `down()` runs whenever a connection attempt or a
+    connection ends. `nodes` (or one node, `host` and `port`): after a failure the next attempt goes
+    to the next node."""
+    nodes = nodes or Nodes([(host, port)])
     while not stopping():
+        host, port = nodes.current
         link = link_for(versions.version)
         try:
             link.rearm()
@@ -311,7 +347,17 @@ async def keep_connected(
             if on_error is not None:
                 on_error(exc)
             delay = backoff.delay()
-            logger.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
+            failed = nodes.label
+            if nodes.failed():
+                logger.warning(
+                    "mqtt connection to %s lost or refused (%s); trying node %s in %.1fs",
+                    failed,
+                    exc,
+                    nodes.label,
+                    delay,
+                )
+            else:
+                logger.warning("mqtt connection lost or refused (%s); retrying in %.1fs", exc, delay)
             down()
             await asyncio.sleep(delay)
         finally:

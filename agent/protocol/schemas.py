@@ -8,8 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from agent.protocol.counters import DeviceCounters, TenantCounters
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
-from agent.protocol.topics import MODEL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
+from agent.protocol.topics import MODEL_NAME_RE, POOL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
 
 ErrorCode = Literal[
     "bad_request",  # a JSON envelope that does not parse or validate
@@ -21,6 +22,7 @@ ErrorCode = Literal[
     "unavailable",  # the tenant for this model failed to load
     "shutting_down",  # the agent is stopping and could not serve it in time
     "internal",  # a bug or runtime failure; the agent keeps serving
+    "shed",  # it could no longer meet its tenant's latency objective: answered at once, not late
 ]
 
 
@@ -190,6 +192,10 @@ class TenantSpec(Strict):
     version: str | None = Field(default=None, pattern=VERSION_RE.pattern)
     # Classifier tenants only: run on the boxes of a detector tenant (docs/detection.md "Cascades").
     cascade: CascadeSpec | None = None
+    pool: str | None = Field(default=None, pattern=POOL_NAME_RE.pattern)  # a device pool (docs/pools.md)
+    # Arrival to answer, ms (docs/protocol.md "Latency objectives"); None: served as fast as it can.
+    latency_objective_ms: float | None = Field(default=None, ge=1.0, le=60000.0)
+    priority: Literal["high", "normal", "low"] = "normal"
     # Set by the Placement that holds it (it depends on the other tenants): see tenant_key().
     _key: str | None = PrivateAttr(default=None)
 
@@ -204,6 +210,12 @@ class TenantSpec(Strict):
     def _first_candidate(self) -> TenantSpec:
         if self.candidates:
             self._check_first_candidate(self.candidates[0])
+        objective = self.latency_objective_ms
+        if objective is not None and self.batch.max_delay_ms >= objective:
+            raise ValueError(
+                f"batch.max_delay_ms ({self.batch.max_delay_ms:g}) must be under latency_objective_ms "
+                f"({objective:g}): a frame waiting that long for company would always miss it"
+            )
         return self
 
     def _check_first_candidate(self, first: Candidate) -> None:
@@ -247,8 +259,10 @@ class TenantSpec(Strict):
             self.batch.max_delay_ms,
             (self.min_score, self.max_detections, tuple(self.labels or ())),
             tuple(c.label.lower() for c in self.candidates or []),
-            self.version,
+            (self.version, self.pool),
             None if self.cascade is None else self.cascade.model_dump_json(),
+            self.latency_objective_ms,
+            self.priority,
         )
 
 
@@ -389,6 +403,7 @@ class Status(BaseModel):
     ts: float = Field(default_factory=time.time)
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
+    mqtt_broker: str | None = None  # the broker node connected to, host:port (several: broker.nodes)
     tags: dict[str, str] = Field(default_factory=dict)  # agent.toml `tags`, for docs/fleet.md#selectors
 
 
@@ -409,18 +424,6 @@ REJECTED_CODES: tuple[ErrorCode, ...] = (
 )
 
 
-class TenantCounters(BaseModel):
-    """A tenant's counters since it started (a moved model starts again at 0)."""
-
-    frames_in: int = Field(default=0, description="Frames routed to the tenant.")
-    frames_out: int = Field(default=0, description="Frames answered with a result.")
-    errors: int = Field(default=0, description="Frames answered with an error by the tenant.")
-    drops: int = Field(
-        default=0, description="Frames dropped by the overload policy (answered `overloaded`)."
-    )
-    stalls: int = Field(default=0, description="Batches answered `internal` because the runtime call hung.")
-
-
 class Percentiles(BaseModel):
     """p50, p95, p99 of `timing_ms.total` over the window, ms (0 when nothing was served)."""
 
@@ -435,6 +438,9 @@ class TenantWindow(TenantCounters):
     fps: float = 0.0
     latency_ms: Percentiles = Field(default_factory=Percentiles)
     batch_size_mean: float = 0.0
+    # Of the frames answered in the window (results and `shed`), the share within the objective;
+    # null without an objective or without answers.
+    objective_share: float | None = None
 
 
 class TenantIdentity(BaseModel):
@@ -474,18 +480,6 @@ class DeviceTelemetry(BaseModel):
     memory_available_mb: float | None = None
     disk_free_mb: float | None = None
     gpus: list[GpuTelemetry] | None = None
-
-
-class DeviceCounters(BaseModel):
-    """The agent's own counters since it started (not a tenant's)."""
-
-    duplicates: int = Field(
-        default=0, description="Frames not run again: their request id was served or in flight."
-    )
-    publishes_refused: int = Field(
-        default=0,
-        description="Publishes the broker refused (MQTT 5 reason code, e.g. not authorised by its ACL).",
-    )
 
 
 class Telemetry(DeviceCounters):

@@ -8,6 +8,8 @@ DEVICE_ID_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 # A model version: a folder name on the device, so no `/`, and `..` is refused by valid_version.
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+# A device pool's name (docs/pools.md): a topic level and a shared subscription's group name.
+POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
 # Device tags (docs/fleet.md#tags): a key and a value, e.g. site = "north".
 TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
 TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
@@ -111,6 +113,65 @@ class Topics:
         """The `<model>` suffix of an infer topic, or None for the plain infer topic."""
         head = self.infer + "/"
         return topic[len(head) :] if topic.startswith(head) else None
+
+
+def valid_pool_name(name: str) -> bool:
+    return bool(POOL_NAME_RE.fullmatch(name))
+
+
+class PoolTopics:
+    """Topics of one device pool (docs/pools.md): `<prefix>/pool/<name>/...`. Five levels for frames,
+    so no device topic (`<prefix>/<id>/infer[/<model>]`, at most four) ever matches a pool's."""
+
+    def __init__(self, name: str, prefix: str = DEFAULT_PREFIX) -> None:
+        if not valid_pool_name(name):
+            raise ValueError(f"pool name {name!r} must match {POOL_NAME_RE.pattern}")
+        self.name = name
+        self.prefix = prefix
+        self.base = f"{prefix}/pool/{name}"
+
+    def infer(self, model: str) -> str:
+        """Where a camera sends the pool's frames for `model`."""
+        return f"{self.base}/infer/{model}"
+
+    def share(self, model: str) -> str:
+        """A member's shared subscription: the broker hands each frame to one member of the group."""
+        return f"$share/{self.name}/{self.infer(model)}"
+
+    @property
+    def infer_any_model(self) -> str:
+        return f"{self.base}/infer/+"
+
+    @property
+    def result(self) -> str:
+        """Every member's answers (MQTT 3.1.1 cameras read them here; members learn served ids)."""
+        return f"{self.base}/result"
+
+    @property
+    def members(self) -> str:
+        """Members announce whether they take frames (back-pressure) and how full they are."""
+        return f"{self.base}/members"
+
+    def reply(self, user: str, token: str) -> str:
+        """An MQTT 5 client's response topic for pool frames (docs/security.md, "Broker ACL")."""
+        return f"{self.base}/reply/{user}/{token}"
+
+    def model_from_topic(self, topic: str) -> str | None:
+        head = f"{self.base}/infer/"
+        return topic[len(head) :] if topic.startswith(head) else None
+
+
+def parse_pool_topic(topic: str, prefix: str = DEFAULT_PREFIX) -> tuple[str, str] | None:
+    """(pool, kind) of a pool's `<prefix>/pool/<pool>/<kind>` (result, members); None otherwise."""
+    parts = topic.split("/")
+    if len(parts) != 4 or parts[0] != prefix or parts[1] != "pool" or not valid_pool_name(parts[2]):
+        return None
+    return parts[2], parts[3]
+
+
+def pool_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """Wildcard filter over all pools, e.g. `edge/pool/+/members` (used by the console)."""
+    return f"{prefix}/pool/+/{kind}"
 
 
 def fleet_filter(kind: str, prefix: str = DEFAULT_PREFIX) -> str:

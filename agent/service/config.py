@@ -22,7 +22,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from agent.protocol.broker import BrokerUrlError
+from agent.protocol.broker import BrokerUrlError, redact_url
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
 from agent.protocol.topics import (
@@ -101,6 +101,36 @@ class BrokerConfig(Section):
     # where each gets an answer. Measured (bench/burst.py, 6000-frame bursts, Mosquitto's default
     # queue of 1000): 0-89 frames dropped at 65535, 64-929 at 1000, 222-849 at 20.
     receive_maximum: int = Field(default=65535, ge=1, le=65535)
+    # Nodes of one broker cluster, `["mqtt://a:1883", "mqtt://b:1883"]`: set, they replace host and
+    # port (the first is tried first); when the node the agent is on goes down it moves to the next,
+    # and says which it is on (status `mqtt_broker`; docs/operations.md#broker-clusters).
+    nodes: list[str] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _nodes(self) -> BrokerConfig:
+        if not self.nodes:
+            return self
+        addresses = []
+        for url in self.nodes:
+            try:
+                address = parse_address(url)
+            except BrokerUrlError as exc:
+                raise ValueError(f"nodes: {exc}") from exc
+            if address.username or address.password:
+                raise ValueError(f"nodes: {redact_url(url)!r}: put credentials in username and password")
+            addresses.append(address)
+        if len({a.tls for a in addresses}) > 1:
+            raise ValueError("nodes: all mqtt:// or all mqtts:// (one cluster, one TLS setting)")
+        self.host, self.port = addresses[0].host, addresses[0].port
+        if addresses[0].tls:
+            self.tls.enabled = True
+        return self
+
+    def addresses(self) -> list[tuple[str, int]]:
+        """Where to connect, in order: the nodes, or the one host and port."""
+        if not self.nodes:
+            return [(self.host, self.port)]
+        return [(a.host, a.port) for a in map(parse_address, self.nodes)]
 
 
 class IngestConfig(Section):
@@ -381,17 +411,28 @@ class AgentConfig(BaseSettings):
 
 def parse_broker_url(url: str) -> dict[str, Any]:
     """`--broker URL` as config overrides (agent.protocol.broker parses it; the scheme decides TLS,
-    also against a config file that enables it: its CA and certificate stay)."""
+    also against a config file that enables it: its CA and certificate stay). Several URLs, comma
+    separated, are the nodes of one cluster (`broker.nodes`); one URL replaces the file's nodes."""
+    urls = [u.strip() for u in url.split(",") if u.strip()]
     try:
-        address = parse_address(url)
+        address = parse_address(urls[0] if urls else url)
+        others = [parse_address(u) for u in urls[1:]]
     except BrokerUrlError as exc:
         raise ConfigError(f"--{exc}") from exc
     out: dict[str, Any] = {"host": address.host, "port": address.port, "tls": {"enabled": address.tls}}
+    if others:
+        out["nodes"] = [
+            f"{'mqtts' if a.tls else 'mqtt'}://{_netloc(a.host, a.port)}" for a in [address, *others]
+        ]
     if address.username:
         out["username"] = address.username
     if address.password:
         out["password"] = address.password
     return out
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -424,7 +465,8 @@ def load_config(
     if broker_url:
         # Flags win over the file, but keep the file's other broker settings (credentials, TLS files).
         file_broker = tomllib.loads(path.read_text()).get("broker", {}) if path else {}
-        init["broker"] = _merge(file_broker, parse_broker_url(broker_url))
+        file_broker.pop("nodes", None)  # the flag's address, or its nodes, replace the file's nodes
+        init["broker"] = _merge(file_broker, {"nodes": [], **parse_broker_url(broker_url)})
     token = _toml_path.set(path)
     try:
         return AgentConfig(**init)

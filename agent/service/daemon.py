@@ -16,6 +16,7 @@ import logging
 from typing import Any
 
 from agent.frames.deadline import call_with_deadline
+from agent.frames.pool import PoolMembers
 from agent.frames.router import FrameRouter
 from agent.frames.tenant import Tenant
 from agent.frames.tenant_table import TenantTable
@@ -66,6 +67,7 @@ class Agent:
             rejected=lambda: self.router.rejected,
             duplicates=lambda: self.router.duplicates,
             mqtt_protocol=lambda: self.session.protocol,
+            mqtt_broker=lambda: self.session.broker,
         )
         self.reconciler = Reconciler(
             config,
@@ -113,6 +115,8 @@ class Agent:
         # [[inputs]]: other topics (a camera's, Frigate's snapshots) whose frames a model serves.
         for source in config.inputs:
             self.session.subscribe(source.topic, self.router.input_handler(source.model), qos=source.qos)
+        # Device pools (docs/pools.md): shares joined and left as placed, on their own connection.
+        self.pools = PoolMembers(config.device_id, self.table, self.router, self._pool_session)
         self.homeassistant: HomeAssistant | None = None
         if config.homeassistant.enabled:  # MQTT discovery (docs/home-assistant.md)
             self.homeassistant = HomeAssistant(config.homeassistant, self.topics, self.table, self.session)
@@ -131,6 +135,14 @@ class Agent:
                 repo=self.repo,
                 place=self._place_for_frigate,
             )
+
+    def _pool_session(self) -> MqttSession:
+        """Pool frames come on a second connection without a session: a member that dies is then
+        handed no more frames (agent/frames/pool.py gives the measurement)."""
+        broker = self.config.broker
+        cfg = broker.model_copy(update={"session_expiry_s": 0})
+        client_id = broker.client_id or f"edge-agent-{self.config.device_id}"
+        return MqttSession(cfg, f"{client_id}-pool", None, b"")
 
     async def _place_for_frigate(self, model: str, version: str) -> str | None:
         """Add a tenant of a model Frigate sent to this device's placement (generation + 1, as a local
@@ -225,6 +237,7 @@ class Agent:
             asyncio.create_task(self.reporter.stall_loop(), name="stalls"),
             asyncio.create_task(self.reconciler.health_loop(), name="health"),
             asyncio.create_task(memory.trim_loop(), name="memory"),
+            asyncio.create_task(self.pools.run(), name="pools"),
         ]
         if self.homeassistant is not None:
             self._tasks.append(asyncio.create_task(self.homeassistant.run(), name="homeassistant"))
@@ -258,6 +271,7 @@ class Agent:
 
     async def shutdown(self) -> None:
         """Stop taking frames, answer what is queued, publish the final status, flush SQLite."""
+        await self.pools.stop()  # leave pools first: their frames go to the other members
         self.router.accepting = False
         notify("STOPPING=1\nSTATUS=draining queued frames")
         await self.reconciler.stop_applying()

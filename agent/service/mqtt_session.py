@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.broker import tls_context
-from agent.protocol.connection import Backoff, Link, PublishRefused, VersionChoice, keep_connected
+from agent.protocol.connection import Backoff, Link, Nodes, PublishRefused, VersionChoice, keep_connected
 from agent.service.config import BrokerConfig
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,14 @@ class Subscription:
     qos: int
     handler: Handler
 
+    @property
+    def route(self) -> str:
+        """The filter messages are matched against: a shared subscription's (`$share/<group>/<f>`)
+        messages carry topics matching `<f>`."""
+        if self.filter.startswith("$share/"):
+            return self.filter.split("/", 2)[2]
+        return self.filter
+
 
 def build_tls_context(cfg: BrokerConfig) -> ssl.SSLContext | None:
     """The agent's TLS settings as a context (agent.protocol.broker): blocking, run it in a thread."""
@@ -78,13 +86,13 @@ class MqttSession:
         self,
         cfg: BrokerConfig,
         client_id: str,
-        will_topic: str,
+        will_topic: str | None,
         will_payload: bytes,
         on_connect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.cfg = cfg
         self.client_id = client_id
-        self.will = aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
+        self.will = None if will_topic is None else aiomqtt.Will(will_topic, will_payload, qos=1, retain=True)
         self.subscriptions: list[Subscription] = []
         self.connected = asyncio.Event()
         self.connects = 0
@@ -97,7 +105,10 @@ class MqttSession:
         # again after the reconnect).
         self.on_disconnect: list[Callable[[], None]] = []
         self._link: Link | None = None  # set while connected
-        self._links: dict[str, Link] = {}  # one client per MQTT version, kept across reconnects
+        # One client per MQTT version (and node), kept across reconnects to the same node.
+        self._links: dict[tuple[str, str, int], Link] = {}
+        # The nodes of the broker cluster (one for a single broker): the next after a failure.
+        self.nodes = Nodes(cfg.addresses())
         self._stopping = False
         # The MQTT version: 5 unless configured or the broker refused it ("auto", agent.protocol.connection).
         self._versions = VersionChoice(cfg.protocol)
@@ -107,10 +118,37 @@ class MqttSession:
         """The MQTT version in use ("5" or "3.1.1")."""
         return self._versions.version
 
+    @property
+    def broker(self) -> str:
+        """The broker node in use or tried next, `host:port` (status `mqtt_broker`)."""
+        return self.nodes.label
+
     def subscribe(self, filter_: str, handler: Handler, qos: int = 1) -> None:
         """Filters must not overlap: paho calls every matching callback, so a message matching two
         filters would be handled twice."""
         self.subscriptions.append(Subscription(filter_, qos, handler))
+
+    async def add_subscription(self, filter_: str, handler: Handler, qos: int = 1) -> None:
+        """Subscribe while running (a device pool's share, docs/pools.md); kept for reconnects."""
+        sub = Subscription(filter_, qos, handler)
+        if any(s.filter == filter_ for s in self.subscriptions):
+            return
+        self.subscriptions.append(sub)
+        for each in self._links.values():  # (a filter's callback replaces an earlier one: once only)
+            each.route(sub.route, self._paho_callback(sub))
+        link = self._link
+        if link is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):  # (down: the next connect subscribes)
+                await link.client.subscribe(filter_, qos=qos)
+
+    async def remove_subscription(self, filter_: str) -> None:
+        """Unsubscribe while running. Its handler stays routed: messages the broker had sent before
+        the UNSUBACK still arrive, and each of them must still get its answer."""
+        self.subscriptions = [s for s in self.subscriptions if s.filter != filter_]
+        link = self._link
+        if link is not None and self.connected.is_set():
+            with contextlib.suppress(aiomqtt.MqttError):
+                await link.client.unsubscribe(filter_)
 
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again. Until stop()."""
@@ -118,19 +156,22 @@ class MqttSession:
         loop = asyncio.get_running_loop()
 
         def link_for(version: str) -> Link:
-            # One client per version for the session's life: after a reconnect paho itself sends
-            # again what the broker had not acknowledged.
-            if version not in self._links:
-                link = Link(self._new_client(tls, version))
+            # One client per version while on one node: after a reconnect paho itself sends again
+            # what the broker had not acknowledged. On another node (a session is a node's own) a new
+            # client starts; what was in flight is sent again by its owner (`on_disconnect`).
+            host, port = self.nodes.current
+            key = (version, host, port)
+            if key not in self._links:
+                self._links = {k: v for k, v in self._links.items() if k[1:] == (host, port)}
+                link = Link(self._new_client(tls, version, host, port))
                 for sub in self.subscriptions:
-                    link.route(sub.filter, self._paho_callback(sub))
+                    link.route(sub.route, self._paho_callback(sub))
                 link.write_on_loop(loop)
-                self._links[version] = link
-            return self._links[version]
+                self._links[key] = link
+            return self._links[key]
 
         await keep_connected(
-            host=self.cfg.host,
-            port=self.cfg.port,
+            nodes=self.nodes,
             versions=self._versions,
             backoff=Backoff(self.cfg.reconnect_min_s, self.cfg.reconnect_max_s),
             link_for=link_for,
@@ -143,11 +184,13 @@ class MqttSession:
     async def _serve(self, link: Link) -> None:
         client = link.client
         self._link = link
-        for sub in self.subscriptions:
+        for sub in list(self.subscriptions):
             await client.subscribe(sub.filter, qos=sub.qos)
         self.connects += 1
         self.connected.set()
-        log.info("connected to mqtt %s:%d as %s", self.cfg.host, self.cfg.port, self.client_id)
+        many = len(self.nodes.addresses)
+        of = f" (node {self.nodes.index + 1} of {many})" if many > 1 else ""
+        log.info("connected to mqtt %s%s as %s", self.nodes.label, of, self.client_id)
         if self._on_connect is not None:
             await self._on_connect()
         # Subscribed messages go to the paho callbacks (`Link.route`); this loop sees only strays,
@@ -155,11 +198,13 @@ class MqttSession:
         async for message in client.messages:
             self._dispatch(message)
 
-    def _new_client(self, tls: ssl.SSLContext | None, version: str) -> aiomqtt.Client:
+    def _new_client(self, tls: ssl.SSLContext | None, version: str, host: str, port: int) -> aiomqtt.Client:
         if version == "3.1.1":
             # A persistent session (clean session off): frames wait at the broker while the agent is
             # away, as with MQTT 5's session expiry (for as long as the broker keeps sessions).
-            session: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": False}
+            # (session_expiry_s 0, a pool's connection: a clean session, as with MQTT 5.)
+            clean = self.cfg.session_expiry_s == 0
+            session: dict[str, Any] = {"protocol": aiomqtt.ProtocolVersion.V311, "clean_session": clean}
         else:
             connect_props = Properties(PacketTypes.CONNECT)
             connect_props.SessionExpiryInterval = self.cfg.session_expiry_s
@@ -172,8 +217,8 @@ class MqttSession:
                 "properties": connect_props,
             }
         client = aiomqtt.Client(
-            hostname=self.cfg.host,
-            port=self.cfg.port,
+            hostname=host,
+            port=port,
             identifier=self.client_id,
             username=self.cfg.username,
             password=self.cfg.password,

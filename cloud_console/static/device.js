@@ -76,11 +76,12 @@
               `<td>${EC.esc(t.model)}${candidatesOf(t)}</td><td>${EC.esc(t.backend)}</td><td>${EC.esc(t.device)}</td>` +
               `<td>${t.instances}</td><td><span class="chip state-${EC.esc(t.state)}">${EC.esc(t.state)}</span></td>` +
               `<td class="num">${EC.num(t.fps)}</td><td class="num">${EC.num(t.p95_ms)}</td>` +
+              `<td class="num on-time">${t.objective_share != null ? EC.num(100 * t.objective_share) + " %" : "–"}</td>` +
               `<td class="num">${t.queue_depth ?? "–"}</td><td class="num">${t.drops ?? "–"}</td>` +
               `<td class="num">${t.errors ?? "–"}</td><td class="error">${EC.esc(t.error || "")}</td></tr>`,
           )
           .join("")
-      : '<tr><td colspan="11" class="muted">no tenants</td></tr>';
+      : '<tr><td colspan="12" class="muted">no tenants</td></tr>';
   }
 
   // Detection tenants: the labels and scores of the last frame each one served (telemetry).
@@ -422,7 +423,7 @@
         (x) => x.model === row.model && x.backend === row.backend && x.device.toLowerCase() === row.device.toLowerCase(),
       );
       if (t && row.state !== "draining") {
-        Object.assign(row, { fps: t.fps, p95_ms: t.latency_ms.p95, queue_depth: t.queue_depth, drops: t.drops, errors: t.errors });
+        Object.assign(row, { fps: t.fps, p95_ms: t.latency_ms.p95, queue_depth: t.queue_depth, drops: t.drops, errors: t.errors, objective_share: t.objective_share });
       }
     }
     detail.summary.last_seen = Date.now() / 1000;

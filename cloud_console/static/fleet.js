@@ -1,16 +1,39 @@
-// Fleet page: the table of devices, sortable and filterable, updated live; the fleet-wide move.
+// Fleet page: one page of the fleet table at a time, filtered and sorted by the server
+// (GET /api/devices), fleet-wide counts above it; live updates for the rows on screen; the fleet-wide move.
 "use strict";
 
 (() => {
-  const rows = new Map(); // device_id -> summary
+  const FILTERS = ["q", "state", "model", "backend", "tag", "placement"];
+  const params = new URLSearchParams(location.search);
+  const query = {
+    q: params.get("q") || "",
+    state: params.get("state") || "",
+    model: params.get("model") || "",
+    backend: params.get("backend") || "",
+    tag: params.get("tag") || "",
+    placement: params.get("placement") || "",
+    failover: params.get("failover") === "true",
+    sort: params.get("sort") || "device_id",
+    desc: params.get("desc") === "true",
+    offset: Math.max(0, Number(params.get("offset")) || 0),
+    limit: [50, 100, 250, 500].includes(Number(params.get("limit"))) ? Number(params.get("limit")) : 100,
+  };
+  let order = []; // device ids of this page, in the server's order
+  const rows = new Map(); // device_id -> row, for this page only
+  let counts = {};
   let stats = {};
-  let sortKey = "device_id";
-  let descending = false;
+  let matched = 0;
+  let total = 0;
+  let streamId = null;
+  let loads = 0; // answers to older queries are dropped
+  let facetsLoaded = false;
   let pending = false;
+  let reloadTimer = null;
 
   const body = document.getElementById("fleet-body");
-  const filter = document.getElementById("filter");
-  const onlineFilter = document.getElementById("online-filter");
+  const el = (id) => document.getElementById(id);
+  const filter = el("filter");
+  const tagFilter = el("tag-filter");
 
   function tenantChips(r) {
     if (!r.tenants.length) return '<span class="muted">none</span>';
@@ -40,6 +63,10 @@
   }
 
   function stateCell(r) {
+    if (r.silent) {
+      const why = `nothing heard for over ${stats.offline_after_s || 90} s (its last will may be on another broker node)`;
+      return `<span class="badge offline" title="${EC.esc(why)}">offline</span>`;
+    }
     if (!r.online) return '<span class="badge offline">offline</span>';
     if (isStale(r)) return '<span class="badge stale">stale</span>';
     return '<span class="badge online">online</span>';
@@ -57,89 +84,145 @@
     );
   }
 
-  function haystack(r) {
-    return [r.device_id, ...r.tenants.flatMap((t) => [t.model, t.backend, t.device, t.state])]
-      .join(" ")
-      .toLowerCase();
+  // A filter with `=` or `!` is a selector of tags and ids (docs/fleet.md#selectors); the fleet move
+  // then goes to the devices it matches only.
+  const isSelector = (text) => /[=!]/.test(text.trim());
+
+  function queryString() {
+    const out = new URLSearchParams();
+    for (const name of FILTERS) if (query[name].trim()) out.set(name, query[name].trim());
+    if (isSelector(query.q)) {
+      out.delete("q");
+      out.set("selector", query.q.trim());
+    }
+    if (query.failover) out.set("failover", "true");
+    if (query.sort !== "device_id") out.set("sort", query.sort);
+    if (query.desc) out.set("desc", "true");
+    if (query.offset) out.set("offset", String(query.offset));
+    if (query.limit !== 100) out.set("limit", String(query.limit));
+    return out.toString();
   }
 
-  // A filter with `=` or `!` is a selector of tags and ids (docs/fleet.md#selectors): the console
-  // says which devices it matches; the fleet move then goes to those only.
-  let selected = null;
-  let selectorTimer = null;
-  const isSelector = (text) => /[=!]/.test(text);
-  async function applySelector() {
-    const text = filter.value.trim();
-    if (!isSelector(text)) {
-      selected = null;
-      filter.classList.remove("bad");
-      schedule();
-      return;
+  async function load() {
+    const mine = ++loads;
+    const qs = queryString();
+    history.replaceState(null, "", qs ? `?${qs}` : location.pathname);
+    const data = await EC.api("GET", `/api/devices${qs ? "?" + qs : ""}`);
+    if (mine !== loads) return;
+    if (!data.devices.length && query.offset > 0 && data.matched > 0) {
+      // Past the end (devices went away): the last page instead.
+      query.offset = Math.floor((data.matched - 1) / query.limit) * query.limit;
+      return load();
     }
-    try {
-      const res = await EC.api("GET", "/api/selectors/match?selector=" + encodeURIComponent(text));
-      selected = new Set(res.devices);
-      filter.classList.remove("bad");
-      filter.title = "";
-    } catch (err) {
-      selected = new Set();
-      filter.classList.add("bad");
-      filter.title = err.message;
+    order = data.devices.map((r) => r.device_id);
+    rows.clear();
+    for (const r of data.devices) rows.set(r.device_id, r);
+    ({ counts, stats, matched, total } = data);
+    render();
+    watch();
+    if (!facetsLoaded) {
+      // The filter choices (models, backends with their device counts) after the first rows are up.
+      facetsLoaded = true;
+      fillFacets((await EC.api("GET", "/api/devices?limit=0&facets=true")).facets);
     }
-    schedule();
   }
 
-  function visible() {
-    const needle = filter.value.trim().toLowerCase();
-    const want = onlineFilter.value;
-    let list = [...rows.values()];
-    if (want) list = list.filter((r) => r.online === (want === "online"));
-    if (selected !== null) list = list.filter((r) => selected.has(r.device_id));
-    else if (needle) list = list.filter((r) => haystack(r).includes(needle));
-    const dir = descending ? -1 : 1;
-    list.sort((a, b) => {
-      const x = a[sortKey] ?? -Infinity;
-      const y = b[sortKey] ?? -Infinity;
-      if (x < y) return -dir;
-      if (x > y) return dir;
-      return a.device_id < b.device_id ? -1 : 1;
-    });
-    return list;
+  function reload(delay = 0) {
+    clearTimeout(reloadTimer);
+    reloadTimer = setTimeout(() => load().catch((e) => console.error(e)), delay);
+  }
+
+  function changed(delay = 0) {
+    query.offset = 0;
+    reload(delay);
+  }
+
+  // The event stream carries the rows of this page only (and the counts).
+  function watch() {
+    if (!streamId) return;
+    EC.api("POST", `/api/events/${encodeURIComponent(streamId)}/watch`, { devices: order }).catch((e) =>
+      console.error(e),
+    );
+  }
+
+  function fillFacets(facets) {
+    for (const [id, values, label] of [
+      ["model-filter", facets.models, "any model"],
+      ["backend-filter", facets.backends, "any backend"],
+    ]) {
+      const sel = el(id);
+      const keep = id === "model-filter" ? query.model : query.backend;
+      const names = Object.keys(values);
+      if (keep && !names.includes(keep)) names.push(keep);
+      sel.innerHTML =
+        `<option value="">${label}</option>` +
+        names.map((n) => `<option value="${EC.esc(n)}">${EC.esc(n)} (${values[n] ?? 0})</option>`).join("");
+      sel.value = keep;
+    }
+  }
+
+  function stat(n, label, filterName, value, tone = "") {
+    const cls = `stat${n && tone ? " " + tone : ""}`;
+    return (
+      `<a href="#" class="${cls}" data-filter="${filterName}" data-value="${EC.esc(value)}">` +
+      `<b>${n.toLocaleString()}</b>${EC.esc(label)}</a>`
+    );
+  }
+
+  function renderSummary() {
+    const c = counts;
+    el("summary").innerHTML = [
+      stat(c.total || 0, "devices", "all", ""),
+      stat(c.online || 0, "online", "state", "online"),
+      stat(c.stale || 0, "stale", "state", "stale", "warn"),
+      stat(c.offline || 0, c.silent ? `offline (${c.silent} silent)` : "offline", "state", "offline"),
+      stat(c.failover || 0, "failed over", "failover", "true", "warn"),
+      stat(c.pending || 0, "placements pending", "placement", "pending"),
+      stat(c.refused || 0, "refused", "placement", "refused", "bad"),
+      stat(c.failed || 0, "failed", "placement", "failed", "bad"),
+    ].join("");
+  }
+
+  function rowHtml(r) {
+    return (
+      `<tr data-device="${EC.esc(r.device_id)}" class="${r.online ? "" : "is-offline"}">` +
+      `<td><a href="/devices/${encodeURIComponent(r.device_id)}"` +
+      `${r.broker ? ` title="on broker ${EC.esc(r.broker)}"` : ""}>${EC.esc(r.device_id)}</a></td>` +
+      `<td>${stateCell(r)}</td>` +
+      `<td class="age">${EC.esc(EC.age(r.last_seen))}</td>` +
+      `<td class="tenants">${tenantChips(r)}</td>` +
+      `<td class="num">${EC.num(r.fps)}</td>` +
+      `<td class="num">${EC.num(r.p95_ms)}</td>` +
+      `<td class="num">${r.queue_depth}</td>` +
+      `<td class="num" title="${EC.esc(r.last_error || "")}">${r.errors}` +
+      `${r.status_errors ? ` <span class="warn">+${r.status_errors}</span>` : ""}</td>` +
+      `<td class="num">${r.drops}</td>` +
+      `<td class="num">${placementCell(r)}</td></tr>`
+    );
   }
 
   function render() {
     pending = false;
-    const list = visible();
+    const list = order.map((id) => rows.get(id)).filter(Boolean);
     body.innerHTML = list.length
-      ? list
-          .map(
-            (r) =>
-              `<tr data-device="${EC.esc(r.device_id)}" class="${r.online ? "" : "is-offline"}">` +
-              `<td><a href="/devices/${encodeURIComponent(r.device_id)}">${EC.esc(r.device_id)}</a></td>` +
-              `<td>${stateCell(r)}</td>` +
-              `<td class="age">${EC.esc(EC.age(r.last_seen))}</td>` +
-              `<td class="tenants">${tenantChips(r)}</td>` +
-              `<td class="num">${EC.num(r.fps)}</td>` +
-              `<td class="num">${EC.num(r.p95_ms)}</td>` +
-              `<td class="num">${r.queue_depth}</td>` +
-              `<td class="num" title="${EC.esc(r.last_error || "")}">${r.errors}` +
-              `${r.status_errors ? ` <span class="warn">+${r.status_errors}</span>` : ""}</td>` +
-              `<td class="num">${r.drops}</td>` +
-              `<td class="num">${placementCell(r)}</td></tr>`,
-          )
-          .join("")
-      : '<tr><td colspan="10" class="muted">no devices</td></tr>';
-    const online = [...rows.values()].filter((r) => r.online).length;
-    document.getElementById("counts").textContent =
-      `${rows.size} devices, ${online} online, ${list.length} shown`;
-    document.getElementById("ingest").textContent = stats.received
+      ? list.map(rowHtml).join("")
+      : `<tr><td colspan="10" class="muted">${total ? "no device matches" : "no devices"}</td></tr>`;
+    renderSummary();
+    const first = list.length ? query.offset + 1 : 0;
+    el("counts").textContent =
+      `${first.toLocaleString()}–${(query.offset + list.length).toLocaleString()} of ` +
+      `${matched.toLocaleString()}${matched === total ? "" : ` matched (${total.toLocaleString()} devices)`}`;
+    el("page-prev").disabled = query.offset === 0;
+    el("page-next").disabled = query.offset + list.length >= matched;
+    el("ingest").textContent = stats.received
       ? `ingest ${stats.messages_per_s} msg/s, backlog ${stats.backlog}`
       : "";
     for (const th of document.querySelectorAll("th[data-sort]")) {
-      th.classList.toggle("sorted", th.dataset.sort === sortKey);
-      th.classList.toggle("desc", th.dataset.sort === sortKey && descending);
+      th.classList.toggle("sorted", th.dataset.sort === query.sort);
+      th.classList.toggle("desc", th.dataset.sort === query.sort && query.desc);
     }
     document.body.dataset.rendered = String(list.length);
+    if (!performance.getEntriesByName("fleet-rows").length) performance.mark("fleet-rows"); // first rows (bench)
   }
 
   function schedule() {
@@ -149,38 +232,90 @@
     }
   }
 
-  async function load() {
-    const data = await EC.api("GET", "/api/devices");
-    rows.clear();
-    for (const r of data.devices) rows.set(r.device_id, r);
-    stats = data.stats;
-    render();
-    loadMoveOptions();
+  function onFleet(ev) {
+    for (const r of ev.devices) if (rows.has(r.device_id)) rows.set(r.device_id, r);
+    const before = counts.total;
+    counts = ev.counts || counts;
+    stats = ev.stats || stats;
+    // A device joined or left: the page's window moved (a quiet refetch, at most once a second).
+    if (ev.removed.some((id) => rows.has(id)) || (before !== undefined && counts.total !== before)) reload(1000);
+    schedule();
   }
 
-  function onFleet(ev) {
-    for (const r of ev.devices) rows.set(r.device_id, r);
-    for (const id of ev.removed) rows.delete(id);
-    stats = ev.stats;
-    schedule();
+  function syncControls() {
+    filter.value = query.q;
+    el("state-filter").value = query.state;
+    el("placement-filter").value = query.placement;
+    tagFilter.value = query.tag;
+    el("failover-filter").checked = query.failover;
+    el("page-size").value = String(query.limit);
   }
 
   for (const th of document.querySelectorAll("th[data-sort]")) {
     th.addEventListener("click", () => {
-      if (sortKey === th.dataset.sort) descending = !descending;
+      if (query.sort === th.dataset.sort) query.desc = !query.desc;
       else {
-        sortKey = th.dataset.sort;
-        descending = false;
+        query.sort = th.dataset.sort;
+        query.desc = false;
       }
-      render();
+      changed();
     });
   }
   filter.addEventListener("input", () => {
-    clearTimeout(selectorTimer);
-    if (isSelector(filter.value.trim())) selectorTimer = setTimeout(applySelector, 250);
-    else applySelector();
+    query.q = filter.value;
+    changed(250);
   });
-  onlineFilter.addEventListener("change", schedule);
+  tagFilter.addEventListener("input", () => {
+    query.tag = tagFilter.value;
+    changed(250);
+  });
+  el("state-filter").addEventListener("change", (ev) => {
+    query.state = ev.target.value;
+    changed();
+  });
+  el("placement-filter").addEventListener("change", (ev) => {
+    query.placement = ev.target.value;
+    changed();
+  });
+  el("model-filter").addEventListener("change", (ev) => {
+    query.model = ev.target.value;
+    changed();
+  });
+  el("backend-filter").addEventListener("change", (ev) => {
+    query.backend = ev.target.value;
+    changed();
+  });
+  el("failover-filter").addEventListener("change", (ev) => {
+    query.failover = ev.target.checked;
+    changed();
+  });
+  el("page-size").addEventListener("change", (ev) => {
+    query.limit = Number(ev.target.value);
+    changed();
+  });
+  el("page-prev").addEventListener("click", () => {
+    query.offset = Math.max(0, query.offset - query.limit);
+    reload();
+  });
+  el("page-next").addEventListener("click", () => {
+    query.offset += query.limit;
+    reload();
+  });
+  el("summary").addEventListener("click", (ev) => {
+    const a = ev.target.closest("a[data-filter]");
+    if (!a) return;
+    ev.preventDefault();
+    const { filter: name, value } = a.dataset;
+    if (name === "all") {
+      for (const f of FILTERS) query[f] = "";
+      query.failover = false;
+    } else if (name === "failover") query.failover = true;
+    else query[name] = value;
+    syncControls();
+    if (name === "all") facetsLoaded = false;
+    changed();
+  });
+  syncControls();
 
   // -- fleet-wide move (admin) ------------------------------------------------------------------
   const moveForm = document.getElementById("move-form");
@@ -219,7 +354,7 @@
         from_backend: document.getElementById("move-from").value,
         to_backend: document.getElementById("move-to").value,
         to_device: document.getElementById("move-device").value.trim() || null,
-        selector: selected !== null ? filter.value.trim() : "",
+        selector: isSelector(query.q) ? query.q.trim() : "",
       });
       const skipped = res.skipped.length
         ? `; skipped ${res.skipped.length}: ` +
@@ -236,7 +371,20 @@
     }
   });
 
-  EC.live("/api/events", { fleet: onFleet }, () => load().catch((e) => console.error(e)));
-  // Ages ("3 s ago") drift even when nothing arrives.
+  EC.live(
+    "/api/events?watch=true",
+    {
+      fleet: onFleet,
+      hello: (data) => {
+        streamId = data.stream;
+        watch();
+      },
+    },
+    () => load().catch((e) => console.error(e)),
+  );
+  // Ages ("3 s ago") drift even when nothing arrives; a page sorted by a live figure is refetched.
   setInterval(schedule, 5000);
+  setInterval(() => {
+    if (query.sort !== "device_id" && query.sort !== "online" && document.visibilityState === "visible") reload();
+  }, 15000);
 })();

@@ -1,0 +1,224 @@
+"""Automatic pool scaling (docs/pools.md, "Automatic scaling"): applies the pure policy of
+cloud_console/pools_policy.py through the console's placement path.
+
+Adding a member: the least loaded online device that is not a member and has the model (or gets it
+from the model store first, `deliver_missing`) gets the pool's tenant, copied from a member's;
+the pool counts it once it announces itself in the share (make-before-break: nothing is removed
+meanwhile). Removing one: the member the policy names loses the pool (or the tenant, when the scaler
+placed it); the others already carry the load, and frames that reach it while it goes are handed back
+to the pool by the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+from agent.protocol.editing import PlacementInvalid
+from agent.protocol.schemas import TenantSpec
+from agent.protocol.topics import parse_pool_topic, pool_filter
+from cloud_console.mqtt import PublishFailed
+from cloud_console.pools import PoolView
+from cloud_console.pools_policy import Decision, ScaleState, Target, decide
+from cloud_console.service import Console
+
+log = logging.getLogger(__name__)
+
+TICK_S = 1.0
+JOIN_TIMEOUT_S = 300.0  # an added member that has not joined by then is given up on
+USER = "pool-scaler"
+
+Key = tuple[str, str]  # (pool, model)
+
+
+@dataclass
+class Pending:
+    device_id: str
+    since: float
+
+
+class PoolScaler:
+    def __init__(self, console: Console, view: PoolView | None = None, clock: Any = time.monotonic) -> None:
+        self.console = console
+        self.view = view or PoolView(clock)
+        self._clock = clock
+        self.targets: dict[Key, Target] = {}
+        self.auto: dict[Key, bool] = {}
+        self.states: dict[Key, ScaleState] = {}
+        self.decisions: dict[Key, Decision] = {}
+        self.pending: dict[Key, Pending] = {}
+        self.added: set[tuple[str, str, str]] = set()  # (pool, model, device): tenants the scaler placed
+        self.actions: deque[dict[str, Any]] = deque(maxlen=50)  # what it did, newest last
+        self._task: asyncio.Task[None] | None = None
+
+    def attach(self) -> None:
+        """Subscribe the console to members' announcements (before it connects)."""
+        self.console.mqtt.subscriptions.append((pool_filter("members", self.console.prefix), 0))
+        forward = self.console.mqtt.handler
+
+        def handler(topic: str, payload: bytes) -> None:
+            parsed = parse_pool_topic(topic, self.console.prefix)
+            if parsed is not None and parsed[1] == "members":
+                self.view.on_announcement(payload)
+            else:
+                forward(topic, payload)
+
+        self.console.mqtt.handler = handler
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self.run(), name="pool-scaler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def set_target(self, pool: str, model: str, target: Target, auto: bool) -> None:
+        self.targets[(pool, model)] = target
+        self.auto[(pool, model)] = auto
+        self.states.setdefault((pool, model), ScaleState())
+
+    async def run(self) -> None:
+        while True:
+            for key in [k for k, on in self.auto.items() if on]:
+                try:
+                    await self.step(key, self._clock())
+                except (PlacementInvalid, PublishFailed) as exc:
+                    self._note(key, "failed", None, str(exc))
+                except Exception:  # a bug in one pool must not stop the others' scaling
+                    log.exception("pool scaling of %s failed", key)
+            await asyncio.sleep(TICK_S)
+
+    async def step(self, key: Key, now: float) -> Decision:
+        pool, model = key
+        figures = self.view.figures(pool, model)
+        state = self.states.get(key, ScaleState())
+        waiting = self.pending.get(key)
+        if waiting is not None:
+            joined = any(m.device_id == waiting.device_id for m in figures)
+            if joined or now - waiting.since > JOIN_TIMEOUT_S:
+                del self.pending[key]
+                self.states[key] = ScaleState(last_change=now)  # the cooldown starts once it serves
+            decision = Decision("hold", f"waiting for {waiting.device_id} to join", state)
+            self.decisions[key] = decision
+            return decision
+        decision = decide(figures, self.view.capacity.get(key), self.targets[key], state, now)
+        self.states[key] = decision.state
+        self.decisions[key] = decision
+        if decision.action == "add":
+            device = await self.candidate(pool, model, {m.device_id for m in figures})
+            if device is None:
+                self.decisions[key] = Decision("hold", f"no device to add: {decision.reason}", state)
+                return self.decisions[key]
+            await self.add(pool, model, device)
+            self.pending[key] = Pending(device, now)
+            self._note(key, "added", device, decision.reason)
+        elif decision.action == "remove" and decision.member is not None:
+            await self.remove(pool, model, decision.member)
+            self._note(key, "removed", decision.member, decision.reason)
+        return decision
+
+    async def candidate(self, pool: str, model: str, members: set[str]) -> str | None:
+        """The least loaded online device outside the pool that has the model, or can get it."""
+        store_has = self.console.config.public_url is not None and bool(
+            await asyncio.to_thread(self.console.models.newest, model)
+        )
+        ranked = []
+        for device_id, device in self.console.fleet.devices.items():
+            if device_id in members or not device.online:
+                continue
+            caps = device.capabilities
+            if not (caps is not None and model in caps.models) and not store_has:
+                continue
+            load = sum(t.fps for t in device.telemetry.tenants) if device.telemetry is not None else 0.0
+            ranked.append((load, device_id))
+        return min(ranked)[1] if ranked else None
+
+    def _template(self, pool: str, model: str) -> TenantSpec:
+        """A member's tenant for the model, as placed (a new member serves it alike)."""
+        for (p, mo, device_id), _member in self.view.members.items():
+            device = self.console.fleet.devices.get(device_id)
+            placement = device.placement if device is not None else None
+            for t in placement.tenants if (p, mo) == (pool, model) and placement is not None else []:
+                if t.model == model:
+                    fields = t.model_dump(include=set(TenantSpec.model_fields), exclude_none=True)
+                    return TenantSpec.model_validate({**fields, "pool": pool})
+        return TenantSpec(model=model, pool=pool)
+
+    async def add(self, pool: str, model: str, device_id: str) -> None:
+        device = self.console.device(device_id)
+        tenants = device.editable_tenants()
+        if any(t.model == model for t in tenants):
+            tenants = [t.model_copy(update={"pool": pool}) if t.model == model else t for t in tenants]
+            await self._publish_adding(device_id, tenants)
+            return
+        try:  # as a member serves it; else (a backend the device lacks) on the default backend
+            await self._publish_adding(device_id, [*tenants, self._template(pool, model)])
+        except PlacementInvalid:
+            await self._publish_adding(device_id, [*tenants, TenantSpec(model=model, pool=pool)])
+        self.added.add((pool, model, device_id))
+
+    async def _publish_adding(self, device_id: str, tenants: list[TenantSpec]) -> None:
+        if self.console.config.public_url:  # the model store's copy first, if the device lacks it
+            await self.console.deliver_missing(device_id, tenants, self.console.config.public_url, USER)
+        await self.console.publish_placement(device_id, tenants, USER, "pool-add")
+
+    async def remove(self, pool: str, model: str, device_id: str) -> None:
+        device = self.console.device(device_id)
+        tenants = device.editable_tenants()
+        if (pool, model, device_id) in self.added:
+            tenants = [t for t in tenants if t.model != model]
+            self.added.discard((pool, model, device_id))
+        else:
+            tenants = [t.model_copy(update={"pool": None}) if t.model == model else t for t in tenants]
+        await self.console.publish_placement(device_id, tenants, USER, "pool-remove")
+
+    def _note(self, key: Key, what: str, device: str | None, reason: str) -> None:
+        entry = {"ts": time.time(), "pool": key[0], "model": key[1], "action": what, "device_id": device}
+        last = self.actions[-1] if self.actions else {}
+        if (last.get("pool"), last.get("action"), last.get("reason")) == (key[0], what, reason):
+            last["ts"] = entry["ts"]  # the same failure again: one line, its latest time
+            return
+        self.actions.append({**entry, "reason": reason})
+        log.info("pool %s (%s): %s %s: %s", key[0], key[1], what, device or "", reason)
+
+    def _objectives(self, model: str, members: list[dict[str, Any]]) -> dict[str, Any]:
+        """Each member's share of answers within its tenant's latency objective (its telemetry, over
+        all its frames of the model), and the pool's, weighted by the members' pool frames/s."""
+        weighted = total = 0.0
+        for row in members:
+            device = self.console.fleet.devices.get(row["device_id"])
+            tenants = device.telemetry.tenants if device is not None and device.telemetry is not None else []
+            share = next((t.objective_share for t in tenants if t.model == model), None)
+            row["objective_share"] = share
+            if share is not None:
+                weighted, total = weighted + share * row["fps"], total + row["fps"]
+        return {"objective_share": round(weighted / total, 3) if total > 0 else None}
+
+    def overview(self) -> list[dict[str, Any]]:
+        """Every pool seen or targeted, with its figures, target and last decision (the API's list)."""
+        out = []
+        for pool, model in sorted(set(self.view.pools()) | set(self.targets)):
+            key = (pool, model)
+            target, decision = self.targets.get(key), self.decisions.get(key)
+            summary = self.view.summary(pool, model)
+            out.append(
+                {
+                    **summary,
+                    **self._objectives(model, summary["members"]),
+                    "target": None
+                    if target is None
+                    else {**target.__dict__, "auto": self.auto.get(key, False)},
+                    "decision": None
+                    if decision is None
+                    else {"action": decision.action, "reason": decision.reason},
+                    "actions": [a for a in self.actions if (a["pool"], a["model"]) == key][-10:],
+                }
+            )
+        return out
