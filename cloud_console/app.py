@@ -45,6 +45,10 @@ from cloud_console.mqtt import PublishFailed
 from cloud_console.pools_api import pools_api
 from cloud_console.prometheus import fleet_registry
 from cloud_console.prometheus import render as render_metrics
+from cloud_console.rollout_api import RolloutCollector
+from cloud_console.rollout_api import install as install_rollouts
+from cloud_console.rollout_engine import RolloutEngine
+from cloud_console.selectors import SelectorError
 from cloud_console.service import Console, UnknownDevice
 from cloud_console.tokens import TokenError, effective_role
 
@@ -180,6 +184,9 @@ class MoveRequest(BaseModel):
     to_backend: str
     to_device: str | None = Field(default=None, description="default: the target backend's first device")
     from_device: str | None = Field(default=None, description="only tenants on this device of from_backend")
+    selector: str = Field(
+        default="", description="only devices this selector matches (docs/fleet.md#selectors)"
+    )
 
 
 class MovePublished(BaseModel):
@@ -389,11 +396,13 @@ def create_app(console: Console) -> FastAPI:
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         await console.start()
+        await rollouts.start()
         pools.start()  # automatic pool scaling (docs/pools.md)
         try:
             yield
         finally:
             await pools.stop()
+            await rollouts.stop()
             await console.stop()
 
     app = FastAPI(
@@ -410,6 +419,7 @@ def create_app(console: Console) -> FastAPI:
         redoc_url=None,
     )
     app.state.console = console
+    rollouts = app.state.rollouts = RolloutEngine(console)  # staged rollouts and tags (docs/fleet.md)
     app.add_middleware(SecurityHeaders)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
@@ -457,6 +467,7 @@ def create_app(console: Console) -> FastAPI:
         }
 
     metrics_registry = fleet_registry(console.fleet)
+    metrics_registry.register(RolloutCollector(rollouts))
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def metrics(_who: User) -> Response:
@@ -595,9 +606,15 @@ def create_app(console: Console) -> FastAPI:
         offset: Annotated[int, Query(ge=0)] = 0,
         limit: Annotated[int, Query(ge=0, le=MAX_PAGE)] = 100,
         facets: bool = False,
+        selector: Annotated[str, Query(max_length=1000, description="docs/fleet.md#selectors")] = "",
     ) -> JSONResponse:
         """One page of the fleet table, filtered and sorted on the server, with fleet-wide counts.
-        Every filter given must hold; `matched` says how many devices passed them."""
+        Every filter given must hold (a `selector` of tags and ids too); `matched` says how many
+        devices passed them."""
+        try:
+            ids = frozenset(rollouts.select(selector)) if selector.strip() else None
+        except SelectorError as exc:
+            raise HTTPException(422, str(exc)) from exc
         try:
             query = FleetQuery(
                 q=q,
@@ -614,6 +631,7 @@ def create_app(console: Console) -> FastAPI:
                 offset=offset,
                 limit=limit,
                 facets=facets,
+                ids=ids,
             )
             page = console.fleet.page(query)
         except BadQuery as exc:
@@ -690,8 +708,12 @@ def create_app(console: Console) -> FastAPI:
         """Move model M from backend X to Y on every device that runs it on X."""
         if not console.mqtt.connected.is_set():
             raise HTTPException(503, "not connected to the MQTT broker")
+        try:
+            only = set(rollouts.select(body.selector)) if body.selector.strip() else None
+        except SelectorError as exc:
+            raise HTTPException(422, str(exc)) from exc
         outcome = await console.move_model(
-            body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name
+            body.model, body.from_backend, body.to_backend, body.to_device, body.from_device, who.name, only
         )
         if not outcome.published and not outcome.skipped:
             where = f"{body.from_backend}:{body.from_device}" if body.from_device else body.from_backend
@@ -754,6 +776,7 @@ def create_app(console: Console) -> FastAPI:
 
     models_api(api, console)
     pools = pools_api(app, api, console, principal, require_user, require_admin)
+    install_rollouts(app, api, rollouts, require_user, require_admin, principal)
     app.include_router(api)
     return app
 

@@ -9,6 +9,7 @@
     edge-console token create --user NAME --name LABEL [--role viewer]   (prints the token once)
     edge-console token list | token revoke ID          (each takes --config / --db)
     edge-console models upload DIR | list | delete NAME VERSION | deliver DEVICE NAME   (docs/fleet.md)
+    edge-console rollout create|status|pause|resume|approve|abort|rollback|tags   (docs/fleet.md#rollouts)
 
 `edge-console --broker ...` without a command means `serve`.
 """
@@ -32,7 +33,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from agent.protocol.broker import BrokerUrlError, client_tls, redact_url
-from cloud_console import models_cli
+from cloud_console import models_cli, rollout_cli
 from cloud_console.auth import hash_password
 from cloud_console.config import (
     ConsoleConfig,
@@ -44,7 +45,7 @@ from cloud_console.config import (
 )
 
 EXIT_CONFIG = 2
-COMMANDS = ("serve", "simulate", "hash-password", "token", "models")
+COMMANDS = ("serve", "simulate", "hash-password", "token", "models", "rollout")
 log = logging.getLogger("cloud_console")
 
 
@@ -240,13 +241,18 @@ def _when(ts: float | None) -> str:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from cloud_console.simulator import FleetSimulator
+    from cloud_console.simulator import FleetSimulator, SimFault
 
     setup_logging(args.log_level)
     address = parse_broker_url(args.broker)
     try:  # the agent's TLS rules (agent.protocol.broker): mqtts:// uses the system CAs unless --ca-file
         tls = client_tls(address, args.ca_file, args.cert_file, args.key_file, args.tls_insecure)
     except BrokerUrlError as exc:
+        print(f"edge-console simulate: {exc}", file=sys.stderr)
+        return 2
+    try:
+        faults = tuple(SimFault.parse(f) for f in args.fault)
+    except ValueError as exc:
         print(f"edge-console simulate: {exc}", file=sys.stderr)
         return 2
     sim = FleetSimulator(
@@ -260,6 +266,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         username=address.username,
         password=address.password,
         tls_context=tls,
+        faults=faults,
     )
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -344,6 +351,14 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--id-prefix", default="sim")
     simulate.add_argument("--seed", type=int, default=1)
     simulate.add_argument("--duration", type=float, default=0.0, help="seconds (0: until Ctrl-C)")
+    simulate.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="KIND:SHARE:VERSION[:FACTOR]",
+        help="a share of devices misbehaves with a model version: load (fails to load), errors, slow"
+        " (latency x FACTOR, default 2); repeatable (docs/fleet.md#rollouts)",
+    )
     simulate.add_argument("--clear-on-exit", action="store_true", help="clear retained topics at exit")
     simulate.add_argument("--ca-file", type=Path, help="CA of the broker's certificate (mqtts://)")
     simulate.add_argument("--cert-file", type=Path, help="client certificate (mutual TLS)")
@@ -357,6 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     hashpw.set_defaults(func=cmd_hash_password)
 
     models_cli.add_parser(sub)
+    rollout_cli.add_parser(sub)
     return parser
 
 

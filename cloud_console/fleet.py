@@ -289,6 +289,7 @@ class FleetQuery:
     offset: int = 0
     limit: int = 100
     facets: bool = False  # also count devices per model and per backend (the page's filter choices)
+    ids: frozenset[str] | None = None  # only these devices (what a selector matched, docs/fleet.md#selectors)
 
     def filtered(self) -> bool:
         """Whether any filter is set (else every device matches)."""
@@ -299,6 +300,7 @@ class FleetQuery:
             or any(v is not None for v in (self.state, self.online, self.model, self.backend))
             or self.failover is not None
             or self.placement is not None
+            or self.ids is not None
         )
 
     def check(self) -> FleetQuery:
@@ -468,6 +470,8 @@ class Fleet:
             if query.backend is not None and query.backend not in k.backends:
                 continue
             if query.failover is not None and k.failover != query.failover:
+                continue
+            if query.ids is not None and device.device_id not in query.ids:
                 continue
             if query.placement is not None and placement_state != query.placement:
                 continue

@@ -307,6 +307,8 @@ class Console:
             return
         now = time.time()
         device = self._device(device_id, now)
+        if not status.tags and not status.online and device.status is not None:
+            status.tags = device.status.tags  # a last will carries no tags: selectors keep matching
         device.status = status
         device.last_seen = now
         device.silent = False
@@ -792,11 +794,14 @@ class Console:
         to_device: str | None,
         from_device: str | None,
         user: str,
+        only: set[str] | None = None,
     ) -> MoveOutcome:
-        """Publish a new placement to every device that runs `model` on `from_backend`."""
+        """Publish a new placement to every device that runs `model` on `from_backend` (of `only`)."""
         outcome = MoveOutcome([], [])
         jobs: list[tuple[str, list[TenantSpec]]] = []
         for device_id, device in sorted(self.fleet.devices.items()):
+            if only is not None and device_id not in only:
+                continue
             try:
                 moved = move_tenants(
                     device.editable_tenants(),

@@ -14,6 +14,11 @@ topics. The cost of that choice: an MQTT last will belongs to a connection, so a
 has no will of its own; on a clean stop the simulator publishes every device's retained
 `{"online": false}` itself (a killed simulator leaves its devices "online", then "stale" in the
 console, which is what the console's stale marker is for).
+
+For rollouts (docs/fleet.md#rollouts) devices carry tags (`site`, `hw`), report installed model
+versions, install a version the console delivers on `edge/<id>/models`, refuse a version they lack,
+and can be faulty: `SimFault` makes a share of the devices fail to load a version, answer errors
+with it, or serve it slower. A device can be taken offline and brought back (`set_online`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import random
 import ssl
 import threading
 import time
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -31,6 +37,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion
 from pydantic import ValidationError
 
+from agent.protocol.delivery import DeliveryProgress, InstalledModel, InstalledVersion, ModelDelivery
 from agent.protocol.runtimes import BACKEND_DEVICES, device_declared
 from agent.protocol.schemas import (
     BackendCapability,
@@ -58,6 +65,43 @@ KNOWN_BACKENDS = tuple(sorted(BACKEND_DEVICES))
 MODELS = ("efficientnet-lite0", "efficientnet-lite1", "efficientnet-lite2")
 MODEL_COST = {"efficientnet-lite0": 1.0, "efficientnet-lite1": 1.45, "efficientnet-lite2": 2.1}
 QUEUE_LIMIT = 64
+BUNDLED_VERSION = "1.0.0"
+SITES = ("north", "south", "east")
+FAULT_KINDS = ("load", "errors", "slow")
+FAULT_ERROR_SHARE = 0.3  # of the frames an "errors" fault answers with an error
+
+
+@dataclass(frozen=True)
+class SimFault:
+    """A share of the devices misbehaves with one model version: it fails to `load`, answers
+    `errors`, or is `slow` (latency times `factor`). Which devices is fixed by their id."""
+
+    kind: str
+    share: float
+    version: str
+    model: str | None = None
+    factor: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.kind not in FAULT_KINDS or not 0.0 <= self.share <= 1.0 or self.factor <= 0:
+            raise ValueError(f"fault {self}: kind one of {FAULT_KINDS}, share 0..1, factor > 0")
+
+    def hits(self, device_id: str, spec: TenantSpec) -> bool:
+        if spec.version != self.version or (self.model is not None and spec.model != self.model):
+            return False
+        return zlib.crc32(f"{self.kind}:{device_id}".encode()) / 2**32 < self.share
+
+    @classmethod
+    def parse(cls, text: str) -> SimFault:
+        """`KIND:SHARE:VERSION[:FACTOR]`, e.g. `load:0.2:3` or `slow:1:3:2.5`."""
+        parts = text.split(":")
+        if len(parts) not in (3, 4):
+            raise ValueError(f"--fault {text!r}: KIND:SHARE:VERSION[:FACTOR]")
+        try:
+            factor = float(parts[3]) if len(parts) == 4 else 2.0
+            return cls(parts[0], float(parts[1]), parts[2], None, factor)
+        except ValueError as exc:
+            raise ValueError(f"--fault {text!r}: {exc}") from exc
 
 
 def _cap(devices: list[str] | None, reason: str = "") -> BackendCapability:
@@ -179,6 +223,8 @@ class SimTenant:
     state: TenantState = "ready"
     error: str | None = None
     demand_fps: float = 20.0  # what the cameras send it
+    base_fps: float = 0.0  # the demand it wanders around (0: its first demand)
+    error_debt: float = 0.0  # error answers owed by an "errors" fault, below one
     frames_in: int = 0
     frames_out: int = 0
     errors: int = 0
@@ -201,6 +247,11 @@ class SimDevice:
     applied_generation: int | None = 0
     errors: deque[str] = field(default_factory=lambda: deque(maxlen=20))
     next_telemetry: float = 0.0
+    tags: dict[str, str] = field(default_factory=dict)
+    installed: dict[str, list[str]] = field(default_factory=dict)  # model -> versions, newest first
+    deliveries: list[DeliveryProgress] = field(default_factory=list)
+    faults: tuple[SimFault, ...] = ()
+    offline: bool = False
 
     def __post_init__(self) -> None:
         for model, backend, device in self.profile.initial:
@@ -236,6 +287,12 @@ class SimDevice:
             if spec.model not in self.profile.models:
                 self._refuse(now, f"placement generation {gen} refused: unknown model {spec.model!r}")
                 return
+            if spec.version is not None and spec.version not in self.installed.get(spec.model, []):
+                self._refuse(
+                    now,
+                    f"placement generation {gen} refused: {spec.model} {spec.version} is not installed",
+                )
+                return
             if spec.backend not in KNOWN_BACKENDS:
                 known = ", ".join(KNOWN_BACKENDS)
                 self._refuse(
@@ -251,7 +308,8 @@ class SimDevice:
             if current is not None and current.spec.key() == spec.key():
                 continue
             demand = current.demand_fps if current is not None else self.rng.uniform(5, 45)
-            self.loading[spec.model] = SimTenant(spec, state="loading", demand_fps=demand)
+            base = current.base_fps if current is not None else 0.0
+            self.loading[spec.model] = SimTenant(spec, state="loading", demand_fps=demand, base_fps=base)
         self.apply_at = now + self.rng.uniform(0.2, 1.2) * max(1, len(self.loading))
 
     def tick(self, now: float) -> bool:
@@ -268,6 +326,8 @@ class SimDevice:
                 problem = f"backend {tenant.spec.backend} unavailable: {reason}"
             elif tenant.spec.device.lower() not in {d.lower() for d in backend.devices}:
                 problem = f"{tenant.spec.backend} has no device {tenant.spec.device!r}"
+            elif self._fault("load", tenant.spec) is not None:
+                problem = f"version {tenant.spec.version} failed to load (simulated fault)"
             if problem is not None:
                 tenant.state, tenant.error = "failed", problem
                 self.failed[model] = tenant
@@ -280,11 +340,39 @@ class SimDevice:
         for model in list(self.tenants):
             if model not in wanted:
                 del self.tenants[model]
+        keys = {spec.model: spec.key() for spec in doc.tenants}
         for model in list(self.failed):
-            if model not in wanted:
+            if self.failed[model].spec.key() != keys.get(model):  # no longer asked for (a rollback)
                 del self.failed[model]
         self.applied_generation = doc.generation
         return True
+
+    def _fault(self, kind: str, spec: TenantSpec) -> SimFault | None:
+        return next((f for f in self.faults if f.kind == kind and f.hits(self.device_id, spec)), None)
+
+    def deliver(self, payload: bytes, now: float) -> None:
+        """A model version delivered (edge/<id>/models): installed at once, as the agent reports it."""
+        try:
+            doc = ModelDelivery.model_validate_json(payload)
+        except ValidationError as exc:
+            self._refuse(now, f"model delivery refused: {exc.errors()[0]['msg']}")
+            return
+        versions = self.installed.setdefault(doc.model, [])
+        if doc.version not in versions:
+            versions.insert(0, doc.version)
+        total = doc.total_bytes
+        self.deliveries = [d for d in self.deliveries if (d.model, d.version) != (doc.model, doc.version)]
+        self.deliveries.append(
+            DeliveryProgress(
+                model=doc.model,
+                version=doc.version,
+                state="installed",
+                bytes_done=total,
+                bytes_total=total,
+                ts=now,
+            )
+        )
+        del self.deliveries[:-8]
 
     # -- reports --------------------------------------------------------------------------------
     def status(self) -> Status:
@@ -297,13 +385,22 @@ class SimDevice:
             device_id=self.device_id,
             agent_version=SIM_VERSION,
             started_at=self.started_at,
-            capabilities=Capabilities(backends=self.profile.backends, models=list(self.profile.models)),
+            capabilities=Capabilities(
+                backends=self.profile.backends,
+                models=list(self.profile.models),
+                installed=[
+                    InstalledModel(name=name, versions=[InstalledVersion(version=v) for v in versions])
+                    for name, versions in sorted(self.installed.items())
+                ],
+                deliveries=list(self.deliveries),
+            ),
             placement=PlacementStatus(
                 generation=self.desired_generation,
                 applied_generation=self.applied_generation,
                 tenants=tenants,
             ),
             errors=list(self.errors),
+            tags=dict(self.tags),
         )
 
     def _capacity(self, spec: TenantSpec) -> float:
@@ -313,7 +410,11 @@ class SimDevice:
     def telemetry(self, interval_s: float) -> Telemetry:
         rows = []
         for t in self.tenants.values():
-            t.demand_fps = min(120.0, max(1.0, t.demand_fps * self.rng.uniform(0.95, 1.05)))
+            # A random walk pulled back to where it started: cameras vary, they do not drift away
+            # (an unbounded walk saturates devices after a few minutes and every latency doubles).
+            t.base_fps = t.base_fps or t.demand_fps
+            walk = t.demand_fps * self.rng.uniform(0.95, 1.05) + 0.2 * (t.base_fps - t.demand_fps)
+            t.demand_fps = min(120.0, max(1.0, walk))
             capacity = self._capacity(t.spec)
             offered = t.demand_fps * interval_s
             served = min(offered + t.queue, capacity * interval_s)
@@ -325,9 +426,16 @@ class SimDevice:
             t.frames_out += round(served)
             if self.rng.random() < 0.002:
                 t.errors += 1
+            if self._fault("errors", t.spec) is not None:  # fractions carried: a slow camera errs too
+                t.error_debt += served * FAULT_ERROR_SHARE
+                t.errors += int(t.error_debt)
+                t.error_debt -= int(t.error_debt)
             service_ms = 1000.0 / capacity * t.spec.instances
             wait_ms = t.queue / capacity * 1000.0
             p50 = service_ms + wait_ms
+            slow = self._fault("slow", t.spec)
+            if slow is not None:
+                p50 *= slow.factor
             rows.append(
                 TenantTelemetry(
                     model=t.spec.model,
@@ -392,6 +500,7 @@ class _Connection:
             log.warning("simulator connection refused: %s", reason)
             return
         topics = [(d.topics.placement, 1) for d in self.devices.values()]
+        topics += [(d.topics.models, 1) for d in self.devices.values()]
         for start in range(0, len(topics), 100):
             client.subscribe(topics[start : start + 100])
         with self.sim.lock:
@@ -405,9 +514,14 @@ class _Connection:
             return
         device_id = device.device_id
         with self.sim.lock:
-            device.apply(bytes(message.payload), time.time())
+            if device.offline:
+                return  # an offline device hears nothing; the retained placement waits for it
+            if parsed is not None and parsed[1] == "models":
+                device.deliver(bytes(message.payload), time.time())
+            else:
+                device.apply(bytes(message.payload), time.time())
+                self.sim.placements_seen += 1
             self.sim.dirty.add(device_id)
-            self.sim.placements_seen += 1
 
 
 class FleetSimulator:
@@ -427,7 +541,11 @@ class FleetSimulator:
         password: str | None = None,
         tls_context: ssl.SSLContext | None = None,
         telemetry_qos: int = 0,
+        versions: dict[str, list[str]] | None = None,
+        faults: tuple[SimFault, ...] = (),
     ) -> None:
+        """`versions`: model -> versions every device has installed (newest first); `faults`: see
+        SimFault."""
         self.host, self.port = host, port
         # Agents publish telemetry at QoS 1; 0 is cheaper for a live view. At 1, stop() waits for
         # every telemetry publish to be acknowledged by the broker (a count to check storage against).
@@ -443,6 +561,11 @@ class FleetSimulator:
         now = time.time()
         for i, device in enumerate(self.devices):  # spread telemetry evenly over the interval
             device.next_telemetry = now + interval_s * i / max(1, devices)
+            device.tags = {"site": SITES[i % len(SITES)], "hw": device.profile.name}
+            # Like the agent's bundled models (docs/fleet.md#versions): version 1.0.0 of each.
+            given = versions or {}
+            device.installed = {m: list(given.get(m, [BUNDLED_VERSION])) for m in device.profile.models}
+            device.faults = tuple(faults)
         groups = [self.devices[i : i + per_connection] for i in range(0, devices, per_connection)]
         self.connections = [_Connection(self, i, g) for i, g in enumerate(groups)]
         self.by_id = {d.device_id: c for c in self.connections for d in c.devices.values()}
@@ -504,6 +627,23 @@ class FleetSimulator:
             conn.client.disconnect()
             conn.client.loop_stop()
 
+    def set_online(self, device_id: str, online: bool) -> None:
+        """Take a device off the network (its status says offline, it hears nothing) or bring it
+        back (it subscribes again and so gets its retained placement, as a reconnecting agent)."""
+        device = self.device_map[device_id]
+        conn = self.by_id[device_id]
+        with self.lock:
+            device.offline = not online
+            if online:
+                self.dirty.add(device_id)
+        if online:
+            conn.client.subscribe([(device.topics.placement, 1), (device.topics.models, 1)])
+        else:
+            offline = Status(online=False, device_id=device_id).model_dump_json(
+                include={"online", "device_id"}
+            )
+            conn.client.publish(device.topics.status, offline.encode(), qos=1, retain=True)
+
     # -- the loop -------------------------------------------------------------------------------
     def run(self) -> None:
         """Publish due telemetry and changed statuses every 20 ms, until stop()."""
@@ -518,6 +658,8 @@ class FleetSimulator:
                     self.dirty.add(device.device_id)
             for device_id in sorted(self.dirty):
                 device = self.device_map[device_id]
+                if device.offline:
+                    continue
                 out.append(
                     (
                         self.by_id[device_id],
@@ -530,7 +672,7 @@ class FleetSimulator:
             self.status_sent += len(self.dirty)
             self.dirty.clear()
             for device in self.devices:
-                if device.next_telemetry > now:
+                if device.next_telemetry > now or device.offline:
                     continue
                 device.next_telemetry += self.interval_s
                 if device.next_telemetry < now:  # fell behind (a paused process): do not burst

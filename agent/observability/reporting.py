@@ -85,6 +85,7 @@ class Reporter:
             errors=list(self.errors),
             mqtt_protocol=self.mqtt_protocol(),
             mqtt_broker=self.mqtt_broker(),
+            tags=dict(self.config.tags),
         )
 
     def offline_payload(self) -> bytes:

@@ -404,6 +404,7 @@ class Status(BaseModel):
     # The MQTT version the agent speaks with the broker: "5", or "3.1.1" where the broker refused 5.
     mqtt_protocol: str | None = None
     mqtt_broker: str | None = None  # the broker node connected to, host:port (several: broker.nodes)
+    tags: dict[str, str] = Field(default_factory=dict)  # agent.toml `tags`, for docs/fleet.md#selectors
 
 
 # -- Telemetry (docs/protocol.md "Telemetry") ---------------------------------------------------------

@@ -10,6 +10,9 @@ MODEL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 # A device pool's name (docs/pools.md): a topic level and a shared subscription's group name.
 POOL_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+# Device tags (docs/fleet.md#tags): a key and a value, e.g. site = "north".
+TAG_KEY_RE = re.compile(r"^[a-z][a-z0-9_.-]{0,31}$")
+TAG_VALUE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,63}$")
 DEFAULT_PREFIX = "edge"
 
 
@@ -19,6 +22,17 @@ def valid_device_id(device_id: str) -> bool:
 
 def valid_model_name(name: str) -> bool:
     return bool(MODEL_NAME_RE.fullmatch(name)) and ".." not in name
+
+
+def tag_problem(key: str, value: str) -> str | None:
+    """Why a tag is not valid, or None (the agent config and the console check the same)."""
+    if not TAG_KEY_RE.fullmatch(key):
+        return f"tag name {key!r} must match {TAG_KEY_RE.pattern}"
+    if key == "id":
+        return "tag name 'id' is the device id in selectors; choose another"
+    if not TAG_VALUE_RE.fullmatch(value):
+        return f"tag {key} value {value!r} must match {TAG_VALUE_RE.pattern}"
+    return None
 
 
 def valid_version(version: str) -> bool:

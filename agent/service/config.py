@@ -25,7 +25,13 @@ from pydantic_settings import (
 from agent.protocol.broker import BrokerUrlError, redact_url
 from agent.protocol.broker import parse_broker_url as parse_address
 from agent.protocol.schemas import Placement, TenantSpec
-from agent.protocol.topics import DEVICE_ID_RE, filters_overlap, valid_device_id, valid_model_name
+from agent.protocol.topics import (
+    DEVICE_ID_RE,
+    filters_overlap,
+    tag_problem,
+    valid_device_id,
+    valid_model_name,
+)
 from agent.service.errors import AgentError
 
 DEFAULT_CONFIG_PATH = Path("/etc/edge-agent/agent.toml")
@@ -323,6 +329,8 @@ class AgentConfig(BaseSettings):
     state_dir: Path = DEFAULT_STATE_DIR
     models_dir: Path = BUNDLED_MODELS_DIR
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    # Reported in status; the console's selectors pick devices by them (docs/fleet.md#tags).
+    tags: dict[str, str] = Field(default_factory=dict, max_length=32)
     broker: BrokerConfig = Field(default_factory=BrokerConfig)
     ingest: IngestConfig = Field(default_factory=IngestConfig)
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
@@ -359,6 +367,15 @@ class AgentConfig(BaseSettings):
                 if filters_overlap(item.topic, mine):
                     raise ValueError(f"inputs: {item.topic!r} would overlap the agent's own topics ({mine})")
         return self
+
+    @field_validator("tags")
+    @classmethod
+    def _tags(cls, value: dict[str, str]) -> dict[str, str]:
+        for key, tag in value.items():
+            problem = tag_problem(key, tag)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
 
     @field_validator("device_id")
     @classmethod

@@ -84,9 +84,17 @@
     );
   }
 
+  // A filter with `=` or `!` is a selector of tags and ids (docs/fleet.md#selectors); the fleet move
+  // then goes to the devices it matches only.
+  const isSelector = (text) => /[=!]/.test(text.trim());
+
   function queryString() {
     const out = new URLSearchParams();
     for (const name of FILTERS) if (query[name].trim()) out.set(name, query[name].trim());
+    if (isSelector(query.q)) {
+      out.delete("q");
+      out.set("selector", query.q.trim());
+    }
     if (query.failover) out.set("failover", "true");
     if (query.sort !== "device_id") out.set("sort", query.sort);
     if (query.desc) out.set("desc", "true");
@@ -346,6 +354,7 @@
         from_backend: document.getElementById("move-from").value,
         to_backend: document.getElementById("move-to").value,
         to_device: document.getElementById("move-device").value.trim() || null,
+        selector: isSelector(query.q) ? query.q.trim() : "",
       });
       const skipped = res.skipped.length
         ? `; skipped ${res.skipped.length}: ` +
