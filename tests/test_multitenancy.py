@@ -135,6 +135,7 @@ def test_burst_far_over_capacity_every_frame_answered(agent_factory, collector):
     assert len({r["request_id"] for r in results}) == 150
 
 
+@pytest.mark.slow  # the benchmark's counting is in the default set (test_bench.py); this is its CSV
 @pytest.mark.timeout(300)
 def test_bench_command_runs_and_writes_csv(tmp_path):
     done = subprocess.run(
@@ -167,6 +168,7 @@ def test_bench_command_runs_and_writes_csv(tmp_path):
     assert "vs raw" in done.stdout
 
 
+@pytest.mark.slow  # run before a GPU session (make test-all), not on every change
 @pytest.mark.timeout(200)
 def test_gpu_pipeline_script_smoke_runs_on_cpu(tmp_path):
     """bench/gpu.sh's benchmark has 15 minutes of GPU per session: it must not fail on a typo there."""

@@ -300,6 +300,7 @@ def test_doctor_finds_what_to_fix(broker, tmp_path):
     assert "[FAIL] broker" in bad.stdout and "fix:" in bad.stdout
 
 
+@pytest.mark.slow  # a second full install staging; the first (default set) covers the script's path
 def test_install_keeps_a_gpu_devices_own_onnxruntime(tmp_path):
     """A venv that already holds a platform build of ONNX Runtime (onnxruntime-gpu on a Jetson) keeps
     it: the CPU `onnxruntime`, same module, other files, must not be installed over it."""
