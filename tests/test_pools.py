@@ -30,8 +30,10 @@ pytestmark = pytest.mark.timeout(300)
 POOL, MODEL = "driveway", "efficientnet-lite0"
 MEMBERS = f"edge/pool/{POOL}/members"
 RESULTS = f"edge/pool/{POOL}/result"
-# Member b has a short queue: it is the one that fills up in the back-pressure test.
+# Member b has a short queue and every runtime call 60 ms slower (injected): it is the one that fills
+# up in the back-pressure test, however fast this machine serves.
 CONFIG = """
+faults = "{faults}"
 [scheduler]
 queue_depth = {depth}
 [placement]
@@ -72,9 +74,9 @@ class Pool:
 def pool(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pool]:
     with LocalBroker() as broker:
         agents = []
-        for device, depth in (("member-a", 100), ("member-b", 12)):
+        for device, depth, faults in (("member-a", 100, ""), ("member-b", 12, "onnxruntime:cpu:slow:ms=60")):
             state = tmp_path_factory.mktemp(device)
-            agent = AgentProcess(broker, state, device, CONFIG.format(depth=depth)).start()
+            agent = AgentProcess(broker, state, device, CONFIG.format(depth=depth, faults=faults)).start()
             AgentProcess.running.discard(agent)  # lives for the module, not one test
             agents.append(agent)
         watch = Collector(broker.port, [MEMBERS, RESULTS])
