@@ -54,7 +54,7 @@ def pools_api(
 ) -> PoolScaler:
     """Add the page and the API (app.py's `principal`, `require_user` and `require_admin` guard
     them); returns the scaler for the app to start and stop."""
-    scaler = PoolScaler(console)
+    scaler = PoolScaler(console, targets_file=console.config.storage.db.with_name("pool-targets.json"))
     scaler.attach()
 
     @app.get("/pools", response_class=HTMLResponse, include_in_schema=False)

@@ -13,10 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import json
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from agent.protocol.editing import PlacementInvalid
@@ -43,8 +47,16 @@ class Pending:
 
 
 class PoolScaler:
-    def __init__(self, console: Console, view: PoolView | None = None, clock: Any = time.monotonic) -> None:
+    def __init__(
+        self,
+        console: Console,
+        view: PoolView | None = None,
+        clock: Any = time.monotonic,
+        targets_file: Path | None = None,
+    ) -> None:
         self.console = console
+        # Targets set on the page or the API, kept across restarts of this console process.
+        self.targets_file = targets_file
         self.view = view or PoolView(clock)
         self._clock = clock
         self.targets: dict[Key, Target] = {}
@@ -55,6 +67,7 @@ class PoolScaler:
         self.added: set[tuple[str, str, str]] = set()  # (pool, model, device): tenants the scaler placed
         self.actions: deque[dict[str, Any]] = deque(maxlen=50)  # what it did, newest last
         self._task: asyncio.Task[None] | None = None
+        self._load_targets()
 
     def attach(self) -> None:
         """Subscribe the console to members' announcements (before it connects)."""
@@ -79,10 +92,42 @@ class PoolScaler:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
-    def set_target(self, pool: str, model: str, target: Target, auto: bool) -> None:
+    def set_target(self, pool: str, model: str, target: Target, auto: bool, save: bool = True) -> None:
         self.targets[(pool, model)] = target
         self.auto[(pool, model)] = auto
         self.states.setdefault((pool, model), ScaleState())
+        if save:
+            self._save_targets()
+
+    def _save_targets(self) -> None:
+        """Write every target (a small JSON file, replaced whole: never half-written)."""
+        if self.targets_file is None:
+            return
+        rows = [
+            {
+                "pool": pool,
+                "model": model,
+                "auto": self.auto.get((pool, model), False),
+                **dataclasses.asdict(t),
+            }
+            for (pool, model), t in sorted(self.targets.items())
+        ]
+        partial = self.targets_file.with_name(self.targets_file.name + ".partial")
+        try:
+            partial.write_text(json.dumps(rows, indent=1))
+            os.replace(partial, self.targets_file)
+        except OSError as exc:
+            log.error("pool targets not saved to %s: %s", self.targets_file, exc)
+
+    def _load_targets(self) -> None:
+        if self.targets_file is None or not self.targets_file.exists():
+            return
+        try:
+            for row in json.loads(self.targets_file.read_text()):
+                pool, model, auto = row.pop("pool"), row.pop("model"), bool(row.pop("auto", False))
+                self.set_target(pool, model, Target(**row), auto, save=False)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.error("pool targets in %s not read (set them again): %s", self.targets_file, exc)
 
     async def run(self) -> None:
         while True:
