@@ -24,6 +24,7 @@ answered `shed` when they can no longer make it even if served next (`wait_for_s
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import threading
@@ -39,7 +40,11 @@ HOST = "cpu"  # the resource name backends give the host CPU (backends/base.py B
 # A waiter also looks again this often: a higher priority tenant's queue can empty (its frames shed)
 # without any batch starting or ending.
 RECHECK_S = 0.05
+# The OS priority of a low priority tenant's worker threads on the host CPU (0 is the default, 19
+# the lowest): when they share the cores with higher priority work they get about a tenth of them.
+LOW_NICE = 10
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -221,15 +226,33 @@ def wait_for_slots(
     return batch
 
 
+def yield_cores(gate: Gate, spec: TenantSpec) -> None:
+    """On a worker thread of a low priority tenant on the host CPU: run it at a lower OS priority
+    (nice `LOW_NICE`), so that when its batch runs beside a higher priority one the kernel gives the
+    cores to the other (and to the agent's event loop). Once per thread: a thread cannot take its
+    priority back, and a tenant's priority does not change (a new priority is a new tenant)."""
+    if gate.resource != HOST or spec.priority != "low":
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_NICE)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the gate alone orders it
+        log.warning("tenant %s: could not lower its threads' priority: %s", spec.model, exc)
+
+
 class GateBoard:
     """One gate per resource; tenants join the gate of theirs when they start and leave at the drain."""
 
-    def __init__(self, cores: int | None = None) -> None:
+    def __init__(self, cores: int | None = None, enabled: bool | None = None) -> None:
         self.cores = cores if cores is not None else _host_cores()
+        # EDGE_AGENT_PRIORITY_GATE=0: each tenant only orders its own queue (the benchmark's "without").
+        self.enabled = os.environ.get("EDGE_AGENT_PRIORITY_GATE", "1") != "0" if enabled is None else enabled
         self._lock = threading.Lock()
         self._gates: dict[str, Gate] = {}
 
-    def gate(self, resource: str) -> Gate:
+    def gate(self, resource: str) -> Gate | None:
+        """The gate of `resource`; None when the gates are turned off."""
+        if not self.enabled:
+            return None
         with self._lock:
             gate = self._gates.get(resource)
             if gate is None:

@@ -169,7 +169,8 @@ class Tenant:
             log.exception("tenant %s: its accelerator is unknown; no priority gate", self.name)
         else:
             self.gate = self._gates.gate(resource)
-            self.gate.join(id(self), self.spec, self.queue.__len__)
+            if self.gate is not None:
+                self.gate.join(id(self), self.spec, self.queue.__len__)
         for index, session in enumerate(self._sessions):
             worker = Worker(self, index, session)
             thread = threading.Thread(target=worker.run, name=f"{self.spec.model}-{index}", daemon=True)

@@ -18,7 +18,7 @@ import numpy as np
 
 from agent.frames.ingest import Frame
 from agent.frames.preprocess import BadImage
-from agent.frames.priority_gate import Gate, wait_for_slots
+from agent.frames.priority_gate import Gate, wait_for_slots, yield_cores
 from agent.frames.slo_policy import PRIORITIES, Item, LatencyTable, plan
 from agent.frames.tenant_load import item_shape
 from agent.protocol.schemas import ErrorCode, TenantRef, TenantSpec, Timing
@@ -136,6 +136,8 @@ class Worker:
         t = self.tenant
         max_delay_s = t.spec.batch.max_delay_ms / 1000.0
         planner = t.planner
+        if t.gate is not None:
+            yield_cores(t.gate, t.spec)
         while True:
             if planner is None:
                 batch = t.queue.get_batch(t.spec.batch.max_size, max_delay_s)
