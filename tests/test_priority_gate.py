@@ -9,7 +9,16 @@ import time
 import pytest
 
 from agent.frames.ingest import Frame
-from agent.frames.priority_gate import Gate, GateBoard, Member, Waiter, admit, wait_for_slots, weight
+from agent.frames.priority_gate import (
+    Gate,
+    GateBoard,
+    Member,
+    Waiter,
+    admit,
+    wait_for_slots,
+    weight,
+    yield_cores,
+)
 from agent.frames.slo_policy import PRIORITIES
 from agent.frames.tenant import Tenant
 from agent.protocol.schemas import ErrorResult, InferResult, TenantSpec
@@ -205,3 +214,23 @@ def test_high_priority_runs_beside_a_low_batch_it_cannot_stop(lite0):
         low.drain(5.0)
     assert served and waiting == 0
     assert all(isinstance(o, InferResult) for o in high_sink.outcomes + low_sink.outcomes)
+
+
+@pytest.mark.parametrize(
+    ("priority", "resource", "nice"), [("low", "cpu", 10), ("normal", "cpu", 0), ("low", "cuda:0", 0)]
+)
+def test_low_priority_threads_yield_the_host_cores(priority, resource, nice):
+    """A low priority tenant's worker thread on the host CPU runs at a lower OS priority."""
+    import os
+
+    seen: list[int] = []
+    base = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    def worker() -> None:
+        yield_cores(Gate(resource, 2), TenantSpec(model="m", backend="fake", priority=priority))
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) - base)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [min(19, base + nice) - base]

@@ -40,8 +40,8 @@ HOST = "cpu"  # the resource name backends give the host CPU (backends/base.py B
 # A waiter also looks again this often: a higher priority tenant's queue can empty (its frames shed)
 # without any batch starting or ending.
 RECHECK_S = 0.05
-# The OS priority of a low priority tenant's worker threads on the host CPU (0 is the default, 19
-# the lowest): when they share the cores with higher priority work they get about a tenth of them.
+# How much lower the OS priority (nice) of a low priority tenant's worker threads on the host CPU is
+# than the agent's: when they share the cores with higher priority work they get about a tenth.
 LOW_NICE = 10
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -228,13 +228,15 @@ def wait_for_slots(
 
 def yield_cores(gate: Gate, spec: TenantSpec) -> None:
     """On a worker thread of a low priority tenant on the host CPU: run it at a lower OS priority
-    (nice `LOW_NICE`), so that when its batch runs beside a higher priority one the kernel gives the
-    cores to the other (and to the agent's event loop). Once per thread: a thread cannot take its
-    priority back, and a tenant's priority does not change (a new priority is a new tenant)."""
+    (nice `LOW_NICE` above the agent's), so that when its batch runs beside a higher priority one
+    the kernel gives the cores to the other (and to the agent's event loop). Once per thread: a
+    thread cannot take its priority back, and a tenant's priority does not change (a new priority
+    is a new tenant)."""
     if gate.resource != HOST or spec.priority != "low":
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), LOW_NICE)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + LOW_NICE))
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: the gate alone orders it
         log.warning("tenant %s: could not lower its threads' priority: %s", spec.model, exc)
 
