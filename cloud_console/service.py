@@ -39,7 +39,16 @@ from cloud_console import db as schema
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.convergence import Convergence
-from cloud_console.db import DatabaseError, Lease, migrate, open_engine, process_name, shared_secret, upsert
+from cloud_console.db import (
+    DatabaseError,
+    Lease,
+    adopt_files,
+    migrate,
+    open_engine,
+    process_name,
+    shared_secret,
+    upsert,
+)
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -82,6 +91,7 @@ class Console:
         try:
             self.engine = open_engine(config.storage.url())
             migrate(self.engine)
+            adopt_files(self.engine, config.storage.db)  # what the previous version kept in files
             # No configured secret: the one the database keeps, the same for every process on it.
             secret = (
                 session_secret or (config.web.session_secret or "").encode() or shared_secret(self.engine)
