@@ -25,6 +25,7 @@ import time
 from collections import Counter
 from typing import Any
 
+import sqlalchemy as sa
 from pydantic import ValidationError
 
 from agent.protocol.editing import PlacementInvalid
@@ -81,6 +82,9 @@ class RolloutEngine:
         self._tags_changed = True
         self._revision: dict[str, int] = {}  # the stored revision each rollout in memory was read at
         self._in_flight: set[tuple[str, str]] = set()  # (rollout, device): a publish of this process
+        # A turn and a command of this process never interleave (a command's write and a step's
+        # write of one record would each think the other's revision theirs).
+        self._turning = asyncio.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -111,10 +115,18 @@ class RolloutEngine:
 
     async def turn(self, now: float) -> None:
         """One tick: take or renew the lease, read what changed in the store, step if held."""
+        async with self._turning:
+            await self._turn(now)
+
+    async def _turn(self, now: float) -> None:
         held = await asyncio.to_thread(self.lease.held)
         if self.holding and not held:
             self._let_go()
-        await self.sync()
+        try:
+            await self.sync()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("rollouts: database unavailable (%s)", exc)
+            return
         if len(self._shared) != len(self.console.fleet.devices) or self._tags_changed:
             self._share_tags()
             self._shared = set(self.console.fleet.devices)
@@ -123,6 +135,15 @@ class RolloutEngine:
             if not self.holding:
                 self._take_over()
             await self._step(now)
+        # With a shared group this process gets a share of the telemetry only: the devices it judges
+        # are followed live (every message).
+        self.console.followed = {
+            d
+            for r in (self.rollouts.values() if self.holding else ())
+            if r.is_open()
+            for d, rec in r.devices.items()
+            if rec.state in VIEWED
+        }
 
     def _take_over(self) -> None:
         """The lease is this process's now: carry on from the stored records."""
@@ -249,9 +270,20 @@ class RolloutEngine:
             raise KeyError(rollout_id)
         return rollout
 
+    async def find(self, rollout_id: str) -> Rollout:
+        """The rollout, also one another process created since this one's last tick; KeyError."""
+        if rollout_id not in self.rollouts:
+            async with self._turning:
+                await self.sync()
+        return self.get(rollout_id)
+
     async def command(self, rollout_id: str, op: str, user: str) -> Rollout:
         """Pause, resume, ... on the stored record (any process may take it); the lease holder acts
         on it now, another process at its next tick."""
+        async with self._turning:
+            return await self._command(rollout_id, op, user)
+
+    async def _command(self, rollout_id: str, op: str, user: str) -> Rollout:
         for _ in range(5):
             if self.holding:
                 rollout, revision = self.get(rollout_id), self._revision.get(rollout_id, 0)
@@ -419,8 +451,8 @@ class RolloutEngine:
             document = rollout.model_dump_json(exclude_defaults=True)
             try:
                 new = await asyncio.to_thread(self.store.save, rollout.id, rollout.state, document, revision)
-            except Exception:  # the database: kept dirty, tried again next tick
-                log.exception("rollout %s could not be saved", rollout_id)
+            except sa.exc.SQLAlchemyError as exc:  # kept dirty, tried again next tick
+                log.warning("rollout %s could not be saved: %s", rollout_id, exc)
                 self._dirty.add(rollout_id)
                 continue
             if new is None:  # written by another process meanwhile: read again at the next tick
