@@ -106,6 +106,9 @@ class PoolScaler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.holding:  # another process scales from its next tick, not after the lease runs out
+            await asyncio.to_thread(self.lease.release)
+            self.holding = False
 
     def set_target(self, pool: str, model: str, target: Target, auto: bool) -> None:
         """Store a target (blocking: the API calls it on a thread); it counts here at once, on the

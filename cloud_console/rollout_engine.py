@@ -100,7 +100,7 @@ class RolloutEngine:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         if self.holding:  # what moved since the last write, then another process may take over
-            self._dirty.update(self.rollouts)
+            self._dirty.update(r.id for r in self.rollouts.values() if r.is_open())
             await self._save()
             await asyncio.to_thread(self.lease.release)
         self.holding = False
