@@ -222,6 +222,13 @@ pool_targets = sa.Table(
     sa.Column("updated", sa.Float(), nullable=False),
 )
 POOL_TARGETS_FILE = "pool-targets.json"  # where the previous version kept them, beside storage.db
+# A `settings` row changed with every write of device tags: processes poll it, not the whole table.
+TAGS_VERSION = "device_tags_version"
+
+
+def tags_changed(conn: Connection) -> None:
+    """Note that device tags changed (in the transaction that changed them)."""
+    upsert(conn, settings, [{"key": TAGS_VERSION, "value": secrets.token_hex(8)}], ["key"])
 
 
 def _step_sessions_in_db(conn: Connection) -> None:
@@ -387,6 +394,8 @@ def adopt_files(engine: Engine, db_file: Path) -> list[Path]:
             if found is not None:
                 ours = [{**r, "revision": 1} for r in found[0]]
                 _import(engine, [(rollouts, ["id"], ours), (device_tags, ["device_id"], found[1])])
+                with engine.begin() as conn:
+                    tags_changed(conn)
                 done.append(db_file)
     for path in done:
         try:

@@ -85,6 +85,7 @@ class RolloutEngine:
         # A turn and a command of this process never interleave (a command's write and a step's
         # write of one record would each think the other's revision theirs).
         self._turning = asyncio.Lock()
+        self._tags_version: str | None = "unread"
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -170,16 +171,16 @@ class RolloutEngine:
 
     async def sync(self) -> None:
         """Read the rollouts another process wrote (and this one has not), and every tag."""
-        revisions = await asyncio.to_thread(self.store.revisions)
+        revisions, tags_version = await asyncio.to_thread(self.store.revisions)
         changed = [i for i, rev in revisions.items() if self._revision.get(i) != rev]
         if changed:
             for rollout_id, revision, rollout in await asyncio.to_thread(self._read, changed):
                 self._revision[rollout_id] = revision
                 if rollout is not None:
                     self._adopt(rollout, revision)
-        tags = await asyncio.to_thread(self.store.tags)
-        if tags != self.assigned:
-            self.assigned = tags
+        if tags_version != self._tags_version:
+            self.assigned = await asyncio.to_thread(self.store.tags)
+            self._tags_version = tags_version
             self._tags_changed = True
 
     def _read(self, ids: list[str]) -> list[tuple[str, int, Rollout | None]]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Engine
 
-from cloud_console.db import device_tags, rollouts, upsert
+from cloud_console.db import TAGS_VERSION, device_tags, rollouts, settings, tags_changed, upsert
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +35,13 @@ class RolloutStore:
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
 
-    def revisions(self) -> dict[str, int]:
-        """Every rollout's revision: what changed since the last look, without reading records."""
+    def revisions(self) -> tuple[dict[str, int], str | None]:
+        """Every rollout's revision and the tags' version: what changed since the last look,
+        without reading records (one round trip a tick on every process)."""
         with self.engine.connect() as conn:
             rows = conn.execute(sa.select(rollouts.c.id, rollouts.c.revision)).all()
-        return {row.id: int(row.revision or 0) for row in rows}
+            tags = conn.scalar(sa.select(settings.c.value).where(settings.c.key == TAGS_VERSION))
+        return {row.id: int(row.revision or 0) for row in rows}, tags
 
     def read(self, ids: list[str] | None = None) -> list[StoredRollout]:
         """The records (all, or those named), oldest first."""
@@ -99,3 +101,4 @@ class RolloutStore:
                 upsert(conn, device_tags, [row], ["device_id"])
             else:
                 conn.execute(sa.delete(device_tags).where(device_tags.c.device_id == device_id))
+            tags_changed(conn)

@@ -375,14 +375,18 @@ def test_rollouts_tags_and_targets_written_by_one_process_are_read_by_another(da
     migrate(engines[0])
     a, b = (RolloutStore(e) for e in engines)
     assert a.insert("r1", "running", 1.0, _rollout_doc("r1", ["cam1"])) == 1
-    assert b.revisions() == {"r1": 1}
+    assert b.revisions() == ({"r1": 1}, None)
     # Both read revision 1; the first write wins, the second is refused (and writes nothing).
     assert b.save("r1", "paused", '{"by": "b"}', revision=1) == 2
     assert a.save("r1", "running", '{"by": "a"}', revision=1) is None
     assert [(r.id, r.revision, r.document) for r in a.read(["r1"])] == [("r1", 2, '{"by": "b"}')]
     assert a.save("r1", "running", '{"by": "a"}', revision=2) == 3
     b.set_tags("cam1", {"ring": "canary", "site": ""}, time.time())
-    assert a.tags() == {"cam1": {"ring": "canary", "site": ""}}
+    version = a.revisions()[1]
+    assert version is not None and a.tags() == {"cam1": {"ring": "canary", "site": ""}}
+    b.set_tags("cam1", {}, time.time())  # every write, a removal too, is a new version to poll
+    assert a.revisions()[1] not in (None, version) and a.tags() == {}
+    b.set_tags("cam1", {"ring": "canary", "site": ""}, time.time())
     with engines[0].begin() as conn:  # a damaged row is skipped, not fatal
         conn.execute(sa.insert(schema.device_tags).values(device_id="cam2", tags="{no", updated=0.0))
     assert a.tags() == {"cam1": {"ring": "canary", "site": ""}}
