@@ -162,8 +162,10 @@ def test_a_lease_has_one_holder_until_it_expires(database):
     with engine.begin() as conn:  # the holder died a while ago: its lease ran out
         conn.execute(sa.update(schema.leases).values(expires=time.time() - 1))
     assert second.held() and not first.held()
+    # Without asking the database again: the holder stops acting before its lease could pass on.
+    assert second.still_held() and not first.still_held()
     second.release()
-    assert first.held()
+    assert not second.still_held() and first.held()
     assert Lease(engine, "other-job", holder="b").held()  # one lease per job name
 
 
