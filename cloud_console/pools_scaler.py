@@ -143,10 +143,9 @@ class PoolScaler:
             except (ValueError, TypeError) as exc:
                 log.error("pool target of %s (%s) not read (set it again): %s", row.pool, row.model, exc)
                 continue
-            if self.targets.get((row.pool, row.model)) != target or self.auto.get(
-                (row.pool, row.model)
-            ) != bool(row.auto):
-                self._use_target((row.pool, row.model), target, bool(row.auto))
+            key = (row.pool, row.model)
+            if (self.targets.get(key), self.auto.get(key)) != (target, bool(row.auto)):
+                self._use_target(key, target, bool(row.auto))
 
     async def run(self) -> None:
         while True:
