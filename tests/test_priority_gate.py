@@ -234,3 +234,25 @@ def test_low_priority_threads_yield_the_host_cores(priority, resource, nice):
     thread.start()
     thread.join()
     assert seen == [min(19, base + nice) - base]
+
+
+def test_a_draining_tenant_is_let_through_the_gate(lite0):
+    """A low priority frame without an objective waits at the gate behind a hung high priority call;
+    when its tenant drains, the gate lets it through: it is served, not left unanswered."""
+    board = GateBoard(cores=1)
+    high_sink, low_sink = Sink(), Sink()
+    high = tenant(lite0, board, high_sink, priority="high")
+    low = tenant(lite0, board, low_sink, priority="low")
+    release = threading.Event()
+    high.backend.sessions[0].gate = release  # type: ignore[attr-defined]
+    high.start()
+    low.start()
+    try:
+        high.submit_many(frames("h", 2))
+        low.submit_many(frames("l", 1))
+        low.drain(1.0)
+        answered = low_sink.wait(1, timeout=10.0)
+    finally:
+        release.set()
+        high.drain(5.0)
+    assert answered and [type(o) for o in low_sink.outcomes] == [InferResult]
