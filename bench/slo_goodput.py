@@ -1,19 +1,23 @@
 """`edge-agent bench --slo`, stage 6: goodput of automatic placement, throughput-only vs objective-aware.
 
-The classifier and the COCO detector placed together with `backend: "auto"` on one agent, the
-same open-loop mixed load for every variant, side by side in one run:
+The classifier and the COCO detector placed together with `backend: "auto"` and `auto_tune` on
+one agent: placement picks each one's backend, instances, threads and batch limit from the
+latency tables it measures (agent/placement/tuning.py). The same open-loop mixed load for every
+variant, side by side in one run:
 
-- **throughput-only** (today without objectives): auto placement without objectives picks the
-  backends with the most frames per second in total, and the tenants serve throughput-first;
-- **throughput-only placement, objectives served**: the same backends, placed explicitly with
-  the objectives (so only the placement differs from the next one);
-- **objective-aware**: auto placement with the objectives, which counts only the answers within
-  them (agent/placement/auto.py `goodput`), serving with them.
+- **throughput-only**: auto placement without objectives picks the configuration with the most
+  frames per second, and the tenants serve without objectives (today's behaviour);
+- **throughput-only choice, objectives served**: exactly that choice (backends, instances,
+  threads, batch limits) placed explicitly with the objectives, so that only the placement
+  differs from the next one: the fair comparison of the two placements;
+- **objective-aware**: auto placement with the objectives, which picks the configuration with
+  the most answers within them, serving with them.
 
-The load: each model at 80% and 120% of its peak under the throughput-only choice (a closed loop
-per model, both at once). Goodput is frames answered within the objective per second, measured by
-the camera (broker hops included). The profiles the agent measures are cached in its state
-directory, so both auto placements decide from the same measurements.
+The load: each model at 80% and 100% of its peak under the throughput-only choice (a closed loop
+per model, both at once): the highest rate either placement can be asked for. Goodput is frames
+answered within the objective per second, measured by the camera (broker hops included). The
+profiles the agent measures are cached in its state directory, so both auto placements decide
+from the same measurements.
 """
 
 from __future__ import annotations
@@ -25,25 +29,26 @@ from typing import Any
 from agent.protocol.schemas import BatchSpec, TenantSpec
 from agent.protocol.topics import Topics
 
-LEVELS = (0.8, 1.2)
+LEVELS = (0.8, 1.0)
+VARIANTS = ("throughput-only", "throughput-only choice, objectives served", "objective-aware")
 
 
 def goodput_stage(
     rig: Any, kinds: Mapping[str, str], objectives: Mapping[str, float], seconds: float
 ) -> dict[str, Any]:
-    from bench.slo import CLASSIFIER_BATCH, _say, summarise
-
-    def spec(model: str, backend: str, device: str, objective: float | None) -> TenantSpec:
-        return TenantSpec(
-            model=model,
-            backend=backend,
-            device=device,
-            batch=CLASSIFIER_BATCH if kinds[model] == "classifier" else BatchSpec(),
-            latency_objective_ms=objective,
-        )
+    from bench.slo import _say, summarise
 
     def auto(objective: bool) -> list[TenantSpec]:
-        return [spec(m, "auto", "cpu", objectives[m] if objective else None) for m in kinds]
+        return [
+            TenantSpec(
+                model=m,
+                backend="auto",
+                device="cpu",
+                auto_tune=True,
+                latency_objective_ms=objectives[m] if objective else None,
+            )
+            for m in kinds
+        ]
 
     out: dict[str, Any] = {"objective_ms": dict(objectives), "choices": {}, "levels": []}
     _say("goodput: auto placement, throughput only")
@@ -56,13 +61,8 @@ def goodput_stage(
     rig.place(auto(True))
     out["choices"]["objective-aware"] = _choices(rig)
     rig.place([])
-    where = {m: throughput[m]["serving"].split(":", 1) for m in kinds}
-    explicit = [spec(m, where[m][0], where[m][1], objectives[m]) for m in kinds]
-    variants = {
-        "throughput-only": auto(False),
-        "throughput-only placement, objectives served": explicit,
-        "objective-aware": auto(True),
-    }
+    explicit = [_explicit(m, throughput[m], objectives[m]) for m in kinds]
+    variants = dict(zip(VARIANTS, (auto(False), explicit, auto(True)), strict=True))
     for level in LEVELS:
         rates = {m: level * peak[m] for m in kinds}
         row: dict[str, Any] = {"level": level, "rates": {m: round(r, 2) for m, r in rates.items()}}
@@ -74,7 +74,7 @@ def goodput_stage(
             models = {m: summarise(t, objectives[m], seconds) for m, t in tallies.items()}
             row[variant] = {"models": models, "goodput": round(sum(s["goodput"] for s in models.values()), 2)}
         base = row["throughput-only"]["goodput"]
-        same = row["throughput-only placement, objectives served"]["goodput"]
+        same = row["throughput-only choice, objectives served"]["goodput"]
         aware = row["objective-aware"]["goodput"]
         row["ratio"] = round(aware / base, 3) if base else None
         row["ratio_placement_only"] = round(aware / same, 3) if same else None
@@ -82,20 +82,38 @@ def goodput_stage(
     return out
 
 
+def _explicit(model: str, choice: Mapping[str, Any], objective: float) -> TenantSpec:
+    """The tenant exactly as auto placed it, with `objective`."""
+    backend, device = choice["serving"].split(":", 1)
+    return TenantSpec(
+        model=model,
+        backend=backend,
+        device=device,
+        instances=choice["instances"],
+        threads=choice["threads"],
+        batch=BatchSpec(max_size=choice["batch"]),
+        latency_objective_ms=objective,
+    )
+
+
 def _choices(rig: Any) -> dict[str, dict[str, Any]]:
-    """Per model: where auto placed it, why, and the figures it chose from (status `auto`)."""
+    """Per model: where and how auto placed it, why, and the figures it chose from (status `auto`)."""
     from agent.commands.client import read_retained
 
     status = asyncio.run(read_retained(rig.url, Topics(rig.device_id).status, 2.0)) or {}
     out: dict[str, dict[str, Any]] = {}
     for t in (status.get("placement") or {}).get("tenants", []):
         choice = t.get("auto") or {}
+        tuned = choice.get("tuned") or {}
         out[t["model"]] = {
             "serving": f"{t['backend']}:{t['device']}",
+            "instances": t.get("instances"),
             "threads": t.get("threads"),
+            "batch": (t.get("batch") or {}).get("max_size"),
             "reason": choice.get("reason"),
             "solo": choice.get("candidates"),
-            "together": choice.get("together"),
+            "estimate": {k: tuned.get(k) for k in ("fps", "goodput", "latency_ms")},
+            "table": tuned.get("table"),
         }
     return out
 
@@ -104,14 +122,17 @@ def print_goodput(data: Mapping[str, Any]) -> None:
     objectives = ", ".join(f"{m} {v:g} ms" for m, v in data["objective_ms"].items())
     print(f"\n== goodput of automatic placement (objectives {objectives})")
     for variant, choices in data["choices"].items():
-        picks = ", ".join(f"{m} on {c['serving']} ({c['threads']} threads)" for m, c in choices.items())
+        picks = ", ".join(
+            f"{m} on {c['serving']} x{c['instances']} t{c['threads']} b{c['batch']}"
+            for m, c in choices.items()
+        )
         print(f"  {variant:18s} placed {picks}")
         for m, c in choices.items():
-            print(f"    {m}: solo {c['solo']}; together {c['together']}")
+            print(f"    {m}: {c['reason']}")
     for row in data["levels"]:
         rates = ", ".join(f"{m} {r:.1f}/s" for m, r in row["rates"].items())
         print(f"  load {int(row['level'] * 100)}% of the throughput-only peak ({rates}):")
-        for variant in ("throughput-only", "throughput-only placement, objectives served", "objective-aware"):
+        for variant in VARIANTS:
             entry = row[variant]
             cells = "; ".join(
                 f"{m} {s['goodput']:.1f}/s ({100 * (s['share'] or 0):.1f}% within, shed {s['shed']})"

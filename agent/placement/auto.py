@@ -3,7 +3,9 @@
 The paper's second technique. `backend: "auto"` (or `device: "auto"`) tenants are profiled on every
 candidate (profiler.py, cached), then `choose` assigns candidates to maximise the estimated total;
 several auto tenants are also measured side by side, since solo figures cannot predict how runtimes
-share cores. The choice and its reason are reported in status (docs/protocol.md, `auto`).
+share cores. Tenants with `auto_tune` also get their instances, threads and batch limit from a
+measured latency table (tuning.py): the most frames per second, or with `latency_objective_ms` the
+most answers within it. The choice and its reason are reported in status (docs/protocol.md, `auto`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from typing import Any, TypeVar
 
 from agent.frames.slo_threads import apply_budget
 from agent.placement.profiler import Candidate, Profiler
-from agent.protocol.schemas import AutoChoice, Placement, TenantSpec
+from agent.placement.tuning import Tuned, configs, tune
+from agent.protocol.auto_choice import TunedChoice
+from agent.protocol.schemas import AutoChoice, BatchSpec, Placement, TenantSpec
 from agent.service.errors import PlacementRefused
 from agent.service.model_repo import ModelError, ModelRepository
 from backends import registry
@@ -148,22 +152,26 @@ class AutoPlacer:
         return resolved.model_copy(update={"tenants": tenants}), choices
 
     async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
-        autos = [t for t in placement.tenants if is_auto(t)]
+        autos = [t for t in placement.tenants if is_auto(t) or t.auto_tune]
         if not autos:
             return placement, {}
         fixed = {t.model: (t.backend, t.device) for t in placement.tenants if t not in autos}
         measured: dict[str, dict[Candidate, float]] = {}
+        listed: dict[str, list[Candidate]] = {}
+        for spec in autos:
+            listed[spec.model] = await self.runtime_call(
+                functools.partial(candidates_for, spec.backend, spec.device),
+                f"listing devices for {spec.model}",
+            )
+        tuned: dict[str, dict[Candidate, Tuned]] = {}
+        tables: dict[str, dict[Candidate, dict[str, float]]] = {}
         for spec in autos:
             try:
                 model = await asyncio.to_thread(self.repo.load, spec.model, True, spec.version)
             except ModelError as exc:
                 raise PlacementRefused(str(exc)) from exc
-            cands: list[Candidate] = await self.runtime_call(
-                functools.partial(candidates_for, spec.backend, spec.device),
-                f"listing devices for {spec.model}",
-            )
             figures: dict[Candidate, float] = {}
-            for backend, device in cands:
+            for backend, device in listed[spec.model]:
                 figures[(backend, device)] = await self.runtime_call(
                     functools.partial(self.profiler.measure, model, backend, device, spec.instances),
                     f"measuring {spec.model} on {backend}:{device}",
@@ -171,23 +179,80 @@ class AutoPlacer:
             figures = {c: f for c, f in figures.items() if f > 0}
             if not figures:
                 raise PlacementRefused(f"auto placement of {spec.model}: no available backend could run it")
+            if spec.auto_tune:
+                tuned[spec.model], tables[spec.model] = await self._tune(spec, model, figures, fixed, listed)
+                figures = {c: t.goodput for c, t in tuned[spec.model].items()} or figures
             measured[spec.model] = figures
-        objectives = {t.model: (t.instances, t.latency_objective_ms) for t in autos}
+        # Tuned tenants' figures already count only the answers within their objective.
+        objectives = {t.model: (t.instances, None if t.auto_tune else t.latency_objective_ms) for t in autos}
         picks = choose(measured, fixed, objectives)
         together: dict[str, float] | None = None
-        if len(autos) >= 2:
+        if len(autos) >= 2 and not tuned:
             picks, together = await self._choose_together(autos, measured, picks)
         choices = {model: explain(model, pick, measured, together) for model, pick in picks.items()}
-        tenants = [
-            spec.model_copy(
-                update={"backend": choices[spec.model].backend, "device": choices[spec.model].device}
-            )
-            if spec.model in choices
-            else spec
-            for spec in placement.tenants
-        ]
+        tenants = []
+        for spec in placement.tenants:
+            choice = choices.get(spec.model)
+            if choice is None:
+                tenants.append(spec)
+                continue
+            update: dict[str, Any] = {"backend": choice.backend, "device": choice.device}
+            pick = picks[spec.model]
+            if pick in tuned.get(spec.model, {}):
+                best = tuned[spec.model][pick]
+                choice.tuned = tuned_choice(best, tables[spec.model][pick])
+                choice.reason = f"{choice.reason}; {best.config.label}: {best.reason}"
+                update.update(
+                    instances=best.config.instances,
+                    threads=best.config.threads,
+                    batch=BatchSpec(max_size=best.config.batch, max_delay_ms=spec.batch.max_delay_ms),
+                )
+            tenants.append(spec.model_copy(update=update))
         log.info("auto placement: %s", {m: f"{c.backend}:{c.device}" for m, c in choices.items()})
         return placement.model_copy(update={"tenants": tenants}), choices
+
+    async def _tune(
+        self,
+        spec: TenantSpec,
+        model: Any,
+        figures: Mapping[Candidate, float],
+        fixed: Mapping[str, Candidate],
+        listed: Mapping[str, list[Candidate]],
+    ) -> tuple[dict[Candidate, Tuned], dict[Candidate, dict[str, float]]]:
+        """Measure the latency table of `spec`'s shortlisted candidates and tune each (tuning.py).
+
+        A resource is shared by the fixed tenants on it and by every other auto tenant that may
+        run there: an accelerator is taken in turns, the host's cores are split as many ways
+        (tuning.py `slowdown`).
+        """
+        out: dict[Candidate, Tuned] = {}
+        tables: dict[Candidate, dict[str, float]] = {}
+        for cand in shortlist({spec.model: figures})[spec.model]:
+            res = resource_of(*cand)
+            share = 1 + sum(1 for c in fixed.values() if resource_of(*c) == res)
+            share += sum(
+                1
+                for name, cands in listed.items()
+                if name != spec.model and any(resource_of(*c) == res for c in cands)
+            )
+            on_host = res == "cpu"  # the resource backends name the host CPU (slo_threads.HOST)
+            cores = max(1, host_cores() // share) if on_host else 1
+            shapes = configs(cores, max_instances=2 if host_cores() >= 2 else 1)
+            table = await self.runtime_call(
+                functools.partial(self.profiler.measure_table, model, cand[0], cand[1], shapes),
+                f"measuring {spec.model}'s batch sizes on {cand[0]}:{cand[1]}",
+            )
+            best = tune(
+                table,
+                spec.latency_objective_ms,
+                spec.batch.max_delay_ms,
+                share,
+                host_cores() if on_host else None,
+            )
+            if best is not None:
+                out[cand] = best
+                tables[cand] = {c.label: round(ms, 2) for c, ms in sorted(table.items())}
+        return out, tables
 
     async def _choose_together(
         self,
@@ -224,6 +289,20 @@ class AutoPlacer:
             if total > best_total:
                 best, best_total = dict(zip(names, combo, strict=True)), total
         return best, totals
+
+
+def tuned_choice(best: Tuned, table: dict[str, float]) -> TunedChoice:
+    """What status shows of a tuned tenant's configuration."""
+    return TunedChoice(
+        instances=best.config.instances,
+        threads=best.config.threads,
+        batch_max_size=best.config.batch,
+        fps=round(best.fps, 1),
+        goodput=round(best.goodput, 1),
+        latency_ms=round(best.latency_ms, 1),
+        reason=best.reason,
+        table=table,
+    )
 
 
 def explain(

@@ -87,14 +87,15 @@ def refusal_for(generation: int, errors: list[str], published_at: float | None) 
 
 
 def _same_tenant(spec: TenantSpec, status: TenantStatus) -> bool:
-    """`status` runs `spec`. An "auto" backend or device matches what the agent chose for it."""
+    """`status` runs `spec`. An "auto" backend or device matches what the agent chose for it, and
+    an `auto_tune` tenant's instances what it tuned."""
     chosen = status.auto is not None
     return (
         spec.model == status.model
         and spec.version == status.version  # two versions of one model are two tenants
         and (spec.backend == status.backend or (spec.backend == "auto" and chosen))
         and (spec.device.lower() == status.device.lower() or (spec.device.lower() == "auto" and chosen))
-        and spec.instances == status.instances
+        and (spec.instances == status.instances or (spec.auto_tune and chosen))
     )
 
 

@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from agent.protocol.auto_choice import AutoChoice
 from agent.protocol.counters import DeviceCounters, TenantCounters
 from agent.protocol.delivery import DeliveryProgress, InstalledModel
 from agent.protocol.topics import MODEL_NAME_RE, POOL_NAME_RE, VERSION_RE, tenant_key, valid_model_name
@@ -196,6 +197,9 @@ class TenantSpec(Strict):
     # Arrival to answer, ms (docs/protocol.md "Latency objectives"); None: served as fast as it can.
     latency_objective_ms: float | None = Field(default=None, ge=1.0, le=60000.0)
     priority: Literal["high", "normal", "low"] = "normal"
+    # Let automatic placement also pick instances, threads and batch.max_size from measured latency
+    # tables (docs/protocol.md "Automatic placement"); the values given are then replaced.
+    auto_tune: bool = False
     # Set by the Placement that holds it (it depends on the other tenants): see tenant_key().
     _key: str | None = PrivateAttr(default=None)
 
@@ -305,17 +309,6 @@ def generation_refusal(generation: int, applied: int | None) -> str | None:
 
 
 TenantState = Literal["loading", "ready", "draining", "failed"]
-
-
-class AutoChoice(BaseModel):
-    """Why `backend: "auto"` (or `device: "auto"`) became this backend/device: the measured figures."""
-
-    backend: str
-    device: str
-    reason: str
-    candidates: dict[str, float]  # "backend:device" -> measured img/s for this tenant's instance count
-    # Several auto tenants: total img/s of each shortlisted combination, measured running together.
-    together: dict[str, float] | None = None
 
 
 class Failover(BaseModel):
