@@ -229,17 +229,19 @@ def generator(
     return LoadGenerator(b.host, b.port, device_id, model, name)
 
 
-async def apply_placement(broker_url: str, generation: int, tenants: list[TenantSpec]) -> None:
+async def apply_placement(
+    broker_url: str, generation: int, tenants: list[TenantSpec], device: str = DEVICE
+) -> None:
     """Publish a retained placement and wait until the agent reports it applied and ready."""
     import aiomqtt
 
     doc = Placement(generation=generation, tenants=tenants).model_dump_json()
     b = parse_broker_url(broker_url)
     async with aiomqtt.Client(b.host, b.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
-        await c.publish(Topics(DEVICE).placement, doc, qos=1, retain=True)
+        await c.publish(Topics(device).placement, doc, qos=1, retain=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status = await read_retained(broker_url, Topics(DEVICE).status, 1.0) or {}
+        status = await read_retained(broker_url, Topics(device).status, 1.0) or {}
         placement = status.get("placement") or {}
         states = [t["state"] for t in placement.get("tenants", [])]
         if placement.get("applied_generation") == generation and states and all(s == "ready" for s in states):
