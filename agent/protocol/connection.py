@@ -297,43 +297,6 @@ class Link:
 
         paho_client.on_socket_register_write = on_register_write
 
-    def read_in_bursts(self, chunk: int = 1 << 16) -> None:
-        """paho reads a packet in three or more recv() calls (its first byte, its length one byte at
-        a time, the rest) and ends each readable event with one more that fails: about 8 system
-        calls per frame and its result's PUBACK. Here one recv() of up to `chunk` bytes takes in
-        whatever the broker has sent, and paho's small reads are served from it (measured in
-        docs/performance.md, "Where a frame's time goes"). Call before connecting."""
-        paho_client = self.paho
-        sock_recv = paho_client._sock_recv
-        loop_read = paho_client.loop_read
-        held: list[Any] = [None, b"", 0]  # the socket read from, the bytes read, the next position
-
-        def recv(size: int) -> bytes:
-            sock = paho_client._sock
-            if held[0] is not sock:  # a new connection: nothing read on the last one belongs to it
-                held[:] = [sock, b"", 0]
-            data, pos = held[1], held[2]
-            if pos >= len(data):
-                if size >= chunk:  # a large payload's remainder: straight into paho's buffer
-                    return bytes(sock_recv(size))
-                data, pos = bytes(sock_recv(chunk)), 0  # BlockingIOError when nothing is there
-                if not data:
-                    return data  # the broker closed the connection
-                held[1] = data
-            held[2] = pos + size
-            return data[pos : pos + size]
-
-        def read(max_packets: int = 1) -> Any:
-            """paho stops after a bounded number of packets; what is left in hand would wait for
-            the socket's next readable event, which may never come: read on until it is used."""
-            rc = loop_read(max_packets)
-            while rc == paho.MQTT_ERR_SUCCESS and held[2] < len(held[1]) and held[0] is paho_client._sock:
-                rc = loop_read(max_packets)
-            return rc
-
-        paho_client._sock_recv = recv  # type: ignore[method-assign]
-        paho_client.loop_read = read  # type: ignore[method-assign]
-
 
 # -- the loops ------------------------------------------------------------------------------------
 

@@ -167,7 +167,6 @@ class MqttSession:
                 for sub in self.subscriptions:
                     link.route(sub.route, self._paho_callback(sub))
                 link.write_on_loop(loop)
-                link.read_in_bursts()
                 self._links[key] = link
             return self._links[key]
 
