@@ -37,6 +37,7 @@ from bench.concurrency import (
     DEFAULT_DEVICE,
     MODELS,
     REPO,
+    agent_config,
     apply_placement,
     generator,
     jpeg_frames,
@@ -145,9 +146,8 @@ def parse_variant(text: str) -> Variant:
 def start_variant(v: Variant, broker_url: str, state: Path) -> None:
     v.device = f"path-{v.name}"
     state.mkdir(parents=True, exist_ok=True)
-    config = BENCH_AGENT_CONFIG.replace("[scheduler]\n", f'[scheduler]\ncpu_policy = "{v.cpu_policy}"\n')
-    if v.cpu_policy == "normal":
-        config = BENCH_AGENT_CONFIG  # (also for a checkout older than the option)
+    # (a checkout older than the option runs with "normal", which it does not name)
+    config = BENCH_AGENT_CONFIG if v.cpu_policy == "normal" else agent_config(v.cpu_policy)
     (state / "agent.toml").write_text(config)
     env = {**os.environ, "PYTHONPATH": str(v.source)}
     argv = [sys.executable, "-m", "agent", "run", "--config", str(state / "agent.toml")]
