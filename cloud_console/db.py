@@ -19,10 +19,12 @@ UPDATE or INSERT, the same on both databases.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import socket
+import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -187,7 +189,46 @@ console_processes = sa.Table(
 )
 schema_version = sa.Table("schema_version", metadata, sa.Column("version", sa.Integer(), nullable=False))
 
-# Rollouts (and any later part) add their tables here and a step to MIGRATIONS below.
+# Staged rollouts (cloud_console/rollout_store.py): one row per rollout, its record as JSON, written
+# whole. `revision` goes up by one on every write, and a write names the revision it read (compare
+# and swap): a command taken by one process never silently overwrites the stepping process's record,
+# nor the other way round. Names and columns are those of the earlier sqlite-utils tables.
+rollouts = sa.Table(
+    "rollouts",
+    metadata,
+    sa.Column("id", sa.Text(), primary_key=True),
+    sa.Column("state", sa.Text()),
+    sa.Column("created", sa.Float()),
+    sa.Column("updated", sa.Float()),
+    sa.Column("document", sa.Text()),
+    sa.Column("revision", Int),
+    sa.Index("idx_rollouts_state", "state"),
+)
+device_tags = sa.Table(
+    "device_tags",
+    metadata,
+    sa.Column("device_id", sa.Text(), primary_key=True),
+    sa.Column("tags", sa.Text()),  # JSON object: key -> value ("" hides a tag the device reports)
+    sa.Column("updated", sa.Float()),
+)
+# Pool scaling targets (cloud_console/pools_scaler.py): the fields of pools_policy.Target as JSON.
+pool_targets = sa.Table(
+    "pool_targets",
+    metadata,
+    sa.Column("pool", sa.Text(), primary_key=True),
+    sa.Column("model", sa.Text(), primary_key=True),
+    sa.Column("auto", sa.Integer(), nullable=False),
+    sa.Column("target", sa.Text(), nullable=False),
+    sa.Column("updated", sa.Float(), nullable=False),
+)
+POOL_TARGETS_FILE = "pool-targets.json"  # where the previous version kept them, beside storage.db
+# A `settings` row changed with every write of device tags: processes poll it, not the whole table.
+TAGS_VERSION = "device_tags_version"
+
+
+def tags_changed(conn: Connection) -> None:
+    """Note that device tags changed (in the transaction that changed them)."""
+    upsert(conn, settings, [{"key": TAGS_VERSION, "value": secrets.token_hex(8)}], ["key"])
 
 
 def _step_sessions_in_db(conn: Connection) -> None:
@@ -220,10 +261,19 @@ def _step_one_row_per_message(conn: Connection) -> None:
     conn.execute(sa.text(f"CREATE UNIQUE INDEX {name} ON host_metrics (device_id, ts)"))
 
 
+def _step_shared_rollouts(conn: Connection) -> None:
+    """v4: rollouts and device tags in the shared schema. The sqlite-utils tables of a console.db
+    have the same names and columns and are kept as they are; their rows get a first revision."""
+    conn.execute(sa.update(rollouts).where(rollouts.c.revision.is_(None)).values(revision=1))
+    if "idx_rollouts_state" not in {i["name"] for i in sa.inspect(conn).get_indexes("rollouts")}:
+        conn.execute(sa.text("CREATE INDEX idx_rollouts_state ON rollouts (state)"))
+
+
 MIGRATIONS: list[Callable[[Connection], None]] = [
     _step_sessions_in_db,
     _step_raw_telemetry,
     _step_one_row_per_message,
+    _step_shared_rollouts,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 MIGRATION_LOCK = 0x6564_6765  # "edge": the advisory lock key of migrations on PostgreSQL
@@ -320,6 +370,84 @@ def migrate(engine: Engine) -> int:
         raise DatabaseError(f"database {redacted(str(engine.url))}: {exc}") from exc
 
 
+def adopt_files(engine: Engine, db_file: Path) -> list[Path]:
+    """Import once what the previous version kept in files beside `storage.db`: `pool-targets.json`,
+    and (with PostgreSQL, where that SQLite file held only them) the rollouts and device tags of
+    the file itself. Each imported file is renamed `<name>.imported`, so it is not read again and
+    nothing is lost; rows already in the database win. Returns the files imported."""
+    done: list[Path] = []
+    targets_file = db_file.with_name(POOL_TARGETS_FILE)
+    if targets_file.is_file():
+        try:
+            rows = _pool_target_rows(json.loads(targets_file.read_text()), targets_file.stat().st_mtime)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
+            log.error("pool targets in %s not imported (fix or remove the file): %s", targets_file, exc)
+        else:
+            _import(engine, [(pool_targets, ["pool", "model"], rows)])
+            done.append(targets_file)
+    if is_postgres(engine) and db_file.is_file():
+        try:
+            found = _sqlite_rows(db_file)
+        except sqlite3.Error as exc:
+            log.error("rollouts and tags in %s not imported: %s", db_file, exc)
+        else:
+            if found is not None:
+                ours = [{**r, "revision": 1} for r in found[0]]
+                _import(engine, [(rollouts, ["id"], ours), (device_tags, ["device_id"], found[1])])
+                with engine.begin() as conn:
+                    tags_changed(conn)
+                done.append(db_file)
+    for path in done:
+        try:
+            os.replace(path, path.with_name(path.name + ".imported"))
+        except OSError as exc:  # imported again at the next start: existing rows are kept
+            log.warning("%s imported but not renamed: %s", path, exc)
+        log.info("database: imported %s (kept as %s.imported)", path, path.name)
+    return done
+
+
+def _import(engine: Engine, tables: list[tuple[sa.Table, list[str], list[dict[str, Any]]]]) -> None:
+    try:
+        with engine.begin() as conn:
+            for table, keys, rows in tables:
+                upsert(conn, table, rows, keys, update=[])
+    except sa.exc.SQLAlchemyError as exc:
+        raise DatabaseError(f"database {redacted(str(engine.url))}: {exc}") from exc
+
+
+def _pool_target_rows(data: Any, updated: float) -> list[dict[str, Any]]:
+    rows = []
+    for row in data:
+        fields = {k: v for k, v in row.items() if k not in ("pool", "model", "auto")}
+        rows.append(
+            {
+                "pool": str(row["pool"]),
+                "model": str(row["model"]),
+                "auto": int(bool(row.get("auto", False))),
+                "target": json.dumps(fields, sort_keys=True),
+                "updated": updated,
+            }
+        )
+    return rows
+
+
+def _sqlite_rows(path: Path) -> tuple[list[dict[str, Any]], list[dict[str, Any]]] | None:
+    """The rollouts and device tags of a SQLite file of the previous version; None: it has none."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        conn.row_factory = sqlite3.Row
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not {"rollouts", "device_tags"} & names:
+            return None
+        found: list[list[dict[str, Any]]] = []
+        for table, columns in (("rollouts", "id, state, created, updated, document"), ("device_tags", "*")):
+            query = f"SELECT {columns} FROM {table}"  # noqa: S608 - constants only
+            found.append([dict(r) for r in conn.execute(query)] if table in names else [])
+        return found[0], found[1]
+    finally:
+        conn.close()
+
+
 def upsert(
     conn: Connection,
     table: sa.Table,
@@ -363,17 +491,23 @@ class Lease:
     """One named job that one process of several runs at a time (`held()` takes or renews it).
 
     The holder renews before `ttl_s` passes; a process that dies lets it expire and another takes it
-    over. Used by retention and downsampling; rollout steps take their own lease the same way."""
+    over. Used by retention and downsampling, rollout steps and pool scaling.
+
+    `still_held()` answers without the database, for a side effect (a publish) made a while after
+    `held()`: true until two thirds of the TTL after the last successful `held()` started, so the
+    holder stops before the lease can expire and pass to another process."""
 
     def __init__(self, engine: Engine, name: str, ttl_s: float = 30.0, holder: str | None = None) -> None:
         self.engine = engine
         self.name = name
         self.ttl_s = ttl_s
         self.holder = holder or process_name()
+        self._until = 0.0  # time.monotonic() until which still_held() is true
 
     def held(self) -> bool:
         """Take the lease if free or expired, renew it if ours. False when another process holds it
         (or the database cannot be reached: then nobody should act)."""
+        started = time.monotonic()
         now = time.time()
         try:
             with self.engine.begin() as conn:
@@ -383,15 +517,20 @@ class Lease:
                     .where(sa.or_(leases.c.holder == self.holder, leases.c.expires < now))
                     .values(holder=self.holder, expires=now + self.ttl_s)
                 ).rowcount
-                if taken:
-                    return True
-                row = {"name": self.name, "holder": self.holder, "expires": now + self.ttl_s}
-                return upsert(conn, leases, [row], ["name"], update=[]) == 1
+                if not taken:
+                    row = {"name": self.name, "holder": self.holder, "expires": now + self.ttl_s}
+                    taken = upsert(conn, leases, [row], ["name"], update=[])
         except sa.exc.SQLAlchemyError as exc:
             log.warning("lease %s: database unavailable (%s)", self.name, exc)
-            return False
+            taken = 0
+        self._until = started + self.ttl_s * 2 / 3 if taken else 0.0
+        return bool(taken)
+
+    def still_held(self) -> bool:
+        return time.monotonic() < self._until
 
     def release(self) -> None:
+        self._until = 0.0
         try:
             with self.engine.begin() as conn:
                 conn.execute(

@@ -4,6 +4,7 @@ cloud_console/pools_scaler.py's."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -54,7 +55,7 @@ def pools_api(
 ) -> PoolScaler:
     """Add the page and the API (app.py's `principal`, `require_user` and `require_admin` guard
     them); returns the scaler for the app to start and stop."""
-    scaler = PoolScaler(console, targets_file=console.config.storage.db.with_name("pool-targets.json"))
+    scaler = PoolScaler(console)
     scaler.attach()
 
     @app.get("/pools", response_class=HTMLResponse, include_in_schema=False)
@@ -79,7 +80,7 @@ def pools_api(
         if body.min_members > body.max_members:
             raise HTTPException(422, "min_members is above max_members")
         fields = body.model_dump(exclude={"model", "auto"})
-        scaler.set_target(pool, body.model, Target(**fields), body.auto)
+        await asyncio.to_thread(scaler.set_target, pool, body.model, Target(**fields), body.auto)
         return {"pool": pool, "model": body.model, "auto": body.auto, **fields}
 
     return scaler

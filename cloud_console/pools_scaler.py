@@ -7,6 +7,11 @@ the pool counts it once it announces itself in the share (make-before-break: not
 meanwhile). Removing one: the member the policy names loses the pool (or the tenant, when the scaler
 placed it); the others already carry the load, and frames that reach it while it goes are handed back
 to the pool by the agent.
+
+Targets are rows of the console's database (table `pool_targets`), read again every tick, so a
+target set through any console process counts. Scaling itself runs in one process at a time: the
+holder of the lease `pools`. Another process that takes the lease over (its holder died) starts
+each pool's timers afresh.
 """
 
 from __future__ import annotations
@@ -16,16 +21,18 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import time
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Engine
 
 from agent.protocol.editing import PlacementInvalid
 from agent.protocol.schemas import TenantSpec
 from agent.protocol.topics import parse_pool_topic, pool_filter
+from cloud_console.db import Lease, pool_targets, upsert
 from cloud_console.mqtt import PublishFailed
 from cloud_console.pools import PoolView
 from cloud_console.pools_policy import Decision, ScaleState, Target, decide
@@ -36,6 +43,7 @@ log = logging.getLogger(__name__)
 TICK_S = 1.0
 JOIN_TIMEOUT_S = 300.0  # an added member that has not joined by then is given up on
 USER = "pool-scaler"
+LEASE_TTL_S = 15.0  # renewed every tick: a holder that died is taken over this long after
 
 Key = tuple[str, str]  # (pool, model)
 
@@ -46,17 +54,24 @@ class Pending:
     since: float
 
 
+class LeaseLost(Exception):
+    """The lease `pools` may be another process's by now: nothing is published here."""
+
+
 class PoolScaler:
     def __init__(
         self,
         console: Console,
         view: PoolView | None = None,
         clock: Any = time.monotonic,
-        targets_file: Path | None = None,
+        engine: Engine | None = None,
+        lease: Lease | None = None,
     ) -> None:
         self.console = console
-        # Targets set on the page or the API, kept across restarts of this console process.
-        self.targets_file = targets_file
+        # Targets set on the page or the API, through any process: rows of the console's database.
+        self.engine = engine if engine is not None else console.engine
+        self.lease = lease or Lease(self.engine, "pools", ttl_s=LEASE_TTL_S)
+        self.holding = False
         self.view = view or PoolView(clock)
         self._clock = clock
         self.targets: dict[Key, Target] = {}
@@ -67,7 +82,7 @@ class PoolScaler:
         self.added: set[tuple[str, str, str]] = set()  # (pool, model, device): tenants the scaler placed
         self.actions: deque[dict[str, Any]] = deque(maxlen=50)  # what it did, newest last
         self._task: asyncio.Task[None] | None = None
-        self._load_targets()
+        self.load_targets()
 
     def attach(self) -> None:
         """Subscribe the console to members' announcements (before it connects)."""
@@ -91,54 +106,75 @@ class PoolScaler:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.holding:  # another process scales from its next tick, not after the lease runs out
+            await asyncio.to_thread(self.lease.release)
+            self.holding = False
 
-    def set_target(self, pool: str, model: str, target: Target, auto: bool, save: bool = True) -> None:
-        self.targets[(pool, model)] = target
-        self.auto[(pool, model)] = auto
-        self.states.setdefault((pool, model), ScaleState())
-        if save:
-            self._save_targets()
+    def set_target(self, pool: str, model: str, target: Target, auto: bool) -> None:
+        """Store a target (blocking: the API calls it on a thread); it counts here at once, on the
+        other processes at their next tick."""
+        row = {
+            "pool": pool,
+            "model": model,
+            "auto": int(auto),
+            "target": json.dumps(dataclasses.asdict(target), sort_keys=True),
+            "updated": time.time(),
+        }
+        with self.engine.begin() as conn:
+            upsert(conn, pool_targets, [row], ["pool", "model"])
+        self._use_target((pool, model), target, auto)
 
-    def _save_targets(self) -> None:
-        """Write every target (a small JSON file, replaced whole: never half-written)."""
-        if self.targets_file is None:
-            return
-        rows = [
-            {
-                "pool": pool,
-                "model": model,
-                "auto": self.auto.get((pool, model), False),
-                **dataclasses.asdict(t),
-            }
-            for (pool, model), t in sorted(self.targets.items())
-        ]
-        partial = self.targets_file.with_name(self.targets_file.name + ".partial")
+    def _use_target(self, key: Key, target: Target, auto: bool) -> None:
+        self.targets[key] = target
+        self.auto[key] = auto
+        self.states.setdefault(key, ScaleState())
+
+    def load_targets(self) -> None:
+        """Every stored target (blocking); a row that does not parse is reported and skipped."""
         try:
-            partial.write_text(json.dumps(rows, indent=1))
-            os.replace(partial, self.targets_file)
-        except OSError as exc:
-            log.error("pool targets not saved to %s: %s", self.targets_file, exc)
-
-    def _load_targets(self) -> None:
-        if self.targets_file is None or not self.targets_file.exists():
+            with self.engine.connect() as conn:
+                rows = conn.execute(sa.select(pool_targets)).all()
+        except sa.exc.SQLAlchemyError as exc:
+            log.warning("pool targets not read (database unavailable): %s", exc)
             return
-        try:
-            for row in json.loads(self.targets_file.read_text()):
-                pool, model, auto = row.pop("pool"), row.pop("model"), bool(row.pop("auto", False))
-                self.set_target(pool, model, Target(**row), auto, save=False)
-        except (OSError, ValueError, TypeError, KeyError, AttributeError) as exc:
-            log.error("pool targets in %s not read (set them again): %s", self.targets_file, exc)
+        for row in rows:
+            try:
+                target = Target(**json.loads(row.target))
+            except (ValueError, TypeError) as exc:
+                log.error("pool target of %s (%s) not read (set it again): %s", row.pool, row.model, exc)
+                continue
+            key = (row.pool, row.model)
+            if (self.targets.get(key), self.auto.get(key)) != (target, bool(row.auto)):
+                self._use_target(key, target, bool(row.auto))
 
     async def run(self) -> None:
         while True:
-            for key in [k for k, on in self.auto.items() if on]:
-                try:
-                    await self.step(key, self._clock())
-                except (PlacementInvalid, PublishFailed) as exc:
-                    self._note(key, "failed", None, str(exc))
-                except Exception:  # a bug in one pool must not stop the others' scaling
-                    log.exception("pool scaling of %s failed", key)
+            await self.turn()
             await asyncio.sleep(TICK_S)
+
+    async def turn(self) -> None:
+        """One tick: read the targets, take or renew the lease, and scale the pools if held."""
+        try:
+            await asyncio.to_thread(self.load_targets)
+            held = await asyncio.to_thread(self.lease.held)
+        except Exception:  # a bug must not end scaling for good: logged, next tick
+            log.exception("pool scaling: the targets or the lease failed")
+            held = False
+        if self.holding and not held:
+            log.warning("pool scaling: lease lost; another process scales the pools")
+            self.pending.clear()
+            self.decisions.clear()
+            self.states = {k: ScaleState() for k in self.targets}
+        self.holding = held
+        for key in [k for k, on in self.auto.items() if on and held]:
+            try:
+                await self.step(key, self._clock())
+            except (PlacementInvalid, PublishFailed) as exc:
+                self._note(key, "failed", None, str(exc))
+            except LeaseLost:
+                break
+            except Exception:  # a bug in one pool must not stop the others' scaling
+                log.exception("pool scaling of %s failed", key)
 
     async def step(self, key: Key, now: float) -> Decision:
         pool, model = key
@@ -209,9 +245,15 @@ class PoolScaler:
             await self._publish_adding(device_id, [*tenants, TenantSpec(model=model, pool=pool)])
         self.added.add((pool, model, device_id))
 
+    def _still_held(self) -> None:
+        if not self.lease.still_held():
+            raise LeaseLost
+
     async def _publish_adding(self, device_id: str, tenants: list[TenantSpec]) -> None:
+        self._still_held()
         if self.console.config.public_url:  # the model store's copy first, if the device lacks it
             await self.console.deliver_missing(device_id, tenants, self.console.config.public_url, USER)
+        self._still_held()
         await self.console.publish_placement(device_id, tenants, USER, "pool-add")
 
     async def remove(self, pool: str, model: str, device_id: str) -> None:
@@ -222,6 +264,7 @@ class PoolScaler:
             self.added.discard((pool, model, device_id))
         else:
             tenants = [t.model_copy(update={"pool": None}) if t.model == model else t for t in tenants]
+        self._still_held()
         await self.console.publish_placement(device_id, tenants, USER, "pool-remove")
 
     def _note(self, key: Key, what: str, device: str | None, reason: str) -> None:

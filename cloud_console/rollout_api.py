@@ -61,17 +61,19 @@ def install(
     @api.get("/rollouts/{rollout_id}", tags=["rollouts"])
     async def api_rollout(rollout_id: str, _who: Any = user_dep) -> dict[str, Any]:
         """A rollout: each wave's devices (state, gate figures, reason) and the timeline."""
-        return engine.detail(_rollout_or_404(engine, rollout_id))
+        return engine.detail(await _rollout_or_404(engine, rollout_id))
 
     @api.post("/rollouts/{rollout_id}/{op}", tags=["rollouts"])
     async def api_rollout_command(rollout_id: str, op: Op, who: Any = admin_dep) -> dict[str, Any]:
         """pause | resume | approve (the next wave, with manual promotion) | abort (stop, keep what
         the devices run) | rollback (stop, and restore every device changed so far)."""
-        _rollout_or_404(engine, rollout_id)
+        await _rollout_or_404(engine, rollout_id)
         try:
             rollout = await engine.command(rollout_id, op, who.name)
         except RolloutError as exc:
             raise HTTPException(409, str(exc)) from exc
+        except KeyError as exc:
+            raise HTTPException(404, f"no rollout {rollout_id!r}") from exc
         return engine.summary(rollout)
 
     @api.get("/devices/{device_id}/tags", tags=["fleet"])
@@ -116,9 +118,9 @@ def install(
         return HTMLResponse(page(who.name, who.role, csrf))
 
 
-def _rollout_or_404(engine: RolloutEngine, rollout_id: str) -> Any:
+async def _rollout_or_404(engine: RolloutEngine, rollout_id: str) -> Any:
     try:
-        return engine.get(rollout_id)
+        return await engine.find(rollout_id)
     except KeyError as exc:
         raise HTTPException(404, f"no rollout {rollout_id!r}") from exc
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -468,11 +469,15 @@ def publish_failed(rollout: Rollout, device_id: str, purpose: str, reason: str, 
         rec.reason = reason
 
 
-def restart(rollout: Rollout) -> None:
-    """After a console restart: a publish that was in flight is done again (a placement published
-    twice is the same tenants under a newer generation, which the device applies without a change)."""
+def restart(rollout: Rollout, in_flight: Collection[str] = ()) -> None:
+    """After a console restart (or a takeover by another process, or a record read again): a publish
+    that was in flight is done again (a placement published twice is the same tenants under a newer
+    generation, which the device applies without a change). `in_flight`: devices whose publish this
+    process still has on its way (it reports back)."""
     undoing = rollout.state in ("rolling_back", "rolled_back")
-    for rec in rollout.devices.values():
+    for device_id, rec in rollout.devices.items():
+        if device_id in in_flight:
+            continue
         if rec.state == "publishing":  # restored anyway when the rollout is being undone
             rec.state = "rollback_queued" if undoing and rec.before is not None else "targeted"
         elif rec.state == "rollback_publishing":
@@ -557,7 +562,8 @@ def _start_device(
         rec.state = "skipped"
         rec.reason = f"runs no {rollout.spec.change.model}, or two versions of it side by side"
         return
-    rec.before = pin_versions(current, view.installed, view.status)
+    if rec.before is None:  # else a publish before a restart recorded it: the device may run `after`
+        rec.before = pin_versions(current, view.installed, view.status)
     rec.after = after
     rec.baseline = figures_of(view.telemetry, view.telemetry_at, models)
     rec.state = "publishing"

@@ -34,12 +34,21 @@ from agent.protocol.editing import (
 )
 from agent.protocol.schemas import Placement, Status, Telemetry, TenantSpec
 from agent.protocol.signing import load_private_key, sign
-from agent.protocol.topics import Topics, parse_device_topic
+from agent.protocol.topics import Topics, fleet_filter, parse_device_topic
 from cloud_console import db as schema
 from cloud_console.auth import PasswordUpgrades, SessionSigner
 from cloud_console.config import ConsoleConfig, ConsoleConfigError, UserConfig, parse_broker_url
 from cloud_console.convergence import Convergence
-from cloud_console.db import DatabaseError, Lease, migrate, open_engine, process_name, shared_secret, upsert
+from cloud_console.db import (
+    DatabaseError,
+    Lease,
+    adopt_files,
+    migrate,
+    open_engine,
+    process_name,
+    shared_secret,
+    upsert,
+)
 from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
@@ -60,6 +69,7 @@ FLEET_COUNTS_INTERVAL_S = 5.0
 REPUBLISH_INTERVAL_S = 30.0
 REPUBLISH_PER_S = 50
 REPUBLISH_GRACE_S = 5.0
+FOLLOW_ALL_OVER = 100  # more devices to follow live than this: every device's telemetry, one filter
 
 
 class UnknownDevice(LookupError):
@@ -82,6 +92,7 @@ class Console:
         try:
             self.engine = open_engine(config.storage.url())
             migrate(self.engine)
+            adopt_files(self.engine, config.storage.db)  # what the previous version kept in files
             # No configured secret: the one the database keeps, the same for every process on it.
             secret = (
                 session_secret or (config.web.session_secret or "").encode() or shared_secret(self.engine)
@@ -137,6 +148,9 @@ class Console:
         self._shown: dict[str, float] = {}  # device id -> ts of the last telemetry sent to its pages
         self._unclaimed: dict[str, DesiredPlacement] = {}  # device id -> placement seen before the device
         self._rate_samples: deque[tuple[float, int]] = deque(maxlen=11)
+        # Devices whose every telemetry message this process needs, not only its share of the group's
+        # (the devices of the rollouts it steps: their gates judge the devices' figures).
+        self.followed: set[str] = set()
         self._republished: deque[float] = deque()  # when, for the REPUBLISH_PER_S limit
         self.republishes = 0
         self.marked_silent = 0
@@ -549,7 +563,12 @@ class Console:
             if self.mqtt.persistent:  # a shared group: open device pages follow every message
                 pages = self.hub.watched_devices() & self.fleet.devices.keys()  # no wildcards from URLs
                 self._shown = {d: ts for d, ts in self._shown.items() if d in pages}
-                await self.mqtt.watch({Topics(d, self.prefix).telemetry for d in pages})
+                followed = (pages | self.followed) & self.fleet.devices.keys()
+                await self.mqtt.watch(
+                    {fleet_filter("telemetry", self.prefix)}  # one subscription, not thousands
+                    if len(followed) > FOLLOW_ALL_OVER
+                    else {Topics(d, self.prefix).telemetry for d in followed}
+                )
             now = time.time()
             self.sweep(now)
             dirty, self._dirty = self._dirty, set()

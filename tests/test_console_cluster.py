@@ -1,7 +1,8 @@
 """Two `edge-console serve` processes on one PostgreSQL and one Mosquitto (docs/operations.md#postgresql):
-a login on one is valid on the other, telemetry through the shared subscription is stored once,
-and a process killed mid-run loses nothing: the other carries on, and drains the killed one's broker
-session (the messages it held unstored, unacknowledged, and those queued for it since)."""
+a login on one is valid on the other, tags and rollouts taken by either count on both and a rollout
+is stepped once, telemetry through the shared subscription is stored once, and a process killed
+mid-run loses nothing: the other carries on, and drains the killed one's broker session (the
+messages it held unstored, unacknowledged, and those queued for it since)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 import sqlalchemy as sa
 
 from cloud_console import auth
-from cloud_console.db import open_engine
+from cloud_console.db import open_engine, placements
 from cloud_console.simulator import FleetSimulator
 from tests.test_console import Client, ConsoleProcess, wait_until
 
@@ -74,6 +75,28 @@ def test_two_processes_share_logins_and_store_each_message_once(broker, postgres
         wait_until(both_ingest, "telemetry at both processes")
         # Status is followed by each process: both know the whole fleet.
         wait_until(lambda: on_b.get("/api/stats")["devices"] == DEVICES, "every device at B")
+        # Tags set through B select devices on A; a rollout created through A and approved through
+        # B is stepped by one process (the lease holder) and each device gets its placement once.
+        canaries = sorted(sim.device_map)[:2]
+        for device_id in canaries:
+            assert on_b.call("PUT", f"/api/devices/{device_id}/tags", {"tags": {"ring": "canary"}})[0] == 200
+        wait_until(
+            lambda: on_a.get("/api/selectors/match?selector=ring=canary")["devices"] == canaries,
+            "B's tags at A",
+        )
+        spec = {
+            "selector": "ring=canary",
+            "change": {"model": "efficientnet-lite0", "set": {"version": "1.0.0"}},
+            "waves": ["1", "all"],
+            "promotion": "manual",
+            "gates": {"soak_s": 0.5, "max_p95_factor": 3.0, "min_throughput_ratio": 0.3},
+        }
+        status, rollout = on_a.call("POST", "/api/rollouts", spec)
+        assert status == 201, rollout
+        path = f"/api/rollouts/{rollout['id']}"
+        wait_until(lambda: on_b.get(path)["state"] == "waiting_approval", "wave 1, seen at B")
+        assert on_b.call("POST", f"{path}/approve")[0] == 200
+        wait_until(lambda: on_a.get(path)["state"] == "completed", "the rollout completed, seen at A")
         # A device page open on B shows every telemetry message of its device live, also those that
         # A stores.
         watched = sorted(sim.device_map)[0]
@@ -117,6 +140,11 @@ def test_two_processes_share_logins_and_store_each_message_once(broker, postgres
                 or 0
             )
         assert rows == distinct == sent  # each message stored once, none lost
+        with engine.connect() as conn:
+            placed = conn.scalars(
+                sa.select(placements.c.device_id).where(placements.c.user == f"rollout {rollout['id']}")
+            ).all()
+        assert sorted(placed) == canaries
         engine.dispose()
     finally:
         sim.stop()

@@ -4,21 +4,29 @@ shared session secret, and the upgrade in place of a console.db from the previou
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import sqlalchemy as sa
 
 from agent.protocol.schemas import DeviceTelemetry, Percentiles, Telemetry, TenantTelemetry
+from agent.protocol.storage import ensure_table, open_db
 from cloud_console import auth
 from cloud_console import db as schema
-from cloud_console.db import SCHEMA_VERSION, Lease, migrate, open_engine, run_once, shared_secret
+from cloud_console import rollouts as planner
+from cloud_console.db import SCHEMA_VERSION, Lease, adopt_files, migrate, open_engine, run_once, shared_secret
 from cloud_console.model_store import ModelStore
+from cloud_console.pools_policy import Target
+from cloud_console.pools_scaler import PoolScaler
+from cloud_console.rollout_store import RolloutStore
+from cloud_console.rollouts import Change, Gates, Rollout, RolloutSpec
+from cloud_console.simulator import FleetSimulator
 from cloud_console.store import ConsoleStore
 from cloud_console.tokens import TokenStore
 
@@ -154,8 +162,10 @@ def test_a_lease_has_one_holder_until_it_expires(database):
     with engine.begin() as conn:  # the holder died a while ago: its lease ran out
         conn.execute(sa.update(schema.leases).values(expires=time.time() - 1))
     assert second.held() and not first.held()
+    # Without asking the database again: the holder stops acting before its lease could pass on.
+    assert second.still_held() and not first.still_held()
     second.release()
-    assert first.held()
+    assert not second.still_held() and first.held()
     assert Lease(engine, "other-job", holder="b").held()  # one lease per job name
 
 
@@ -283,3 +293,257 @@ def test_the_previous_sqlite_layout_upgrades_in_place(tmp_path: Path):
     signer = auth.SessionSigner(b"k" * 32, 3600, db=engine)
     cookie, _ = signer.issue("ops")
     assert signer.read(cookie) is not None
+
+
+# -- rollouts, device tags and pool targets: shared by every process on the database -----------------
+M = "efficientnet-lite0"
+
+
+def _rollout_doc(rollout_id: str, devices: list[str]) -> str:
+    spec = RolloutSpec(change=Change(model=M, set={"version": "2.0.0"}), waves=["1", "all"])
+    return planner.create(rollout_id, spec, devices, time.time(), "ops").model_dump_json(
+        exclude_defaults=True
+    )
+
+
+def _previous_version(database: str, local: Path) -> None:
+    """A database as the previous version (schema 3) left it, with its rollouts and tags where it
+    kept them: sqlite-utils tables in the console's SQLite file (with PostgreSQL: a SQLite file of
+    their own at `storage.db`), and pool targets in pool-targets.json beside that file."""
+    engine = open_engine(database)
+    migrate(engine)
+    with engine.begin() as conn:
+        for table in (schema.rollouts, schema.device_tags, schema.pool_targets):
+            conn.execute(sa.text(f"DROP TABLE {table.name}"))
+        conn.execute(sa.update(schema.schema_version).values(version=3))
+    engine.dispose()
+    db = open_db(local)  # exactly as the previous SqliteRolloutStore made them
+    ensure_table(
+        db,
+        "rollouts",
+        {"id": str, "state": str, "created": float, "updated": float, "document": str},
+        [["state"]],
+        pk="id",
+    )
+    ensure_table(db, "device_tags", {"device_id": str, "tags": str, "updated": float}, pk="device_id")
+    with db.conn:
+        db["rollouts"].insert(
+            {
+                "id": "r-old",
+                "state": "running",
+                "created": 1.0,
+                "updated": 2.0,
+                "document": _rollout_doc("r-old", ["cam1", "cam2"]),
+            }
+        )
+        db["device_tags"].insert({"device_id": "cam1", "tags": '{"ring": "canary"}', "updated": 2.0})
+    db.conn.close()
+    targets = [{"pool": "driveway", "model": M, "auto": True, "fps": 40.0, "min_members": 2}]
+    local.with_name("pool-targets.json").write_text(json.dumps(targets))
+
+
+def test_an_upgrade_keeps_rollouts_tags_and_pool_targets(database: str, tmp_path: Path):
+    local = tmp_path / "console.db"  # storage.db: the database itself with SQLite
+    _previous_version(database, local)
+    engine = open_engine(database)
+    assert migrate(engine) == 3
+    imported = adopt_files(engine, local)
+    assert local.with_name("pool-targets.json.imported").exists()
+    assert not local.with_name("pool-targets.json").exists()
+    if database.startswith("postgresql"):
+        assert imported == [local.with_name("pool-targets.json"), local]
+        assert local.with_name("console.db.imported").exists() and not local.exists()
+    store = RolloutStore(engine)
+    [row] = store.read()
+    rollout = Rollout.model_validate_json(row.document)
+    assert (row.id, row.revision, rollout.id, sorted(rollout.devices)) == (
+        "r-old",
+        1,
+        "r-old",
+        ["cam1", "cam2"],
+    )
+    assert store.tags() == {"cam1": {"ring": "canary"}}
+    scaler = PoolScaler(cast(Any, None), engine=engine)
+    assert scaler.targets == {("driveway", M): Target(fps=40.0, min_members=2)}
+    assert scaler.auto == {("driveway", M): True}
+    # Imported once: a tag removed since is not brought back by the next start.
+    store.set_tags("cam1", {}, time.time())
+    migrate(engine)
+    assert adopt_files(engine, local) == [] and store.tags() == {}
+
+
+def test_rollouts_tags_and_targets_written_by_one_process_are_read_by_another(database: str):
+    engines = [open_engine(database) for _ in range(2)]
+    migrate(engines[0])
+    a, b = (RolloutStore(e) for e in engines)
+    assert a.insert("r1", "running", 1.0, _rollout_doc("r1", ["cam1"])) == 1
+    assert b.revisions() == ({"r1": 1}, None)
+    # Both read revision 1; the first write wins, the second is refused (and writes nothing).
+    assert b.save("r1", "paused", '{"by": "b"}', revision=1) == 2
+    assert a.save("r1", "running", '{"by": "a"}', revision=1) is None
+    assert [(r.id, r.revision, r.document) for r in a.read(["r1"])] == [("r1", 2, '{"by": "b"}')]
+    assert a.save("r1", "running", '{"by": "a"}', revision=2) == 3
+    b.set_tags("cam1", {"ring": "canary", "site": ""}, time.time())
+    version = a.revisions()[1]
+    assert version is not None and a.tags() == {"cam1": {"ring": "canary", "site": ""}}
+    b.set_tags("cam1", {}, time.time())  # every write, a removal too, is a new version to poll
+    assert a.revisions()[1] not in (None, version) and a.tags() == {}
+    b.set_tags("cam1", {"ring": "canary", "site": ""}, time.time())
+    with engines[0].begin() as conn:  # a damaged row is skipped, not fatal
+        conn.execute(sa.insert(schema.device_tags).values(device_id="cam2", tags="{no", updated=0.0))
+    assert a.tags() == {"cam1": {"ring": "canary", "site": ""}}
+    one = PoolScaler(cast(Any, None), engine=engines[0])
+    one.set_target("driveway", M, Target(fps=40.0, min_members=2), auto=True)
+    other = PoolScaler(cast(Any, None), engine=engines[1])  # another process, or the next start
+    assert other.targets == {("driveway", M): Target(fps=40.0, min_members=2)} and other.auto[("driveway", M)]
+    one.set_target("driveway", M, Target(fps=60.0), auto=False)
+    other.load_targets()
+    assert other.targets[("driveway", M)] == Target(fps=60.0) and not other.auto[("driveway", M)]
+
+
+async def _until(check: Any, what: str, within_s: float = 45.0) -> Any:
+    deadline = time.monotonic() + within_s
+    while not (got := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.05)
+    return got
+
+
+def test_one_process_steps_rollouts_and_another_carries_on_when_it_dies(database: str, tmp_path: Path):
+    """Two consoles (and their rollout engines) on one database and one broker, four simulated
+    devices. A rollout created, approved and tagged through B is stepped by A, the lease holder:
+    only A publishes. A dies (its lease runs out): B takes over from the stored record and finishes
+    it; every device got its placement once."""
+    from agent.devtools.local_broker import LocalBroker
+    from cloud_console.config import BrokerSettings, ConsoleConfig, StorageSettings, WebSettings
+    from cloud_console.rollout_engine import RolloutEngine
+    from cloud_console.service import Console
+
+    def config(name: str, broker: LocalBroker) -> ConsoleConfig:
+        storage = (
+            StorageSettings(db=tmp_path / f"{name}.db", database=database)
+            if database.startswith("postgresql")
+            else StorageSettings(db=Path(database))
+        )
+        return ConsoleConfig(
+            broker=BrokerSettings(url=broker.url, client_id=f"console-{name}"),
+            storage=storage,
+            web=WebSettings(listen=f"127.0.0.1:{18080 + len(name)}"),
+        )
+
+    gates = {"soak_s": 0.5, "max_p95_factor": 3.0, "min_throughput_ratio": 0.3}
+    spec = RolloutSpec(
+        change=Change(model=M, set={"version": "1.0.0"}),
+        waves=["1", "1", "all"],
+        promotion="manual",
+        gates=Gates(**gates),
+    )
+
+    async def scenario(broker: LocalBroker, sim: FleetSimulator) -> None:
+        a, b = Console(config("a", broker)), Console(config("bb", broker))
+        ea, eb = RolloutEngine(a, tick_s=0.1), RolloutEngine(b, tick_s=0.1)
+        await a.start()
+        await b.start()
+        try:
+            await ea.start()
+            await _until(lambda: ea.holding, "A to take the lease")
+            await eb.start()
+            ids = sorted(sim.device_map)
+            for console in (a, b):
+                await _until(
+                    lambda c=console: all(
+                        d in c.fleet.devices and c.fleet.devices[d].telemetry is not None for d in ids
+                    ),
+                    "every device with telemetry",
+                )
+            await eb.set_tags(ids[0], {"ring": "canary"})
+            assert await _until(lambda: ea.select("ring=canary"), "A to see B's tag") == [ids[0]]
+
+            rollout = await eb.create(spec, "ops")  # through B: stepped by A
+
+            def at(engine: RolloutEngine) -> tuple[str, int] | None:
+                found = engine.rollouts.get(rollout.id)
+                return None if found is None else (found.state, found.current_wave)
+
+            await _until(lambda: at(ea) == ("waiting_approval", 0), "wave 1 by A", 60)
+            await _until(lambda: at(eb) == ("waiting_approval", 0), "B to read A's progress")
+            await eb.command(rollout.id, "approve", "ops")
+            await _until(lambda: at(ea) == ("waiting_approval", 1), "wave 2 by A, approved through B", 60)
+            assert (ea.placements["forward"], eb.placements["forward"], eb.holding) == (2, 0, False)
+
+            # A dies: it steps no more and its lease runs out.
+            assert ea._task is not None
+            ea._task.cancel()
+            with a.engine.begin() as conn:
+                conn.execute(
+                    sa.update(schema.leases)
+                    .where(schema.leases.c.name == "rollouts")
+                    .values(expires=time.time() - 1)
+                )
+            await _until(lambda: eb.holding, "B to take the lease over")
+            await eb.command(rollout.id, "approve", "ops")
+            done = await _until(
+                lambda: eb.get(rollout.id).state == "completed" and eb.get(rollout.id), "B to finish it", 60
+            )
+            assert done.counts() == {"succeeded": 4}
+            assert (ea.placements["forward"], eb.placements["forward"]) == (2, 2)
+        finally:
+            await eb.stop()
+            await b.stop()
+            await a.stop()
+        engine = open_engine(database)  # each process's writer flushed what it published at stop
+        with engine.connect() as conn:
+            placed = conn.scalars(
+                sa.select(schema.placements.c.device_id).where(
+                    schema.placements.c.user == f"rollout {rollout.id}"
+                )
+            ).all()
+        engine.dispose()
+        assert sorted(placed) == ids  # each device placed once, by A or by B
+
+    with LocalBroker() as broker:
+        sim = FleetSimulator(broker.host, broker.port, 4, interval_s=0.3, id_prefix="lease").start()
+        try:
+            asyncio.run(scenario(broker, sim))
+        finally:
+            sim.stop()
+
+
+def test_one_process_scales_the_pools_with_targets_set_through_another(database: str, tmp_path: Path):
+    """Two pool scalers on one database: a target set through B is scaled by A, the holder of the
+    lease `pools`; B decides nothing until A's lease runs out, then carries on."""
+    from cloud_console.config import ConsoleConfig, StorageSettings
+    from cloud_console.service import Console
+
+    storage = (
+        StorageSettings(db=tmp_path / "local.db", database=database)
+        if database.startswith("postgresql")
+        else StorageSettings(db=Path(database))
+    )
+    a, b = (PoolScaler(Console(ConsoleConfig(storage=storage))) for _ in range(2))
+
+    async def scenario() -> None:
+        await a.turn()
+        b.set_target("driveway", M, Target(fps=40.0, up_after_s=0.0), auto=True)
+        await b.turn()
+        await a.turn()
+        assert (a.holding, b.holding) == (True, False)
+        assert a.decisions[("driveway", M)].reason.startswith("no device to add")  # nobody online
+        assert b.decisions == {}
+        with a.engine.begin() as conn:  # A died: its lease ran out
+            conn.execute(
+                sa.update(schema.leases)
+                .where(schema.leases.c.name == "pools")
+                .values(expires=time.time() - 1)
+            )
+        await b.turn()
+        assert b.holding and b.decisions[("driveway", M)].reason.startswith("no device to add")
+        await a.turn()  # back, but the lease is B's now
+        assert not a.holding and a.decisions == {}
+
+    try:
+        asyncio.run(scenario())
+    finally:
+        for scaler in (a, b):
+            scaler.console.engine.dispose()

@@ -4,9 +4,6 @@ and the figures the console takes from members' announcements (cloud_console/poo
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, cast
-
 import pytest
 
 from agent.frames.pool import want_open
@@ -14,7 +11,6 @@ from agent.protocol.pools import PoolMemberState
 from agent.protocol.topics import PoolTopics, filters_overlap, parse_pool_topic
 from cloud_console.pools import PoolView
 from cloud_console.pools_policy import Decision, MemberFigures, ScaleState, Target, decide
-from cloud_console.pools_scaler import PoolScaler
 
 
 @pytest.mark.parametrize(
@@ -247,16 +243,3 @@ def test_pool_topics_never_overlap_a_devices_and_parse_back() -> None:
     assert parse_pool_topic("edge/dev1/status", "edge") is None
     with pytest.raises(ValueError, match="pool name"):
         PoolTopics("Drive/way")
-
-
-def test_pool_targets_survive_a_console_restart(tmp_path: Path) -> None:
-    """A target set on the page or the API is kept in a file beside the console's database and read
-    again by the next process; a damaged file is reported and ignored, not fatal."""
-    saved = tmp_path / "pool-targets.json"
-    before = PoolScaler(cast(Any, None), targets_file=saved)
-    before.set_target("driveway", "efficientnet-lite0", Target(fps=40.0, min_members=2), auto=True)
-    after = PoolScaler(cast(Any, None), targets_file=saved)
-    assert after.targets == {("driveway", "efficientnet-lite0"): Target(fps=40.0, min_members=2)}
-    assert after.auto == {("driveway", "efficientnet-lite0"): True}
-    saved.write_text("{not json")
-    assert PoolScaler(cast(Any, None), targets_file=saved).targets == {}

@@ -6,6 +6,7 @@ planner asks (reporting back as the engine does) and reports status and telemetr
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
@@ -493,6 +494,26 @@ def test_a_restart_publishes_again_what_was_in_flight():
     assert restored.devices["d0"].state == "targeted"
     again = planner.step(restored, rig.views(), 2.0)
     assert [(a.device_id, a.purpose) for a in again] == [("d0", "forward")]
+
+
+def test_a_publish_done_again_after_a_takeover_keeps_what_the_device_ran_before():
+    """The change went out and was applied, but the process that published it died before writing
+    that down: the next holder publishes it again, and a rollback still restores 1.0.0. A publish
+    the process still has on its way is left to report back."""
+    rig = Rig(2, waves=["1", "all"])
+    [action] = planner.step(rig.rollout, rig.views(), 1.0)
+    stored = rig.rollout.model_dump_json()  # written before the placement went out
+    rig.apply(action.device_id, 2, "2.0.0")
+    mine = planner.Rollout.model_validate_json(stored)
+    planner.restart(mine, in_flight={"d0"})
+    assert mine.devices["d0"].state == "publishing"
+    restored = planner.Rollout.model_validate_json(stored)
+    planner.restart(restored)
+    views = rig.views()  # its placement is the changed one now
+    views["d0"] = dataclasses.replace(views["d0"], tenants=[TenantSpec(model=M, version="2.0.0")])
+    again = planner.step(restored, views, 2.0)
+    assert [(a.device_id, a.tenants[0].version) for a in again] == [("d0", "2.0.0")]
+    assert [t.version for t in restored.devices["d0"].before or []] == ["1.0.0"]
 
 
 def test_a_restart_during_a_rollback_restores_what_was_in_flight():
