@@ -61,9 +61,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="--slo: objectives in ms, e.g. efficientnet-lite0=50,mb3-centernet=150 (default: from "
         "the unloaded latency)",
     )
+    parser.add_argument(
+        "--slo-stages",
+        default="scheduling,flood,gain,goodput",
+        help="--slo: which stages to run, of scheduling (the load levels), flood (priority under a "
+        "flood), gain (multi-tenant gain), goodput (objective-aware vs throughput-only auto placement)",
+    )
     parser.add_argument("--inflight", type=int, default=2, help="--cascade: frames outstanding")
     parser.add_argument(
-        "--rounds", type=int, default=2, help="--cascade: alternating rounds of every configuration"
+        "--rounds",
+        type=int,
+        default=2,
+        help="--cascade, --slo (flood stage): alternating rounds of every configuration",
     )
 
 

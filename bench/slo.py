@@ -18,10 +18,14 @@ behind a real Mosquitto:
 4. Priority under a flood: both together, the classifier at 80% of its share and the detector at
    5x its share, as throughput-first / objectives at equal priority / classifier `high` and
    detector `low`: the classifier's share within its objective.
+   The last variant again on a third agent with EDGE_AGENT_PRIORITY_GATE=0: priority only within
+   each tenant's queue, no gate across the tenants (the scheduling before the gate).
 5. The multi-tenant gain (the sum of each model's share of its alone peak; 1.0 = taking turns),
    with the thread budget (docs/protocol.md "Latency objectives") and without it (a second agent
    with EDGE_AGENT_THREAD_BUDGET=0).
+6. Goodput of automatic placement (bench/slo_goodput.py), once for all backends.
 
+--slo-stages picks stages 2-3 (scheduling), 4 (flood), 5 (gain), 6 (goodput); stage 1 always runs.
 Results go to <out>/slo.json.
 """
 
@@ -60,6 +64,8 @@ FLOOD = 5.0  # the low priority tenant's load, in multiples of its share
 DEFAULT_OBJECTIVE_MS = {"classifier": 50.0, "detector": 150.0}
 DEVICE_ON = "slo-device"
 DEVICE_OFF = "slo-device-nobudget"
+DEVICE_NOGATE = "slo-device-nogate"
+STAGES = ("scheduling", "flood", "gain", "goodput")
 CLASSIFIER_BATCH = BatchSpec(max_size=4, max_delay_ms=0.0)
 
 
@@ -175,39 +181,45 @@ def run(args: argparse.Namespace) -> int:
     backends = [b for b in args.backends if caps.get(b, (False,))[0]]
     given = dict(item.split("=", 1) for item in (args.objectives or "").split(",") if "=" in item)
     seconds = args.seconds
+    stages = {s.strip() for s in args.slo_stages.split(",") if s.strip()}
+    unknown = stages - set(STAGES)
+    if unknown:
+        raise SystemExit(f"--slo-stages: unknown {sorted(unknown)}; choose from {', '.join(STAGES)}")
     configs = {f"{classifier} alone": [classifier], f"{DETECTOR} alone": [DETECTOR], "together": list(kinds)}
     result: dict[str, Any] = {
         "load_before": os.getloadavg(),
         "cores": len(os.sched_getaffinity(0)),
         "seconds": seconds,
+        "stages": sorted(stages),
+        "rounds": args.rounds,
         "backends": {},
     }
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-slo-") as tmp:
-        on_dir, off_dir = Path(tmp) / "on", Path(tmp) / "off"
-        on_dir.mkdir()
-        off_dir.mkdir()
-        agents = [start_agent(broker.url, on_dir, DEVICE_ON, BENCH_AGENT_CONFIG)]
-        env_before = os.environ.get("EDGE_AGENT_THREAD_BUDGET")
-        os.environ["EDGE_AGENT_THREAD_BUDGET"] = "0"  # the second agent: each runtime's own threads
+        # The second agent: each runtime's own threads; the third: no priority gate across tenants.
+        agents = {
+            device_id: _start(broker.url, Path(tmp) / device_id, device_id, env)
+            for device_id, env in (
+                (DEVICE_ON, {}),
+                (DEVICE_OFF, {"EDGE_AGENT_THREAD_BUDGET": "0"}),
+                (DEVICE_NOGATE, {"EDGE_AGENT_PRIORITY_GATE": "0"}),
+            )
+        }
         try:
-            agents.append(start_agent(broker.url, off_dir, DEVICE_OFF, BENCH_AGENT_CONFIG))
-        finally:
-            if env_before is None:
-                os.environ.pop("EDGE_AGENT_THREAD_BUDGET", None)
-            else:
-                os.environ["EDGE_AGENT_THREAD_BUDGET"] = env_before
-        try:
-            for device_id in (DEVICE_ON, DEVICE_OFF):
+            for device_id in agents:
                 asyncio.run(wait_ready(broker.url, device_id, 120))
-            on, off = Rig(broker.url, DEVICE_ON, frames), Rig(broker.url, DEVICE_OFF, frames)
+            rigs = Rigs(*(Rig(broker.url, d, frames) for d in (DEVICE_ON, DEVICE_OFF, DEVICE_NOGATE)))
             for backend in backends:
                 device = DEFAULT_DEVICE.get(backend, "cpu")
                 result["backends"][backend] = _run_backend(
-                    on, off, backend, device, kinds, configs, given, seconds
+                    rigs, backend, device, kinds, configs, given, seconds, stages, args.rounds
                 )
-                off.place([])  # idle while the next backend is measured
+            if "goodput" in stages:
+                from bench.slo_goodput import goodput_stage
+
+                objectives = {m: float(given.get(m, DEFAULT_OBJECTIVE_MS[k])) for m, k in kinds.items()}
+                result["goodput"] = goodput_stage(rigs.on, kinds, objectives, seconds)
         finally:
-            for proc in agents:
+            for proc in agents.values():
                 proc.terminate()
                 try:
                     proc.wait(30)
@@ -222,21 +234,46 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+class Rigs:
+    """The three agents: the thread budget and the gate (`on`), neither budget (`off`), no gate."""
+
+    def __init__(self, on: Rig, off: Rig, nogate: Rig) -> None:
+        self.on, self.off, self.nogate = on, off, nogate
+
+
+def _start(url: str, state_dir: Path, device_id: str, env: Mapping[str, str]) -> subprocess.Popen[bytes]:
+    """An agent started with `env` added to this process's environment (the agent inherits it)."""
+    state_dir.mkdir()
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        return start_agent(url, state_dir, device_id, BENCH_AGENT_CONFIG)
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def _say(text: str) -> None:
     sys.stderr.write(f"\r{text:100s}")
     sys.stderr.flush()
 
 
 def _run_backend(
-    on: Rig,
-    off: Rig,
+    rigs: Rigs,
     backend: str,
     device: str,
     kinds: Mapping[str, str],
     configs: Mapping[str, list[str]],
     given: Mapping[str, str],
     seconds: float,
+    stages: set[str],
+    rounds: int = 1,
 ) -> dict[str, Any]:
+    on = rigs.on
+
     def spec(model: str, objective: float | None = None, priority: str = "normal") -> TenantSpec:
         return TenantSpec(
             model=model,
@@ -260,11 +297,14 @@ def _run_backend(
     objectives: dict[str, float] = out["objective_ms"]
     # 2 and 3. Peak, then open-loop load at each level, throughput-first and objective-aware.
     for name, chosen in configs.items():
+        if "scheduling" not in stages and not (name == "together" and "flood" in stages):
+            continue
         _say(f"{backend}: {name} peak")
         on.place([spec(m) for m in chosen])
         peak = on.peak(chosen, seconds)
         entry: dict[str, Any] = {"peak": {m: round(v, 2) for m, v in peak.items()}, "levels": []}
-        for variant in ("throughput-first", "objectives"):
+        out["configs"][name] = entry
+        for variant in ("throughput-first", "objectives") if "scheduling" in stages else ():
             on.place([spec(m, objectives[m] if variant == "objectives" else None) for m in chosen])
             for level in LEVELS:
                 _say(f"{backend}: {name} {variant} {int(level * 100)}%")
@@ -276,27 +316,80 @@ def _run_backend(
                         "models": {m: summarise(t, objectives[m], seconds) for m, t in tallies.items()},
                     }
                 )
-        out["configs"][name] = entry
-    # 4. Priority under a flood of the detector.
-    together = out["configs"]["together"]["peak"]
+    if "flood" in stages:
+        together = out["configs"]["together"]["peak"]
+        out["flood"] = _flood(rigs, spec, kinds, objectives, together, seconds, rounds)
+    on.place([])
+    if "gain" in stages:
+        out["gain"] = _gain(rigs, backend, spec, kinds, out["configs"], seconds)
+    return out
+
+
+def _flood(
+    rigs: Rigs,
+    spec: Any,
+    kinds: Mapping[str, str],
+    objectives: Mapping[str, float],
+    together: Mapping[str, float],
+    seconds: float,
+    rounds: int,
+) -> dict[str, Any]:
+    """4. Priority under a flood of the detector; the last variant with and without the gate."""
     classifier = next(m for m, k in kinds.items() if k == "classifier")
     rates = {m: (0.8 if m == classifier else FLOOD) * together[m] for m in kinds}
     flood: dict[str, Any] = {"rates": {m: round(r, 2) for m, r in rates.items()}, "variants": {}}
+    prioritised = [spec(m, objectives[m], "high" if m == classifier else "low") for m in kinds]
     variants = {
-        "throughput-first": [spec(m) for m in kinds],
-        "objectives, equal priority": [spec(m, objectives[m]) for m in kinds],
-        "objectives, classifier high, detector low": [
-            spec(m, objectives[m], "high" if m == classifier else "low") for m in kinds
-        ],
+        "throughput-first": (rigs.on, [spec(m) for m in kinds]),
+        "objectives, equal priority": (rigs.on, [spec(m, objectives[m]) for m in kinds]),
+        "classifier high, detector low, no gate": (rigs.nogate, prioritised),
+        "classifier high, detector low": (rigs.on, prioritised),
     }
-    for variant, tenants in variants.items():
-        _say(f"{backend}: flood, {variant}")
-        on.place(tenants)
-        tallies = on.open_loop(rates, seconds)
-        flood["variants"][variant] = {m: summarise(t, objectives[m], seconds) for m, t in tallies.items()}
-    out["flood"] = flood
+    # A shared machine's bursts move one run's share by more than the variants differ: the variants
+    # take turns, `rounds` times, and the share is over every round's frames (each round's beside it).
+    pooled: dict[str, dict[str, Tally]] = {v: {m: Tally() for m in kinds} for v in variants}
+    per_round: dict[str, list[dict[str, float | None]]] = {v: [] for v in variants}
+    for round_ in range(rounds):
+        for variant, (rig, tenants) in variants.items():
+            _say(f"{tenants[0].backend}: flood, {variant}, round {round_ + 1}/{rounds}")
+            rig.place(tenants)
+            tallies = rig.open_loop(rates, seconds)
+            rig.place([])
+            per_round[variant].append(
+                {m: summarise(t, objectives[m], seconds)["share"] for m, t in tallies.items()}
+            )
+            for m, t in tallies.items():
+                pooled[variant][m].latencies.extend(t.latencies)
+                for code, n in t.errors.items():
+                    pooled[variant][m].errors[code] = pooled[variant][m].errors.get(code, 0) + n
+    for variant in variants:
+        flood["variants"][variant] = {
+            m: {**summarise(t, objectives[m], seconds * rounds), "rounds": [r[m] for r in per_round[variant]]}
+            for m, t in pooled[variant].items()
+        }
+    return flood
+
+
+def _gain(
+    rigs: Rigs,
+    backend: str,
+    spec: Any,
+    kinds: Mapping[str, str],
+    configs: Mapping[str, Any],
+    seconds: float,
+) -> dict[str, Any]:
+    """5. The multi-tenant gain without the thread budget (the other agent), beside the budget's."""
+    on, off = rigs.on, rigs.off
+    peaks: dict[str, Mapping[str, float]] = {}
+    for name, models in [*((f"{m} alone", [m]) for m in kinds), ("together", list(kinds))]:
+        if name in configs:
+            peaks[name] = configs[name]["peak"]
+            continue
+        _say(f"{backend}: {name} peak")
+        on.place([spec(m) for m in models])
+        peaks[name] = on.peak(models, seconds)
     on.place([])
-    # 5. The multi-tenant gain without the thread budget (the other agent), beside the budget's.
+    together = peaks["together"]
     alone_off: dict[str, float] = {}
     for model in kinds:
         _say(f"{backend}: {model} alone, no thread budget")
@@ -306,16 +399,19 @@ def _run_backend(
     off.place([spec(m) for m in kinds])
     together_off = off.peak(list(kinds), seconds)
     off.place([])
-    alone_on = {m: out["configs"][f"{m} alone"]["peak"][m] for m in kinds}
-    out["gain"] = {
+    alone_on = {m: peaks[f"{m} alone"][m] for m in kinds}
+    return {
         "thread budget": round(sum(together[m] / alone_on[m] for m in kinds), 3),
         "runtime defaults": round(sum(together_off[m] / alone_off[m] for m in kinds), 3),
+        "peaks": {
+            "alone": {m: round(v, 2) for m, v in alone_on.items()},
+            "together": {m: round(v, 2) for m, v in together.items()},
+        },
         "peaks_no_budget": {
             "alone": {m: round(v, 2) for m, v in alone_off.items()},
             "together": {m: round(v, 2) for m, v in together_off.items()},
         },
     }
-    return out
 
 
 def _print(result: Mapping[str, Any], kinds: Mapping[str, str]) -> None:
@@ -342,19 +438,29 @@ def _print(result: Mapping[str, Any], kinds: Mapping[str, str]) -> None:
                         f"{_pct(s['share']):>7s} {s['goodput']:8.1f} {_ms(s['p50']):>7s} "
                         f"{_ms(s['p99']):>8s} {s['shed']:5d}"
                     )
-        rates = ", ".join(f"{m} {r:.1f}/s" for m, r in data["flood"]["rates"].items())
-        print(f"\nflood ({rates}):")
-        for variant, models in data["flood"]["variants"].items():
-            cells = "; ".join(
-                f"{m} {_pct(s['share'])} within, p99 {_ms(s['p99'])}, shed {s['shed']}"
-                for m, s in models.items()
+        if "flood" in data:
+            rates = ", ".join(f"{m} {r:.1f}/s" for m, r in data["flood"]["rates"].items())
+            print(f"\nflood ({rates}):")
+            for variant, models in data["flood"]["variants"].items():
+                cells = "; ".join(
+                    f"{m} {_pct(s['share'])} within (rounds {', '.join(map(_pct, s['rounds']))}), "
+                    f"p99 {_ms(s['p99'])}, shed {s['shed']}"
+                    for m, s in models.items()
+                )
+                print(f"  {variant:45s} {cells}")
+        if "gain" in data:
+            gain = data["gain"]
+            print(
+                f"multi-tenant gain: {gain['thread budget']:.2f} with the thread budget, "
+                f"{gain['runtime defaults']:.2f} with each runtime's own threads "
+                f"(peaks alone {gain['peaks']['alone']}, together {gain['peaks']['together']}; "
+                f"no budget: alone {gain['peaks_no_budget']['alone']}, "
+                f"together {gain['peaks_no_budget']['together']})"
             )
-            print(f"  {variant:45s} {cells}")
-        gain = data["gain"]
-        print(
-            f"multi-tenant gain: {gain['thread budget']:.2f} with the thread budget, "
-            f"{gain['runtime defaults']:.2f} with each runtime's own threads"
-        )
+    if "goodput" in result:
+        from bench.slo_goodput import print_goodput
+
+        print_goodput(result["goodput"])
 
 
 def _pct(share: float | None) -> str:

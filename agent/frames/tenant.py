@@ -28,6 +28,7 @@ from agent.frames.health import Relay
 from agent.frames.ingest import Frame
 from agent.frames.postprocess import detection_options
 from agent.frames.preprocess import Preprocessor
+from agent.frames.priority_gate import Gate, GateBoard, board
 from agent.frames.scheduler import BatchQueue, QueueClosed, QueueFull
 from agent.frames.slo_policy import LatencyTable
 from agent.frames.tenant_answers import Answers, EmitFn, Outcome
@@ -63,6 +64,7 @@ class Tenant:
         top_k: int = 5,
         record: Callable[[dict[str, Any]], None] | None = None,
         backend_options: dict[str, Any] | None = None,
+        gates: GateBoard | None = None,
     ) -> None:
         self.spec = spec
         self.model = model
@@ -78,6 +80,9 @@ class Tenant:
         # Measured batch times per size (objective scheduling; the drift check's like-for-like figure).
         self.latency = LatencyTable()
         self.planner = ObjectivePlanner(spec, self.latency) if spec.latency_objective_ms else None
+        # Priority across the tenants on its accelerator (priority_gate.py): joined at start().
+        self._gates = gates or board()
+        self.gate: Gate | None = None
         self._sessions: list[Session] = []
         self._threads: list[threading.Thread] = []
         # State, the hand-off and queueing change together under _lock.
@@ -158,6 +163,14 @@ class Tenant:
         self._sessions.clear()
 
     def start(self) -> None:
+        try:
+            resource = self.backend.info.resource(self.spec.backend, self.device)
+        except Exception:  # a backend without a resource declaration: no priority across tenants
+            log.exception("tenant %s: its accelerator is unknown; no priority gate", self.name)
+        else:
+            self.gate = self._gates.gate(resource)
+            if self.gate is not None:
+                self.gate.join(id(self), self.spec, self.queue.__len__)
         for index, session in enumerate(self._sessions):
             worker = Worker(self, index, session)
             thread = threading.Thread(target=worker.run, name=f"{self.spec.model}-{index}", daemon=True)
@@ -178,6 +191,8 @@ class Tenant:
             self._drained = True
 
     def _drain(self, timeout_s: float) -> None:
+        if self.gate is not None:  # it finishes its frames without waiting for the others'
+            self.gate.leave(id(self))
         with self._lock:
             self._draining = True
             if self.state != "failed":

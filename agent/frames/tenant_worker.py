@@ -18,6 +18,7 @@ import numpy as np
 
 from agent.frames.ingest import Frame
 from agent.frames.preprocess import BadImage
+from agent.frames.priority_gate import Gate, wait_for_slots, yield_cores
 from agent.frames.slo_policy import PRIORITIES, Item, LatencyTable, plan
 from agent.frames.tenant_load import item_shape
 from agent.protocol.schemas import ErrorCode, TenantRef, TenantSpec, Timing
@@ -135,6 +136,8 @@ class Worker:
         t = self.tenant
         max_delay_s = t.spec.batch.max_delay_ms / 1000.0
         planner = t.planner
+        if t.gate is not None:
+            yield_cores(t.gate, t.spec)
         while True:
             if planner is None:
                 batch = t.queue.get_batch(t.spec.batch.max_size, max_delay_s)
@@ -152,6 +155,11 @@ class Worker:
                         "tenant %s instance %d: its late call returned; session closed", t.name, self.index
                     )
                 return
+            gate = t.gate if t.gate is not None and t.gate.active else None
+            if gate is not None:  # tenants of several priorities share its accelerator
+                batch = self._wait_turn(gate, batch)
+                if not batch:
+                    continue
             settled: set[int] = set()  # id() of the frames of this batch already answered
             try:
                 self._run_batch(batch, settled)
@@ -160,6 +168,23 @@ class Worker:
                 for frame in batch:
                     if id(frame) not in settled:
                         t.answers.error(frame, "internal", "internal error while serving this frame")
+            finally:
+                if gate is not None:
+                    gate.release(id(t))
+
+    def _wait_turn(self, gate: Gate, batch: list[Frame]) -> list[Frame]:
+        """Wait for the run slots of its accelerator (priority_gate.py); what is left to run."""
+        t, planner = self.tenant, self.tenant.planner
+        one_ms = t.latency.estimate(1) or 0.0
+        objective_ms = 0.0 if planner is None else planner.objective_s * 1000.0
+        return wait_for_slots(
+            gate,
+            id(t),
+            batch,
+            (lambda f: None) if planner is None else planner.deadline,
+            one_ms / 1000.0,
+            lambda f: t.answers.shed(f, objective_ms),
+        )
 
     def _prepare(self, frame: Frame, out: np.ndarray) -> tuple[int, int]:
         """Decode and preprocess into `out`; returns the frame's (width, height). A frame a cascade
