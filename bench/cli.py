@@ -28,6 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision", choices=["fp32", "fp16", "int8"], help="tenant precision (e.g. fp16 on a GPU)"
     )
+    parser.add_argument(
+        "--cpu-policy",
+        choices=["normal", "batch"],
+        default="normal",
+        help="the agent's scheduler.cpu_policy (docs/performance.md#where-a-frames-time-goes)",
+    )
     parser.add_argument("--out", default="bench/out", help="folder for CSV, summary and plot")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument(

@@ -56,6 +56,11 @@ Precision = Literal["fp32", "fp16", "int8"] | None
 BENCH_AGENT_CONFIG = 'log_level = "WARNING"\n[scheduler]\nqueue_depth = 4096\n' + TELEMETRY_CONFIG
 
 
+def agent_config(cpu_policy: str = "normal") -> str:
+    """The benchmark agent's config, with `scheduler.cpu_policy` (docs/performance.md)."""
+    return BENCH_AGENT_CONFIG.replace("[scheduler]\n", f'[scheduler]\ncpu_policy = "{cpu_policy}"\n')
+
+
 @dataclass
 class Row:
     backend: str
@@ -229,17 +234,19 @@ def generator(
     return LoadGenerator(b.host, b.port, device_id, model, name)
 
 
-async def apply_placement(broker_url: str, generation: int, tenants: list[TenantSpec]) -> None:
+async def apply_placement(
+    broker_url: str, generation: int, tenants: list[TenantSpec], device: str = DEVICE
+) -> None:
     """Publish a retained placement and wait until the agent reports it applied and ready."""
     import aiomqtt
 
     doc = Placement(generation=generation, tenants=tenants).model_dump_json()
     b = parse_broker_url(broker_url)
     async with aiomqtt.Client(b.host, b.port, protocol=aiomqtt.ProtocolVersion.V5) as c:
-        await c.publish(Topics(DEVICE).placement, doc, qos=1, retain=True)
+        await c.publish(Topics(device).placement, doc, qos=1, retain=True)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status = await read_retained(broker_url, Topics(DEVICE).status, 1.0) or {}
+        status = await read_retained(broker_url, Topics(device).status, 1.0) or {}
         placement = status.get("placement") or {}
         states = [t["state"] for t in placement.get("tenants", [])]
         if placement.get("applied_generation") == generation and states and all(s == "ready" for s in states):
@@ -277,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
     with LocalBroker() as broker, tempfile.TemporaryDirectory(prefix="edge-bench-") as tmp:
         state = Path(tmp)
         log = (state / "agent.log").open("ab")
-        agent = start_agent(broker.url, state, DEVICE, BENCH_AGENT_CONFIG)
+        agent = start_agent(broker.url, state, DEVICE, agent_config(getattr(args, "cpu_policy", "normal")))
         naive = spawn(broker.port, "naive", args.model, log)
         try:
             _measure_all(broker.url, configs, frames, args, rows, progress, model, checked)
@@ -533,8 +540,12 @@ def _summary(rows: list[Row], pre_ms: float, checked: list[dict[str, Any]], path
         None,
     )
     best = max(e2e, key=lambda r: r.fps) if e2e else None
+    best_raw = max((r for r in rows if r.mode == "raw"), key=lambda r: r.fps, default=None)
     summary: dict[str, Any] = {
         "best_e2e": asdict(best) if best else None,
+        "best_raw": asdict(best_raw) if best_raw else None,
+        # The fastest end-to-end configuration against the fastest raw one (they may differ).
+        "best_e2e_vs_best_raw": best.fps / best_raw.fps if best and best_raw else None,
         "e2e_vs_raw_min": min((r.vs_raw for r in e2e if r.vs_raw), default=None),
         "e2e_vs_raw_by_config": {f"{r.backend} x{r.instances} b{r.batch}": r.vs_raw for r in e2e},
         "best_e2e_vs_naive": best.fps / naive.fps if best and naive else None,
@@ -546,6 +557,7 @@ def _summary(rows: list[Row], pre_ms: float, checked: list[dict[str, Any]], path
         },
         "preprocess_ms_per_frame": pre_ms,
         "cpus": os.cpu_count(),
+        "load_average_at_end": os.getloadavg(),
         # Per end-to-end run: results the camera received, inferences the agent's telemetry counted
         # (frames_out), frames it answered from its duplicate memory. Equal, and 0: or the run fails.
         "agent_counters": checked,
@@ -556,6 +568,12 @@ def _summary(rows: list[Row], pre_ms: float, checked: list[dict[str, Any]], path
         print(
             f"  best end to end: {best.backend} x{best.instances} b{best.batch} {best.fps:.0f} img/s = "
             f"{best.fps / naive.fps:.2f}x naive, {best.fps / one.fps:.2f}x one instance one thread (raw)"
+        )
+    if best and best_raw:
+        print(
+            f"  best end to end / best raw: {best.fps:.0f} / {best_raw.fps:.0f} img/s "
+            f"({best_raw.backend} x{best_raw.instances} b{best_raw.batch}) = "
+            f"{summary['best_e2e_vs_best_raw']:.2f}"
         )
     print(
         "  end to end vs raw limit (same backend, instances, batch): "

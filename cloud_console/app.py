@@ -463,6 +463,7 @@ def create_app(console: Console) -> FastAPI:
         return {
             "ok": True,
             "mqtt_connected": console.mqtt.connected.is_set(),
+            "mqtt_broker": console.mqtt.broker,  # the broker node in use (or tried next)
             "devices": len(console.fleet.devices),
         }
 

@@ -32,13 +32,16 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from agent.protocol.broker import BrokerUrlError, client_tls, redact_url
+from agent.protocol.broker import BrokerUrlError, client_tls
 from cloud_console import models_cli, rollout_cli
 from cloud_console.auth import hash_password
 from cloud_console.config import (
+    BrokerSettings,
     ConsoleConfig,
     ConsoleConfigError,
     UserConfig,
+    broker_flag,
+    broker_shown,
     load_console_config,
     parse_broker_url,
     parse_listen,
@@ -79,14 +82,21 @@ def build_config(args: argparse.Namespace) -> tuple[ConsoleConfig, dict[str, str
     updates: dict[str, object] = {}
     if args.shared_group is not None:
         updates["shared_group"] = args.shared_group
-    broker_flags = {"url": args.broker, "ca_file": args.ca_file, "cert_file": args.cert_file}
+    broker_flags: dict[str, object] = {"ca_file": args.ca_file, "cert_file": args.cert_file}
     broker_flags["key_file"] = args.key_file
+    if args.broker is not None:  # one URL, or the nodes of a cluster (`a,b`): replaces the file's
+        broker_flags.update(broker_flag(args.broker))
     broker = config.broker.model_copy(update={k: v for k, v in broker_flags.items() if v is not None})
-    address = parse_broker_url(broker.url)  # fail now on a bad URL
+    try:
+        broker = BrokerSettings.model_validate(broker.model_dump())
+    except ValidationError as exc:
+        problems = "; ".join(f"broker.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise ConsoleConfigError(f"invalid option: {problems}") from exc
+    addresses = broker.addresses()  # fail now on a bad URL
     from cloud_console.mqtt import build_tls_context
 
     try:  # and on unusable TLS files (the agent's rules: agent.protocol.broker)
-        build_tls_context(address, broker)
+        build_tls_context(addresses[0], broker)
     except BrokerUrlError as exc:
         raise ConsoleConfigError(f"broker: {exc}") from exc
     signing = config.signing.model_copy(
@@ -157,7 +167,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for role, password in demo.items():
         print(f"edge-console: demo user {role} password {password} (role {role})", flush=True)
     print(
-        f"edge-console: serving http://{host}:{port}/ (broker {redact_url(config.broker.url)},"
+        f"edge-console: serving http://{host}:{port}/ (broker {broker_shown(config.broker)},"
         f" db {redacted(database_url(config.storage.url()))},"
         f" placements {signing});"
         f" ready when GET /healthz answers",
@@ -299,7 +309,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="serve the web console")
-    serve.add_argument("--broker", help="mqtt://HOST:PORT (default: the config's, else localhost:1883)")
+    serve.add_argument(
+        "--broker",
+        help="mqtt://HOST:PORT, or the nodes of a broker cluster, comma separated (default: the config's,"
+        " else localhost:1883)",
+    )
     serve.add_argument("--listen", help="HOST:PORT to serve on (default 127.0.0.1:8080)")
     serve.add_argument("--db", type=Path, help="SQLite file of fleet history (default console.db)")
     serve.add_argument(

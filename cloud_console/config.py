@@ -12,9 +12,9 @@ import tomllib
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from agent.protocol.broker import BrokerAddress, BrokerUrlError
+from agent.protocol.broker import BrokerAddress, BrokerUrlError, redact_url
 from agent.protocol.broker import parse_broker_url as parse_address
 
 USER_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
@@ -63,6 +63,32 @@ class BrokerSettings(Section):
     tls_insecure: bool = False
     # MQTT version: "auto" tries 5 and falls back to 3.1.1 when the broker refuses it (as agents do).
     protocol: Literal["auto", "5", "3.1.1"] = "auto"
+    # Nodes of one broker cluster, `["mqtt://a:1883", "mqtt://b:1883"]`: set, they replace `url`
+    # (the first is tried first); when the node the console is on goes down it moves to the next,
+    # as agents do (docs/operations.md#broker-clusters). Credentials go in username and password.
+    nodes: list[str] = Field(default_factory=list, max_length=16)
+
+    @model_validator(mode="after")
+    def _nodes(self) -> BrokerSettings:
+        addresses = []
+        for url in self.nodes:
+            try:
+                address = parse_address(url)
+            except BrokerUrlError as exc:
+                raise ValueError(f"nodes: {exc}") from exc
+            if address.username or address.password:
+                raise ValueError(f"nodes: {redact_url(url)!r}: put credentials in username and password")
+            addresses.append(address)
+        if len({a.tls for a in addresses}) > 1:
+            raise ValueError("nodes: all mqtt:// or all mqtts:// (one cluster, one TLS setting)")
+        return self
+
+    def addresses(self) -> list[BrokerAddress]:
+        """Where to connect, in order: the nodes, or the one `url` (credentials: `url`'s, or the
+        username and password settings, as `agent.protocol.broker.credentials` decides)."""
+        if not self.nodes:
+            return [parse_broker_url(self.url)]
+        return [parse_broker_url(url) for url in self.nodes]
 
 
 class SigningSettings(Section):
@@ -148,6 +174,33 @@ def parse_broker_url(url: str) -> BrokerAddress:
         return parse_address(url)
     except BrokerUrlError as exc:
         raise ConsoleConfigError(str(exc)) from exc
+
+
+def broker_flag(value: str) -> dict[str, object]:
+    """`--broker URL` as broker settings: one URL is `url`; several, comma separated, are the nodes of
+    one cluster (`nodes`; the first URL's credentials become username and password), as the
+    agent's `--broker a,b`."""
+    urls = [u.strip() for u in value.split(",") if u.strip()]
+    if len(urls) <= 1:
+        return {"url": urls[0] if urls else value, "nodes": []}
+    addresses = [parse_broker_url(u) for u in urls]
+    first = addresses[0]
+    nodes = [f"{'mqtts' if a.tls else 'mqtt'}://{_netloc(a.host, a.port)}" for a in addresses]
+    out: dict[str, object] = {"url": nodes[0], "nodes": nodes}
+    if first.username:
+        out["username"] = first.username
+    if first.password:
+        out["password"] = first.password
+    return out
+
+
+def broker_shown(settings: BrokerSettings) -> str:
+    """The broker, or the nodes of the cluster, as a log line shows them (no password)."""
+    return ",".join(settings.nodes) if settings.nodes else redact_url(settings.url)
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def parse_listen(listen: str) -> tuple[str, int]:

@@ -32,7 +32,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from agent.protocol.broker import BrokerAddress, client_tls, credentials
-from agent.protocol.connection import Backoff, Link, VersionChoice, keep_connected
+from agent.protocol.connection import Backoff, Link, Nodes, VersionChoice, keep_connected
 from agent.protocol.topics import fleet_filter
 from cloud_console.config import BrokerSettings
 
@@ -75,8 +75,12 @@ class ConsoleMqtt:
         stable_id: str | None = None,
         live_handler: Handler | None = None,
     ) -> None:
-        self.address = address
+        self.address = address  # the configured URL: its credentials, if any
         self.settings = settings
+        # The nodes of a broker cluster (`broker.nodes`), else the one address: the console stays on
+        # the node it is connected to and moves to the next when it fails (agent.protocol.connection).
+        self.node_addresses = settings.addresses() if settings.nodes else [address]
+        self.nodes = Nodes([(a.host, a.port) for a in self.node_addresses])
         self.prefix = prefix
         self.handler = handler
         # Shared group: the store's batch number a message lands in; acked once that batch is stored.
@@ -113,6 +117,11 @@ class ConsoleMqtt:
         self._versions = VersionChoice(settings.protocol)
 
     @property
+    def broker(self) -> str:
+        """The broker node in use or tried next, `host:port` (/healthz `mqtt_broker`)."""
+        return self.nodes.label
+
+    @property
     def version(self) -> str:
         """The MQTT version in use or tried next ("5" or "3.1.1")."""
         return self._versions.version
@@ -124,7 +133,8 @@ class ConsoleMqtt:
 
     async def run(self) -> None:
         """Connect, subscribe, dispatch; on any MQTT error back off and do it again, until stop()."""
-        tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
+        # One TLS context for every node: one cluster, one scheme (checked in BrokerSettings).
+        tls = await asyncio.to_thread(build_tls_context, self.node_addresses[0], self.settings)
         username, password = credentials(self.address, self.settings.username, self.settings.password)
 
         def link_for(version: str) -> Link:
@@ -137,8 +147,7 @@ class ConsoleMqtt:
             self.last_error = str(exc)
 
         await keep_connected(
-            host=self.address.host,
-            port=self.address.port,
+            nodes=self.nodes,
             versions=self._versions,
             backoff=Backoff(self.settings.reconnect_min_s, self.settings.reconnect_max_s),
             link_for=link_for,
@@ -158,7 +167,9 @@ class ConsoleMqtt:
         self._link = link
         self.connects += 1
         self.connected.set()
-        log.info("connected to mqtt %s:%d as %s", self.address.host, self.address.port, self.client_id)
+        many = len(self.nodes.addresses)
+        of = f" (node {self.nodes.index + 1} of {many})" if many > 1 else ""
+        log.info("connected to mqtt %s%s as %s", self.nodes.label, of, self.client_id)
         handled = 0
         async for message in client.messages:
             if self._paused.is_set():  # stopping: what is not handled stays unacknowledged, in the session
@@ -189,9 +200,10 @@ class ConsoleMqtt:
             if self.persistent:
                 props.SessionExpiryInterval = SESSION_EXPIRY_S
             session["properties"] = props
+        host, port = self.nodes.current
         client = aiomqtt.Client(
-            hostname=self.address.host,
-            port=self.address.port,
+            hostname=host,
+            port=port,
             identifier=self.client_id,
             username=username,
             password=password,
@@ -304,7 +316,7 @@ class ConsoleMqtt:
         and everything handed over is acknowledged. Raises aiomqtt.MqttError when it cannot connect
         (the owner came back and took its session again, for one)."""
         username, password = credentials(self.address, self.settings.username, self.settings.password)
-        tls = await asyncio.to_thread(build_tls_context, self.address, self.settings)
+        tls = await asyncio.to_thread(build_tls_context, self.node_addresses[0], self.settings)
         own_id = self.client_id
         self.client_id = client_id
         try:

@@ -53,6 +53,7 @@ from cloud_console.events import Hub
 from cloud_console.fleet import Device, Fleet
 from cloud_console.model_store import ModelRejected, ModelStore
 from cloud_console.mqtt import ConsoleMqtt, PublishFailed
+from cloud_console.shared_telemetry import REFRESH_S, SharedTelemetry
 from cloud_console.store import ConsoleStore
 from cloud_console.tokens import TokenStore
 
@@ -135,6 +136,12 @@ class Console:
         # Uploaded model versions: files in a folder, records in the database (docs/fleet.md).
         self.models = ModelStore(storage.model_store_dir(), self.engine)
         self.holder = process_name()
+        # A shared group: each process stores part of the telemetry; the fleet rows are made whole
+        # from what the others stored (shared_telemetry.py).
+        self.shared: SharedTelemetry | None = None
+        if config.shared_group:
+            self.store.share_as = self.holder
+            self.shared = SharedTelemetry(self.engine, self.holder)
         # A shared group: placements are converged (published again) by one process at a time.
         self._convergence_lease = Lease(self.engine, "convergence", ttl_s=config.shared_group_timeout_s)
         self.converger = False
@@ -173,6 +180,8 @@ class Console:
         ]
         if self.mqtt.persistent:
             self._tasks.append(asyncio.create_task(self._sessions(), name="sessions"))
+        if self.shared is not None:
+            self._tasks.append(asyncio.create_task(self._shared_telemetry(), name="shared-telemetry"))
 
     async def stop(self) -> None:
         if self.mqtt.persistent:
@@ -407,7 +416,7 @@ class Console:
         else:
             device.touch(telemetry=True)
         self._dirty.add(device_id)
-        self.store.add_telemetry(device_id, telemetry)
+        self.store.add_telemetry(device_id, telemetry, payload, now)
         self._show_live(device_id, telemetry)
 
     def _show_live(self, device_id: str, telemetry: Telemetry) -> None:
@@ -434,6 +443,47 @@ class Console:
             device.touch()
             self._dirty.add(device.device_id)
         self._show_live(device.device_id, telemetry)
+
+    async def _shared_telemetry(self) -> None:
+        """Every REFRESH_S: the telemetry other processes of the group stored, into the fleet rows."""
+        shared = self.shared
+        if shared is None:
+            return
+        devices = self.fleet.devices
+
+        def held(device_id: str) -> float | None:  # (on the reading thread: dict and attribute reads)
+            device = devices.get(device_id)
+            return device.telemetry.ts if device is not None and device.telemetry is not None else None
+
+        while True:
+            try:
+                found = await asyncio.to_thread(shared.read, held)
+                self.apply_shared(found, time.time())
+            except Exception:  # never the end of the refresh: the next one tries again
+                log.exception("shared telemetry: refresh failed")
+            await asyncio.sleep(REFRESH_S)
+
+    def apply_shared(self, found: list[tuple[str, Telemetry, float]], now: float) -> int:
+        """Telemetry another process stored, newer than the device's here: as if received here then
+        (its receive time is the storing process's). Devices unknown here are left to their status."""
+        applied = 0
+        for device_id, telemetry, received_at in found:
+            device = self.fleet.devices.get(device_id)
+            if device is None or (device.telemetry is not None and device.telemetry.ts >= telemetry.ts):
+                continue
+            device.telemetry = telemetry
+            device.telemetry_at = received_at
+            device.last_seen = max(device.last_seen, min(received_at, now))
+            if device.silent and now - device.last_seen <= self.config.offline_after_s:
+                device.silent = False  # shown offline for silence: it is back
+                device.touch()
+            else:
+                device.touch(telemetry=True)
+            self._dirty.add(device_id)
+            applied += 1
+        if self.shared is not None:
+            self.shared.applied += applied
+        return applied
 
     def on_placement(self, device_id: str, payload: bytes) -> None:
         """The retained desired placement, read back (ours, or another console worker's)."""
@@ -603,6 +653,7 @@ class Console:
         return {
             "mqtt_connected": self.mqtt.connected.is_set(),
             "mqtt_connects": self.mqtt.connects,
+            "mqtt_broker": self.mqtt.broker,
             "devices": len(self.fleet.devices),
             "online": counts["online"] + counts["stale"],  # (stale devices still claim online)
             "received": self.mqtt.received,
@@ -621,6 +672,15 @@ class Console:
             "offline_after_s": self.config.offline_after_s,
             "placements_republished": self.republishes,
             "devices_marked_silent": self.marked_silent,
+            **(
+                {
+                    "shared_telemetry_applied": self.shared.applied,
+                    "shared_telemetry_read_ms": round(self.shared.last_read_ms, 1),
+                    "shared_telemetry_window_rows": self.shared.last_changed,
+                }
+                if self.shared is not None
+                else {}
+            ),
         }
 
     # -- views ----------------------------------------------------------------------------------

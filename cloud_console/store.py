@@ -27,6 +27,7 @@ from agent.protocol.schemas import DeviceCounters, Telemetry, TenantCounters
 from agent.protocol.storage import BatchWriter
 from cloud_console import db as schema
 from cloud_console.db import HOST_COLUMNS, TELEMETRY_COLUMNS, Lease, migrate, open_engine, upsert
+from cloud_console.shared_telemetry import forget_latest, latest_row, write_latest
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,10 @@ class ConsoleStore(BatchWriter[Connection]):
         self._devices: dict[str, dict[str, Any]] = {}
         self._placements: list[dict[str, Any]] = []
         self._forget: set[str] = set()
+        # Several processes (a shared group): each device's latest message is also kept in the
+        # database, in the name of this process, for the others' fleet rows (shared_telemetry.py).
+        self.share_as: str | None = None
+        self._latest: dict[str, dict[str, Any]] = {}
         self.written = 0
         self.lost = 0
         self.last_flush_ms = 0.0
@@ -177,7 +182,9 @@ class ConsoleStore(BatchWriter[Connection]):
         with self._lock:
             return len(self._telemetry) + len(self._hosts) + len(self._devices) + len(self._placements)
 
-    def add_telemetry(self, device_id: str, telemetry: Telemetry) -> None:
+    def add_telemetry(
+        self, device_id: str, telemetry: Telemetry, payload: bytes | None = None, received_at: float = 0.0
+    ) -> None:
         tenants, host = telemetry_rows(device_id, telemetry)
         with self._lock:
             if len(self._telemetry) >= MAX_PENDING_ROWS:
@@ -185,6 +192,12 @@ class ConsoleStore(BatchWriter[Connection]):
                 return
             self._telemetry.extend(tenants)
             self._hosts.append(host)
+            if self.share_as is not None and payload is not None:
+                held = self._latest.get(device_id)
+                if held is None or held["ts"] < telemetry.ts:
+                    self._latest[device_id] = latest_row(
+                        device_id, telemetry.ts, received_at, self.share_as, payload
+                    )
 
     def put_device(
         self, device_id: str, online: bool, first_seen: float, last_seen: float, status: str
@@ -204,6 +217,7 @@ class ConsoleStore(BatchWriter[Connection]):
         """The device's retained status was cleared: it left the fleet."""
         with self._lock:
             self._devices.pop(device_id, None)
+            self._latest.pop(device_id, None)
             self._forget.add(device_id)
 
     def add_placement(self, device_id: str, generation: int, user: str, action: str, document: str) -> None:
@@ -232,6 +246,7 @@ class ConsoleStore(BatchWriter[Connection]):
             devices, self._devices = self._devices, {}
             placements, self._placements = self._placements, []
             forget, self._forget = self._forget, set()
+            latest, self._latest = self._latest, {}
         count = len(telemetry) + len(hosts) + len(devices) + len(placements) + len(forget)
         if not count:
             self._committed(batch)
@@ -256,6 +271,8 @@ class ConsoleStore(BatchWriter[Connection]):
                     db.execute(sa.insert(schema.placements), placements)
                 if forget:
                     db.execute(sa.delete(schema.devices).where(schema.devices.c.device_id.in_(forget)))
+                    forget_latest(db, forget)
+                write_latest(db, list(latest.values()))  # last: its stored_at is close to the commit
             self.written += count
             self._committed(batch)
         except sa.exc.SQLAlchemyError:

@@ -50,6 +50,33 @@ def test_smallest_benchmark_counts_only_inferences(tmp_path: Path) -> None:
         assert r["inferences"] == r["results"]
         assert r["duplicates"] == 0
     assert "0 answered from the duplicate memory" in run.stdout
+    # The issue's figure: the fastest end-to-end configuration against the fastest raw one.
+    assert summary["best_e2e_vs_best_raw"] == summary["best_e2e"]["fps"] / summary["best_raw"]["fps"]
+    assert "best end to end / best raw" in run.stdout
+
+
+def test_path_profile_accounts_each_threads_cpu_per_frame(tmp_path: Path) -> None:
+    """`python -m bench.path_profile`, one short round: raw and end to end side by side, each of
+    the agent's threads with its CPU and wake-ups per frame, the round checked against the agent's
+    counters (the run fails otherwise)."""
+    out = tmp_path / "path.json"
+    run = subprocess.run(
+        [
+            *(sys.executable, "-m", "bench.path_profile", "--backend", "onnxruntime", "--configs", "1x1"),
+            *("--rounds", "1", "--seconds", "0.5", "--out", str(out)),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    [row] = json.loads(out.read_text())
+    assert row["frames"] > 0 and row["raw_fps"] > 0 and row["e2e_fps"] > 0
+    threads = row["threads"]
+    # The frame's path by thread: the event loop received and answered, the tenant's worker ran it.
+    assert threads["event loop (MainThread)"]["cpu_ms"] > 0
+    assert threads["tenant worker (decode, preprocess, infer call, answer)"]["cpu_ms"] > 0
 
 
 @pytest.fixture

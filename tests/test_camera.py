@@ -152,11 +152,30 @@ def rtsp(rtsp_frames: Path) -> Iterator[RtspServer]:
     server.kill()
 
 
+@pytest.fixture(scope="module")
+def broker() -> Iterator[LocalBroker]:
+    """One Mosquitto for the module (overrides conftest's per-test one): the camera tests share
+    the agent below; the broker-restart test restarts it on the same port."""
+    with LocalBroker() as b:
+        yield b
+
+
+@pytest.fixture(scope="module")
+def _module_agent(broker: LocalBroker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AgentProcess]:
+    """One agent for every camera test (each start loads a model); the commands under test are the
+    camera's, and each test reads only its own answers."""
+    agent = AgentProcess(broker, tmp_path_factory.mktemp("cam1"), "cam1").start()
+    AgentProcess.running.discard(agent)  # outlives each test on purpose; stopped below
+    try:
+        yield agent
+    finally:
+        agent.stop()
+
+
 @pytest.fixture
-def running_agent(agent_factory: Callable[..., AgentProcess]) -> AgentProcess:
-    agent = agent_factory("cam1").start()
-    agent.wait_ready()
-    return agent
+def running_agent(_module_agent: AgentProcess) -> AgentProcess:
+    _module_agent.wait_ready()  # online and ready again, whatever the test before did to the broker
+    return _module_agent
 
 
 def test_short_side_comes_from_the_model_folder() -> None:

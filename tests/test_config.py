@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 from agent.service.config import ConfigError, load_config, parse_broker_url
+from agent.service.daemon import apply_cpu_policy
 
 
 def test_precedence_file_env_flags(tmp_path, monkeypatch):
@@ -69,6 +72,7 @@ def test_bad_broker_urls(url):
         ('device_id = "bad id with spaces"\n', "device_id"),
         ("[placement]\ngeneration = 1\n[[placement.tenants]]\nmodel = '../../etc/passwd'\n", "model"),
         ("this is [ not toml", "config file"),
+        ("[scheduler]\ncpu_policy = 'fifo'\n", "scheduler.cpu_policy"),
     ],
 )
 def test_bad_config_is_one_clear_message_and_exit_2(tmp_path, text, needle):
@@ -116,3 +120,23 @@ def test_an_empty_placement_key_is_a_config_error_not_unsigned_accepted(tmp_path
     path.write_text(f"[security]\nplacement_public_key = {value}\n")
     with pytest.raises(ConfigError, match="empty"):
         load_config(path)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="Linux scheduling policies only")
+@pytest.mark.parametrize(("policy", "expected"), [("batch", "SCHED_BATCH"), ("normal", "SCHED_OTHER")])
+def test_cpu_policy_applies_to_the_thread_and_the_threads_it_starts(policy, expected):
+    """scheduler.cpu_policy is set before the agent starts its threads: they all inherit it (the
+    runtimes' own threads too). Tried on a thread of its own, not on the test process."""
+    seen: list[int] = []
+
+    def agent_main() -> None:
+        apply_cpu_policy(policy)
+        seen.append(os.sched_getscheduler(0))
+        child = threading.Thread(target=lambda: seen.append(os.sched_getscheduler(0)))
+        child.start()
+        child.join()
+
+    thread = threading.Thread(target=agent_main)
+    thread.start()
+    thread.join()
+    assert seen == [getattr(os, expected)] * 2

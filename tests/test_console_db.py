@@ -1,6 +1,7 @@
 """The console's database on both stores (a SQLite file, a real PostgreSQL server from tests/pg.py):
 history written and read back, downsampling and the size bound, leases for run-once work, the
-shared session secret, and the upgrade in place of a console.db from the previous version."""
+shared session secret, each device's latest telemetry shared between processes, and the upgrade in
+place of a console.db from the previous version."""
 
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from cloud_console.pools_policy import Target
 from cloud_console.pools_scaler import PoolScaler
 from cloud_console.rollout_store import RolloutStore
 from cloud_console.rollouts import Change, Gates, Rollout, RolloutSpec
+from cloud_console.shared_telemetry import SharedTelemetry
 from cloud_console.simulator import FleetSimulator
 from cloud_console.store import ConsoleStore
 from cloud_console.tokens import TokenStore
@@ -106,6 +108,40 @@ def test_history_is_written_in_batches_and_read_back(database):
         other.flush(conn)
     [row] = other.known_devices()
     assert row["first_seen"] == pytest.approx(now - 60) and row["online"] == 0
+
+
+def test_each_process_reads_the_latest_telemetry_the_others_stored(database):
+    a, b = _store(database), _store(database)
+    a.share_as, b.share_as = "proc-a", "proc-b"
+    now = time.time()
+
+    def add(store: ConsoleStore, device_id: str, ts: float, fps: float) -> None:
+        telemetry = _telemetry(device_id, ts, fps, 1)
+        store.add_telemetry(device_id, telemetry, telemetry.model_dump_json().encode(), now)
+        with store.connect() as conn:
+            store.flush(conn)
+
+    def figures(found: list[tuple[str, Telemetry, float]]) -> list[tuple[str, float]]:
+        return sorted((device_id, t.tenants[0].fps) for device_id, t, _ in found)
+
+    add(a, "cam1", now - 3, 10.0)
+    add(a, "cam1", now - 2, 11.0)
+    add(b, "cam2", now - 2, 20.0)
+    at_b = SharedTelemetry(b.engine, "proc-b")
+    held: dict[str, float] = {}
+    found = at_b.read(held.get)
+    assert figures(found) == [("cam1", 11.0)]  # A's newest; not B's own
+    held["cam1"] = found[0][1].ts
+    assert at_b.read(held.get) == []  # nothing newer than held: no payload fetched
+    add(a, "cam1", now - 3, 10.0)  # an older message stored again (a redelivery) replaces nothing
+    assert at_b.read({}.get) and figures(at_b.read({}.get)) == [("cam1", 11.0)]
+    add(b, "cam1", now - 1, 12.0)  # B stores the newest: A reads it, B has it already
+    assert figures(SharedTelemetry(a.engine, "proc-a").read({}.get)) == [("cam1", 12.0), ("cam2", 20.0)]
+    assert at_b.read({}.get) == []
+    b.forget_device("cam2")  # its retained status cleared: gone from the shared rows too
+    with b.connect() as conn:
+        b.flush(conn)
+    assert figures(SharedTelemetry(a.engine, "proc-a").read({}.get)) == [("cam1", 12.0)]
 
 
 def test_old_telemetry_is_downsampled_and_the_history_bounded(database):

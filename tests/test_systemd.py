@@ -107,10 +107,10 @@ def test_sigterm_drain_answers_every_accepted_frame_and_loses_none(broker, tmp_p
     assert set(codes) <= {"ok", "shutting_down"}
 
 
-@needs_systemd
-@pytest.mark.parametrize("unit", ["edge-agent.service", "edge-console.service"])
-def test_units_verify_clean_and_agent_is_hardened(unit, tmp_path):
-    stage = tmp_path / "stage"
+@pytest.fixture(scope="module")
+def console_stage(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One staged install with the console, read (not changed) by each unit's check."""
+    stage = tmp_path_factory.mktemp("stage")
     env = {**os.environ, "PIP_ARGS": "--no-deps", "EXTRAS": ""}
     done = subprocess.run(
         ["bash", str(UNITS / "install.sh"), "--root", str(stage), "--console"],
@@ -120,6 +120,13 @@ def test_units_verify_clean_and_agent_is_hardened(unit, tmp_path):
         env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
+    return stage
+
+
+@needs_systemd
+@pytest.mark.parametrize("unit", ["edge-agent.service", "edge-console.service"])
+def test_units_verify_clean_and_agent_is_hardened(unit, console_stage, tmp_path):
+    stage = console_stage
     staged = (stage / "etc/systemd/system" / unit).read_text()
     # Verify against the staged executables (the unit names /opt/edge-agent; here it lives under stage/).
     local = tmp_path / unit

@@ -48,11 +48,12 @@ def _check_dirs(config: AgentConfig) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from agent.service.daemon import Agent
+    from agent.service.daemon import Agent, apply_cpu_policy
 
     config = _config_from_args(args)
     _check_dirs(config)
     setup_logging(config.log_level)
+    apply_cpu_policy(config.scheduler.cpu_policy)  # before any thread starts: they all inherit it
     log.info(
         "edge-agent %s starting as device %s (broker %s:%d)",
         __version__,

@@ -257,12 +257,17 @@ async def read_retained(
     tls_context: ssl.SSLContext | None = None,
     protocol: str = "auto",
 ) -> dict[str, Any] | None:
-    """The retained message on `topic`, parsed as JSON, or None if none arrives in time."""
+    """The retained message on `topic`, parsed as JSON, or None if none arrives in time.
+
+    Messages on other topics are skipped: amqtt (MQTT 3.1.1) hands a new subscriber other retained
+    messages too, such as the device's placement, once someone has subscribed to that topic."""
     async with session(broker_url, tls_context, protocol) as (link, _version):
         await subscribe(link, topic)
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in link.client.messages:
+                    if not message.topic.matches(topic):
+                        continue
                     return json.loads(message.payload)  # type: ignore[arg-type,no-any-return,unused-ignore]
         except TimeoutError:
             return None
@@ -294,6 +299,8 @@ async def publish_placement(
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(1.0):
                 async for message in client.messages:
+                    if not message.topic.matches(topics.status):
+                        continue  # amqtt may hand over other retained messages (read_retained)
                     status = json.loads(message.payload)
                     baseline = float(status.get("ts") or 0.0)
                     break
@@ -301,6 +308,8 @@ async def publish_placement(
         try:
             async with asyncio.timeout(timeout_s):
                 async for message in client.messages:
+                    if not message.topic.matches(topics.status):
+                        continue
                     status = json.loads(message.payload)
                     if float(status.get("ts") or 0.0) <= baseline:
                         continue

@@ -159,6 +159,11 @@ class SchedulerConfig(Section):
     # `failed` and the current placement keeps serving. Generous: a TensorRT engine build on a
     # Jetson takes minutes.
     load_timeout_s: float = Field(default=600.0, gt=0)
+    # "batch": the agent's threads run under Linux SCHED_BATCH, so a thread that wakes (the event
+    # loop on each packet, a worker) does not preempt a runtime thread mid-inference; the loop
+    # then serves several packets per wake-up. Measured in docs/performance.md ("Where a frame's
+    # time goes"): less CPU per frame, more throughput, a few ms more latency under full load.
+    cpu_policy: Literal["normal", "batch"] = "normal"
 
 
 class MetricsConfig(Section):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from typing import Any
 
 from agent.frames.deadline import call_with_deadline
@@ -44,6 +45,17 @@ log = logging.getLogger(__name__)
 # The runtimes' probe (a child process, agent/service/capabilities.py) gets this long at start, retries
 # included; a hung device or driver then leaves the agent starting without capabilities.
 PROBE_TIMEOUT_S = 60.0
+
+
+def apply_cpu_policy(policy: str) -> None:
+    """`scheduler.cpu_policy`: this thread (and every thread it starts) under SCHED_BATCH, whose
+    wake-ups do not preempt a running thread; where the OS has no such policy, logged and ignored."""
+    if policy != "batch":
+        return
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError) as exc:
+        log.warning("scheduler.cpu_policy = batch: not applied (%s); the default policy stays", exc)
 
 
 class Agent:

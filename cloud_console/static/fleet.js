@@ -215,7 +215,8 @@
     el("page-prev").disabled = query.offset === 0;
     el("page-next").disabled = query.offset + list.length >= matched;
     el("ingest").textContent = stats.received
-      ? `ingest ${stats.messages_per_s} msg/s, backlog ${stats.backlog}`
+      ? `ingest ${stats.messages_per_s} msg/s, backlog ${stats.backlog}` +
+        (stats.mqtt_broker ? `, broker ${stats.mqtt_broker}` : "")
       : "";
     for (const th of document.querySelectorAll("th[data-sort]")) {
       th.classList.toggle("sorted", th.dataset.sort === query.sort);
