@@ -72,7 +72,9 @@ class BackendInfo:
     one GPU, `cuda:0`); a kind not listed is a resource of its own. `packages`: distribution names
     (globs) whose versions decide what a probe finds. `extra`: the edge-agent extra that installs
     it; `install`: how to install it otherwise. `unit_devices`: the systemd `DeviceAllow=`
-    specifiers its device nodes need (`char-nvidia*`, a path).
+    specifiers its device nodes need (`char-nvidia*`, a path). `thread_budget`: whether its tenants
+    sharing the host CPU with others get a share of the cores as threads (agent/frames/slo_threads.py);
+    False where the runtime's own pools share the cores better than a fixed share (measured).
     """
 
     devices: tuple[str, ...] = ("cpu",)
@@ -83,6 +85,7 @@ class BackendInfo:
     extra: str | None = None
     install: str = ""
     unit_devices: tuple[str, ...] = ()
+    thread_budget: bool = True
 
     def install_hint(self) -> str:
         """The command that installs this runtime, pinned as a release was tested (docs/install.md)."""

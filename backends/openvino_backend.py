@@ -59,6 +59,8 @@ class OpenVinoBackend(Backend):
         packages=("openvino",),
         extra="openvino",
         unit_devices=("char-drm", "char-accel"),
+        # Two models with one thread each did worse than taking turns (docs/performance.md).
+        thread_budget=False,
     )
 
     def __init__(self) -> None:

@@ -190,6 +190,18 @@ def test_thread_budget_never_exceeds_the_cores_when_it_can():
     assert sum(budget[t.model] * t.instances for t in tenants) == 8
 
 
+def test_openvino_tenants_keep_their_own_pools_and_the_others_share_the_cores():
+    """OpenVINO declares `thread_budget=False` (two models with a thread each did worse than taking
+    turns); ONNX Runtime tenants beside them still get their share."""
+    from agent.placement.auto import takes_thread_budget
+
+    ov = [spec("a"), spec("b")]
+    ort = [spec("c", backend="onnxruntime", device="cpu"), spec("d", backend="onnxruntime", device="cpu")]
+    assert thread_budget(ov, 2, on_cpu, takes_thread_budget) == {}
+    assert thread_budget(ov + ort, 4, on_cpu, takes_thread_budget) == {"c": 2, "d": 2}
+    assert thread_budget(ov + ort, 4, on_cpu) == {"a": 1, "b": 1, "c": 1, "d": 1}  # without the opt-out
+
+
 def test_objective_must_leave_room_beyond_the_batch_delay():
     with pytest.raises(ValueError, match="max_delay_ms"):
         TenantSpec(model="m", latency_objective_ms=20, batch={"max_size": 4, "max_delay_ms": 20})

@@ -7,6 +7,11 @@ several tenants on the CPU, a tenant that does not set `threads` gets `cores // 
 per instance (instances of every such tenant counted), at least 1; cores left over go to higher
 priority tenants first. Tenants that set `threads` keep them and their threads are taken off first.
 A tenant alone on the CPU keeps its backend's own default.
+
+A backend may opt out (`BackendInfo.thread_budget`): OpenVINO does, because two of its models
+sharing 2 cores with a thread each did worse than taking turns (multi-tenant gain 0.74 and 0.78
+against 0.99 and 0.94 with its own pools, docs/performance.md), so its tenants keep their pools
+and are not counted.
 """
 
 from __future__ import annotations
@@ -20,11 +25,15 @@ HOST = "cpu"  # the resource name backends give the host CPU (backends/base.py B
 
 
 def thread_budget(
-    tenants: Sequence[TenantSpec], cores: int, resource_of: Callable[[str, str], str]
+    tenants: Sequence[TenantSpec],
+    cores: int,
+    resource_of: Callable[[str, str], str],
+    budgeted: Callable[[str], bool] = lambda _backend: True,
 ) -> dict[str, int]:
     """Threads per instance, by tenant key (`TenantSpec.tenant_key`), for the tenants on the host
-    CPU that left `threads` unset, when more than one tenant runs there; {} otherwise."""
-    on_cpu = [t for t in tenants if _on_host(t, resource_of)]
+    CPU that left `threads` unset, when more than one tenant runs there; {} otherwise. Tenants of a
+    backend `budgeted` rejects are left out (neither given threads nor counted)."""
+    on_cpu = [t for t in tenants if _on_host(t, resource_of) and budgeted(t.backend)]
     if len(on_cpu) < 2:
         return {}
     free = [t for t in on_cpu if t.threads is None]
@@ -51,10 +60,13 @@ def _on_host(spec: TenantSpec, resource_of: Callable[[str, str], str]) -> bool:
 
 
 def apply_budget(
-    tenants: Sequence[TenantSpec], cores: int, resource_of: Callable[[str, str], str]
+    tenants: Sequence[TenantSpec],
+    cores: int,
+    resource_of: Callable[[str, str], str],
+    budgeted: Callable[[str], bool] = lambda _backend: True,
 ) -> list[TenantSpec]:
     """`tenants` with their budgeted `threads` filled in (the others unchanged)."""
-    budget = thread_budget(tenants, cores, resource_of)
+    budget = thread_budget(tenants, cores, resource_of, budgeted)
     return [
         t.model_copy(update={"threads": budget[t.tenant_key()]}) if t.tenant_key() in budget else t
         for t in tenants

@@ -56,6 +56,14 @@ def resource_of(backend: str, device: str) -> str:
     return registry.resource_of(backend, device)
 
 
+def takes_thread_budget(backend: str) -> bool:
+    """Whether a backend's tenants take part in the thread budget (`BackendInfo.thread_budget`)."""
+    try:
+        return registry.info(backend).thread_budget
+    except Exception:  # an unknown backend: counted, as before
+        return True
+
+
 def candidates_for(backend: str, device: str) -> list[Candidate]:
     """Backend/device pairs an auto tenant may use: every available one, or one backend's devices."""
     out: list[Candidate] = []
@@ -148,7 +156,7 @@ class AutoPlacer:
         resolved, choices = await self._resolve_auto(placement)
         if os.environ.get("EDGE_AGENT_THREAD_BUDGET", "1") == "0":  # each runtime's own default
             return resolved, choices
-        tenants = apply_budget(resolved.tenants, host_cores(), resource_of)
+        tenants = apply_budget(resolved.tenants, host_cores(), resource_of, takes_thread_budget)
         return resolved.model_copy(update={"tenants": tenants}), choices
 
     async def _resolve_auto(self, placement: Placement) -> tuple[Placement, dict[str, AutoChoice]]:
