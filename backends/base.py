@@ -74,7 +74,8 @@ class BackendInfo:
     it; `install`: how to install it otherwise. `unit_devices`: the systemd `DeviceAllow=`
     specifiers its device nodes need (`char-nvidia*`, a path). `thread_budget`: whether its tenants
     sharing the host CPU with others get a share of the cores as threads (agent/frames/slo_threads.py);
-    False where the runtime's own pools share the cores better than a fixed share (measured).
+    False where the runtime's own pools share the cores better than a fixed share (measured), which
+    holds while no tenant on the CPU has a latency objective.
     """
 
     devices: tuple[str, ...] = ("cpu",)

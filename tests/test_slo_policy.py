@@ -192,7 +192,8 @@ def test_thread_budget_never_exceeds_the_cores_when_it_can():
 
 def test_openvino_tenants_keep_their_own_pools_and_the_others_share_the_cores():
     """OpenVINO declares `thread_budget=False` (two models with a thread each did worse than taking
-    turns); ONNX Runtime tenants beside them still get their share."""
+    turns); ONNX Runtime tenants beside them still get their share, and with a latency objective
+    on the CPU every tenant does."""
     from agent.placement.auto import takes_thread_budget
 
     ov = [spec("a"), spec("b")]
@@ -200,6 +201,9 @@ def test_openvino_tenants_keep_their_own_pools_and_the_others_share_the_cores():
     assert thread_budget(ov, 2, on_cpu, takes_thread_budget) == {}
     assert thread_budget(ov + ort, 4, on_cpu, takes_thread_budget) == {"c": 2, "d": 2}
     assert thread_budget(ov + ort, 4, on_cpu) == {"a": 1, "b": 1, "c": 1, "d": 1}  # without the opt-out
+    # With a latency objective on the CPU, isolation wins: OpenVINO's tenants get their share too.
+    timed = [spec("a", latency_objective_ms=50), spec("b")]
+    assert thread_budget(timed, 2, on_cpu, takes_thread_budget) == {"a": 1, "b": 1}
 
 
 def test_objective_must_leave_room_beyond_the_batch_delay():

@@ -8,10 +8,11 @@ per instance (instances of every such tenant counted), at least 1; cores left ov
 priority tenants first. Tenants that set `threads` keep them and their threads are taken off first.
 A tenant alone on the CPU keeps its backend's own default.
 
-A backend may opt out (`BackendInfo.thread_budget`): OpenVINO does, because two of its models
-sharing 2 cores with a thread each did worse than taking turns (multi-tenant gain 0.74 and 0.78
-against 0.99 and 0.94 with its own pools, docs/performance.md), so its tenants keep their pools
-and are not counted.
+A backend may opt out (`BackendInfo.thread_budget`) while no tenant on the CPU has a latency
+objective: OpenVINO does, because two of its models sharing 2 cores with a thread each did worse
+than taking turns (multi-tenant gain 0.74 and 0.78 against 0.99 and 0.94 with its own pools). With
+an objective the budget applies to every tenant: with their own pools a flooded OpenVINO model
+took the other's objective share from 99.9% to 61.2% (docs/performance.md "Latency objectives").
 """
 
 from __future__ import annotations
@@ -32,8 +33,11 @@ def thread_budget(
 ) -> dict[str, int]:
     """Threads per instance, by tenant key (`TenantSpec.tenant_key`), for the tenants on the host
     CPU that left `threads` unset, when more than one tenant runs there; {} otherwise. Tenants of a
-    backend `budgeted` rejects are left out (neither given threads nor counted)."""
-    on_cpu = [t for t in tenants if _on_host(t, resource_of) and budgeted(t.backend)]
+    backend `budgeted` rejects are left out (neither given threads nor counted) unless a tenant on
+    the CPU has a latency objective: isolation then matters more than the runtime's own pools."""
+    host = [t for t in tenants if _on_host(t, resource_of)]
+    objectives = any(t.latency_objective_ms is not None for t in host)
+    on_cpu = [t for t in host if objectives or budgeted(t.backend)]
     if len(on_cpu) < 2:
         return {}
     free = [t for t in on_cpu if t.threads is None]
