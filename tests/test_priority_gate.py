@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from agent.frames import priority_gate
 from agent.frames.ingest import Frame
 from agent.frames.priority_gate import (
     Gate,
@@ -74,6 +75,67 @@ def m(key: str, priority: int, weight: int = 1, instances: int = 1, queued: int 
 )
 def test_admission_serves_higher_priority_first_and_keeps_its_slots(members, waiters, capacity, admitted):
     assert admit(waiters, members, capacity) == admitted
+
+
+def g(key: str, priority: int, queued: int = 0, running: int = 0, recent: bool = False, weight: int = 1):
+    """A tenant with a latency objective on the host CPU."""
+    return Member(key, priority, weight, 1, 1, queued, running, objective=True, recent=recent)
+
+
+@pytest.mark.parametrize(
+    ("members", "waiters", "capacity", "admitted"),
+    [
+        # Two cores, one thread each: while the high tenant with an objective runs, the low batch
+        # waits (a core is left to the agent's own work), though the other slot is free...
+        ([g("hi", H, running=1), m("lo", L)], [Waiter(1, "lo")], 2, []),
+        # ...also while it has frames queued, or finished a batch within its hold-off...
+        ([g("hi", H, queued=2), m("lo", L)], [Waiter(1, "lo")], 2, []),
+        ([g("hi", H, recent=True), m("lo", L)], [Waiter(1, "lo")], 2, []),
+        # ...and runs in its idle gaps, once the hold-off is over.
+        ([g("hi", H), m("lo", L)], [Waiter(1, "lo")], 2, [1]),
+        # Without an objective the high tenant only keeps the slots it uses (as before).
+        ([m("hi", H, running=1), m("lo", L)], [Waiter(1, "lo")], 2, [1]),
+        # More cores: the low batch fits beside the high batch and the agent's core.
+        ([g("hi", H, running=1), m("lo", L)], [Waiter(1, "lo")], 3, [1]),
+        ([g("hi", H, recent=True), m("lo", L, 2)], [Waiter(1, "lo")], 4, [1]),
+        ([g("hi", H, running=1), m("lo", L, 2)], [Waiter(1, "lo")], 3, []),
+        # One core: no core to leave, but a recent high tenant still counts one batch as needed.
+        ([g("hi", H, recent=True), m("lo", L)], [Waiter(1, "lo")], 1, []),
+        ([g("hi", H), m("lo", L)], [Waiter(1, "lo")], 1, [1]),
+        # A high tenant waiting at the gate itself is active: the low batch queued behind stays.
+        ([g("hi", H), m("lo", L)], [Waiter(1, "hi"), Waiter(2, "lo")], 2, [1]),
+        # The headroom is for higher priorities only: a normal tenant with an objective does not
+        # hold back the high one (the highest never waits), and equal priorities do not either.
+        ([m("hi", H), g("no", N, running=1)], [Waiter(1, "hi")], 2, [1]),
+        ([g("a", L, running=1), m("b", L)], [Waiter(1, "b")], 2, [1]),
+        # Three priorities: an active normal tenant with an objective keeps low back on two cores.
+        ([m("hi", H), g("no", N, running=1), m("lo", L)], [Waiter(1, "lo")], 2, []),
+    ],
+)
+def test_lower_batches_leave_headroom_for_an_active_objective_on_the_cpu(
+    members, waiters, capacity, admitted
+):
+    assert admit(waiters, members, capacity) == admitted
+
+
+def test_the_gate_holds_low_back_only_within_the_hold_off_after_a_high_batch(monkeypatch):
+    """Two cores: while the high tenant (objective, one thread) runs, the low batch waits though a
+    slot is free; after the high batch it is held back for that batch's time, then it runs."""
+    clock = [100.0]
+    monkeypatch.setattr(priority_gate.time, "monotonic", lambda: clock[0])
+    gate = Gate("cpu", 2)
+    high = TenantSpec(model="hi", backend="fake", threads=1, priority="high", latency_objective_ms=50)
+    gate.join(1, high, lambda: 0)
+    gate.join(2, TenantSpec(model="lo", backend="fake", threads=1, priority="low"), lambda: 0)
+    assert gate.acquire(1, None, None)
+    assert not gate.acquire(2, None, 0.0)
+    clock[0] += 0.02  # the high batch takes 20 ms
+    gate.release(1)
+    clock[0] += 0.019
+    assert not gate.acquire(2, None, 0.0)  # high idle for less than its batch time
+    clock[0] += 0.002
+    assert gate.acquire(2, None, 0.0)
+    gate.release(2)
 
 
 @pytest.mark.parametrize(

@@ -15,6 +15,15 @@ its resource (the host CPU, a GPU), and gives them back when the batch is answer
 - A lower priority batch starts only when the slots left after the batches running (of its own
   priority and above) and after those a higher priority tenant needs for its queued frames (its
   idle instances, one batch each) still hold it.
+- Headroom on the host CPU: while a higher priority tenant with a latency objective is active (it
+  runs, has frames queued, or its last batch ended less than a hold-off ago), a lower priority
+  batch also leaves one core to the agent's own work (receiving, decoding, the broker) when there
+  are two or more, and counts one batch of that tenant as needed even in its short idle moments.
+  With two cores and one thread each, the low batch then runs only in the high tenant's idle gaps.
+  The hold-off is the tenant's last batch time, at most its objective: short, so that a high tenant
+  busy at low utilisation still leaves gaps a low batch starts in (low frames that cannot make
+  their objective are shed as always), yet long enough to span the moment between one of its
+  batches and the next, when its queue is briefly empty.
 - Tenants of one priority only (the usual case): every batch is admitted at once, as before, and
   the workers do not even ask (`Gate.active`).
 
@@ -58,6 +67,8 @@ class Member:
     max_batch: int
     queued: int = 0  # frames in its queue
     running: int = 0  # its batches holding slots
+    objective: bool = False  # it has a latency objective on the host CPU: lower batches leave headroom
+    recent: bool = False  # its last batch ended within its hold-off (counts only with `objective`)
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,11 @@ def admit(waiters: Sequence[Waiter], members: Sequence[Member], capacity: int) -
             if member is not None:
                 held[member.key] += member.weight
             continue
+        higher = [m for m in members if m.priority < member.priority]
         busy = sum(held[m.key] for m in members if m.priority <= member.priority)
-        reserve = sum(_needs(m, waiting.get(m.key, 0)) for m in members if m.priority < member.priority)
+        reserve = sum(_needs(m, waiting.get(m.key, 0)) for m in higher)
+        if capacity >= 2 and any(_guarded(m, held[m.key], waiting.get(m.key, 0)) for m in higher):
+            reserve += 1  # a core for the agent's own work beside the objective's batches
         if busy + reserve + member.weight > capacity:
             break  # nothing lower overtakes it
         out.append(w.ticket)
@@ -105,7 +119,13 @@ def _needs(member: Member, waiting: int) -> int:
     """Slots a tenant's queued frames would take now: one batch per idle instance (not running,
     not already waiting at the gate) while it has frames for it."""
     idle = max(0, member.instances - member.running - waiting)
-    return member.weight * min(idle, -(-member.queued // member.max_batch))
+    queued = max(member.queued, 1 if member.objective and member.recent and not member.running else 0)
+    return member.weight * min(idle, -(-queued // member.max_batch))
+
+
+def _guarded(member: Member, held: int, waiting: int) -> bool:
+    """A tenant with an objective on the host CPU that is active: lower batches leave it headroom."""
+    return member.objective and bool(held or waiting or member.queued or member.recent)
 
 
 def weight(spec: TenantSpec, resource: str, capacity: int) -> int:
@@ -128,6 +148,8 @@ class Gate:
         self._running: dict[int, int] = {}
         self._waiters: list[tuple[Waiter, int]] = []  # with the member's id
         self._tickets = 0
+        self._started: dict[int, float] = {}  # member -> when its latest batch was admitted
+        self._ended: dict[int, tuple[float, float]] = {}  # member -> its last batch's end, hold-off
 
     def capacity(self) -> int:
         if self.resource == HOST:
@@ -144,13 +166,26 @@ class Gate:
         """The tenant stops (drain): its waiters are let through, nothing holds others back for it."""
         with self._cond:
             self._members.pop(member, None)
+            self._ended.pop(member, None)
+            self._started.pop(member, None)
             self._changed()
 
     def _changed(self) -> None:
         self.active = len({PRIORITIES[spec.priority] for spec, _ in self._members.values()}) > 1
         self._cond.notify_all()
 
-    def _snapshot(self) -> list[Member]:
+    def _objective(self, spec: TenantSpec) -> bool:
+        return self.resource == HOST and spec.latency_objective_ms is not None
+
+    def _holds(self, now: float) -> dict[int, float]:
+        """Members whose last batch ended within their hold-off: when each hold-off ends."""
+        return {
+            member: end + hold
+            for member, (end, hold) in self._ended.items()
+            if now < end + hold and not self._running.get(member)
+        }
+
+    def _snapshot(self, holds: dict[int, float]) -> list[Member]:
         capacity = self.capacity()
         return [
             Member(
@@ -161,6 +196,8 @@ class Gate:
                 max_batch=spec.batch.max_size,
                 queued=queued(),
                 running=self._running.get(member, 0),
+                objective=self._objective(spec),
+                recent=member in holds,
             )
             for member, (spec, queued) in self._members.items()
         ]
@@ -174,11 +211,16 @@ class Gate:
             self._waiters.append((waiter, member))
             try:
                 while True:
-                    admitted = admit([w for w, _ in self._waiters], self._snapshot(), self.capacity())
+                    now = time.monotonic()
+                    holds = self._holds(now)
+                    admitted = admit([w for w, _ in self._waiters], self._snapshot(holds), self.capacity())
                     if waiter.ticket in admitted:
                         self._running[member] = self._running.get(member, 0) + 1
+                        self._started[member] = now
                         return True
-                    left = RECHECK_S if end is None else min(RECHECK_S, end - time.monotonic())
+                    # look again when the first hold-off ends (a higher tenant idle long enough)
+                    left = min([RECHECK_S, *(until - now for until in holds.values())])
+                    left = max(0.001, left) if end is None else min(left, end - now)
                     if left <= 0:
                         return False
                     self._cond.wait(left)
@@ -189,6 +231,13 @@ class Gate:
     def release(self, member: int) -> None:
         with self._cond:
             self._running[member] = max(0, self._running.get(member, 0) - 1)
+            entry = self._members.get(member)
+            if entry is not None and self._objective(entry[0]) and entry[0].latency_objective_ms:
+                now = time.monotonic()
+                took = now - self._started.get(member, now)
+                self._ended[member] = (now, min(took, entry[0].latency_objective_ms / 1000.0))
+            else:
+                self._ended.pop(member, None)
             if member not in self._members and not self._running[member]:
                 del self._running[member]
             self._cond.notify_all()
