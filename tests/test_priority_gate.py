@@ -318,3 +318,38 @@ def test_a_draining_tenant_is_let_through_the_gate(lite0):
         release.set()
         high.drain(5.0)
     assert answered and [type(o) for o in low_sink.outcomes] == [InferResult]
+
+
+def test_a_low_batch_leaves_a_core_to_a_busy_high_tenant_with_an_objective(lite0):
+    """Two cores, one thread per tenant: a low frame would fit on the free core beside the high
+    tenant's hung call, yet it waits at the gate (the core is left to the agent); once the high
+    call returns and its short hold-off passes, the low frame is served."""
+    board = GateBoard(cores=2)
+    high_sink, low_sink = Sink(), Sink()
+    high = tenant(lite0, board, high_sink, priority="high", latency_objective_ms=200)
+    low = tenant(lite0, board, low_sink, priority="low")
+    release = threading.Event()
+    high.backend.sessions[0].gate = release  # type: ignore[attr-defined]
+    high.start()
+    low.start()
+    gate = high.gate
+    assert gate is not None
+    try:
+        high.submit_many(frames("h", 1))
+        low.submit_many(frames("l", 1))
+        waited = False
+        for _ in range(1000):  # until the low batch is at the gate (an event, polled)
+            with gate._cond:
+                waited = any(member == id(low) for _, member in gate._waiters)
+            if waited or low_sink.outcomes:
+                break
+            time.sleep(0.01)
+        answered_early = len(low_sink.outcomes)
+        release.set()
+        assert low_sink.wait(1) and high_sink.wait(1)
+    finally:
+        release.set()
+        high.drain(5.0)
+        low.drain(5.0)
+    assert waited and answered_early == 0
+    assert all(isinstance(o, InferResult) for o in high_sink.outcomes + low_sink.outcomes)
