@@ -152,6 +152,9 @@ class ConsoleStore(BatchWriter[Connection]):
         self._hosts: list[dict[str, Any]] = []
         self._devices: dict[str, dict[str, Any]] = {}
         self._placements: list[dict[str, Any]] = []
+        # Placements taken by the writer and not yet committed: the audit log reads them from here
+        # meanwhile, so a placement is listed as soon as it is published (read your writes).
+        self._placements_writing: list[dict[str, Any]] = []
         self._forget: set[str] = set()
         # Several processes (a shared group): each device's latest message is also kept in the
         # database, in the name of this process, for the others' fleet rows (shared_telemetry.py).
@@ -245,6 +248,7 @@ class ConsoleStore(BatchWriter[Connection]):
             hosts, self._hosts = self._hosts, []
             devices, self._devices = self._devices, {}
             placements, self._placements = self._placements, []
+            self._placements_writing = placements
             forget, self._forget = self._forget, set()
             latest, self._latest = self._latest, {}
         count = len(telemetry) + len(hosts) + len(devices) + len(placements) + len(forget)
@@ -274,6 +278,8 @@ class ConsoleStore(BatchWriter[Connection]):
                     forget_latest(db, forget)
                 write_latest(db, list(latest.values()))  # last: its stored_at is close to the commit
             self.written += count
+            with self._lock:
+                self._placements_writing = []
             self._committed(batch)
         except sa.exc.SQLAlchemyError:
             # Not acknowledged: with a shared group the broker sends these messages again.
@@ -412,13 +418,25 @@ class ConsoleStore(BatchWriter[Connection]):
         )
 
     def placements_of(self, device_id: str, limit: int = 20) -> list[dict[str, Any]]:
+        """Newest first: the ones published and not yet written (the writer runs once a second), then
+        the database's."""
+        fields = ("ts", "generation", "user", "action", "document")
+        with self._lock:
+            pending = [
+                {k: row[k] for k in fields}
+                for row in [*self._placements_writing, *self._placements]
+                if row["device_id"] == device_id
+            ]
         p = schema.placements.c
-        return self._query(
+        stored = self._query(
             sa.select(p.ts, p.generation, p.user, p.action, p.document)
             .where(p.device_id == device_id)
             .order_by(p.id.desc())
             .limit(limit)
         )
+        seen = {(r["ts"], r["generation"], r["action"]) for r in stored}  # committed meanwhile
+        fresh = [r for r in reversed(pending) if (r["ts"], r["generation"], r["action"]) not in seen]
+        return (fresh + stored)[:limit]
 
     def known_devices(self) -> list[dict[str, Any]]:
         d = schema.devices.c

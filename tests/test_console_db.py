@@ -80,6 +80,8 @@ def test_history_is_written_in_batches_and_read_back(database):
     store.put_device("gone", False, now, now, "{}")
     store.forget_device("gone")
     store.add_placement("cam1", 3, "ops", "edit", '{"generation": 3}')
+    # Listed as soon as it is published, before the writer's next batch (read your writes).
+    assert [p["generation"] for p in store.placements_of("cam1")] == [3]
     with store.connect() as conn:
         store.flush(conn)
     assert store.written == 3 + 3 + 1 + 1 + 1 and store.lost == 0
@@ -94,6 +96,8 @@ def test_history_is_written_in_batches_and_read_back(database):
     ]
     placed = store.placements_of("cam1")
     assert [(p["generation"], p["user"], p["action"]) for p in placed] == [(3, "ops", "edit")]
+    store.add_placement("cam1", 4, "ops", "move", '{"generation": 4}')  # newest first, each once
+    assert [p["generation"] for p in store.placements_of("cam1")] == [4, 3]
     # A message the broker sends again (its ack was lost with a killed process) is stored once.
     store.add_telemetry("cam1", _telemetry("cam1", now - 30, fps=10.0, frames_out=0))
     store.add_telemetry("cam1", _telemetry("cam1", now - 5, fps=99.0, frames_out=9))
